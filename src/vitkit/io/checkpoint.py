@@ -1,0 +1,178 @@
+"""vitkit's own checkpoint format: safetensors weights whose metadata carries the model config, the class names
+and the preprocessing, so a file rebuilds its own model with no other input. Nothing here unpickles.
+
+Metadata keys (all JSON strings): `format` = "vitkit", `version`, `model_type` (e.g. "vit"), `config`,
+`pretrained_cfg` (class_names, mean, std, interpolation, crop_pct, input_size and anything else that travels).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple, Type
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..models import ViTConfig, VisionTransformer
+
+FORMAT = "vitkit"
+FORMAT_VERSION = "1"
+
+# model_type → (config class, model class). Other model families (MAE, DiT) register themselves here.
+MODEL_TYPES: Dict[str, Tuple[type, Type[nn.Module]]] = {"vit": (ViTConfig, VisionTransformer)}
+
+
+def register_model_type(name: str, config_cls: type, model_cls: Type[nn.Module]) -> None:
+    MODEL_TYPES[name] = (config_cls, model_cls)
+
+
+def _model_type(model: nn.Module) -> str:
+    for name, (_, cls) in MODEL_TYPES.items():
+        if type(model) is cls:
+            return name
+    raise CheckpointError(f"cannot save a {type(model).__name__}: vitkit checkpoints hold {sorted(MODEL_TYPES)} models")
+
+
+def default_pretrained_cfg(model: nn.Module) -> dict:
+    """Preprocessing that belongs to a model when nothing else was recorded: mean/std 0.5, bicubic, no crop."""
+    cfg = model.config
+    size = cfg.img_size if isinstance(cfg.img_size, (tuple, list)) else (cfg.img_size, cfg.img_size)
+    c = cfg.in_chans
+    return {"mean": [0.5] * c, "std": [0.5] * c, "interpolation": "bicubic", "crop_pct": 1.0,
+            "input_size": [c, int(size[0]), int(size[1])], "class_names": None}
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temp file in the same folder, then rename: a kill at any moment leaves the old file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(model: nn.Module, path, class_names=None, pretrained_cfg: Optional[dict] = None,
+         extra: Optional[dict] = None) -> Path:
+    """Save `model` as a self-describing safetensors file (written atomically). `class_names` and
+    `pretrained_cfg` default to what the model carries (`model.pretrained_cfg`)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    pcfg = dict(default_pretrained_cfg(model))
+    pcfg.update(getattr(model, "pretrained_cfg", None) or {})
+    pcfg.update(pretrained_cfg or {})
+    if class_names is not None:
+        pcfg["class_names"] = list(class_names)
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model_type": _model_type(model),
+        "config": json.dumps(model.config.to_dict()),
+        "pretrained_cfg": json.dumps(pcfg),
+    }
+    for k, v in (extra or {}).items():
+        meta[k] = v if isinstance(v, str) else json.dumps(v)
+    # safetensors refuses shared or non-contiguous storage: give each tensor its own contiguous copy.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def read_metadata(path) -> Dict[str, str]:
+    """The metadata of a safetensors file, or a clear error if it is not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable safetensors file ({str(e).splitlines()[0]}); it may be truncated "
+            "or of another format: use vitkit.load_pretrained for timm/HF/npz/torchvision files"
+        ) from None
+
+
+def is_vitkit_checkpoint(path) -> bool:
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        return read_metadata(path).get("format") == FORMAT
+    except CheckpointError:
+        return False
+
+
+def load(path, map_location="cpu") -> nn.Module:
+    """Rebuild the model a vitkit checkpoint describes and load its weights (strict). The returned model
+    carries `model.pretrained_cfg` (class names, preprocessing). A run folder loads its best checkpoint."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        for cand in ("best.safetensors", "last.safetensors", "model.safetensors"):
+            if (path / cand).is_file():
+                path = path / cand
+                break
+        else:
+            raise CheckpointError(f"{str(path)!r} is a folder with no best/last/model.safetensors in it; "
+                                  "point at a checkpoint file or a finished run folder")
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is a safetensors file but not a vitkit checkpoint (no vitkit metadata); "
+                              "load it with vitkit.load_pretrained(path), which converts timm/HF layouts")
+    mtype = meta.get("model_type", "vit")
+    if mtype not in MODEL_TYPES:
+        raise CheckpointError(f"{str(path)!r} holds a {mtype!r} model, which this vitkit does not know "
+                              f"(known: {sorted(MODEL_TYPES)}); upgrade vitkit")
+    config_cls, model_cls = MODEL_TYPES[mtype]
+    try:
+        config = config_cls.from_dict(json.loads(meta["config"]))
+        pcfg = json.loads(meta.get("pretrained_cfg", "{}"))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{str(path)!r} has damaged vitkit metadata ({e}); re-save it") from None
+    model = model_cls(config)
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except Exception as e:
+        raise CheckpointError(f"{str(path)!r} could not be read ({str(e).splitlines()[0]}); it may be truncated") \
+            from None
+    load_state_dict_checked(model, state, source=str(path))
+    model.pretrained_cfg = pcfg
+    return model.eval()
+
+
+def load_state_dict_checked(model: nn.Module, state: dict, source: str = "checkpoint", strict: bool = True):
+    """load_state_dict with errors that name the missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    bad_shape = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+
+    def _few(xs):
+        return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
+
+    if bad_shape:
+        raise CheckpointError(f"{source} does not match the model: shape mismatch for {_few(bad_shape)}; "
+                              "build the model the checkpoint was saved from, or load with vitkit.load_pretrained "
+                              "to resample")
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        raise CheckpointError(f"{source} does not match the model: {'; '.join(parts)}")
+    return model.load_state_dict(state, strict=strict)

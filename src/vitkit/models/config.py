@@ -1,0 +1,172 @@
+"""Model configurations as data: one `ViTConfig` dataclass and a registry of named configs (timm's names)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
+
+IntOrPair = Union[int, Tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Everything that defines a ViT's architecture; argument names follow timm's `VisionTransformer`."""
+
+    img_size: IntOrPair = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    global_pool: str = "token"  # 'token' (class token), 'avg' (mean of patch tokens) or '' (no pooling)
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    init_values: Optional[float] = None  # LayerScale initial value; None → no LayerScale
+    class_token: bool = True
+    reg_tokens: int = 0  # register tokens ("Vision Transformers Need Registers")
+    no_embed_class: bool = False  # position embeddings cover the patch tokens only (DeiT-III, big_vision)
+    pre_norm: bool = False  # LayerNorm before the blocks (CLIP); the patch projection then has no bias
+    fc_norm: Optional[bool] = None  # norm after pooling instead of before; None → on for 'avg' pooling
+    dynamic_img_pad: bool = False  # pad inputs whose size is not a multiple of the patch size
+    norm_eps: float = 1e-6
+    drop_rate: float = 0.0  # dropout before the head
+    pos_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0  # dropout after the attention projection and in the MLP
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth, linearly increasing with depth up to this rate
+    weight_init: str = "xavier"
+    name: str = ""  # the registry name this config came from, if any
+
+    def replace(self, **changes) -> "ViTConfig":
+        """A copy with some fields changed; unknown names are a clear error."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown model option(s) {unknown}; known options: {sorted(known)}")
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
+        h, w = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
+        if self.in_chans < 1 or self.depth < 1 or self.num_classes < 0:
+            raise ValueError("in_chans and depth must be >= 1 and num_classes >= 0")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if isinstance(d["img_size"], tuple):
+            d["img_size"] = list(d["img_size"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if isinstance(d.get("img_size"), list):
+            d["img_size"] = tuple(d["img_size"])
+        return cls(**d)
+
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        h, w = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
+        return h // self.patch_size, w // self.patch_size
+
+
+_SIZES = {  # (embed_dim, depth, num_heads) from the paper (Table 1) and DeiT for tiny/small
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+_REGISTRY: Dict[str, ViTConfig] = {}
+
+
+def register(name: str, **kwargs) -> ViTConfig:
+    cfg = ViTConfig(name=name, **kwargs)
+    cfg.validate()
+    _REGISTRY[name] = cfg
+    return cfg
+
+
+for _size, (_dim, _depth, _heads) in _SIZES.items():
+    for _patch in (8, 14, 16, 32):
+        register(f"vit_{_size}_patch{_patch}_224", embed_dim=_dim, depth=_depth, num_heads=_heads, patch_size=_patch,
+                 img_size=224)
+# Fine-tuning resolution used in the paper (and timm's augreg releases).
+for _size in ("tiny", "small", "base", "large"):
+    for _patch in (16, 32):
+        _dim, _depth, _heads = _SIZES[_size]
+        register(f"vit_{_size}_patch{_patch}_384", embed_dim=_dim, depth=_depth, num_heads=_heads,
+                 patch_size=_patch, img_size=384)
+register("vit_huge_patch14_518", embed_dim=1280, depth=32, num_heads=16, patch_size=14, img_size=518)
+
+# Small images (28-32 px): patch 4 on 32x32 CIFAR-style inputs, patch 7/4 on 28x28 digits.
+register("vit_tiny_patch4_32", embed_dim=192, depth=12, num_heads=3, patch_size=4, img_size=32, num_classes=10)
+register("vit_small_patch4_32", embed_dim=384, depth=12, num_heads=6, patch_size=4, img_size=32, num_classes=10)
+register("vit_mini_patch4_32", embed_dim=192, depth=6, num_heads=3, patch_size=4, img_size=32, num_classes=10)
+register("vit_mini_patch7_28", embed_dim=128, depth=6, num_heads=4, patch_size=7, img_size=28, in_chans=1,
+         num_classes=10)
+register("vit_mini_patch4_28", embed_dim=128, depth=6, num_heads=4, patch_size=4, img_size=28, in_chans=1,
+         num_classes=10)
+
+
+def list_models(pattern: str = "") -> List[str]:
+    """Registered config names, sorted; `pattern` is a substring or fnmatch pattern."""
+    import fnmatch
+
+    names = sorted(_REGISTRY)
+    if not pattern:
+        return names
+    if any(c in pattern for c in "*?["):
+        return [n for n in names if fnmatch.fnmatch(n, pattern)]
+    return [n for n in names if pattern in n]
+
+
+def get_config(name: str, **overrides) -> ViTConfig:
+    """The registered config `name`, with `overrides` applied."""
+    if name not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `vitkit models` lists them"
+        raise ValueError(f"unknown model {name!r}{hint}")
+    return _REGISTRY[name].replace(**overrides) if overrides else _REGISTRY[name]
+
+
+def count_flops(cfg: ViTConfig, img_size: Optional[IntOrPair] = None) -> Dict[str, float]:
+    """Analytic forward cost of one image: multiply-accumulates (as timm/fvcore count them) and FLOPs (= 2 MACs).
+    Counts the matmuls (patch projection, qkv, QK^T, AV, projection, MLP, head); norms and softmax are ignored."""
+    size = img_size if img_size is not None else cfg.img_size
+    h, w = (size, size) if isinstance(size, int) else size
+    n_patches = (h // cfg.patch_size) * (w // cfg.patch_size)
+    n = n_patches + int(cfg.class_token) + cfg.reg_tokens
+    d = cfg.embed_dim
+    f = int(d * cfg.mlp_ratio)
+    patch = n_patches * cfg.in_chans * cfg.patch_size**2 * d
+    per_block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * f
+    head = d * cfg.num_classes
+    macs = patch + cfg.depth * per_block + head
+    return {"macs": float(macs), "flops": 2.0 * macs, "tokens": n}
+
+
+def count_params(cfg: ViTConfig) -> int:
+    """Parameter count from the config alone (matches the built model)."""
+    d, f = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    gh, gw = cfg.grid_size
+    prefix = int(cfg.class_token) + cfg.reg_tokens
+    n = d * cfg.in_chans * cfg.patch_size**2 + (0 if cfg.pre_norm else d)
+    n += prefix * d + (gh * gw + (0 if cfg.no_embed_class else prefix)) * d
+    n += 2 * d if cfg.pre_norm else 0
+    block = 2 * d + 3 * d * d + (3 * d if cfg.qkv_bias else 0) + d * d + d + 2 * d + d * f + f + f * d + d
+    block += 2 * (cfg.embed_dim // cfg.num_heads) * 2 if cfg.qk_norm else 0
+    block += 2 * d if cfg.init_values else 0
+    n += cfg.depth * block + 2 * d  # final norm or fc_norm
+    n += (d * cfg.num_classes + cfg.num_classes) if cfg.num_classes else 0
+    return n
+

@@ -1,0 +1,425 @@
+"""The Vision Transformer of Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words" (arXiv 2010.11929).
+
+Patches → linear embedding → [class token, register tokens] + position embeddings → `depth` pre-norm blocks
+(x + MHSA(LN(x)), x + MLP(LN(x))) → LayerNorm → pooled token → linear head. Parameter names, shapes and numerics
+follow timm's `VisionTransformer`, so a timm state dict loads with strict=True and gives the same logits.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ViTConfig
+from .layers import feature_take_indices, resample_abs_pos_embed, resample_patch_embed, to_2tuple
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, C, H, W) → patch tokens (B, H/p, W/p, D) by a conv whose kernel and stride are the patch size."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, dynamic_img_pad=False):
+        super().__init__()
+        self.patch_size = to_2tuple(patch_size)
+        self.img_size = to_2tuple(img_size)
+        self.in_chans = in_chans
+        self.dynamic_img_pad = dynamic_img_pad
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        return self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1]
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def dynamic_feat_size(self, img_size: Sequence[int]) -> Tuple[int, int]:
+        """The token grid an (H, W) image gives (rounded up when padding)."""
+        ph, pw = self.patch_size
+        if self.dynamic_img_pad:
+            return math.ceil(img_size[0] / ph), math.ceil(img_size[1] / pw)
+        return img_size[0] // ph, img_size[1] // pw
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError that says what is wrong with an input the model cannot take."""
+        if x.ndim != 4:
+            raise ValueError(
+                f"expected images of shape (B, C, H, W), got a tensor of rank {x.ndim} with shape {tuple(x.shape)}; "
+                "add a batch dimension with x.unsqueeze(0) for a single image"
+            )
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected {self.in_chans} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)}); "
+                f"convert the images to {self.in_chans} channel(s) or build the model with in_chans={x.shape[1]}"
+            )
+        ph, pw = self.patch_size
+        if not self.dynamic_img_pad and (x.shape[2] % ph or x.shape[3] % pw):
+            raise ValueError(
+                f"image size {x.shape[2]}x{x.shape[3]} is not a multiple of the patch size {ph}x{pw}; "
+                "resize or crop it, or build the model with dynamic_img_pad=True to pad"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            self.check_input(x)
+        if self.dynamic_img_pad:
+            ph, pw = self.patch_size
+            x = F.pad(x, (0, (pw - x.shape[3] % pw) % pw, 0, (ph - x.shape[2] % ph) % ph))
+        return self.proj(x).permute(0, 2, 3, 1)  # (B, H', W', D)
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """Change the configured image size and/or patch size (the kernel is FlexiViT-resampled)."""
+        if patch_size is not None and to_2tuple(patch_size) != self.patch_size:
+            new = to_2tuple(patch_size)
+            old = self.proj
+            proj = nn.Conv2d(old.in_channels, old.out_channels, kernel_size=new, stride=new, bias=old.bias is not None)
+            proj = proj.to(device=old.weight.device, dtype=old.weight.dtype)
+            with torch.no_grad():
+                proj.weight.copy_(resample_patch_embed(old.weight, new))
+                if old.bias is not None:
+                    proj.bias.copy_(old.bias)
+            self.proj, self.patch_size = proj, new
+        if img_size is not None:
+            self.img_size = to_2tuple(img_size)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: softmax(Q K^T / sqrt(d_k)) V per head, heads concatenated, projected by W^O."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True, qk_norm=False, attn_drop=0.0, proj_drop=0.0, norm_layer=None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+        self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None, return_attention: bool = False
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """x: (B, N, D). attn_bias: additive logits bias broadcastable to (B, heads, N, N) (e.g. ToMe's log-size).
+        With return_attention, runs the explicit softmax path and also returns the (B, heads, N, N) probabilities."""
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = None
+        if return_attention:
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            if attn_bias is not None:
+                logits = logits + attn_bias
+            attn = logits.softmax(dim=-1)
+            x = self.attn_drop(attn) @ v
+        else:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop.p if self.training else 0.0
+            )
+        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        return (x, attn) if return_attention else x
+
+
+class Mlp(nn.Module):
+    """Position-wise feed-forward: Linear → GELU → Linear."""
+
+    def __init__(self, in_features, hidden_features, act_layer=nn.GELU, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable scale of a residual branch (CaiT), started small so deep models train."""
+
+    def __init__(self, dim, init_values=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample while training, scaled to keep the mean."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer encoder block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(
+        self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, qk_norm=False, proj_drop=0.0, attn_drop=0.0,
+        init_values=None, drop_path=0.0, norm_layer=None, act_layer=nn.GELU,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop, norm_layer)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer, proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_bias)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+    def forward_with_attention(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The same block through the explicit softmax path; also returns (B, heads, N, N) attention."""
+        y, attn = self.attn(self.norm1(x), return_attention=True)
+        x = x + self.drop_path1(self.ls1(y))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, attn
+
+
+class VisionTransformer(nn.Module):
+    """ViT with timm's parameter layout. Build it from a `ViTConfig` or keyword arguments of the same names."""
+
+    def __init__(self, config: Optional[ViTConfig] = None, **kwargs):
+        super().__init__()
+        cfg = config if config is not None else ViTConfig()
+        if kwargs:
+            cfg = cfg.replace(**kwargs)
+        cfg.validate()
+        self.config = cfg
+        if cfg.global_pool not in ("token", "avg", ""):
+            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {cfg.global_pool!r}")
+        if cfg.global_pool == "token" and not cfg.class_token:
+            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without one")
+        norm_layer = lambda d: nn.LayerNorm(d, eps=cfg.norm_eps)  # noqa: E731
+        dim = cfg.embed_dim
+        self.num_classes = cfg.num_classes
+        self.global_pool = cfg.global_pool
+        self.num_features = self.embed_dim = dim
+        self.in_chans = cfg.in_chans
+        self.num_reg_tokens = cfg.reg_tokens
+        self.num_prefix_tokens = int(cfg.class_token) + cfg.reg_tokens
+        self.has_class_token = cfg.class_token
+        self.no_embed_class = cfg.no_embed_class
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, dim, bias=not cfg.pre_norm,
+                                      dynamic_img_pad=cfg.dynamic_img_pad)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, dim)) if cfg.reg_tokens else None
+        embed_len = self.patch_embed.num_patches + (0 if cfg.no_embed_class else self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, dim))
+        self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
+        self.norm_pre = norm_layer(dim) if cfg.pre_norm else nn.Identity()
+        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
+        self.blocks = nn.Sequential(*[
+            Block(dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.qk_norm, cfg.proj_drop_rate,
+                  cfg.attn_drop_rate, cfg.init_values, dpr[i], norm_layer)
+            for i in range(cfg.depth)
+        ])
+        use_fc_norm = cfg.global_pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
+        self.norm = norm_layer(dim) if not use_fc_norm else nn.Identity()
+        self.fc_norm = norm_layer(dim) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.init_weights(cfg.weight_init)
+
+    # ---- initialisation -------------------------------------------------------------------------------------
+    def init_weights(self, mode: str = "xavier") -> None:
+        """'xavier' (default): xavier-uniform linears and patch kernel, zero biases, as MAE/DeiT-III do;
+        'timm': truncated normal 0.02 linears (timm's `init_weights_vit_timm`). Both: pos-embed trunc-normal 0.02,
+        class/register tokens normal 1e-6."""
+        if mode not in ("xavier", "timm"):
+            raise ValueError(f"weight_init must be 'xavier' or 'timm', got {mode!r}")
+        nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-2.0, b=2.0)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                if mode == "xavier":
+                    nn.init.xavier_uniform_(m.weight)
+                else:
+                    nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if mode == "xavier":  # the patch projection is a linear layer on flattened patches
+            w = self.patch_embed.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for blk in self.blocks:
+            for ls in (blk.ls1, blk.ls2):
+                if isinstance(ls, LayerScale):
+                    nn.init.constant_(ls.gamma, self.config.init_values)
+
+    # ---- the timm model interface ---------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Parameter names that take no weight decay besides biases and norms (found by rank in the optimizer)."""
+        return {"pos_embed", "cls_token", "reg_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass: much less memory for ~30% more compute."""
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head with a fresh one for `num_classes` (0 → features only)."""
+        if global_pool is not None:
+            if global_pool not in ("token", "avg", ""):
+                raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            if global_pool == "token" and not self.has_class_token:
+                raise ValueError("global_pool='token' needs a class token")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        w = self.pos_embed
+        self.head = nn.Linear(self.embed_dim, num_classes).to(w.device, w.dtype) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.zeros_(self.head.bias)
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+        self.config = self.config.replace(num_classes=num_classes, global_pool=self.global_pool)
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """Change the configured image and/or patch size for good: pos-embed bicubic-resampled to the new grid,
+        the patch kernel FlexiViT-resampled to the new patch size."""
+        prev_grid = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
+        new_grid = self.patch_embed.grid_size
+        if new_grid != prev_grid:
+            prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            with torch.no_grad():
+                pe = resample_abs_pos_embed(self.pos_embed.data, new_grid, prev_grid, prefix)
+            self.pos_embed = nn.Parameter(pe, requires_grad=self.pos_embed.requires_grad)
+        self.config = self.config.replace(img_size=self.patch_embed.img_size[0] if self.patch_embed.img_size[0] ==
+                                          self.patch_embed.img_size[1] else self.patch_embed.img_size,
+                                          patch_size=self.patch_embed.patch_size[0])
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H', W', D) patch tokens → (B, prefix + H'W', D) with prefix tokens and position embeddings."""
+        B, H, W, D = x.shape
+        pos_embed = resample_abs_pos_embed(
+            self.pos_embed, (H, W), self.patch_embed.grid_size, 0 if self.no_embed_class else self.num_prefix_tokens
+        )
+        x = x.reshape(B, H * W, D)
+        to_cat = []
+        if self.cls_token is not None:
+            to_cat.append(self.cls_token.expand(B, -1, -1))
+        if self.reg_token is not None:
+            to_cat.append(self.reg_token.expand(B, -1, -1))
+        if self.no_embed_class:
+            x = x + pos_embed
+            if to_cat:
+                x = torch.cat(to_cat + [x], dim=1)
+        else:
+            if to_cat:
+                x = torch.cat(to_cat + [x], dim=1)
+            x = x + pos_embed
+        return self.pos_drop(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) → input tokens (B, N, D) of the first block."""
+        return self.norm_pre(self._pos_embed(self.patch_embed(x)))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) → all output tokens (B, prefix + H'W', D), after the final norm."""
+        x = self.embed(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for blk in self.blocks:
+                x = checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, D) → one vector per image (B, D): the class token or the mean of the patch tokens."""
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.global_pool == "token":
+            return x[:, 0]
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, N, D) → logits (B, classes), or the pooled, normed features (B, D) with pre_logits."""
+        x = self.head_drop(self.fc_norm(self.pool(x)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        """Images (B, C, H, W) → logits (B, classes). With return_attention, also every block's attention
+        probabilities, a list of `depth` tensors (B, heads, N, N), from the explicit softmax path."""
+        if not return_attention:
+            return self.forward_head(self.forward_features(x))
+        x = self.embed(x)
+        attns = []
+        for blk in self.blocks:
+            x, a = blk.forward_with_attention(x)
+            attns.append(a)
+        return self.forward_head(self.norm(x)), attns
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Chosen blocks' outputs as in timm: `indices` int → the last n blocks, list → those blocks.
+        Returns (final normed tokens, [per-block maps (B, D, H', W') or tokens (B, H'W', D)])."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        x = self.embed(x)
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
+                else blk(x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        npt = self.num_prefix_tokens
+        prefix = [y[:, :npt] for y in intermediates]
+        intermediates = [y[:, npt:] for y in intermediates]
+        if output_fmt == "NCHW":
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens and npt:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"config={c.name or 'custom'} img_size={c.img_size} patch_size={c.patch_size}"
+
+
+__all__ = ["PatchEmbed", "Attention", "Mlp", "LayerScale", "DropPath", "Block", "VisionTransformer"]

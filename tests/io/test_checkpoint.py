@@ -1,0 +1,34 @@
+"""vitkit's own checkpoint format: round trip, metadata, and refusal of bad files."""
+import pytest
+import torch
+
+import vitkit
+from vitkit.errors import CheckpointError
+from vitkit.models import create_model
+
+
+def test_save_load_round_trip(tmp_path):
+    model = create_model("vit_mini_patch7_28", reg_tokens=1).eval()
+    path = vitkit.save(model, tmp_path / "m.safetensors", class_names=list("abcdefghij"))
+    again = vitkit.load(path)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    assert again.config == model.config
+    assert again.pretrained_cfg["class_names"] == list("abcdefghij")
+    assert again.pretrained_cfg["input_size"] == [1, 28, 28]
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_load_refuses_bad_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        vitkit.load(tmp_path / "nope.safetensors")
+    model = create_model("vit_mini_patch7_28")
+    path = vitkit.save(model, tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        vitkit.load(tmp_path / "cut.safetensors")
+    other = create_model("vit_mini_patch4_28")
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        vitkit.io.load_state_dict_checked(other, model.state_dict())
