@@ -32,3 +32,13 @@ def test_load_refuses_bad_files(tmp_path):
     other = create_model("vit_mini_patch4_28")
     with pytest.raises(CheckpointError, match="shape mismatch"):
         vitkit.io.load_state_dict_checked(other, model.state_dict())
+
+
+def test_load_pretrained_adapts_size_and_head(tmp_path):
+    model = create_model("vit_mini_patch7_28")
+    path = vitkit.save(model, tmp_path / "m.safetensors", class_names=[str(i) for i in range(10)])
+    net = vitkit.io.load_pretrained(path, img_size=56, num_classes=3)
+    assert net(torch.randn(1, 1, 56, 56)).shape == (1, 3)
+    assert net.pos_embed.shape[1] == 1 + 64 and net.pretrained_cfg["class_names"] is None
+    with pytest.raises(CheckpointError, match="does not exist"):
+        vitkit.io.load_pretrained(tmp_path / "missing.pth")
