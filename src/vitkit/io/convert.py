@@ -214,7 +214,7 @@ def from_npz(w: Dict[str, np.ndarray]) -> Tuple[State, dict]:
         out["cls_token"] = _t(w["cls"])
     if "pos_embedding" in w:  # big_vision: added to the patches before the class token joins them
         out["pos_embed"] = _t(w["pos_embedding"])
-        hints["no_embed_class"] = True
+        hints["no_embed_class"] = "cls" in w
     else:
         out["pos_embed"] = _t(w["Transformer/posembed_input/pos_embedding"])
     if out["pos_embed"].ndim == 2:
