@@ -336,3 +336,25 @@ def test_hub_name_offline_is_a_clear_error(monkeypatch, tmp_path):
         load_pretrained("google/vit-base-patch16-224")
     with pytest.raises(CheckpointError, match="offline"):
         load_pretrained("timm/vit_base_patch16_224.augreg2_in21k_ft_in1k")
+
+
+def test_hub_name_resolves_through_snapshot_download(monkeypatch, tmp_path):
+    """Everything up to the network: a hub name asks huggingface_hub for config + safetensors and loads the folder."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    transformers, cfg = _hf_config()
+    ref = transformers.ViTForImageClassification(cfg).eval()
+    ref.save_pretrained(tmp_path / "repo")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, tuple(allow_patterns)))
+        return str(tmp_path / "repo")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    net = load_pretrained("google/vit-tiny-test", num_classes=2)
+    assert calls == [("google/vit-tiny-test", ("*.json", "model.safetensors", "model.safetensors.index.json",
+                                               "model-*.safetensors"))]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert _diff(ref.vit(pixel_values=x).last_hidden_state, net.forward_features(x)) <= TOL
+    assert net(x).shape == (1, 2)

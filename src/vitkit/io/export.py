@@ -17,7 +17,7 @@ import torch
 from ..errors import CheckpointError, ConfigError, RunExistsError
 from ..models.deit import VisionTransformerDistilled
 from . import convert
-from .checkpoint import atomic_write, save
+from .checkpoint import atomic_write, default_pretrained_cfg, save
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,13 @@ def _write_folder(folder: Path, files: dict, overwrite: bool) -> None:
         raise
 
 
+def _preprocessing(model) -> dict:
+    """The model's recorded preprocessing over vitkit's defaults, so exported configs have every field."""
+    pcfg = default_pretrained_cfg(model)
+    pcfg.update({k: v for k, v in (getattr(model, "pretrained_cfg", None) or {}).items() if v is not None})
+    return pcfg
+
+
 def _json_writer(obj):
     return lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n")
 
@@ -173,7 +180,7 @@ def export_hf(model, folder: Path, overwrite: bool = False) -> None:
     h, w = model.patch_embed.img_size
     if h != w:
         raise CheckpointError("the hf layout holds square image sizes only; set_input_size to a square size first")
-    pcfg = getattr(model, "pretrained_cfg", None) or {}
+    pcfg = _preprocessing(model)
     tensors, config = convert.to_hf(state, c.num_heads, c.embed_dim, c.depth, int(c.embed_dim * c.mlp_ratio), h,
                                     c.patch_size, c.in_chans, c.norm_eps, c.qkv_bias, pcfg.get("class_names"))
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
@@ -209,7 +216,7 @@ def export_timm(model, path: Path, overwrite: bool = False) -> None:
     args = {k: v for k, v in c.to_dict().items() if k in keys}
     if distilled:
         args.pop("reg_tokens")
-    pcfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    pcfg = _preprocessing(model)
     arch = ("deit_tiny_distilled_patch16_224" if distilled else c.name) or "vit_base_patch16_224"
     config = {"architecture": arch, "num_classes": c.num_classes, "num_features": c.embed_dim, "model_args": args,
               "pretrained_cfg": {"input_size": pcfg.get("input_size"), "interpolation": pcfg.get("interpolation"),

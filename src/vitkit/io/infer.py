@@ -81,7 +81,9 @@ def infer_config(state: Dict[str, torch.Tensor], *, model: Optional[str] = None,
             grid = (side, side) if side else None
     if grid is None or grid[0] * grid[1] + (0 if no_embed_class else prefix) != n_pos:
         raise CheckpointError(f"{source}: pos_embed has {n_pos} positions, which is not a square grid "
-                              f"(+{prefix} prefix tokens or not); pass img_size for a non-square grid")
+                              f"(+{prefix} prefix tokens or not) nor the image size its config names; a non-square "
+                              "grid cannot be read from a bare state dict: load it into a model built with its "
+                              "img_size and save that with vitkit.save")
     img_size = grid[0] * ph if grid[0] == grid[1] else (grid[0] * ph, grid[1] * ph)
 
     has_head = "head.weight" in state

@@ -91,12 +91,13 @@ def _timm_hub_hints(config: dict) -> tuple:
         hints["num_heads"] = int(args["num_heads"])
     elif arch in list_models():
         hints["num_heads"] = get_config(arch).num_heads
-    for k in ("no_embed_class", "global_pool"):
+    for k in ("no_embed_class", "global_pool", "img_size"):
         if k in args:
             hints[k] = args[k]
     pc = config.get("pretrained_cfg") or {}
-    pcfg = _preprocessing(pc.get("mean", [0.5] * 3), pc.get("std", [0.5] * 3), pc.get("interpolation", "bicubic"),
-                          pc.get("crop_pct", 0.9), pc.get("label_names") or config.get("label_names"))
+    pcfg = _preprocessing(pc.get("mean") or [0.5] * 3, pc.get("std") or [0.5] * 3,
+                          pc.get("interpolation") or "bicubic", pc.get("crop_pct") or 0.9,
+                          pc.get("label_names") or config.get("label_names"))
     return hints, pcfg
 
 
