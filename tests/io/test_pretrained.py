@@ -358,3 +358,13 @@ def test_hub_name_resolves_through_snapshot_download(monkeypatch, tmp_path):
     with torch.no_grad():
         assert _diff(ref.vit(pixel_values=x).last_hidden_state, net.forward_features(x)) <= TOL
     assert net(x).shape == (1, 2)
+
+
+def test_global_pool_override_keeps_the_head(tmp_path):
+    """A timm `avg` model without fc_norm looks like a token model from its shapes: global_pool= says otherwise."""
+    ref = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, num_classes=3,
+                                        global_pool="avg", fc_norm=False).eval()
+    torch.save(ref.state_dict(), tmp_path / "gap.pth")
+    net = load_pretrained(tmp_path / "gap.pth", num_heads=4, global_pool="avg")
+    x = torch.randn(2, 3, 32, 32)
+    assert net.config.global_pool == "avg" and _diff(_logits(ref, x), _logits(net, x)) <= TOL

@@ -109,7 +109,8 @@ def read_weights(path: Path) -> Tuple[Dict[str, object], Dict[str, str]]:
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".safetensors"):
-        return load_safetensors_file(path)
+        state, meta = load_safetensors_file(path)
+        return unwrap_state_dict(state, str(path)), meta
     if name.endswith(".npz"):
         return load_npz_file(path), {}
     if name.endswith(TORCH_SUFFIXES):

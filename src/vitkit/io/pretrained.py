@@ -48,6 +48,12 @@ def adapt_model(model: VisionTransformer, img_size=None, patch_size=None, num_cl
         if pcfg is not None:
             h, w = model.patch_embed.img_size
             pcfg["input_size"] = [model.in_chans, int(h), int(w)]
+    if global_pool is not None and num_classes is None and global_pool != model.global_pool:
+        if isinstance(model, VisionTransformerDistilled) or global_pool not in ("token", "avg", "") or \
+                (global_pool == "token" and not model.has_class_token):
+            raise CheckpointError(f"this model cannot pool with global_pool={global_pool!r}")
+        model.global_pool = global_pool  # the trained head stays; only the pooled token changes
+        model.config = model.config.replace(global_pool=global_pool)
     if num_classes is not None and (num_classes != model.num_classes or global_pool is not None):
         model.reset_classifier(num_classes, global_pool=global_pool)
         pcfg = getattr(model, "pretrained_cfg", None)
