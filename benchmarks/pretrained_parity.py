@@ -10,13 +10,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import vitkit  # noqa: E402
 from vitkit.io import export, load_pretrained  # noqa: E402
 
 
@@ -105,7 +103,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; max abs logit difference, fp32")
-    print(f"{"checkpoint":<62}{'max|Δ|':>10}{'time':>9}")
+    print(f"{'checkpoint':<62}{'max|Δ|':>10}{'time':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(Path(tmp), args.small)
     worst = max(r[1] for r in rows[:-1])

@@ -161,7 +161,8 @@ def test_hf_folder_classification_and_eps(tmp_path):
     with torch.no_grad():
         assert _diff(ref(pixel_values=x).logits, net(x)) <= TOL
     p = net.pretrained_cfg
-    assert p["class_names"] == ["cat", "dog", "eel"] and p["mean"] == [0.1, 0.2, 0.3] and p["interpolation"] == "bicubic"
+    assert p["class_names"] == ["cat", "dog", "eel"] and p["mean"] == [0.1, 0.2, 0.3]
+    assert p["interpolation"] == "bicubic"
     # the weights file alone, read through torch.load, forced format: the sibling config.json still counts
     st = load_pretrained(tmp_path / "hf" / "model.safetensors", fmt="hf")
     assert _diff(_logits(st, x), _logits(net, x)) == 0

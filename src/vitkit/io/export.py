@@ -9,7 +9,6 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -24,15 +23,15 @@ log = logging.getLogger(__name__)
 GRAPH_FORMATS = ("onnx", "torchscript", "exported-program")
 WEIGHT_FORMATS = ("vitkit", "timm", "hf", "npz")
 EXPORT_FORMATS = GRAPH_FORMATS + WEIGHT_FORMATS
-SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported-program": ".pt2", "vitkit": ".vitkit.safetensors",
-          "timm": "-timm", "hf": "-hf", "npz": ".npz"}
+SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported-program": ".pt2",
+          "vitkit": ".vitkit.safetensors", "timm": "-timm", "hf": "-hf", "npz": ".npz"}
 
 
 def default_output(checkpoint, fmt: str) -> Path:
     """Where `vitkit export CHECKPOINT --format F` writes by default: beside the checkpoint, named after it."""
     p = Path(str(checkpoint))
     if p.exists():
-        stem = p.name if p.is_dir() else p.name.split(".")[0]
+        stem = p.name[: -len(p.suffix)] if p.suffix else p.name
         return p.parent / f"{stem}{SUFFIX[fmt]}" if not p.is_dir() else p / f"model{SUFFIX[fmt]}"
     return Path(str(checkpoint).replace("/", "--").replace(":", "-") + SUFFIX[fmt])
 
