@@ -1,5 +1,6 @@
 """Importing pretrained weights: each reference library writes a checkpoint with random weights, vitkit loads it,
 and the logits agree to <= 1e-5 (fp32) — at the native size and after resampling, against the reference's own."""
+import argparse
 import json
 import os
 
@@ -126,7 +127,7 @@ def test_mae_pretrain_and_finetuned(tmp_path):
     sd.update({"mask_token": torch.zeros(1, 1, 96), "decoder_embed.weight": torch.randn(96, 192),
                "decoder_pos_embed": torch.zeros(1, 17, 96), "decoder_blocks.0.norm1.weight": torch.ones(96),
                "decoder_norm.weight": torch.ones(96), "decoder_pred.weight": torch.randn(768, 96)})
-    torch.save({"model": sd}, tmp_path / "mae_pretrain.pth")
+    torch.save({"model": sd, "args": argparse.Namespace(mask_ratio=0.75)}, tmp_path / "mae_pretrain.pth")
     net = load_pretrained(tmp_path / "mae_pretrain.pth", num_heads=3)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -187,6 +188,20 @@ def test_hf_bare_model_bin_and_transformers5_memory_layout(tmp_path):
     assert v5.config.norm_eps == 1e-12 and net.config.norm_eps == 1e-6
     assert v5.state_dict().keys() == net.state_dict().keys()
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in v5.state_dict().items())
+
+
+def test_hf_deit_with_teacher_and_plain(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.DeiTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                  image_size=32, patch_size=8, num_labels=3)
+    x = torch.randn(2, 3, 32, 32)
+    for cls in (transformers.DeiTForImageClassificationWithTeacher, transformers.DeiTForImageClassification):
+        ref = cls(cfg).eval()
+        ref.save_pretrained(tmp_path / cls.__name__)
+        net = load_pretrained(tmp_path / cls.__name__)
+        assert net.config.reg_tokens == 1 and net.config.norm_eps == 1e-12
+        with torch.no_grad():
+            assert _diff(ref(pixel_values=x).logits, net(x)) <= TOL, cls.__name__
 
 
 # ---- torchvision ---------------------------------------------------------------------------------------------

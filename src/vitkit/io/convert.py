@@ -81,7 +81,8 @@ _HF5_PAIRS = [("norm1", "layernorm_before"), ("attn.proj", "attention.o_proj"), 
 
 def from_hf(state: State, config: Optional[dict] = None) -> Tuple[State, dict]:
     """HF ViT keys (the on-disk `encoder.layer.N.attention.attention.query` names, or transformers 5's in-memory
-    `layers.N.attention.q_proj`), with or without the `vit.` prefix; q/k/v merged into timm's qkv."""
+    `layers.N.attention.q_proj`), with or without the `vit.` prefix; q/k/v merged into timm's qkv. HF DeiT
+    (`deit.` prefix, `distillation_token`, the teacher model's two classifiers) maps the same way."""
     config = config or {}
     key = next(k for k in state if k.endswith("embeddings.patch_embeddings.projection.weight"))
     p = key[: -len("embeddings.patch_embeddings.projection.weight")]
@@ -104,11 +105,19 @@ def from_hf(state: State, config: Optional[dict] = None) -> Tuple[State, dict]:
             out[B + ours + ".weight"] = state[L + theirs + ".weight"]
             out[B + ours + ".bias"] = state[L + theirs + ".bias"]
     out["norm.weight"], out["norm.bias"] = state[f"{p}layernorm.weight"], state[f"{p}layernorm.bias"]
+    hints: dict = {}
+    if f"{p}embeddings.distillation_token" in state:  # HF DeiT: the distillation token is our register token
+        out["reg_token"] = state[f"{p}embeddings.distillation_token"]
     if "classifier.weight" in state:
         out["head.weight"], out["head.bias"] = state["classifier.weight"], state["classifier.bias"]
+    elif "cls_classifier.weight" in state:  # DeiTForImageClassificationWithTeacher: both heads, averaged
+        out["head.weight"], out["head.bias"] = state["cls_classifier.weight"], state["cls_classifier.bias"]
+        out["head_dist.weight"] = state["distillation_classifier.weight"]
+        out["head_dist.bias"] = state["distillation_classifier.bias"]
+        hints["distilled"] = True
     if f"{p}pooler.dense.weight" in state:
         log.info("dropped the HF pooler (dense+tanh on the class token): vitkit's head reads the class token directly")
-    hints = {"norm_eps": float(config.get("layer_norm_eps", 1e-12))}
+    hints["norm_eps"] = float(config.get("layer_norm_eps", 1e-12))
     if "layer_norm_eps" not in config:
         log.warning("no config.json with layer_norm_eps: using transformers' default 1e-12")
     if config.get("num_attention_heads"):
