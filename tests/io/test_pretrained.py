@@ -322,11 +322,18 @@ def test_malicious_pickle_is_refused_and_does_not_run(tmp_path):
     with pytest.raises(CheckpointError, match="refused.*arbitrary code"):
         load_pretrained(tmp_path / "evil.pth")
     assert not marker.exists()
+    np.savez(tmp_path / "evil.npz", embedding=np.array([_Payload(marker)], dtype=object))
+    with pytest.raises(CheckpointError, match="pickled objects, which vitkit refuses"):
+        load_pretrained(tmp_path / "evil.npz")
+    assert not marker.exists()
+    torch.load(tmp_path / "evil.pth", weights_only=False)  # the control: unpickling it does run the payload
+    assert marker.exists()
 
 
 def test_truncated_wrong_and_missing(tiny_timm, tmp_path):
     ref, d = tiny_timm
-    for name in ("tiny.pth", "tiny.safetensors"):
+    np.savez(d / "tiny.npz", **{"embedding/kernel": np.zeros((4, 4, 3, 8), np.float32)})
+    for name in ("tiny.pth", "tiny.safetensors", "tiny.npz"):
         data = (d / name).read_bytes()
         (tmp_path / name).write_bytes(data[: len(data) // 3])
         with pytest.raises(CheckpointError, match="truncated"):

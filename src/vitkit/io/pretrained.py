@@ -6,6 +6,7 @@ dicts, and hub names. The format is detected from the file; `fmt` forces one.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +164,6 @@ def read_source(path: Path, fmt: Optional[str] = None) -> Source:
     else:  # Google's ViTs see [-1, 1] inputs, resized without a crop
         pcfg = _preprocessing([0.5] * 3, [0.5] * 3, "bilinear", 1.0)
     if meta.get("format") == "vitkit":  # a vitkit file read as plain weights keeps its preprocessing
-        import json
         pcfg.update(json.loads(meta.get("pretrained_cfg", "{}")))
     return Source(state=state, fmt=fmt, name=name, hints=hints, pretrained_cfg=pcfg)
 
