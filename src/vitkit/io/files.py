@@ -42,10 +42,13 @@ def load_torch_file(path: Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = " ".join(str(e).split())[:300]
+        import re
+
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it needs the Python object {found.group(1)}" if found else " ".join(str(e).split())[-200:]
         raise CheckpointError(
             f"{str(path)!r} was refused: loading it would unpickle objects other than tensors, which can run "
-            f"arbitrary code ({first}). vitkit loads only weights; if you trust the file, re-save its state dict "
+            f"arbitrary code ({what}). vitkit loads only weights; if you trust the file, re-save its state dict "
             "with torch.save(state_dict, 'clean.pth') or as safetensors") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise CheckpointError(
