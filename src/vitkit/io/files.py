@@ -21,8 +21,7 @@ from ..errors import CheckpointError
 log = logging.getLogger(__name__)
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "model.npz",
-                "pytorch_model.pth")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.npz", "pytorch_model.pth")
 
 
 def read_json(path: Path) -> dict:

@@ -163,8 +163,9 @@ def read_source(path: Path, fmt: Optional[str] = None) -> Source:
         pcfg = _preprocessing(IMAGENET_MEAN, IMAGENET_STD, "bilinear", 0.875)
     else:  # Google's ViTs see [-1, 1] inputs, resized without a crop
         pcfg = _preprocessing([0.5] * 3, [0.5] * 3, "bilinear", 1.0)
-    if meta.get("format") == "vitkit":  # a vitkit file read as plain weights keeps its preprocessing
+    if meta.get("format") == "vitkit":  # a vitkit file read as plain weights keeps its preprocessing and heads
         pcfg.update(json.loads(meta.get("pretrained_cfg", "{}")))
+        hints.setdefault("num_heads", json.loads(meta.get("config", "{}")).get("num_heads"))
     return Source(state=state, fmt=fmt, name=name, hints=hints, pretrained_cfg=pcfg)
 
 
