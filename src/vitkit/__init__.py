@@ -9,3 +9,7 @@ __all__ = [
     "VisionTransformer", "ViTConfig", "create_model", "list_models", "count_flops", "save", "load",
     "VitkitError", "ConfigError", "DataError", "CheckpointError", "__version__",
 ]
+
+from .io import export, load_pretrained  # noqa: E402
+
+__all__ += ["load_pretrained", "export"]

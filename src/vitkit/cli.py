@@ -96,6 +96,62 @@ cmd_summary.add_arguments = lambda p: (
 )
 
 
+# ---- vitkit export (pretrained weights in, deployment formats and other layouts out) ------------------------
+def _add_source_arguments(p) -> None:
+    """Flags shared by the commands that read any checkpoint through `load_pretrained`."""
+    p.add_argument("--from", dest="fmt", choices=["vitkit", "timm", "hf", "npz", "torchvision"], default=None,
+                   help="force the checkpoint format (default: detect it)")
+    p.add_argument("--model", default=None, help="registered config the checkpoint was trained with "
+                   "(supplies num_heads when the file does not record it)")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads, when the file does not record them")
+    p.add_argument("--img-size", type=int, default=None, help="resample the position embeddings to this image size")
+    p.add_argument("--patch-size", type=int, default=None, help="resample the patch kernel to this patch size")
+    p.add_argument("--num-classes", type=int, default=None, help="replace the head by a new one for N classes")
+
+
+def _load_source(args):
+    from .io import load_pretrained
+
+    return load_pretrained(args.checkpoint, fmt=args.fmt, model=args.model, num_heads=args.num_heads,
+                           img_size=args.img_size, patch_size=args.patch_size, num_classes=args.num_classes)
+
+
+@command("export", "write a checkpoint (any format) as ONNX, TorchScript, an ExportedProgram, or vitkit/timm/hf/npz "
+                   "weights")
+def cmd_export(args) -> int:
+    import os
+
+    from .errors import RunExistsError
+    from .io.export import default_output, export
+
+    out = args.out or default_output(args.checkpoint, args.format)
+    if os.path.exists(out) and not args.overwrite:  # before the (possibly long) load
+        raise RunExistsError(f"{str(out)!r} exists already; choose another --out or pass --overwrite")
+    model = _load_source(args)
+    info = export(model, out, args.format, overwrite=args.overwrite, verify=not args.no_verify)
+    info["config"] = {k: v for k, v in model.config.to_dict().items()
+                      if k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_classes")}
+    if args.json:
+        _print_json(info)
+    else:
+        diff = f" (max abs diff to PyTorch {info['max_abs_diff']:.1e})" if "max_abs_diff" in info else ""
+        print(f"wrote {info['path']} [{args.format}]{diff}")
+    return 0
+
+
+cmd_export.add_arguments = lambda p: (
+    p.add_argument("checkpoint", help="a checkpoint file or folder (vitkit, timm, HF, npz, torchvision) or a hub "
+                   "name such as timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+    p.add_argument("--format", required=True,
+                   choices=["onnx", "torchscript", "exported-program", "vitkit", "timm", "hf", "npz"]),
+    p.add_argument("--out", default=None, help="output file or folder (default: beside the checkpoint)"),
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output"),
+    p.add_argument("--no-verify", action="store_true", help="skip running the exported graph against PyTorch"),
+    p.add_argument("--json", action="store_true"),
+    _add_source_arguments(p),
+)
+
+
 # ---- the entry point -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit", description="Vision Transformers: train, evaluate, use.")
