@@ -143,6 +143,10 @@ def cmd_train(args) -> int:
     name = args.name or (Path(args.data[len("folder:"):]).name if args.data.startswith("folder:") else args.data)
     tc = TrainConfig(**pick(TrainConfig, name=name, overwrite=args.overwrite, compile=args.compile,
                             quiet=args.quiet, resume=args.resume))
+    if args.quiet:  # no progress bar: one log line per epoch instead
+        import logging as _logging
+
+        _logging.getLogger("vitkit.train").setLevel(_logging.INFO)
     summary = train_classifier(task, tc)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -150,9 +154,10 @@ def cmd_train(args) -> int:
         _print_json(summary)
     else:
         ev = summary.get("eval", {})
+        which = "final" if summary["best_epoch"] == summary["epochs"] else f"best (epoch {summary['best_epoch']})"
         print(f"run {summary['run_dir']}: {summary['epochs']} epochs, {summary['steps']} steps in "
-              f"{summary['train_seconds']:.0f} s; best top-1 {ev.get('top1', float('nan')):.2f}% "
-              f"(epoch {summary['best_epoch']}), top-5 {ev.get('top5', float('nan')):.2f}%")
+              f"{summary['train_seconds']:.0f} s; {which} checkpoint: top-1 {ev.get('top1', float('nan')):.2f}%, "
+              f"top-5 {ev.get('top5', float('nan')):.2f}% on {ev.get('num_images')} held-out images")
     return 0
 
 

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import vitkit
+import vitkit.data
 from vitkit.cli import main
 
 TINY = ["--model", "vit_mini_patch7_28", "--model-arg", "embed_dim=32", "--model-arg", "depth=2",

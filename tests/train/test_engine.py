@@ -173,3 +173,20 @@ def test_engine_trains_another_model_type_with_its_own_loss(tmp_path):
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] and s["best"] == pytest.approx(min(r["val_loss"] for r in rows), rel=1e-5)
     back = vitkit.load(tmp_path / "ae" / "best.safetensors")
     assert isinstance(back, TinyAE)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_precision_and_accumulation_train(tmp_path, precision):
+    s = train_classifier(_task(max_train=128, max_val=50),
+                         _tc(tmp_path, precision, epochs=1, batch_size=32, accum_steps=2, precision=precision))
+    assert s["steps"] == 2  # 4 batches of 32, one optimizer step per 2
+    model = vitkit.load(tmp_path / precision / "last.safetensors")
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fine_tune_from_a_run_with_layer_decay(tmp_path):
+    train_classifier(_task(), _tc(tmp_path, "pre", epochs=1, max_steps=2))
+    s = train_classifier(_task(init=str(tmp_path / "pre"), data="digits", model_args={"img_size": 28}),
+                         _tc(tmp_path, "ft", epochs=1, max_steps=2, layer_decay=0.75))
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["model"]["embed_dim"] == 32 and cfg["data"]["spec"] == "digits" and s["steps"] == 2

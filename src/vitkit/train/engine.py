@@ -84,8 +84,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     workers: int = 0  # DataLoader workers for file-based data
     quiet: bool = False  # no progress bar
-    best_metric: str = "top1"
-    best_mode: str = "max"  # max | min
+    best_metric: str = "top1"  # picks best.safetensors; "" → no selection (best = last), for when the
+    best_mode: str = "max"  # max | min      evaluation set is the test set and must not choose the checkpoint
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -475,7 +475,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.plan["total"], initial=self.step, unit="step", dynamic_ncols=True,
-                             leave=True)
+                             leave=True, mininterval=0.5)
         step_times: List[float] = []
         stop = False
         while not stop and self.step < self.plan["total"]:
@@ -519,10 +519,10 @@ class Trainer:
                 step_times.append(now - t_step)
                 t_step = now
                 if self._bar is not None:
-                    self._bar.update(1)
-                    self._bar.set_description(f"epoch {ep + 1}")
+                    self._bar.set_description(f"epoch {ep + 1}", refresh=False)
                     self._bar.set_postfix(loss=f"{lval:.4f}", lr=f"{lr:.2e}",
                                           img_s=f"{n_img / max(1e-9, now - t_ep):.0f}", refresh=False)
+                    self._bar.update(1)
                 if budget:
                     stop = self._budget_step(step_times, eval_secs)
                 if self.step >= self.plan["total"] or stop or (c.max_steps and self.step >= c.max_steps):
@@ -610,13 +610,15 @@ class Trainer:
         """Rank 0: record the row, decide best, write metrics and checkpoints. Everyone waits for it."""
         if self.dist.is_main:
             self.history.append(row)
-            val = row.get(self.cfg.best_metric)
+            metric = self.cfg.best_metric
+            val = row.get(metric) if metric else None
             better = val is not None and (self.best is None or (val > self.best if self.cfg.best_mode == "max"
                                                                  else val < self.best))
             if better:
                 self.best, self.best_epoch = float(val), self.epoch
-            if val is None and self.best is None:
-                better = True  # no metric to rank by: the latest is the best we have
+            if not metric or (val is None and self.best is None):
+                better = True  # no selection: best.safetensors is the latest evaluated checkpoint
+                self.best_epoch = self.epoch
             self.finished = final
             self._save(better)
             self.run.write_metrics(self.history)
