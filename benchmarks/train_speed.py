@@ -2,7 +2,7 @@
 (forward, cross-entropy, backward, AdamW) at a time, interleaved in one process so both see the same machine
 load; medians over the steps; the vitkit/timm ratio is the last line (> 1: vitkit is faster).
 
-    python benchmarks/train_speed.py            # vit_tiny_patch16_224 at batch 64, and the demo model at 128
+    python benchmarks/train_speed.py            # the demo model (batch 64), the dim-128 one, vit_tiny at batch 64
     python benchmarks/train_speed.py --quick    # small batches, few steps (the test suite runs this)
 """
 from __future__ import annotations
@@ -74,11 +74,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, training img/s (fwd+bwd+AdamW)")
     if args.quick:
-        cases = [("vit_mini_patch7_28", 32, args.steps or 6, {"global_pool": "avg"}),
+        cases = [("vit_micro_patch7_28", 32, args.steps or 6, {}),
                  ("vit_tiny_patch16_224", 4, args.steps or 3, {})]
     else:
-        cases = [("vit_mini_patch7_28", 128, args.steps or 20, {"global_pool": "avg"}),
-                 ("vit_tiny_patch16_224", 64, args.steps or 8, {})]
+        cases = [("vit_micro_patch7_28", 64, args.steps or 30, {}),
+                 ("vit_mini_patch7_28", 128, args.steps or 20, {"global_pool": "avg"}),
+                 ("vit_tiny_patch16_224", 64, args.steps or 5, {})]
     ratios = [compare(n, b, s, **o) for n, b, s, o in cases]
     geo = 1.0
     for r in ratios:

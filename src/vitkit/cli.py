@@ -164,7 +164,8 @@ def cmd_train(args) -> int:
 def _add_data_args(p, train: bool) -> None:
     p.add_argument("--data-dir", default="data", help="where torchvision datasets live (default: ./data)")
     p.add_argument("--download", action="store_true", help="download a torchvision dataset (needs a network)")
-    p.add_argument("--val-split", type=float, default=0.1, help="held-out fraction for PATH/<class>/* folders")
+    p.add_argument("--val-split", type=float, default=0.1 if train else None,
+                   help="held-out fraction for PATH/<class>/* folders" + ("" if train else " (default: the run's)"))
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping")
     p.add_argument("--max-val", type=int, default=None, help="evaluate on a stratified subset of this size")
     if train:
@@ -245,7 +246,7 @@ cmd_eval.add_arguments = lambda p: (
     p.add_argument("--out", default=None, help="folder for eval.json and eval_confusion.png (default: the run's)"),
     p.add_argument("--batch-size", type=int, default=500),
     p.add_argument("--device", default="auto"),
-    p.add_argument("--seed", type=int, default=0, help="the split seed of a PATH/<class>/* folder"),
+    p.add_argument("--seed", type=int, default=None, help="split seed of a PATH/<class>/* folder (default: the run's)"),
     p.add_argument("--json", action="store_true", help="print the full result as JSON"),
     _add_data_args(p, train=False),
 )

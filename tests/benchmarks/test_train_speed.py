@@ -18,7 +18,7 @@ def test_train_speed_quick():
                           capture_output=True, text=True, timeout=230)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
-    assert any(line.startswith("vit_mini_patch7_28") for line in lines)
+    assert any(line.startswith("vit_micro_patch7_28") for line in lines)
     assert any(line.startswith("vit_tiny_patch16_224") for line in lines)
     m = re.match(r"ratio vitkit/timm .*: ([0-9.]+)$", lines[-1])
     assert m, lines[-1]

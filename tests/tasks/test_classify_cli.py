@@ -103,6 +103,9 @@ def test_train_on_an_image_folder_counts_corrupt_files(tmp_path, capsys):
     assert s["eval"]["top1"] == 100.0  # red vs blue is easy
     cfg = json.loads((tmp_path / "runs" / "colors" / "config.json").read_text())
     assert cfg["data"]["skipped"] == 1 and cfg["data"]["class_names"] == ["blue", "red"]
+    assert main(["eval", str(tmp_path / "runs" / "colors"), "--json"]) == 0  # dataset and split from the run
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["num_images"] == s["eval"]["num_images"] == 6 and ev["top1"] == 100.0
     rc = main(["predict", str(tmp_path / "runs" / "colors"), str(tmp_path / "colors" / "red" / "0.jpg"), "--json"])
     assert rc == 0 and json.loads(capsys.readouterr().out)[0]["label"] == "red"
 

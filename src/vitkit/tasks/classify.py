@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -28,7 +27,7 @@ log = logging.getLogger(__name__)
 RECIPES: Dict[str, dict] = {
     # mnist5k's 1,000 held-out digits are its test set, so they must not pick the checkpoint: best = last.
     "mnist5k": dict(model="vit_micro_patch7_28", time_budget=270.0, batch_size=64, lr=3e-3, weight_decay=0.05,
-                    warmup=0.05, label_smoothing=0.1, augment="default", best_metric=""),
+                    warmup=0.05, label_smoothing=0.1, augment="default", ema_decay=0.995, best_metric=""),
     "digits": dict(model="vit_mini_patch7_28", epochs=60, batch_size=128, lr=2e-3, label_smoothing=0.1,
                    augment="light", model_args={"img_size": 8, "patch_size": 2, "global_pool": "avg"}),
     "mnist": dict(model="vit_mini_patch7_28", epochs=10, batch_size=256, lr=2e-3, label_smoothing=0.1,
@@ -307,10 +306,21 @@ def load_classifier(path, device="cpu"):
 
 
 def evaluate_checkpoint(path, data: str, *, out_dir=None, batch_size: int = 500, device="auto",
-                        data_dir="data", download=False, val_split: float = 0.1, seed: int = 0,
-                        strict: bool = False, max_val: Optional[int] = None) -> dict:
+                        data_dir="data", download=False, val_split: Optional[float] = None,
+                        seed: Optional[int] = None, strict: bool = False, max_val: Optional[int] = None) -> dict:
     """Top-1/top-5, per-class accuracy and confusion matrix of a checkpoint on a dataset's validation split;
-    writes eval.json and confusion.png into `out_dir` (default: the run folder, or next to the file)."""
+    writes eval.json and eval_confusion.png into `out_dir` (default: the run folder, or next to the file).
+    `val_split`/`seed` (how a PATH/<class>/* folder is split) default to the run's own, so the held-out
+    images are the ones the run held out."""
+    import json
+
+    p = Path(path)
+    run_cfg = (p if p.is_dir() else p.parent) / "config.json"
+    saved = json.loads(run_cfg.read_text()) if run_cfg.is_file() else {}
+    if val_split is None:
+        val_split = saved.get("classifier", {}).get("val_split", 0.1)
+    if seed is None:
+        seed = saved.get("train", {}).get("seed", 0)
     dev = resolve_device(device)
     model, names = load_classifier(path, dev)
     pcfg = model.pretrained_cfg or {}
@@ -325,7 +335,6 @@ def evaluate_checkpoint(path, data: str, *, out_dir=None, batch_size: int = 500,
     if [str(n) for n in names] != [str(n) for n in info.class_names]:
         log.warning("class names differ between the checkpoint and %s; scoring by class index", data)
     ev = evaluate(model, val, batch_size=batch_size, device=dev, full=True)
-    p = Path(path)
     out = Path(out_dir) if out_dir else (p if p.is_dir() else p.parent)
     out.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": str(path), "data": info.spec, "num_images": ev["num_images"],
@@ -333,7 +342,6 @@ def evaluate_checkpoint(path, data: str, *, out_dir=None, batch_size: int = 500,
               "per_class": {str(n): round(a, 2) for n, a in zip(names, ev["per_class"])},
               "confusion": ev["confusion"], "class_names": names, "skipped_images": len(info.skipped)}
     from ..io.checkpoint import atomic_write
-    import json
 
     text = json.dumps(result, indent=2) + "\n"
     atomic_write(out / "eval.json", lambda tmp: Path(tmp).write_text(text))
