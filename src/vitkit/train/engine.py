@@ -446,6 +446,8 @@ class Trainer:
         if self.dist.is_main:
             if c.resume:
                 self.run = RunDir(Path(c.resume))
+                for tmp in self.run.path.glob(".*.tmp"):  # half-written files of a process that was killed
+                    tmp.unlink()
             else:
                 self.run = RunDir.create(c.runs_dir, c.name, c.overwrite)
         if c.resume:
