@@ -446,8 +446,10 @@ class Trainer:
         if self.dist.is_main:
             if c.resume:
                 self.run = RunDir(Path(c.resume))
+                ours = ("last.safetensors", "last.state.pt", "best.safetensors", "metrics.csv", "config.json")
                 for tmp in self.run.path.glob(".*.tmp"):  # half-written files of a process that was killed
-                    tmp.unlink()
+                    if any(tmp.name.startswith(f".{n}.") for n in ours):
+                        tmp.unlink()
             else:
                 self.run = RunDir.create(c.runs_dir, c.name, c.overwrite)
         if c.resume:
