@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -171,7 +172,8 @@ def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, on_epoch
     def end_fn(trainer, summary):
         return _final_report(trainer, val, info, task)
 
-    log.info("data %s: %d train / %d val images, %d classes%s; model %s (%.2fM params)", info.spec, len(train),
+    say = log.info if os.environ.get("RANK", "0") == "0" else log.debug  # once, not once per process
+    say("data %s: %d train / %d val images, %d classes%s; model %s (%.2fM params)", info.spec, len(train),
              len(val), info.num_classes, f", {len(info.skipped)} unreadable skipped" if info.skipped else "",
              model.config.name or "custom", sum(p.numel() for p in model.parameters()) / 1e6)
     trainer = Trainer(model, train, train_cfg, classification_loss(task.label_smoothing), eval_fn,
