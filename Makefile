@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/vitkit train --data mnist5k --name demo --overwrite
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/vitkit train --data mnist5k --name demo --overwrite
 	$(BIN)/vitkit eval runs/demo --data mnist5k
 
 bench: $(STAMP)
