@@ -11,7 +11,7 @@ clutter` (the default here) a scrambled copy of another digit sits beside the re
 shape; an untrained model splits its attention between the two, and only a model that learned digits points at the
 right one. Each run prints the untrained model's rate next to the trained one's.
 
-    python benchmarks/pointing.py                         # cluttered canvases, 3,000 steps (the README figure)
+    python benchmarks/pointing.py                         # cluttered canvases, 1,500 steps (the README figure)
     python benchmarks/pointing.py --quick                 # the CI version (tests/tasks/test_explain.py)
 """
 from __future__ import annotations
@@ -130,11 +130,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="the short CI run: blank canvases, 200 steps")
     ap.add_argument("--canvas", choices=["blank", "clutter"], default="clutter",
                     help="blank: the digit alone; clutter: beside a scrambled distractor digit (default)")
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--train-images", type=int, default=4000)
     ap.add_argument("--test-images", type=int, default=1000)
     ap.add_argument("--save", default=None, help="save the trained model here (safetensors)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core machine more threads spin against each other)")
     args = ap.parse_args(argv)
     if args.quick:
         args.canvas, args.steps, args.train_images, args.test_images = "blank", 200, 2000, 500

@@ -302,7 +302,7 @@ cmd_embed.add_arguments = lambda p: (
     p.add_argument("folder", help="a folder of images (searched recursively; sub-folders are labels)"),
     p.add_argument("--out", required=True, help="embeddings file (.safetensors); an existing one is updated"),
     p.add_argument("--pool", choices=["cls", "mean", "prelogits"], default=None,
-                   help="class token (default where there is one), mean of the patch tokens, or pre-logits"),
+                   help="class token, mean of the patch tokens, or pre-logits (default: what the head reads)"),
     p.add_argument("--layer", type=int, default=None, help="take an earlier block's output (0-based, -1 = last)"),
     p.add_argument("--batch-size", type=int, default=64),
     p.add_argument("--overwrite", action="store_true", help="replace an --out made with another model"),
@@ -399,6 +399,41 @@ cmd_search.add_arguments = lambda p: (
     p.add_argument("--grid", default="search.png", help="PNG of queries and neighbours ('' for none)"),
     p.add_argument("--nprobe", type=int, default=None, help="IVF: cells searched per query"),
     p.add_argument("--ef-search", type=int, default=None, help="HNSW: candidates per query"),
+)
+
+
+@command("eval-retrieval", "retrieval quality of a checkpoint's embeddings: recall@k, mAP@R, weighted k-NN accuracy")
+def cmd_eval_retrieval(args) -> int:
+    from pathlib import Path
+
+    from .io.checkpoint import atomic_write
+    from .tasks.retrieve import evaluate_retrieval
+
+    res = evaluate_retrieval(args.checkpoint, args.data, pool=args.pool, layer=args.layer,
+                             batch_size=args.batch_size, knn_k=args.knn_k, temperature=args.temperature,
+                             data_dir=args.data_dir, download=args.download, max_train=args.max_train,
+                             max_val=args.max_val, progress=not args.quiet)
+    if args.out:
+        text = json.dumps(res, indent=2) + "\n"
+        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
+    _print_json(res)
+    return 0
+
+
+cmd_eval_retrieval.add_arguments = lambda p: (
+    p.add_argument("checkpoint", help="a vitkit checkpoint or run folder"),
+    p.add_argument("--data", required=True, help="a labelled dataset spec: mnist5k, digits, folder:PATH, cifar10, ..."),
+    p.add_argument("--pool", choices=["cls", "mean", "prelogits"], default=None),
+    p.add_argument("--layer", type=int, default=None),
+    p.add_argument("--knn-k", type=int, default=20, help="neighbours that vote (DINO: 20)"),
+    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cosine / T) (DINO: 0.07)"),
+    p.add_argument("--batch-size", type=int, default=256),
+    p.add_argument("--max-train", type=int, default=None, help="a stratified subset of the database"),
+    p.add_argument("--max-val", type=int, default=None, help="a stratified subset of the queries"),
+    p.add_argument("--data-dir", default="data"),
+    p.add_argument("--download", action="store_true"),
+    p.add_argument("--out", default=None, help="also write the JSON here"),
+    p.add_argument("--quiet", action="store_true"),
 )
 
 

@@ -6,11 +6,11 @@
   first to the last: entry (i, j) is how much input token j flows into output token i.
 - `last_layer_attention`: the last block's attention of the class token to each patch, per head (DINO's maps).
 
-What the map means depends on how the model pools. With a class token it is the row of the class token (whose
-output feeds the head). An average-pool model without a class token has no such row: its pooled output is the
-mean of the patch outputs, so the map is the mean over all patch rows — the attention each patch *receives*,
-averaged over the patches that read it. Prefix tokens (class, registers) are left out of the map columns; they
-still take part in the flow.
+What the map means depends on how the model pools. For a class-token model (global_pool='token') it is the row of
+the class token, whose output feeds the head. An average-pool model (global_pool='avg', with or without a class
+token) classifies from the mean of the patch outputs, so the map is the mean over all patch rows: the attention
+each patch *receives*, averaged over the patches that read it. Prefix tokens (class, registers) are left out of the
+map columns; they still take part in the flow.
 """
 from __future__ import annotations
 
@@ -78,20 +78,24 @@ def last_layer_attention(attns: Sequence[torch.Tensor], num_prefix_tokens: int,
     return _readout_row(attns[-1].float(), num_prefix_tokens, has_class_token)
 
 
+def reads_class_token(model) -> bool:
+    """Whether the model's head reads the class token (else it reads the mean of the patch tokens)."""
+    return bool(model.has_class_token and model.global_pool == "token")
+
+
 def map_meaning(model, method: str) -> str:
     """One sentence that says what the map shows for this model and method."""
     regs = f" ({model.num_reg_tokens} register token(s) take part in the flow but are not shown)" \
         if model.num_reg_tokens else ""
-    if model.has_class_token:
+    if reads_class_token(model):
         what = ("how much each patch flows into the class token through all blocks (attention rollout)"
                 if method == "rollout" else "the class token's attention to each patch in the last block")
-        if model.global_pool == "avg":
-            what += "; note this model classifies from the mean of the patch tokens, not the class token"
     else:
-        what = ("this model has no class token and classifies from the mean of the patch tokens, so the map is the "
-                "mean over all patch tokens of the rolled-out attention each patch receives" if method == "rollout"
-                else "this model has no class token, so the map is the mean attention each patch receives from "
-                     "all patch tokens in the last block")
+        why = "has no class token" if not model.has_class_token else "ignores its class token"
+        what = (f"this model {why} and classifies from the mean of the patch tokens, so the map is the mean over "
+                "all patch tokens of the rolled-out attention each patch receives" if method == "rollout"
+                else f"this model {why} and classifies from the mean of the patch tokens, so the map is the mean "
+                     "attention each patch receives from all patch tokens in the last block")
     return what + regs
 
 
@@ -124,7 +128,7 @@ def explain(model, x: torch.Tensor, method: str = "rollout", head_fusion: str = 
     model.eval()
     logits, attns = model(x, return_attention=True)
     gh, gw = model.patch_embed.dynamic_feat_size(x.shape[-2:])
-    npt, cls = model.num_prefix_tokens, model.has_class_token
+    npt, cls = model.num_prefix_tokens, reads_class_token(model)
     heads = last_layer_attention(attns, npt, cls)
     if method == "rollout":
         m = _readout_row(attention_rollout(attns, head_fusion, discard_ratio), npt, cls)
@@ -188,4 +192,4 @@ def save_figure(path, image: np.ndarray, expl: Explanation, i: int = 0, title: s
 
 
 __all__ = ["METHODS", "HEAD_FUSIONS", "fuse_heads", "attention_rollout", "last_layer_attention", "explain",
-           "Explanation", "map_meaning", "upsample", "save_figure"]
+           "Explanation", "map_meaning", "reads_class_token", "upsample", "save_figure"]

@@ -1,19 +1,19 @@
 """Image files in, model-ready tensors out, for the tasks that run a trained model on a user's own images
-(retrieve, explain). Preprocessing is the checkpoint's own (`model.pretrained_cfg`: input size, mean/std,
-interpolation, crop_pct), applied the way timm's eval transform does: resize the short side to size/crop_pct,
-centre-crop, normalise.
+(retrieve, explain). Reading and preprocessing are `vitkit.data`'s (`read_image`, `eval_transform`, as
+`vitkit predict` uses them), with the checkpoint's own settings (`model.pretrained_cfg`: input size, mean/std,
+interpolation, crop_pct).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ..data import IMG_EXTENSIONS as IMAGE_EXTENSIONS
+from ..data import eval_transform as _eval_transform
+from ..data import read_image
 from ..errors import DataError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 
 def list_images(folder) -> List[Path]:
@@ -38,25 +38,8 @@ def label_of(path: Path, root: Path) -> Optional[str]:
 
 
 def open_image(path, channels: int = 3):
-    """A PIL image in the model's channel mode ('L' for 1 channel, 'RGB' for 3), or a DataError that says why not."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image {str(path)!r} does not exist; check the path")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = {1: "L", 3: "RGB"}.get(channels)
-            if mode is None:
-                raise DataError(f"cannot feed image files to a model with {channels} input channels; "
-                                "only 1 (grey) and 3 (RGB) channel models take images")
-            return im.convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{str(path)!r} cannot be read as an image ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                        "remove it or replace it with a valid image file") from None
+    """A PIL image in the model's channel mode ('L' for 1 channel, 'RGB' for 3), or a DataError naming the file."""
+    return read_image(path, channels)
 
 
 def preprocessing(model) -> dict:
@@ -70,19 +53,10 @@ def preprocessing(model) -> dict:
 
 
 def eval_transform(pcfg: dict, size: Optional[Tuple[int, int]] = None):
-    """PIL image → normalised tensor (C, H, W): resize short side to H/crop_pct, centre crop (H, W), normalise."""
-    from torchvision import transforms as T
-
-    h, w = size or tuple(pcfg["input_size"][1:])
-    interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
-              "nearest": T.InterpolationMode.NEAREST}.get(pcfg.get("interpolation", "bicubic"),
-                                                           T.InterpolationMode.BICUBIC)
-    crop_pct = float(pcfg.get("crop_pct") or 1.0)
-    if h == w:
-        resize = T.Resize(int(math.floor(h / crop_pct)), interpolation=interp)
-    else:
-        resize = T.Resize((int(math.floor(h / crop_pct)), int(math.floor(w / crop_pct))), interpolation=interp)
-    return T.Compose([resize, T.CenterCrop((h, w)), T.ToTensor(), T.Normalize(pcfg["mean"], pcfg["std"])])
+    """PIL image → normalised tensor (C, H, W), by the checkpoint's preprocessing; `size` overrides its input size."""
+    size = size or tuple(pcfg["input_size"][1:])
+    return _eval_transform(size, pcfg["mean"], pcfg["std"], crop_pct=float(pcfg.get("crop_pct") or 1.0),
+                           interpolation=pcfg.get("interpolation", "bicubic"))
 
 
 def native_size(image, patch: int) -> Tuple[int, int]:

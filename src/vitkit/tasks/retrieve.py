@@ -34,9 +34,13 @@ INDEX_FORMAT = "vitkit-index"
 
 
 # ---- embeddings ------------------------------------------------------------------------------------------------
-def default_pool(model) -> str:
-    """The class token where the model has one (as DINO's k-NN uses it), else the mean of the patch tokens."""
-    return "cls" if model.has_class_token else "mean"
+def default_pool(model, layer: Optional[int] = None) -> str:
+    """The feature the model's head reads: pre-logits (the normed class token, as DINO's k-NN uses it, or the
+    fc-normed mean of the patch tokens for an average-pool model); for an earlier `layer`, the class token of a
+    class-token model, else the mean of the patch tokens."""
+    if layer is None:
+        return "prelogits"
+    return "cls" if model.has_class_token and model.global_pool == "token" else "mean"
 
 
 def _check_pool(model, pool: str, layer: Optional[int]) -> None:
@@ -195,7 +199,7 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
     if model is None:
         model = load(checkpoint)
     model.eval()
-    pool = pool or default_pool(model)
+    pool = pool or default_pool(model, layer)
     _check_pool(model, pool, layer)
     manifest = model_manifest(model, checkpoint, pool, layer)
     old = None
@@ -456,6 +460,51 @@ def retrieval_report(query, query_labels, db, db_labels, ks=(1, 5, 10), knn_k: i
     return out
 
 
+@torch.no_grad()
+def embed_dataset(model, dataset, pool: str, layer: Optional[int], batch_size: int = 256,
+                  progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A `vitkit.data` dataset (eval transform) → its embeddings (N, D) and labels (N,), in order."""
+    from tqdm import tqdm
+
+    from ..data import make_loader
+
+    loader = make_loader(dataset, batch_size, train=False)
+    embs, labels = [], []
+    for x, y in tqdm(loader, desc="embed", unit="batch", disable=not progress, leave=False):
+        embs.append(embed_images(model, x, pool, layer))
+        labels.append(y)
+    return torch.cat(embs), torch.cat(labels)
+
+
+def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, layer: Optional[int] = None,
+                       batch_size: int = 256, knn_k: int = 20, temperature: float = 0.07, data_dir="data",
+                       download: bool = False, max_train: Optional[int] = None, max_val: Optional[int] = None,
+                       progress: bool = True, model=None) -> Dict:
+    """Recall@1/5/10, mAP@R and DINO's weighted k-NN accuracy of a checkpoint's embeddings on a labelled dataset:
+    the held-out split is the queries, the training split the database; images are preprocessed as the
+    checkpoint says (no augmentation)."""
+    from ..data import build_datasets
+    from ..io import load
+
+    if model is None:
+        model = load(checkpoint)
+    model.eval()
+    pool = pool or default_pool(model, layer)
+    _check_pool(model, pool, layer)
+    pcfg = preprocessing(model)
+    c = model.config
+    train, val, info = build_datasets(data, img_size=tuple(pcfg["input_size"][1:]), in_chans=c.in_chans,
+                                      augment="none", mean=pcfg["mean"], std=pcfg["std"],
+                                      crop_pct=float(pcfg.get("crop_pct") or 1.0), data_dir=data_dir,
+                                      download=download, max_train=max_train, max_val=max_val)
+    db, db_labels = embed_dataset(model, train, pool, layer, batch_size, progress)
+    q, q_labels = embed_dataset(model, val, pool, layer, batch_size, progress)
+    report = retrieval_report(q, q_labels, db, db_labels, knn_k=knn_k, temperature=temperature)
+    return {"checkpoint": str(checkpoint), "data": info.spec, "pool": pool, "layer": layer,
+            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()},
+            "knn": {"k": knn_k, "temperature": temperature}}
+
+
 # ---- the picture -------------------------------------------------------------------------------------------------
 def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: Optional[Sequence] = None,
               channels: int = 3, thumb: float = 1.6) -> Path:
@@ -494,4 +543,4 @@ def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: 
 
 __all__ = ["POOLS", "INDEX_KINDS", "embed_images", "embed_paths", "embed_folder", "Embeddings", "Index",
            "build_index", "model_manifest", "check_same_model", "recall_at_k", "map_at_r", "knn_classify",
-           "retrieval_report", "save_grid", "default_pool"]
+           "retrieval_report", "save_grid", "default_pool", "embed_dataset", "evaluate_retrieval"]
