@@ -9,3 +9,8 @@ __all__ = [
     "VisionTransformer", "ViTConfig", "create_model", "list_models", "count_flops", "save", "load",
     "VitkitError", "ConfigError", "DataError", "CheckpointError", "__version__",
 ]
+
+# Retrieval and attention maps (issue 4): the faiss index with its manifest; vitkit.tasks.explain for the maps.
+from .tasks.retrieve import Index  # noqa: E402
+
+__all__ += ["Index"]

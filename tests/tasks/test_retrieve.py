@@ -120,6 +120,7 @@ def test_index_load_refuses_damaged_folders(tmp_path):
         Index.load(tmp_path / "ix")
     with pytest.raises(DataError, match="not a vitkit index"):
         Index.load(tmp_path)
+    assert vitkit.Index is Index  # the public API
 
 
 # ---- the CLI on real images ----------------------------------------------------------------------------------
@@ -274,3 +275,21 @@ def test_eval_retrieval_reports_recall_map_and_knn(tmp_path, capsys, digits_mode
     for key in ("recall@1", "map@r", "knn20_acc"):
         assert t[key] > u[key] + 0.1, (key, t, u)
     assert t["knn20_acc"] > 0.8 and t["recall@1"] > 0.8
+
+
+def test_retrieval_benchmark_quick_mode(capsys):
+    """benchmarks/retrieval.py --quick: exact search is exact, IVF recall grows with nprobe and IVF is faster."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_retrieval", Path(__file__).resolve().parents[2] /
+                                                  "benchmarks" / "retrieval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--quick", "--threads", "1"])
+    rows = res["rows"]
+    assert rows[0]["kind"] == "flat" and rows[0]["recall@10"] == 1.0
+    ivf = [r for r in rows if r["kind"] == "ivf"]
+    assert [r["value"] for r in ivf] == [8, 32] and 0 < ivf[0]["recall@10"] < ivf[1]["recall@10"] <= 1
+    assert res["speedup"] > 1.5
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("IVF (nlist 128, nprobe")
