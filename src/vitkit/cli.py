@@ -387,7 +387,7 @@ def cmd_search(args) -> int:
     out = [{"query": str(Path(p).resolve()), "neighbours": r} for p, r in zip(args.queries, results)]
     if args.grid:
         save_grid(args.grid, args.queries, results, channels=model.config.in_chans)
-    _print_json(out if not args.grid else {"grid": args.grid, "results": out})
+    _print_json({"index": args.index, "k": args.k, "grid": args.grid or None, "results": out})
     return 0
 
 
@@ -471,7 +471,11 @@ def cmd_explain(args) -> int:
         scores = e.map[0].numpy()
         if args.format == "npy":
             spath = stem.with_suffix(".npy")
-            atomic_write(spath, lambda tmp: np.save(open(tmp, "wb"), scores))
+            def _write_npy(tmp, arr=scores):
+                with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to the temp name
+                    np.save(f, arr)
+
+            atomic_write(spath, _write_npy)
         else:
             spath = stem.with_suffix(".json")
             doc = {"image": str(path), "method": e.method, **e.params, "grid": list(e.grid),

@@ -33,6 +33,14 @@ EMBEDDINGS_FORMAT = "vitkit-embeddings"
 INDEX_FORMAT = "vitkit-index"
 
 
+def _faiss():
+    """faiss, imported quietly (its loader logs each CPU-feature probe at INFO)."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
+
+
 # ---- embeddings ------------------------------------------------------------------------------------------------
 def default_pool(model, layer: Optional[int] = None) -> str:
     """The feature the model's head reads: pre-logits (the normed class token, as DINO's k-NN uses it, or the
@@ -240,7 +248,7 @@ class Index:
 
     def __init__(self, dim: int, kind: str = "flat", model: Optional[dict] = None, nlist: Optional[int] = None,
                  nprobe: int = 16, M: int = 32, ef_search: int = 64, ef_construction: int = 80):
-        import faiss
+        faiss = _faiss()
 
         if kind not in INDEX_KINDS:
             raise ConfigError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
@@ -262,7 +270,7 @@ class Index:
         return 0 if self.index is None else int(self.index.ntotal)
 
     def _make_ivf(self, x: np.ndarray) -> None:
-        import faiss
+        faiss = _faiss()
 
         n = len(x)
         # faiss wants >= 39 training points per cell; 4·sqrt(N) cells is its rule of thumb.
@@ -330,7 +338,7 @@ class Index:
     def save(self, path) -> Path:
         """A folder with `index.faiss` and `manifest.json` (each written atomically; the manifest's count ties
         them together)."""
-        import faiss
+        faiss = _faiss()
 
         if self.index is None:
             raise DataError("cannot save an IVF index that has no vectors yet")
@@ -344,7 +352,7 @@ class Index:
 
     @classmethod
     def load(cls, path) -> "Index":
-        import faiss
+        faiss = _faiss()
 
         path = Path(path)
         mpath, ipath = path / "manifest.json", path / "index.faiss"
@@ -517,7 +525,7 @@ def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: 
     from .images import open_image
 
     cols = 1 + max((len(r) for r in results), default=0)
-    fig, axes = plt.subplots(len(queries), cols, figsize=(thumb * cols, thumb * 1.15 * len(queries)), squeeze=False)
+    fig, axes = plt.subplots(len(queries), cols, figsize=(thumb * cols, thumb * 1.3 * len(queries)), squeeze=False)
     cmap = "gray" if channels == 1 else None
     for row, (q, res) in enumerate(zip(queries, results)):
         for ax in axes[row]:
