@@ -148,7 +148,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.canvas, args.steps, args.train_images, args.test_images = "blank", 200, 2000, 500
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # a test calls main(): leave the process as it was
+
+
+def _run(args) -> dict:
     clutter = args.canvas == "clutter"
     torch.manual_seed(0)
     untrained = pointing(build_model().eval(), n_test=args.test_images, clutter=clutter)

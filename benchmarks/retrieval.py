@@ -51,8 +51,16 @@ def main(argv=None) -> dict:
         args.nprobe = [8, 32]
     import faiss
 
+    threads = faiss.omp_get_max_threads()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
+    try:
+        return _run(args, faiss)
+    finally:
+        faiss.omp_set_num_threads(threads)  # a test calls main(): leave the process as it was
+
+
+def _run(args, faiss) -> dict:
     t = time.perf_counter()
     xb = random_unit(args.n, args.dim, seed=0)
     xq = random_unit(args.queries, args.dim, seed=1)
