@@ -293,7 +293,8 @@ def cmd_embed(args) -> int:
     from .tasks.retrieve import embed_folder
 
     _print_json(embed_folder(args.checkpoint, args.folder, args.out, pool=args.pool, layer=args.layer,
-                             batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet))
+                             batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet,
+                             strict=args.strict))
     return 0
 
 
@@ -306,6 +307,7 @@ cmd_embed.add_arguments = lambda p: (
     p.add_argument("--layer", type=int, default=None, help="take an earlier block's output (0-based, -1 = last)"),
     p.add_argument("--batch-size", type=int, default=64),
     p.add_argument("--overwrite", action="store_true", help="replace an --out made with another model"),
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip it)"),
     p.add_argument("--quiet", action="store_true", help="no progress bar"),
 )
 

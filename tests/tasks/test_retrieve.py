@@ -210,8 +210,16 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, digits_model):
     bad.mkdir()
     (bad / "notes.png").write_text("this is not an image")
     code, _, err = _run(capsys, ["embed", str(digits_model), str(bad), "--out", str(tmp_path / "e")])
-    assert code == 2 and "notes.png" in err and "cannot read image" in err
+    assert code == 2 and "notes.png" in err and "cannot read image" in err and "none of the 1" in err
     (xtr, ytr), _ = mnist5k()
+    write_digits(bad, xtr[:3], ytr[:3])  # beside readable images, an unreadable one is skipped (or, strict, stops)
+    code, out, err = _run(capsys, ["embed", str(digits_model), str(bad), "--out", str(tmp_path / "e"), "--quiet"])
+    info = json.loads(out)
+    assert code == 0 and info["images"] == 3 and info["skipped"] == [str((bad / "notes.png").resolve())]
+    assert len(Embeddings.load(tmp_path / "e")) == 3
+    code, _, err = _run(capsys, ["embed", str(digits_model), str(bad), "--out", str(tmp_path / "e2"), "--strict",
+                                 "--quiet"])
+    assert code == 2 and "notes.png" in err and len(err.strip().splitlines()) == 1
     write_digits(tmp_path / "g", xtr[:5], ytr[:5])
     main(["embed", str(digits_model), str(tmp_path / "g"), "--out", str(tmp_path / "a.st"), "--quiet"])
     main(["index", "build", str(tmp_path / "a.st"), "--out", str(tmp_path / "ix")])

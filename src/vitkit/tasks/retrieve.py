@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io.checkpoint import atomic_write
-from .images import label_of, list_images, load_batch, preprocessing
+from .images import eval_transform, label_of, list_images, open_image, preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -183,23 +183,36 @@ def _file_key(p: Path) -> list:
 
 
 def embed_paths(model, paths: Sequence, pool: str, layer: Optional[int], batch_size: int = 64,
-                progress: bool = True) -> np.ndarray:
-    """Image files → (N, D) float32 embeddings, batched, with a progress bar (images/s and ETA)."""
+                progress: bool = True, strict: bool = True) -> Tuple[np.ndarray, List[Tuple[int, str]]]:
+    """Image files → (N, D) float32 embeddings, batched, with a progress bar (images/s and ETA). Unreadable files
+    stop the run when `strict`, else they are left out: returns the embeddings of the readable files in order and
+    the (position, reason) of the others."""
     from tqdm import tqdm
 
-    out = []
+    tf = eval_transform(preprocessing(model))
+    out, bad = [], []
     with tqdm(total=len(paths), desc="embed", unit="img", disable=not progress, leave=False) as bar:
         for i in range(0, len(paths), batch_size):
-            chunk = paths[i: i + batch_size]
-            out.append(embed_images(model, load_batch(chunk, model), pool, layer).numpy())
-            bar.update(len(chunk))
-    return np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)
+            xs = []
+            for j, p in enumerate(paths[i: i + batch_size]):
+                try:
+                    xs.append(tf(open_image(p, model.config.in_chans)))
+                except DataError as e:
+                    if strict:
+                        raise
+                    bad.append((i + j, str(e)))
+            if xs:
+                out.append(embed_images(model, torch.stack(xs), pool, layer).numpy())
+            bar.update(len(paths[i: i + batch_size]))
+    return (np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)), bad
 
 
 def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Optional[int] = None,
-                 batch_size: int = 64, overwrite: bool = False, progress: bool = True, model=None) -> Dict:
+                 batch_size: int = 64, overwrite: bool = False, progress: bool = True, model=None,
+                 strict: bool = False) -> Dict:
     """Embed every image under `folder` into the embeddings file `out`. When `out` exists (same model), only the
-    new or changed files (by path, mtime and size) are embedded; removed files are dropped. Returns counts."""
+    new or changed files (by path, mtime and size) are embedded; removed files are dropped. Unreadable images are
+    skipped with a warning (`strict`: stop at the first). Returns counts."""
     from ..io import load
 
     folder = Path(folder)
@@ -228,13 +241,26 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
     for i, p in enumerate(paths):
         if i not in todo_set:
             vectors[i] = old.vectors[have[p][1]]
+    bad: List[Tuple[int, str]] = []
     if todo:
-        vectors[todo] = embed_paths(model, [files[i] for i in todo], pool, layer, batch_size, progress)
+        new, bad_local = embed_paths(model, [files[i] for i in todo], pool, layer, batch_size, progress, strict)
+        bad = [(todo[j], why) for j, why in bad_local]
+        bad_set = {j for j, _ in bad_local}
+        vectors[[i for j, i in enumerate(todo) if j not in bad_set]] = new
+    if bad:
+        if len(bad) == len(paths):
+            raise DataError(f"none of the {len(paths)} image files under {str(folder)!r} could be read; the first: "
+                            f"{bad[0][1]}")
+        for _, why in bad:
+            log.warning("skipped: %s", why)
+    keep = sorted(set(range(len(paths))) - {i for i, _ in bad})
     labels = [label_of(p, folder) for p in files]
-    Embeddings(vectors, paths, labels, keys, manifest, str(folder.resolve())).save(out)
+    Embeddings(vectors[keep], [paths[i] for i in keep], [labels[i] for i in keep], [keys[i] for i in keep],
+               manifest, str(folder.resolve())).save(out)
     removed = len(set(have) - set(paths))
-    return {"out": str(out), "images": len(paths), "embedded": len(todo), "reused": len(paths) - len(todo),
-            "removed": removed, "dim": int(vectors.shape[1]), "pool": pool, "layer": layer}
+    return {"out": str(out), "images": len(keep), "embedded": len(todo) - len(bad),
+            "reused": len(paths) - len(todo), "removed": removed, "skipped": [paths[i] for i, _ in bad],
+            "dim": int(vectors.shape[1]), "pool": pool, "layer": layer}
 
 
 # ---- the index ---------------------------------------------------------------------------------------------------
