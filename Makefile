@@ -31,6 +31,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/python benchmarks/highres.py
+	$(BIN)/python benchmarks/retrieval.py
+	$(BIN)/python benchmarks/pointing.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

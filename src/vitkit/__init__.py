@@ -13,3 +13,8 @@ __all__ = [
 from .io import export, load_pretrained  # noqa: E402
 
 __all__ += ["load_pretrained", "export"]
+
+# Retrieval and attention maps (issue 4): the faiss index with its manifest; vitkit.tasks.explain for the maps.
+from .tasks.retrieve import Index  # noqa: E402
+
+__all__ += ["Index"]

@@ -347,6 +347,236 @@ cmd_export.add_arguments = lambda p: (
 )
 
 
+# ---- vitkit embed / index / search / eval-retrieval / explain (retrieval and attention maps) ------------------
+def _grid_size(text: str):
+    """'model' | 'native' | 'H' | 'HxW' → the size option of explain."""
+    if text in ("model", "native"):
+        return text
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+        if len(parts) in (1, 2) and all(v > 0 for v in parts):
+            return (parts[0], parts[-1])
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected 'model', 'native', SIZE or HxW (e.g. 224x320), got {text!r}")
+
+
+@command("embed", "embed a folder of images into L2-normalised vectors (only new or changed files on a re-run)")
+def cmd_embed(args) -> int:
+    from .tasks.retrieve import embed_folder
+
+    _print_json(embed_folder(args.checkpoint, args.folder, args.out, pool=args.pool, layer=args.layer,
+                             batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet,
+                             strict=args.strict))
+    return 0
+
+
+cmd_embed.add_arguments = lambda p: (
+    p.add_argument("checkpoint", help="a vitkit checkpoint or run folder"),
+    p.add_argument("folder", help="a folder of images (searched recursively; sub-folders are labels)"),
+    p.add_argument("--out", required=True, help="embeddings file (.safetensors); an existing one is updated"),
+    p.add_argument("--pool", choices=["cls", "mean", "prelogits"], default=None,
+                   help="class token, mean of the patch tokens, or pre-logits (default: what the head reads)"),
+    p.add_argument("--layer", type=int, default=None, help="take an earlier block's output (0-based, -1 = last)"),
+    p.add_argument("--batch-size", type=int, default=64),
+    p.add_argument("--overwrite", action="store_true", help="replace an --out made with another model"),
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip it)"),
+    p.add_argument("--quiet", action="store_true", help="no progress bar"),
+)
+
+
+@command("index", "build a faiss index from embeddings (`index build`), or add embeddings to one (`index add`)")
+def cmd_index(args) -> int:
+    from pathlib import Path
+
+    from .tasks.retrieve import Embeddings, Index, build_index
+
+    if args.action == "build":
+        out = Path(args.out)
+        if (out / "manifest.json").exists() and not args.overwrite:
+            raise FileExistsError(f"index {str(out)!r} exists; pass --overwrite to replace it, or `vitkit index add` "
+                                  "to append to it")
+        emb = Embeddings.load(args.embeddings)
+        params = {"nprobe": args.nprobe, "M": args.M, "ef_search": args.ef_search, "nlist": args.nlist}
+        index = build_index(emb, args.kind, **params)
+        index.save(out)
+        _print_json({"index": str(out), "kind": index.kind, "count": len(index), "dim": index.dim,
+                     "params": index.params})
+        return 0
+    index = Index.load(args.index)
+    emb = Embeddings.load(args.embeddings)
+    have = set(index.paths)
+    new = [i for i, p in enumerate(emb.paths) if p not in have]
+    if new:
+        index.add(emb.vectors[new], [emb.paths[i] for i in new], [emb.labels[i] for i in new], model=emb.model)
+    else:
+        index.add(emb.vectors[:0], [], [], model=emb.model)  # still refuses another model's embeddings
+    index.save(args.index)
+    _print_json({"index": args.index, "added": len(new), "skipped_already_indexed": len(emb) - len(new),
+                 "count": len(index)})
+    return 0
+
+
+def _index_arguments(p):
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    b = sub.add_parser("build", help="a new index from an embeddings file")
+    b.add_argument("embeddings", help="a file from `vitkit embed`")
+    b.add_argument("--out", required=True, help="index folder (index.faiss + manifest.json)")
+    b.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat",
+                   help="flat: exact inner product (default); ivf / hnsw: approximate, for large collections")
+    b.add_argument("--nlist", type=int, default=None, help="IVF cells (default 4·sqrt(N))")
+    b.add_argument("--nprobe", type=int, default=16, help="IVF cells searched per query")
+    b.add_argument("--M", type=int, default=32, help="HNSW links per node")
+    b.add_argument("--ef-search", type=int, default=64, help="HNSW candidates per query")
+    b.add_argument("--overwrite", action="store_true")
+    a = sub.add_parser("add", help="append the embeddings not yet in an index (same model only)")
+    a.add_argument("index", help="an index folder")
+    a.add_argument("embeddings", help="a file from `vitkit embed`")
+
+
+cmd_index.add_arguments = _index_arguments
+
+
+@command("search", "find the nearest indexed images to query images: JSON with scores, and a PNG grid")
+def cmd_search(args) -> int:
+    from pathlib import Path
+
+    from .io import load
+    from .tasks.images import load_batch
+    from .tasks.retrieve import Index, check_same_model, embed_images, model_manifest, save_grid
+
+    index = Index.load(args.index)
+    if args.nprobe or args.ef_search:
+        index.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
+    im = index.model or {}
+    ckpt = args.checkpoint or im.get("checkpoint")
+    if not ckpt:
+        raise ValueError("the index does not record a checkpoint; pass --checkpoint")
+    if not Path(ckpt).exists():
+        raise FileNotFoundError(f"the index's model {ckpt!r} is gone; pass --checkpoint with the same model")
+    model = load(ckpt)
+    check_same_model(im, model_manifest(model, ckpt, im.get("pool"), im.get("layer")),
+                     what=f"index {args.index!r}")
+    q = embed_images(model, load_batch(args.queries, model), im.get("pool"), im.get("layer"))
+    results = index.neighbours(q, args.k)
+    out = [{"query": str(Path(p).resolve()), "neighbours": r} for p, r in zip(args.queries, results)]
+    if args.grid:
+        save_grid(args.grid, args.queries, results, channels=model.config.in_chans)
+    _print_json({"index": args.index, "k": args.k, "grid": args.grid or None, "results": out})
+    return 0
+
+
+cmd_search.add_arguments = lambda p: (
+    p.add_argument("index", help="an index folder from `vitkit index build`"),
+    p.add_argument("queries", nargs="+", metavar="QUERY", help="query image files"),
+    p.add_argument("--k", type=int, default=10, help="neighbours per query"),
+    p.add_argument("--checkpoint", default=None, help="the model, where it moved since the index was built"),
+    p.add_argument("--grid", default="search.png", help="PNG of queries and neighbours ('' for none)"),
+    p.add_argument("--nprobe", type=int, default=None, help="IVF: cells searched per query"),
+    p.add_argument("--ef-search", type=int, default=None, help="HNSW: candidates per query"),
+)
+
+
+@command("eval-retrieval", "retrieval quality of a checkpoint's embeddings: recall@k, mAP@R, weighted k-NN accuracy")
+def cmd_eval_retrieval(args) -> int:
+    from pathlib import Path
+
+    from .io.checkpoint import atomic_write
+    from .tasks.retrieve import evaluate_retrieval
+
+    res = evaluate_retrieval(args.checkpoint, args.data, pool=args.pool, layer=args.layer,
+                             batch_size=args.batch_size, knn_k=args.knn_k, temperature=args.temperature,
+                             data_dir=args.data_dir, download=args.download, max_train=args.max_train,
+                             max_val=args.max_val, progress=not args.quiet)
+    if args.out:
+        text = json.dumps(res, indent=2) + "\n"
+        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
+    _print_json(res)
+    return 0
+
+
+cmd_eval_retrieval.add_arguments = lambda p: (
+    p.add_argument("checkpoint", help="a vitkit checkpoint or run folder"),
+    p.add_argument("--data", required=True, help="a labelled dataset spec: mnist5k, digits, folder:PATH, cifar10, ..."),
+    p.add_argument("--pool", choices=["cls", "mean", "prelogits"], default=None),
+    p.add_argument("--layer", type=int, default=None),
+    p.add_argument("--knn-k", type=int, default=20, help="neighbours that vote (DINO: 20)"),
+    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cosine / T) (DINO: 0.07)"),
+    p.add_argument("--batch-size", type=int, default=256),
+    p.add_argument("--max-train", type=int, default=None, help="a stratified subset of the database"),
+    p.add_argument("--max-val", type=int, default=None, help="a stratified subset of the queries"),
+    p.add_argument("--data-dir", default="data"),
+    p.add_argument("--download", action="store_true"),
+    p.add_argument("--out", default=None, help="also write the JSON here"),
+    p.add_argument("--quiet", action="store_true"),
+)
+
+
+@command("explain", "attention maps (rollout or last-block class-token attention) of images: PNG + scores")
+def cmd_explain(args) -> int:
+    from pathlib import Path
+
+    from .io import load
+    from .io.checkpoint import atomic_write
+    from .tasks.explain import explain, save_figure
+    from .tasks.images import denormalize, load_batch, native_size, open_image, preprocessing
+
+    import numpy as np
+
+    model = load(args.checkpoint)
+    pcfg = preprocessing(model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = (pcfg.get("class_names") or None)
+    rows = []
+    for path in args.images:
+        size = None
+        if args.size == "native":
+            size = native_size(open_image(path, model.config.in_chans), model.patch_embed.patch_size[0])
+        elif args.size != "model":
+            size = args.size
+        x = load_batch([path], model, size=size)
+        e = explain(model, x, args.method, args.head_fusion, args.discard_ratio)
+        prob = e.logits.softmax(-1)[0] if e.logits.ndim == 2 and e.logits.shape[-1] > 1 else None
+        pred = int(prob.argmax()) if prob is not None else None
+        label = names[pred] if names and pred is not None and pred < len(names) else pred
+        stem = out / Path(path).stem
+        png = save_figure(stem.with_suffix(".png"), denormalize(x[0], pcfg), e, 0,
+                          title=f"{Path(path).name}: predicted {label}" if label is not None else Path(path).name)
+        scores = e.map[0].numpy()
+        if args.format == "npy":
+            spath = stem.with_suffix(".npy")
+            def _write_npy(tmp, arr=scores):
+                with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to the temp name
+                    np.save(f, arr)
+
+            atomic_write(spath, _write_npy)
+        else:
+            spath = stem.with_suffix(".json")
+            doc = {"image": str(path), "method": e.method, **e.params, "grid": list(e.grid),
+                   "input_size": list(x.shape[-2:]), "meaning": e.meaning, "predicted": label,
+                   "map": scores.round(6).tolist(), "heads": e.heads[0].numpy().round(6).tolist()}
+            atomic_write(spath, lambda tmp: Path(tmp).write_text(json.dumps(doc)))
+        rows.append({"image": str(path), "png": str(png), "scores": str(spath), "predicted": label,
+                     "peak": list(e.peaks()[0]), "grid": list(e.grid), "meaning": e.meaning})
+    _print_json(rows)
+    return 0
+
+
+cmd_explain.add_arguments = lambda p: (
+    p.add_argument("checkpoint", help="a vitkit checkpoint or run folder"),
+    p.add_argument("images", nargs="+", metavar="IMAGE"),
+    p.add_argument("--method", choices=["rollout", "attention"], default="rollout",
+                   help="attention rollout through all blocks, or the last block's class-token attention"),
+    p.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean", help="rollout: how heads combine"),
+    p.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links"),
+    p.add_argument("--size", type=_grid_size, default="model",
+                   help="input size: 'model' (the checkpoint's), 'native' (the image's own, cut to the patch) or HxW"),
+    p.add_argument("--out", default="explain", help="folder for the PNGs and scores"),
+    p.add_argument("--format", choices=["json", "npy"], default="json", help="patch-grid scores as JSON or .npy"),
+)
+
+
 # ---- the entry point -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit", description="Vision Transformers: train, evaluate, use.")

@@ -1,0 +1,195 @@
+"""Where did the model look? Attention maps over the patch grid from a ViT's own attention probabilities.
+
+- `attention_rollout` (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers"): per block, fuse the
+  heads (mean, max or min), optionally zero the weakest `discard_ratio` of the entries (as jacobgil/vit-explain
+  does), add the identity for the residual path, re-normalise the rows, and multiply the blocks' matrices from the
+  first to the last: entry (i, j) is how much input token j flows into output token i.
+- `last_layer_attention`: the last block's attention of the class token to each patch, per head (DINO's maps).
+
+What the map means depends on how the model pools. For a class-token model (global_pool='token') it is the row of
+the class token, whose output feeds the head. An average-pool model (global_pool='avg', with or without a class
+token) classifies from the mean of the patch outputs, so the map is the mean over all patch rows: the attention
+each patch *receives*, averaged over the patches that read it. Prefix tokens (class, registers) are left out of the
+map columns; they still take part in the flow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+METHODS = ("rollout", "attention")
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def fuse_heads(attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
+    """(B, heads, N, N) → (B, N, N)."""
+    if head_fusion == "mean":
+        return attn.mean(dim=1)
+    if head_fusion == "max":
+        return attn.amax(dim=1)
+    if head_fusion == "min":
+        return attn.amin(dim=1)
+    raise ConfigError(f"head fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+
+
+def attention_rollout(attns: Sequence[torch.Tensor], head_fusion: str = "mean",
+                      discard_ratio: float = 0.0) -> torch.Tensor:
+    """Per-block attention probabilities [(B, heads, N, N)] → the rolled-out (B, N, N) token-to-token flow.
+    `discard_ratio` zeroes that fraction of each fused matrix's smallest entries (never the first token's
+    attention to itself), which sharpens the map by removing the diffuse floor."""
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ConfigError(f"discard ratio must be in [0, 1), got {discard_ratio}")
+    result = None
+    for attn in attns:
+        a = fuse_heads(attn.float(), head_fusion)
+        B, N, _ = a.shape
+        if discard_ratio > 0:
+            flat = a.reshape(B, N * N).clone()
+            k = int(N * N * discard_ratio)
+            _, low = flat.topk(k, dim=-1, largest=False)
+            keep_first = torch.zeros_like(flat, dtype=torch.bool)
+            keep_first[:, 0] = True
+            drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, low, True) & ~keep_first
+            a = flat.masked_fill(drop, 0.0).reshape(B, N, N)
+        a = 0.5 * a + 0.5 * torch.eye(N, dtype=a.dtype, device=a.device)
+        a = a / a.sum(dim=-1, keepdim=True)
+        result = a if result is None else a @ result
+    return result
+
+
+def _readout_row(mat: torch.Tensor, num_prefix_tokens: int, has_class_token: bool) -> torch.Tensor:
+    """(B, [heads,] N, N) → (B, [heads,] patches): the class token's row over the patch columns, or, without a
+    class token, the mean of the patch rows (the attention each patch receives, averaged over the readers)."""
+    cols = mat[..., num_prefix_tokens:]
+    if has_class_token:
+        return cols[..., 0, :]
+    return cols[..., num_prefix_tokens:, :].mean(dim=-2)
+
+
+def last_layer_attention(attns: Sequence[torch.Tensor], num_prefix_tokens: int,
+                         has_class_token: bool = True) -> torch.Tensor:
+    """The last block's attention, per head, read out as the map: (B, heads, patches)."""
+    return _readout_row(attns[-1].float(), num_prefix_tokens, has_class_token)
+
+
+def reads_class_token(model) -> bool:
+    """Whether the model's head reads the class token (else it reads the mean of the patch tokens)."""
+    return bool(model.has_class_token and model.global_pool == "token")
+
+
+def map_meaning(model, method: str) -> str:
+    """One sentence that says what the map shows for this model and method."""
+    regs = f" ({model.num_reg_tokens} register token(s) take part in the flow but are not shown)" \
+        if model.num_reg_tokens else ""
+    if reads_class_token(model):
+        what = ("how much each patch flows into the class token through all blocks (attention rollout)"
+                if method == "rollout" else "the class token's attention to each patch in the last block")
+    else:
+        why = "has no class token" if not model.has_class_token else "ignores its class token"
+        what = (f"this model {why} and classifies from the mean of the patch tokens, so the map is the mean over "
+                "all patch tokens of the rolled-out attention each patch receives" if method == "rollout"
+                else f"this model {why} and classifies from the mean of the patch tokens, so the map is the mean "
+                     "attention each patch receives from all patch tokens in the last block")
+    return what + regs
+
+
+@dataclass
+class Explanation:
+    """Maps over the patch grid for one batch: `map` (B, gh, gw), `heads` (B, heads, gh, gw) from the last block,
+    the logits, and the sentence that says what the map means."""
+
+    map: torch.Tensor
+    heads: torch.Tensor
+    logits: torch.Tensor
+    grid: Tuple[int, int]
+    method: str
+    meaning: str
+    params: dict = field(default_factory=dict)
+
+    def peaks(self) -> List[Tuple[int, int]]:
+        """The (row, col) of each map's maximum on the patch grid."""
+        gw = self.grid[1]
+        flat = self.map.reshape(self.map.shape[0], -1).argmax(dim=1)
+        return [(int(i) // gw, int(i) % gw) for i in flat]
+
+
+@torch.no_grad()
+def explain(model, x: torch.Tensor, method: str = "rollout", head_fusion: str = "mean",
+            discard_ratio: float = 0.0) -> Explanation:
+    """Images (B, C, H, W) at any size the model accepts → attention maps over their patch grid."""
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    model.eval()
+    logits, attns = model(x, return_attention=True)
+    gh, gw = model.patch_embed.dynamic_feat_size(x.shape[-2:])
+    npt, cls = model.num_prefix_tokens, reads_class_token(model)
+    heads = last_layer_attention(attns, npt, cls)
+    if method == "rollout":
+        m = _readout_row(attention_rollout(attns, head_fusion, discard_ratio), npt, cls)
+    else:
+        m = heads.mean(dim=1)
+    B = x.shape[0]
+    return Explanation(m.reshape(B, gh, gw), heads.reshape(B, heads.shape[1], gh, gw), logits, (gh, gw), method,
+                       map_meaning(model, method),
+                       {"head_fusion": head_fusion, "discard_ratio": discard_ratio} if method == "rollout" else {})
+
+
+def upsample(grid_map: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:
+    """(gh, gw) → (H, W) by bilinear interpolation, scaled to [0, 1] for display."""
+    m = torch.nn.functional.interpolate(grid_map[None, None].float(), size=size, mode="bilinear",
+                                        align_corners=False)[0, 0]
+    m = m - m.min()
+    return (m / m.max().clamp(min=1e-12)).numpy()
+
+
+def save_figure(path, image: np.ndarray, expl: Explanation, i: int = 0, title: str = "") -> Path:
+    """A PNG: the image, the map laid over it, the map itself, then the last block's per-head maps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io.checkpoint import atomic_write
+
+    H, W = image.shape[:2]
+    heads = expl.heads[i]
+    n_heads = heads.shape[0]
+    top = 3
+    cols = max(top, min(n_heads, 8))
+    rows = 1 + (n_heads + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    gray = image.shape[2] == 1
+    img = image[..., 0] if gray else image
+    heat = upsample(expl.map[i], (H, W))
+    axes[0][0].imshow(img, cmap="gray" if gray else None)
+    axes[0][0].set_title("image", fontsize=9)
+    axes[0][1].imshow(img, cmap="gray" if gray else None)
+    axes[0][1].imshow(heat, cmap="jet", alpha=0.5)
+    label = expl.method + (f" ({expl.params['head_fusion']}, discard {expl.params['discard_ratio']:g})"
+                           if expl.method == "rollout" else " (last block, mean of heads)")
+    axes[0][1].set_title(label, fontsize=9)
+    axes[0][2].imshow(expl.map[i].numpy(), cmap="viridis")
+    axes[0][2].set_title(f"patch grid {expl.grid[0]}x{expl.grid[1]}", fontsize=9)
+    for h in range(n_heads):
+        ax = axes[1 + h // cols][h % cols]
+        ax.imshow(img, cmap="gray" if gray else None)
+        ax.imshow(upsample(heads[h], (H, W)), cmap="jet", alpha=0.5)
+        ax.set_title(f"last block, head {h}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+    return path
+
+
+__all__ = ["METHODS", "HEAD_FUSIONS", "fuse_heads", "attention_rollout", "last_layer_attention", "explain",
+           "Explanation", "map_meaning", "reads_class_token", "upsample", "save_figure"]

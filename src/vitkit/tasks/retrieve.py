@@ -1,0 +1,580 @@
+"""Image retrieval with a trained ViT: embed images, index the embeddings with faiss, search, and measure.
+
+- `embed_images`: images (B, C, H, W) → L2-normalised embeddings (B, D): the class token, the mean of the patch
+  tokens, or the pre-logits feature, from the last block (after the final norm) or an earlier one (`layer`).
+- `embed_folder`: a folder of images → an embeddings file (safetensors), re-embedding only new or changed files
+  (keyed by path, mtime and size) when the file exists already.
+- `Index`: a faiss index (exact inner product, IVF or HNSW) with a manifest of paths, labels and the model that
+  made the embeddings, so a query embedded by another model is refused.
+- `recall_at_k`, `map_at_r`, `knn_classify`: retrieval metrics and DINO's weighted k-NN classifier.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import CheckpointError, ConfigError, DataError
+from ..io.checkpoint import atomic_write
+from .images import eval_transform, label_of, list_images, open_image, preprocessing
+
+log = logging.getLogger(__name__)
+
+POOLS = ("cls", "mean", "prelogits")
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+EMBEDDINGS_FORMAT = "vitkit-embeddings"
+INDEX_FORMAT = "vitkit-index"
+
+
+def _faiss():
+    """faiss, imported quietly (its loader logs each CPU-feature probe at INFO)."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
+
+
+# ---- embeddings ------------------------------------------------------------------------------------------------
+def default_pool(model, layer: Optional[int] = None) -> str:
+    """The feature the model's head reads: pre-logits (the normed class token, as DINO's k-NN uses it, or the
+    fc-normed mean of the patch tokens for an average-pool model); for an earlier `layer`, the class token of a
+    class-token model, else the mean of the patch tokens."""
+    if layer is None:
+        return "prelogits"
+    return "cls" if model.has_class_token and model.global_pool == "token" else "mean"
+
+
+def _check_pool(model, pool: str, layer: Optional[int]) -> None:
+    if pool not in POOLS:
+        raise ConfigError(f"pool must be one of {POOLS}, got {pool!r}")
+    if pool == "cls" and not model.has_class_token:
+        raise ConfigError("this model has no class token (global_pool='avg'); use pool 'mean' or 'prelogits'")
+    if pool == "prelogits" and layer is not None:
+        raise ConfigError("pre-logits is the pooled feature of the last block; use pool 'cls' or 'mean' with a layer")
+    if layer is not None and not -len(model.blocks) <= layer < len(model.blocks):
+        raise ConfigError(f"layer {layer} is out of range for a model of {len(model.blocks)} blocks "
+                          f"(use 0..{len(model.blocks) - 1}, or negative from the end)")
+
+
+@torch.no_grad()
+def embed_images(model, x: torch.Tensor, pool: str = "cls", layer: Optional[int] = None) -> torch.Tensor:
+    """Images (B, C, H, W) → L2-normalised embeddings (B, D). `layer` picks an earlier block's output (0-based,
+    negative from the end); its tokens go through the model's final norm, as the last block's do."""
+    _check_pool(model, pool, layer)
+    if pool == "prelogits":
+        f = model.forward_head(model.forward_features(x), pre_logits=True)
+    else:
+        if layer is None:
+            tokens = model.forward_features(x)
+        else:
+            stop = layer % len(model.blocks)
+            tokens = model.embed(x)
+            for blk in model.blocks[: stop + 1]:
+                tokens = blk(tokens)
+            tokens = model.norm(tokens)
+        f = tokens[:, 0] if pool == "cls" else tokens[:, model.num_prefix_tokens:].mean(dim=1)
+    return F.normalize(f.float(), dim=-1)
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file, or the best/last/model checkpoint of a run folder (as `vitkit.load` picks it)."""
+    path = Path(path)
+    if path.is_dir():
+        for cand in ("best.safetensors", "last.safetensors", "model.safetensors"):
+            if (path / cand).is_file():
+                return path / cand
+    return path
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_manifest(model, checkpoint=None, pool: str = "cls", layer: Optional[int] = None) -> dict:
+    """What identifies the embedding space: the checkpoint's hash (or, for an in-memory model, a hash of its
+    weights), its config, the pooling, the layer and the input size. Two embeddings compare only if these agree."""
+    if checkpoint is not None:
+        ckpt = resolve_checkpoint(checkpoint)
+        digest = file_sha256(ckpt)
+        where = str(ckpt.resolve())
+    else:
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        digest, where = "weights:" + h.hexdigest(), None
+    return {"checkpoint": where, "sha256": digest, "config": model.config.to_dict(), "pool": pool,
+            "layer": layer, "input_size": list(preprocessing(model)["input_size"])}
+
+
+def same_model(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("sha256", "pool", "layer", "input_size"))
+
+
+def _describe(m: dict) -> str:
+    return (f"{m.get('checkpoint') or 'in-memory model'} (sha256 {str(m.get('sha256'))[:12]}, pool {m.get('pool')}, "
+            f"layer {m.get('layer')}, input {m.get('input_size')})")
+
+
+def check_same_model(index_model: dict, query_model: dict, what: str = "this index") -> None:
+    if not same_model(index_model, query_model):
+        raise CheckpointError(f"{what} was built with the embeddings of {_describe(index_model)}, but the queries "
+                              f"come from {_describe(query_model)}; embeddings of different models do not compare: "
+                              "use the index's own model or rebuild the index with this one")
+
+
+class Embeddings:
+    """L2-normalised embeddings (N, D) with their image paths, labels, file keys (mtime, size) and model."""
+
+    def __init__(self, vectors: np.ndarray, paths: List[str], labels: List[Optional[str]], keys: List[list],
+                 model: dict, root: Optional[str] = None):
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.paths, self.labels, self.keys, self.model, self.root = list(paths), list(labels), list(keys), model, root
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def save(self, path) -> Path:
+        from safetensors.numpy import save_file
+
+        meta = {"format": EMBEDDINGS_FORMAT, "model": json.dumps(self.model), "root": json.dumps(self.root),
+                "paths": json.dumps(self.paths), "labels": json.dumps(self.labels), "keys": json.dumps(self.keys)}
+        path = Path(path)
+        atomic_write(path, lambda tmp: save_file({"embeddings": self.vectors}, tmp, metadata=meta))
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Embeddings":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"embeddings file {str(path)!r} does not exist; make it with `vitkit embed`")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = dict(f.metadata() or {})
+                if meta.get("format") != EMBEDDINGS_FORMAT:
+                    raise DataError(f"{str(path)!r} is not a vitkit embeddings file; make one with `vitkit embed`")
+                vectors = f.get_tensor("embeddings")
+            return cls(vectors, json.loads(meta["paths"]), json.loads(meta["labels"]), json.loads(meta["keys"]),
+                       json.loads(meta["model"]), json.loads(meta.get("root", "null")))
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{str(path)!r} is not a readable vitkit embeddings file "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); re-create it with "
+                            "`vitkit embed`") from None
+
+
+def _file_key(p: Path) -> list:
+    st = p.stat()
+    return [st.st_mtime_ns, st.st_size]
+
+
+def embed_paths(model, paths: Sequence, pool: str, layer: Optional[int], batch_size: int = 64,
+                progress: bool = True, strict: bool = True) -> Tuple[np.ndarray, List[Tuple[int, str]]]:
+    """Image files → (N, D) float32 embeddings, batched, with a progress bar (images/s and ETA). Unreadable files
+    stop the run when `strict`, else they are left out: returns the embeddings of the readable files in order and
+    the (position, reason) of the others."""
+    from tqdm import tqdm
+
+    tf = eval_transform(preprocessing(model))
+    out, bad = [], []
+    with tqdm(total=len(paths), desc="embed", unit="img", disable=not progress, leave=False) as bar:
+        for i in range(0, len(paths), batch_size):
+            xs = []
+            for j, p in enumerate(paths[i: i + batch_size]):
+                try:
+                    xs.append(tf(open_image(p, model.config.in_chans)))
+                except DataError as e:
+                    if strict:
+                        raise
+                    bad.append((i + j, str(e)))
+            if xs:
+                out.append(embed_images(model, torch.stack(xs), pool, layer).numpy())
+            bar.update(len(paths[i: i + batch_size]))
+    return (np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)), bad
+
+
+def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Optional[int] = None,
+                 batch_size: int = 64, overwrite: bool = False, progress: bool = True, model=None,
+                 strict: bool = False) -> Dict:
+    """Embed every image under `folder` into the embeddings file `out`. When `out` exists (same model), only the
+    new or changed files (by path, mtime and size) are embedded; removed files are dropped. Unreadable images are
+    skipped with a warning (`strict`: stop at the first). Returns counts."""
+    from ..io import load
+
+    folder = Path(folder)
+    files = list_images(folder)
+    if model is None:
+        model = load(checkpoint)
+    model.eval()
+    pool = pool or default_pool(model, layer)
+    _check_pool(model, pool, layer)
+    manifest = model_manifest(model, checkpoint, pool, layer)
+    old = None
+    out = Path(out)
+    if out.exists():
+        old = Embeddings.load(out)
+        if not same_model(old.model, manifest):
+            if not overwrite:
+                raise CheckpointError(f"{str(out)!r} holds embeddings of {_describe(old.model)}, not of "
+                                      f"{_describe(manifest)}; pass --overwrite to replace them, or pick another --out")
+            old = None
+    have = {p: (k, i) for i, (p, k) in enumerate(zip(old.paths, old.keys))} if old is not None else {}
+    paths = [str(p.resolve()) for p in files]
+    keys = [_file_key(p) for p in files]
+    todo = [i for i, (p, k) in enumerate(zip(paths, keys)) if p not in have or have[p][0] != k]
+    vectors = np.zeros((len(paths), model.embed_dim), np.float32)
+    todo_set = set(todo)
+    for i, p in enumerate(paths):
+        if i not in todo_set:
+            vectors[i] = old.vectors[have[p][1]]
+    bad: List[Tuple[int, str]] = []
+    if todo:
+        new, bad_local = embed_paths(model, [files[i] for i in todo], pool, layer, batch_size, progress, strict)
+        bad = [(todo[j], why) for j, why in bad_local]
+        bad_set = {j for j, _ in bad_local}
+        vectors[[i for j, i in enumerate(todo) if j not in bad_set]] = new
+    if bad:
+        if len(bad) == len(paths):
+            raise DataError(f"none of the {len(paths)} image files under {str(folder)!r} could be read; the first: "
+                            f"{bad[0][1]}")
+        for _, why in bad:
+            log.warning("skipped: %s", why)
+    keep = sorted(set(range(len(paths))) - {i for i, _ in bad})
+    labels = [label_of(p, folder) for p in files]
+    Embeddings(vectors[keep], [paths[i] for i in keep], [labels[i] for i in keep], [keys[i] for i in keep],
+               manifest, str(folder.resolve())).save(out)
+    removed = len(set(have) - set(paths))
+    return {"out": str(out), "images": len(keep), "embedded": len(todo) - len(bad),
+            "reused": len(paths) - len(todo), "removed": removed, "skipped": [paths[i] for i, _ in bad],
+            "dim": int(vectors.shape[1]), "pool": pool, "layer": layer}
+
+
+# ---- the index ---------------------------------------------------------------------------------------------------
+class Index:
+    """A faiss inner-product index over L2-normalised embeddings (so scores are cosine similarities), with the
+    paths/labels of its entries and the model that made them.
+
+    kind 'flat' is exact; 'ivf' (inverted lists, `nlist` k-means cells, `nprobe` of them searched) and 'hnsw'
+    (a navigable small-world graph with `M` links, `ef_search` candidates) are approximate and fast at scale.
+    """
+
+    def __init__(self, dim: int, kind: str = "flat", model: Optional[dict] = None, nlist: Optional[int] = None,
+                 nprobe: int = 16, M: int = 32, ef_search: int = 64, ef_construction: int = 80):
+        faiss = _faiss()
+
+        if kind not in INDEX_KINDS:
+            raise ConfigError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+        self.dim, self.kind, self.model = int(dim), kind, model
+        self.params = {"nlist": nlist, "nprobe": int(nprobe), "M": int(M), "ef_search": int(ef_search),
+                       "ef_construction": int(ef_construction)}
+        self.paths: List[Optional[str]] = []
+        self.labels: List[Optional[str]] = []
+        if kind == "flat":
+            self.index = faiss.IndexFlatIP(self.dim)
+        elif kind == "hnsw":
+            self.index = faiss.IndexHNSWFlat(self.dim, int(M), faiss.METRIC_INNER_PRODUCT)
+            self.index.hnsw.efConstruction = int(ef_construction)
+            self.index.hnsw.efSearch = int(ef_search)
+        else:
+            self.index = None  # IVF: built on the first add, when the data to train its cells is there
+
+    def __len__(self) -> int:
+        return 0 if self.index is None else int(self.index.ntotal)
+
+    def _make_ivf(self, x: np.ndarray) -> None:
+        faiss = _faiss()
+
+        n = len(x)
+        # faiss wants >= 39 training points per cell; 4·sqrt(N) cells is its rule of thumb.
+        nlist = self.params["nlist"] or int(max(1, min(4 * np.sqrt(n), n // 39)))
+        if n < nlist:
+            raise DataError(f"an IVF index with {nlist} cells needs at least {nlist} vectors to train on, got {n}; "
+                            "add more vectors at once, lower --nlist, or use --kind flat")
+        quantizer = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        # k-means on 64 points per cell is plenty for the cells' job (routing queries) and keeps training short.
+        train = x if n <= 64 * nlist else x[np.random.default_rng(0).choice(n, 64 * nlist, replace=False)]
+        index.train(train)
+        index.nprobe = min(self.params["nprobe"], nlist)
+        self.params["nlist"] = nlist
+        self.index = index
+
+    def add(self, vectors, paths: Optional[Sequence[str]] = None, labels: Optional[Sequence] = None,
+            model: Optional[dict] = None) -> "Index":
+        """Append (N, D) embeddings (normalised here), with their paths and labels. `model` (a manifest) must
+        match the index's model when both are known."""
+        x = np.ascontiguousarray(torch.as_tensor(vectors).float().numpy() if torch.is_tensor(vectors) else vectors,
+                                 dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise DataError(f"expected embeddings of shape (N, {self.dim}), got {tuple(x.shape)}; they come from "
+                            "another model or layer than this index's")
+        if model is not None:
+            if self.model is None:
+                self.model = model
+            else:
+                check_same_model(self.model, model)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        if paths is not None and len(paths) != len(x):
+            raise DataError(f"got {len(x)} embeddings but {len(paths)} paths")
+        if self.index is None:
+            self._make_ivf(x)
+        self.index.add(x)
+        self.paths += list(paths) if paths is not None else [None] * len(x)
+        self.labels += list(labels) if labels is not None else [None] * len(x)
+        return self
+
+    def search(self, queries, k: int = 10) -> Tuple[np.ndarray, np.ndarray]:
+        """(Q, D) queries → (scores (Q, k), ids (Q, k)), best first; id -1 where fewer than k entries exist."""
+        if len(self) == 0:
+            raise DataError("the index is empty; add embeddings before searching")
+        q = np.ascontiguousarray(torch.as_tensor(queries).float().numpy() if torch.is_tensor(queries) else queries,
+                                 dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None]
+        if q.shape[1] != self.dim:
+            raise DataError(f"queries have dimension {q.shape[1]}, the index {self.dim}; they come from another "
+                            "model or layer than this index's")
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        return self.index.search(q, int(k))
+
+    def neighbours(self, queries, k: int = 10) -> List[List[dict]]:
+        """Per query, the k nearest entries as {rank, id, path, label, score}."""
+        scores, ids = self.search(queries, k)
+        return [[{"rank": r + 1, "id": int(i), "path": self.paths[i], "label": self.labels[i], "score": float(s)}
+                 for r, (s, i) in enumerate(zip(srow, irow)) if i >= 0] for srow, irow in zip(scores, ids)]
+
+    def manifest(self) -> dict:
+        return {"format": INDEX_FORMAT, "kind": self.kind, "dim": self.dim, "count": len(self),
+                "params": self.params, "model": self.model, "paths": self.paths, "labels": self.labels}
+
+    def save(self, path) -> Path:
+        """A folder with `index.faiss` and `manifest.json` (each written atomically; the manifest's count ties
+        them together)."""
+        faiss = _faiss()
+
+        if self.index is None:
+            raise DataError("cannot save an IVF index that has no vectors yet")
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise DataError(f"{str(path)!r} is a file; an index is saved as a folder, pick another --out")
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write(path / "index.faiss", lambda tmp: faiss.write_index(self.index, tmp))
+        atomic_write(path / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(self.manifest())))
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Index":
+        faiss = _faiss()
+
+        path = Path(path)
+        mpath, ipath = path / "manifest.json", path / "index.faiss"
+        if not mpath.is_file() or not ipath.is_file():
+            raise DataError(f"{str(path)!r} is not a vitkit index (expected a folder with manifest.json and "
+                            "index.faiss); build one with `vitkit index build`")
+        try:
+            m = json.loads(mpath.read_text())
+            assert m.get("format") == INDEX_FORMAT
+        except Exception:
+            raise DataError(f"{str(mpath)!r} is not a vitkit index manifest; rebuild the index") from None
+        p = m["params"]
+        self = cls(m["dim"], m["kind"], m["model"], p.get("nlist"), p["nprobe"], p["M"], p["ef_search"],
+                   p["ef_construction"])
+        try:
+            self.index = faiss.read_index(str(ipath))
+        except Exception as e:
+            raise DataError(f"{str(ipath)!r} cannot be read ({str(e).splitlines()[0]}); rebuild the index") from None
+        self.paths, self.labels = list(m["paths"]), list(m["labels"])
+        if self.index.ntotal != len(self.paths) or self.index.ntotal != m["count"]:
+            raise DataError(f"{str(path)!r}: index.faiss holds {self.index.ntotal} vectors but the manifest lists "
+                            f"{len(self.paths)}; the folder was damaged (interrupted write?): rebuild the index")
+        return self
+
+    def set_search_params(self, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> None:
+        if nprobe is not None and self.kind == "ivf":
+            self.params["nprobe"] = int(nprobe)
+            self.index.nprobe = int(nprobe)
+        if ef_search is not None and self.kind == "hnsw":
+            self.params["ef_search"] = int(ef_search)
+            self.index.hnsw.efSearch = int(ef_search)
+
+
+def build_index(embeddings: Embeddings, kind: str = "flat", **params) -> Index:
+    return Index(embeddings.vectors.shape[1], kind, embeddings.model, **params).add(
+        embeddings.vectors, embeddings.paths, embeddings.labels)
+
+
+# ---- metrics -----------------------------------------------------------------------------------------------------
+def _topk(query: torch.Tensor, db: torch.Tensor, k: int, chunk: int = 1024) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities of L2-normalised (Q, D) against (M, D): the top k (Q, k) values and indices."""
+    vals, idx = [], []
+    for i in range(0, len(query), chunk):
+        s = query[i: i + chunk] @ db.T
+        v, j = s.topk(min(k, db.shape[0]), dim=1)
+        vals.append(v)
+        idx.append(j)
+    return torch.cat(vals), torch.cat(idx)
+
+
+def _as_labels(labels) -> torch.Tensor:
+    if torch.is_tensor(labels):
+        return labels.long()
+    labels = list(labels)
+    if labels and not isinstance(labels[0], (int, np.integer)):
+        names = {n: i for i, n in enumerate(sorted(set(map(str, labels))))}
+        return torch.tensor([names[str(x)] for x in labels])
+    return torch.as_tensor(np.asarray(labels, dtype=np.int64))
+
+
+def recall_at_k(query, query_labels, db, db_labels, ks=(1, 5, 10)) -> Dict[str, float]:
+    """Recall@k as metric learning reports it: the fraction of queries with at least one same-class item among
+    their k nearest database items."""
+    q, d = torch.as_tensor(query).float(), torch.as_tensor(db).float()
+    ql, dl = _as_labels(query_labels), _as_labels(db_labels)
+    _, idx = _topk(q, d, max(ks))
+    hit = dl[idx] == ql[:, None]
+    return {f"recall@{k}": float(hit[:, :k].any(dim=1).float().mean()) for k in ks}
+
+
+def map_at_r(query, query_labels, db, db_labels) -> float:
+    """mAP@R (Musgrave et al. 2020, "A Metric Learning Reality Check"): per query, R = the number of database items
+    of its class; AP@R = (1/R) Σ_{i≤R} P(i)·rel(i) over its R nearest items; averaged over queries."""
+    q, d = torch.as_tensor(query).float(), torch.as_tensor(db).float()
+    ql, dl = _as_labels(query_labels), _as_labels(db_labels)
+    R = (dl[None, :] == ql[:, None]).sum(dim=1)
+    Rmax = int(R.max())
+    if Rmax == 0:
+        return 0.0
+    _, idx = _topk(q, d, Rmax)
+    rel = (dl[idx] == ql[:, None]).float()  # (Q, Rmax)
+    ranks = torch.arange(1, rel.shape[1] + 1, dtype=torch.float32)
+    within = ranks[None, :] <= R[:, None]
+    rel = rel * within
+    precision = rel.cumsum(dim=1) / ranks[None, :]
+    ap = (precision * rel).sum(dim=1) / R.clamp(min=1)
+    return float(ap[R > 0].mean())
+
+
+def knn_classify(query, db, db_labels, k: int = 20, temperature: float = 0.07,
+                 num_classes: Optional[int] = None) -> torch.Tensor:
+    """DINO's weighted k-NN classifier (Caron et al. 2021, `eval_knn.py`): each of the k nearest database items
+    votes for its class with weight exp(cosine / T); the class with the largest total wins. Returns (Q,) labels."""
+    q, d = torch.as_tensor(query).float(), torch.as_tensor(db).float()
+    dl = _as_labels(db_labels)
+    c = int(num_classes or int(dl.max()) + 1)
+    sims, idx = _topk(q, d, k)
+    weights = (sims / temperature).exp()
+    votes = torch.zeros(len(q), c).scatter_add_(1, dl[idx], weights)
+    return votes.argmax(dim=1)
+
+
+def retrieval_report(query, query_labels, db, db_labels, ks=(1, 5, 10), knn_k: int = 20,
+                     temperature: float = 0.07) -> Dict[str, float]:
+    """Recall@k, mAP@R and weighted k-NN accuracy, with the test split as queries and the train split as database."""
+    ql = _as_labels(query_labels)
+    out = recall_at_k(query, ql, db, db_labels, ks)
+    out["map@r"] = map_at_r(query, ql, db, db_labels)
+    pred = knn_classify(query, db, db_labels, knn_k, temperature, num_classes=int(max(_as_labels(db_labels).max(),
+                                                                                            ql.max())) + 1)
+    out[f"knn{knn_k}_acc"] = float((pred == ql).float().mean())
+    out["queries"], out["database"] = int(len(ql)), int(len(db))
+    return out
+
+
+@torch.no_grad()
+def embed_dataset(model, dataset, pool: str, layer: Optional[int], batch_size: int = 256,
+                  progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A `vitkit.data` dataset (eval transform) → its embeddings (N, D) and labels (N,), in order."""
+    from tqdm import tqdm
+
+    from ..data import make_loader
+
+    loader = make_loader(dataset, batch_size, train=False)
+    embs, labels = [], []
+    for x, y in tqdm(loader, desc="embed", unit="batch", disable=not progress, leave=False):
+        embs.append(embed_images(model, x, pool, layer))
+        labels.append(y)
+    return torch.cat(embs), torch.cat(labels)
+
+
+def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, layer: Optional[int] = None,
+                       batch_size: int = 256, knn_k: int = 20, temperature: float = 0.07, data_dir="data",
+                       download: bool = False, max_train: Optional[int] = None, max_val: Optional[int] = None,
+                       progress: bool = True, model=None) -> Dict:
+    """Recall@1/5/10, mAP@R and DINO's weighted k-NN accuracy of a checkpoint's embeddings on a labelled dataset:
+    the held-out split is the queries, the training split the database; images are preprocessed as the
+    checkpoint says (no augmentation)."""
+    from ..data import build_datasets
+    from ..io import load
+
+    if model is None:
+        model = load(checkpoint)
+    model.eval()
+    pool = pool or default_pool(model, layer)
+    _check_pool(model, pool, layer)
+    pcfg = preprocessing(model)
+    c = model.config
+    train, val, info = build_datasets(data, img_size=tuple(pcfg["input_size"][1:]), in_chans=c.in_chans,
+                                      augment="none", mean=pcfg["mean"], std=pcfg["std"],
+                                      crop_pct=float(pcfg.get("crop_pct") or 1.0), data_dir=data_dir,
+                                      download=download, max_train=max_train, max_val=max_val)
+    db, db_labels = embed_dataset(model, train, pool, layer, batch_size, progress)
+    q, q_labels = embed_dataset(model, val, pool, layer, batch_size, progress)
+    report = retrieval_report(q, q_labels, db, db_labels, knn_k=knn_k, temperature=temperature)
+    return {"checkpoint": str(checkpoint), "data": info.spec, "pool": pool, "layer": layer,
+            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()},
+            "knn": {"k": knn_k, "temperature": temperature}}
+
+
+# ---- the picture -------------------------------------------------------------------------------------------------
+def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: Optional[Sequence] = None,
+              channels: int = 3, thumb: float = 1.6) -> Path:
+    """A PNG with one row per query: the query image, then its neighbours with score and label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .images import open_image
+
+    cols = 1 + max((len(r) for r in results), default=0)
+    fig, axes = plt.subplots(len(queries), cols, figsize=(thumb * cols, thumb * 1.3 * len(queries)), squeeze=False)
+    cmap = "gray" if channels == 1 else None
+    for row, (q, res) in enumerate(zip(queries, results)):
+        for ax in axes[row]:
+            ax.axis("off")
+        axes[row][0].imshow(np.asarray(open_image(q, channels)), cmap=cmap)
+        ql = query_labels[row] if query_labels is not None else None
+        axes[row][0].set_title("query" + (f"\n{ql}" if ql is not None else f"\n{Path(q).name[:14]}"), fontsize=8)
+        for j, r in enumerate(res):
+            ax = axes[row][j + 1]
+            try:
+                ax.imshow(np.asarray(open_image(r["path"], channels)), cmap=cmap)
+            except (DataError, TypeError):
+                ax.text(0.5, 0.5, "(image gone)", ha="center", va="center", fontsize=7)
+            lab = f"\n{r['label']}" if r.get("label") is not None else ""
+            ax.set_title(f"#{r['rank']} {r['score']:.3f}{lab}", fontsize=8,
+                         color="green" if ql is not None and r.get("label") == ql else "black")
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return path
+
+
+__all__ = ["POOLS", "INDEX_KINDS", "embed_images", "embed_paths", "embed_folder", "Embeddings", "Index",
+           "build_index", "model_manifest", "check_same_model", "recall_at_k", "map_at_r", "knn_classify",
+           "retrieval_report", "save_grid", "default_pool", "embed_dataset", "evaluate_retrieval"]

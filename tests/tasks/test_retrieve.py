@@ -1,0 +1,303 @@
+"""Retrieval: embeddings, the faiss index and its manifest, the metrics, and the CLI on real digit images."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkit
+from vitkit.cli import main
+from vitkit.errors import CheckpointError, ConfigError, DataError
+from vitkit.tasks.images import load_batch
+from vitkit.tasks.retrieve import (Embeddings, Index, build_index, embed_folder, embed_images, knn_classify,
+                                   map_at_r, recall_at_k, retrieval_report)
+
+from ._digits import mnist5k, write_digits
+
+
+# ---- embeddings ----------------------------------------------------------------------------------------------
+def test_embed_images_pools_layers_and_norm():
+    model = vitkit.create_model("vit_mini_patch7_28", reg_tokens=2, depth=3).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        expect = {"cls": tokens[:, 0], "mean": tokens[:, 3:].mean(1),  # 1 class + 2 register tokens skipped
+                  "prelogits": model.forward_head(tokens, pre_logits=True)}
+    for pool, ref in expect.items():
+        e = embed_images(model, x, pool)
+        assert e.shape == (4, 128)
+        torch.testing.assert_close(e.norm(dim=1), torch.ones(4))
+        torch.testing.assert_close(e, F.normalize(ref, dim=1))
+    torch.testing.assert_close(embed_images(model, x, "cls", layer=-1), embed_images(model, x, "cls"))
+    with torch.no_grad():
+        t1 = model.norm(model.blocks[:2](model.embed(x)))
+    torch.testing.assert_close(embed_images(model, x, "mean", layer=1), F.normalize(t1[:, 3:].mean(1), dim=1))
+    avg = vitkit.create_model("vit_mini_patch7_28", class_token=False, global_pool="avg", depth=2).eval()
+    with pytest.raises(ConfigError, match="no class token"):
+        embed_images(avg, x, "cls")
+    with pytest.raises(ConfigError, match="pre-logits"):
+        embed_images(model, x, "prelogits", layer=1)
+    with pytest.raises(ConfigError, match="out of range"):
+        embed_images(model, x, "cls", layer=3)
+
+
+# ---- metrics -------------------------------------------------------------------------------------------------
+def _naive_metrics(q, ql, d, dl, ks, k_nn, T):
+    sims = q @ d.T
+    order = np.argsort(-sims, axis=1, kind="stable")
+    rec = {k: np.mean([(dl[order[i, :k]] == ql[i]).any() for i in range(len(q))]) for k in ks}
+    aps = []
+    for i in range(len(q)):
+        R = int((dl == ql[i]).sum())
+        rel = dl[order[i, :R]] == ql[i]
+        aps.append(sum(rel[:j + 1].sum() / (j + 1) for j in range(R) if rel[j]) / R)
+    preds = []
+    for i in range(len(q)):
+        votes = np.zeros(dl.max() + 1)
+        for j in order[i, :k_nn]:
+            votes[dl[j]] += np.exp(sims[i, j] / T)
+        preds.append(votes.argmax())
+    return rec, float(np.mean(aps)), np.array(preds)
+
+
+def test_metrics_match_a_direct_implementation():
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((5, 16))
+    dl = rng.integers(0, 5, 300)
+    ql = rng.integers(0, 5, 60)
+    d = centres[dl] + 1.2 * rng.standard_normal((300, 16))
+    q = centres[ql] + 1.2 * rng.standard_normal((60, 16))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    d, q = d.astype(np.float32), q.astype(np.float32)
+    rec, mapr, preds = _naive_metrics(q, ql, d, dl, (1, 5, 10), 20, 0.07)
+    got = recall_at_k(q, ql, d, dl, (1, 5, 10))
+    for k in (1, 5, 10):
+        assert got[f"recall@{k}"] == pytest.approx(rec[k])
+    assert map_at_r(q, ql, d, dl) == pytest.approx(mapr, abs=1e-6)
+    assert (knn_classify(q, d, dl, 20, 0.07).numpy() == preds).all()
+    assert 0.2 < mapr < 0.95 and 0.3 < rec[1] < 1.0  # a case where the metrics are not trivially 0 or 1
+    # a hand-worked mAP@R: class 0 has R=2 items; ranked [0, 1, 0] → AP@R = (1/1 + 0) / 2 = 0.5
+    db = np.array([[1.0, 0.0], [0.9, 0.436], [0.6, 0.8]], np.float32)
+    assert map_at_r(np.array([[1.0, 0.0]], np.float32), [0], db, [0, 1, 0]) == pytest.approx(0.5)
+    # string labels work as well as integers
+    assert retrieval_report(q, [str(v) for v in ql], d, [str(v) for v in dl])["recall@1"] == pytest.approx(rec[1])
+
+
+# ---- the index -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_index_add_search_save_load(tmp_path, kind):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    paths = [f"/img/{i}.png" for i in range(3000)]
+    model = {"sha256": "abc", "pool": "cls", "layer": None, "input_size": [1, 28, 28], "checkpoint": "m"}
+    index = Index(32, kind, nprobe=8).add(x[:2000], paths[:2000], model=model)
+    index.add(x[2000:], paths[2000:], model=model)
+    assert len(index) == 3000
+    q = x[::97] + 0.05 * rng.standard_normal((len(x[::97]), 32)).astype(np.float32)
+    scores, ids = index.search(q, 5)
+    assert (ids[:, 0] == np.arange(0, 3000, 97)).mean() >= 0.9  # approximate kinds may miss a few
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+    index.save(tmp_path / "ix")
+    again = Index.load(tmp_path / "ix")
+    s2, i2 = again.search(q, 5)
+    assert (i2 == ids).all() and np.allclose(s2, scores)
+    assert again.neighbours(q[:1], 3)[0][0]["path"] == paths[ids[0, 0]]
+    with pytest.raises(CheckpointError, match="do not compare"):
+        again.add(x[:5], paths[:5], model={**model, "sha256": "other"})
+    with pytest.raises(DataError, match="dimension"):
+        again.search(np.zeros((1, 16), np.float32))
+
+
+def test_index_load_refuses_damaged_folders(tmp_path):
+    index = Index(8).add(np.eye(8, dtype=np.float32), [str(i) for i in range(8)])
+    index.save(tmp_path / "ix")
+    m = json.loads((tmp_path / "ix" / "manifest.json").read_text())
+    m["paths"] = m["paths"][:-1]
+    (tmp_path / "ix" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="damaged"):
+        Index.load(tmp_path / "ix")
+    with pytest.raises(DataError, match="not a vitkit index"):
+        Index.load(tmp_path)
+    assert vitkit.Index is Index  # the public API
+
+
+# ---- the CLI on real images ----------------------------------------------------------------------------------
+def _run(capsys, argv):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_embed_is_incremental_and_index_search_end_to_end(tmp_path, capsys, digits_model):
+    (xtr, ytr), (xte, yte) = mnist5k()
+    gallery = tmp_path / "gallery"
+    paths = write_digits(gallery, xtr[:120], ytr[:120])
+    emb = tmp_path / "emb.safetensors"
+    code, out, err = _run(capsys, ["embed", str(digits_model), str(gallery), "--out", str(emb), "--quiet"])
+    assert code == 0, err
+    assert json.loads(out)["embedded"] == 120
+    first = Embeddings.load(emb)
+    assert first.vectors.shape == (120, 64) and np.allclose(np.linalg.norm(first.vectors, axis=1), 1, atol=1e-5)
+    assert dict(zip(first.paths, first.labels))[str(paths[0].resolve())] == str(int(ytr[0]))
+
+    # the folder grows by 10, one file changes, one goes: only 11 images are embedded again
+    write_digits(gallery, xtr[120:130], ytr[120:130], prefix="new")
+    from PIL import Image
+    Image.fromarray((xtr[200, 0].numpy() * 255).astype(np.uint8), "L").save(paths[5])
+    paths[7].unlink()
+    code, out, err = _run(capsys, ["embed", str(digits_model), str(gallery), "--out", str(emb), "--quiet"])
+    info = json.loads(out)
+    assert (info["images"], info["embedded"], info["reused"], info["removed"]) == (129, 11, 118, 1), info
+    # ... and give the same vectors as embedding everything from scratch
+    code, out, err = _run(capsys, ["embed", str(digits_model), str(gallery), "--out", str(tmp_path / "full.st"),
+                                   "--quiet"])
+    inc, full = Embeddings.load(emb), Embeddings.load(tmp_path / "full.st")
+    assert inc.paths == full.paths
+    np.testing.assert_allclose(inc.vectors, full.vectors, atol=1e-5)
+
+    ix = tmp_path / "ix"
+    code, out, err = _run(capsys, ["index", "build", str(tmp_path / "full.st"), "--out", str(ix)])
+    assert code == 0, err and json.loads(out)["count"] == 129
+    query = str(paths[3])
+    grid = tmp_path / "grid.png"
+    code, out, err = _run(capsys, ["search", str(ix), query, str(paths[11]), "--k", "5", "--grid", str(grid)])
+    assert code == 0, err
+    res = json.loads(out)["results"]
+    assert res[0]["neighbours"][0]["path"] == str(paths[3].resolve())
+    assert res[0]["neighbours"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert len(res[1]["neighbours"]) == 5 and res[1]["neighbours"][0]["label"] == str(int(ytr[11]))
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+    assert Image.open(grid).size[0] > 400  # query + 5 neighbours across
+
+    # index add appends only what is new
+    write_digits(tmp_path / "more", xtr[300:310], ytr[300:310], prefix="more")
+    _run(capsys, ["embed", str(digits_model), str(tmp_path / "more"), "--out", str(tmp_path / "more.st"), "--quiet"])
+    code, out, err = _run(capsys, ["index", "add", str(ix), str(tmp_path / "more.st")])
+    assert json.loads(out)["added"] == 10 and json.loads(out)["count"] == 139
+    code, out, err = _run(capsys, ["index", "add", str(ix), str(tmp_path / "more.st")])
+    assert json.loads(out)["added"] == 0
+    code, out, err = _run(capsys, ["index", "build", str(tmp_path / "full.st"), "--out", str(ix)])
+    assert code == 2 and "--overwrite" in err
+
+
+def test_an_index_refuses_another_models_queries_and_embeddings(tmp_path, capsys, digits_model):
+    (xtr, ytr), _ = mnist5k()
+    write_digits(tmp_path / "g", xtr[:20], ytr[:20])
+    other = vitkit.save(vitkit.create_model("vit_mini_patch7_28", embed_dim=64, depth=3, num_heads=4,
+                                            mlp_ratio=2.0), tmp_path / "other.safetensors")
+    main(["embed", str(digits_model), str(tmp_path / "g"), "--out", str(tmp_path / "a.st"), "--quiet"])
+    main(["embed", str(other), str(tmp_path / "g"), "--out", str(tmp_path / "b.st"), "--quiet"])
+    main(["index", "build", str(tmp_path / "a.st"), "--out", str(tmp_path / "ix")])
+    capsys.readouterr()
+    q = str(next((tmp_path / "g").rglob("*.png")))
+    code, out, err = _run(capsys, ["search", str(tmp_path / "ix"), q, "--checkpoint", str(other), "--grid", ""])
+    assert code == 2 and "do not compare" in err and len(err.strip().splitlines()) == 1
+    code, out, err = _run(capsys, ["index", "add", str(tmp_path / "ix"), str(tmp_path / "b.st")])
+    assert code == 2 and "do not compare" in err
+    code, out, err = _run(capsys, ["embed", str(other), str(tmp_path / "g"), "--out", str(tmp_path / "a.st"),
+                                   "--quiet"])
+    assert code == 2 and "--overwrite" in err
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, capsys, digits_model):
+    (tmp_path / "empty").mkdir()
+    code, _, err = _run(capsys, ["embed", str(digits_model), str(tmp_path / "empty"), "--out", str(tmp_path / "e")])
+    assert code == 2 and "holds no images" in err and len(err.strip().splitlines()) == 1
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "notes.png").write_text("this is not an image")
+    code, _, err = _run(capsys, ["embed", str(digits_model), str(bad), "--out", str(tmp_path / "e")])
+    assert code == 2 and "notes.png" in err and "cannot read image" in err and "none of the 1" in err
+    (xtr, ytr), _ = mnist5k()
+    write_digits(bad, xtr[:3], ytr[:3])  # beside readable images, an unreadable one is skipped (or, strict, stops)
+    code, out, err = _run(capsys, ["embed", str(digits_model), str(bad), "--out", str(tmp_path / "e"), "--quiet"])
+    info = json.loads(out)
+    assert code == 0 and info["images"] == 3 and info["skipped"] == [str((bad / "notes.png").resolve())]
+    assert len(Embeddings.load(tmp_path / "e")) == 3
+    code, _, err = _run(capsys, ["embed", str(digits_model), str(bad), "--out", str(tmp_path / "e2"), "--strict",
+                                 "--quiet"])
+    assert code == 2 and "notes.png" in err and len(err.strip().splitlines()) == 1
+    write_digits(tmp_path / "g", xtr[:5], ytr[:5])
+    main(["embed", str(digits_model), str(tmp_path / "g"), "--out", str(tmp_path / "a.st"), "--quiet"])
+    main(["index", "build", str(tmp_path / "a.st"), "--out", str(tmp_path / "ix")])
+    capsys.readouterr()
+    png = next((tmp_path / "g").rglob("*.png")).read_bytes()
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])  # a truncated image file
+    code, _, err = _run(capsys, ["search", str(tmp_path / "ix"), str(tmp_path / "cut.png"), "--grid", ""])
+    assert code == 2 and "cut.png" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, ["search", str(tmp_path / "g"), str(tmp_path / "cut.png")])
+    assert code == 2 and "not a vitkit index" in err
+
+
+# ---- what a trained model retrieves --------------------------------------------------------------------------
+def test_near_duplicates_find_their_original_at_rank_1(tmp_path, digits_model):
+    """Copies of gallery images with a 1-pixel crop on each side (resized back by the loader), lower brightness or
+    contrast, a colour tint (saved as RGB, read as grey), or JPEG compression retrieve their original first, in a
+    gallery of 100 test digits, 10 of each class: the nearest other images are the same digit written alike."""
+    from PIL import Image, ImageEnhance
+
+    _, (xte, yte) = mnist5k()
+    pick = np.concatenate([np.where(yte.numpy() == c)[0][:10] for c in range(10)])
+    gallery = write_digits(tmp_path / "gallery", xte[pick], yte[pick])
+    embed_folder(digits_model, tmp_path / "gallery", tmp_path / "g.st", progress=False)
+    index = build_index(Embeddings.load(tmp_path / "g.st"))
+    model = vitkit.load(digits_model)
+    qdir = tmp_path / "queries"
+    qdir.mkdir()
+    queries, targets = [], []
+    for i, path in enumerate(gallery):
+        im = Image.open(path).convert("L")
+        edits = {"crop.png": im.crop((1, 1, 27, 27)),
+                 "bright.png": ImageEnhance.Brightness(im).enhance(0.8),
+                 "contrast.png": ImageEnhance.Contrast(im).enhance(0.8),
+                 "tint.png": Image.merge("RGB", [im.point(lambda v, f=f: int(v * f)) for f in (1.0, 0.9, 0.8)]),
+                 "jpeg.jpg": im}
+        for name, e in edits.items():
+            p = qdir / f"{i}_{name}"
+            e.save(p, quality=75) if name.endswith(".jpg") else e.save(p)
+            queries.append(p)
+            targets.append(str(path.resolve()))
+    q = embed_images(model, load_batch(queries, model), "prelogits")  # embed_folder's default for this model
+    hits = [r[0]["path"] == t for r, t in zip(index.neighbours(q, 1), targets)]
+    assert np.mean(hits) == 1.0, [p.name for p, h in zip(queries, hits) if not h]
+
+
+def test_eval_retrieval_reports_recall_map_and_knn(tmp_path, capsys, digits_model):
+    """On mnist5k (held-out digits as queries, training digits as the database) the trained model's embedding
+    beats an untrained one of the same shape on every figure."""
+    untrained = vitkit.save(vitkit.create_model("vit_mini_patch7_28", embed_dim=64, depth=3, num_heads=4,
+                                                mlp_ratio=2.0), tmp_path / "untrained.safetensors")
+    res = {}
+    for name, ckpt in (("trained", digits_model), ("untrained", untrained)):
+        code, out, err = _run(capsys, ["eval-retrieval", str(ckpt), "--data", "mnist5k", "--max-train", "2000",
+                                       "--quiet", "--out", str(tmp_path / f"{name}.json")])
+        assert code == 0, err
+        res[name] = json.loads(out)
+        assert json.loads((tmp_path / f"{name}.json").read_text()) == res[name]
+    t, u = res["trained"], res["untrained"]
+    assert (t["queries"], t["database"], t["pool"]) == (1000, 2000, "prelogits")
+    assert t["recall@1"] <= t["recall@5"] <= t["recall@10"]
+    for key in ("recall@1", "map@r", "knn20_acc"):
+        assert t[key] > u[key] + 0.1, (key, t, u)
+    assert t["knn20_acc"] > 0.8 and t["recall@1"] > 0.8
+
+
+def test_retrieval_benchmark_quick_mode(capsys):
+    """benchmarks/retrieval.py --quick: exact search is exact, IVF recall grows with nprobe and IVF is faster."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_retrieval", Path(__file__).resolve().parents[2] /
+                                                  "benchmarks" / "retrieval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--quick", "--threads", "1"])
+    rows = res["rows"]
+    assert rows[0]["kind"] == "flat" and rows[0]["recall@10"] == 1.0
+    ivf = [r for r in rows if r["kind"] == "ivf"]
+    assert [r["value"] for r in ivf] == [8, 32] and 0 < ivf[0]["recall@10"] < ivf[1]["recall@10"] <= 1
+    assert res["speedup"] > 1.5
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("IVF (nlist 128, nprobe")
