@@ -35,6 +35,8 @@ def load_pretrained(path_or_name, *, fmt: Optional[str] = None, model: Optional[
                                     ("best.safetensors", "last.safetensors", "model.safetensors"))
                                     or is_vitkit_checkpoint(path)):
         net = load(path)
+        if hasattr(net, "to_encoder"):  # an MAE checkpoint: the encoder becomes the classifier, the decoder is dropped
+            net = net.to_encoder()
     elif not path.exists():
         raise CheckpointError(f"checkpoint {str(path_or_name)!r} does not exist; check the path")
     else:
