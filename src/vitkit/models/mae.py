@@ -247,7 +247,10 @@ class MaskedAutoencoderViT(VisionTransformer):
     def to_encoder(self, **overrides) -> VisionTransformer:
         """The pretrained encoder as a plain `VisionTransformer` (decoder and mask token dropped); `overrides`
         such as num_classes=10 change its config (a new head starts from scratch)."""
-        cfg = self.config.encoder_config(**overrides)
+        # Pin where the final norm sits (before pooling: `norm`; after: `fc_norm`), so that a later change of
+        # pooling (reset_classifier(global_pool='avg')) keeps the config describing the pretrained modules.
+        pinned = {"fc_norm": not isinstance(self.fc_norm, nn.Identity)}
+        cfg = self.config.encoder_config(**{**pinned, **overrides})
         vit = VisionTransformer(cfg)
         own = vit.state_dict()
         state = {k: v for k, v in self.state_dict().items() if k in own and v.shape == own[k].shape}
