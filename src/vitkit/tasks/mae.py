@@ -124,7 +124,8 @@ def pretrain_mae(task: MAETaskConfig, train_cfg: TrainConfig) -> dict:
         from ..io import load
 
         best = load(run / "last.safetensors")
-        x = torch.stack([val[i][0] for i in range(min(8, len(val)))])
+        idx = torch.linspace(0, len(val) - 1, min(8, len(val))).long().tolist()  # spread over the classes
+        x = torch.stack([val[i][0] for i in idx])
         reconstruction_grid(best, x, run / "reconstructions.png", seed=0)
         md = ["## Reconstructions", "", f"mask ratio {c.mask_ratio}, held-out images; columns: original | masked "
               "| reconstruction | reconstruction + visible: ![reconstructions](reconstructions.png)", ""]
