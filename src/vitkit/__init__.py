@@ -9,3 +9,9 @@ __all__ = [
     "VisionTransformer", "ViTConfig", "create_model", "list_models", "count_flops", "save", "load",
     "VitkitError", "ConfigError", "DataError", "CheckpointError", "__version__",
 ]
+
+# Generative models: MAE pretraining and the class-conditional diffusion transformer.
+from .models.dit import DiT, DiTConfig  # noqa: E402
+from .models.mae import MAEConfig, MaskedAutoencoderViT  # noqa: E402
+
+__all__ += ["MaskedAutoencoderViT", "MAEConfig", "DiT", "DiTConfig"]

@@ -450,7 +450,9 @@ def cmd_generate(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"class{'-'.join(map(str, classes))}" if len(classes) <= 4 else "all"
     stem += f"_n{args.n}_steps{args.steps}_cfg{args.cfg:g}_seed{args.seed}"
-    png = save_grid(imgs[: 16 * 16] if args.n > 16 else imgs, out / f"{stem}.png", nrow=min(args.n, 16))
+    per_row = min(args.n, 16)  # the grid: one row of up to 16 images per class; the .npy holds them all
+    shown = [k * args.n + j for k in range(len(classes)) for j in range(per_row)]
+    png = save_grid(imgs[shown], out / f"{stem}.png", nrow=per_row)
     npy = out / f"{stem}.npy"
     np.save(npy, imgs.numpy().astype(np.float32))
     np.save(out / f"{stem}_labels.npy", np.asarray(labels, dtype=np.int64))
