@@ -373,25 +373,23 @@ def predict(checkpoint, paths: Sequence, *, topk: int = 5, batch_size: int = 64,
                         crop_pct=pcfg.get("crop_pct", 1.0), interpolation=pcfg.get("interpolation", "bicubic"))
     files = collect_images(paths)
     k = max(1, min(topk, len(names)))
-    results: List[dict] = []
+    results: List[Optional[dict]] = [None] * len(files)  # in the order the files were given
     for i in range(0, len(files), batch_size):
-        chunk, xs, ok = files[i:i + batch_size], [], []
-        for f in chunk:
+        xs, ok = [], []
+        for j in range(i, min(i + batch_size, len(files))):
             try:
-                xs.append(tf(read_image(f, c.in_chans)))
-                ok.append(f)
+                xs.append(tf(read_image(files[j], c.in_chans)))
+                ok.append(j)
             except DataError as e:
                 if strict:
                     raise
                 log.warning("%s", e)
-                results.append({"path": str(f), "error": str(e)})
+                results[j] = {"path": str(files[j]), "error": str(e)}
         if not xs:
             continue
         probs = model(torch.stack(xs).to(dev)).float().softmax(-1)
         p, idx = probs.topk(k, -1)
-        for f, pr, ix in zip(ok, p.tolist(), idx.tolist()):
-            results.append({"path": str(f), "label": names[ix[0]], "prob": round(pr[0], 5),
-                            "topk": [{"label": names[j], "prob": round(q, 5)} for j, q in zip(ix, pr)]})
-    order = {str(f): n for n, f in enumerate(files)}
-    results.sort(key=lambda r: order[r["path"]])
+        for j, pr, ix in zip(ok, p.tolist(), idx.tolist()):
+            results[j] = {"path": str(files[j]), "label": names[ix[0]], "prob": round(pr[0], 5),
+                          "topk": [{"label": names[t], "prob": round(q, 5)} for t, q in zip(ix, pr)]}
     return results
