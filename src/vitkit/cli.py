@@ -290,7 +290,7 @@ def _engine_config(args, recipe: dict, name: str):
     out = {}
     for f in dataclasses.fields(TrainConfig):
         flag = getattr(args, f.name, None)
-        if flag is not None and f.name not in ("name", "overwrite", "quiet", "resume", "compile"):
+        if flag is not None and f.name not in ("name", "overwrite", "quiet", "resume", "compile", "time_budget"):
             out[f.name] = flag
         elif f.name in recipe:
             out[f.name] = recipe[f.name]
@@ -400,6 +400,7 @@ def cmd_train_gen(args) -> int:
     model_args.update(dict(args.model_arg or []))
     task = GeneratorConfig(data=args.data, objective=args.objective, model_args=model_args,
                            class_dropout_prob=args.class_dropout, data_dir=args.data_dir, download=args.download,
+                           init=args.init,
                            max_train=args.max_train, sample_steps=args.sample_steps, sample_cfg=args.sample_cfg,
                            **({"max_val": args.max_val} if args.max_val is not None else {}))
     summary = train_generator(task, _engine_config(args, recipe, f"dit_{args.data.replace(':', '_')}"))
@@ -420,6 +421,8 @@ def _add_train_gen_args(p) -> None:
     p.add_argument("--model-arg", type=_kv, action="append", metavar="KEY=VALUE",
                    help="DiT option: embed_dim, depth, num_heads, patch_size, mlp_ratio (repeatable)")
     p.add_argument("--class-dropout", type=float, default=0.1, help="share of labels dropped for guidance")
+    p.add_argument("--init", default=None, metavar="RUN_OR_CHECKPOINT",
+                   help="start from a train-gen checkpoint's (EMA) weights with a fresh schedule (train longer)")
     p.add_argument("--sample-steps", type=int, default=50, help="sampler steps of the end-of-run sample grid")
     p.add_argument("--sample-cfg", type=float, default=2.0, help="guidance of the end-of-run sample grid")
 

@@ -29,8 +29,9 @@ def mae_run(runs):
 
 @pytest.fixture(scope="module")
 def dit_run(runs):
+    quick = [a for a in QUICK if a not in ("--epochs", "1")] + ["--time-budget", "10m"]  # the budget path
     rc = main(["train-gen", "--data", "mnist5k", "--runs-dir", str(runs), "--name", "dit", "--model-arg",
-               "embed_dim=32", "--model-arg", "depth=1", "--model-arg", "num_heads=2", "--sample-steps", "2", *QUICK])
+               "embed_dim=32", "--model-arg", "depth=1", "--model-arg", "num_heads=2", "--sample-steps", "2", *quick])
     assert rc == 0
     return runs / "dit"
 
@@ -142,3 +143,18 @@ def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_a_shift():
     d1 = frechet_distance(a, a + 1.0)
     assert abs(d1 - 8.0) < 1e-6  # |Δμ|² = 8 with the same covariance
     assert frechet_distance(a, a * 2.0) > 0.5
+
+
+def test_train_gen_init_continues_from_a_checkpoint(dit_run, runs, capsys):
+    import vitkit
+
+    small = ["--model-arg", "embed_dim=32", "--model-arg", "depth=1", "--model-arg", "num_heads=2"]
+    base = ["train-gen", "--data", "mnist5k", "--runs-dir", str(runs), "--init", str(dit_run), "--max-train", "100",
+            "--max-val", "50", "--epochs", "1", "--max-steps", "1", "--batch-size", "50", "--sample-steps", "1",
+            "--quiet"]
+    assert main([*base, "--name", "dit_more", *small]) == 0
+    before, after = vitkit.load(dit_run), vitkit.load(runs / "dit_more")
+    assert not torch.equal(before.final_layer.linear.weight, after.final_layer.linear.weight)  # it trained on
+    capsys.readouterr()
+    assert main([*base, "--name", "dit_bad", "--model-arg", "embed_dim=64", "--model-arg", "depth=1"]) == 2
+    assert "differs from this run's DiT in embed_dim (32 vs 64)" in capsys.readouterr().err

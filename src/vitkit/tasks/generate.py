@@ -56,6 +56,7 @@ class GeneratorConfig:
     strict: bool = False
     max_train: Optional[int] = None
     max_val: Optional[int] = 500  # held-out images for the validation loss (fixed noise and timesteps)
+    init: Optional[str] = None  # start from a train-gen checkpoint's (EMA) weights, with a fresh schedule
     sample_steps: int = 50  # the sample grid written at the end of the run
     sample_cfg: float = 2.0
 
@@ -120,6 +121,8 @@ def train_generator(task: GeneratorConfig, train_cfg: TrainConfig) -> dict:
     info.mean, info.std = [0.5] * info.in_chans, [0.5] * info.in_chans
     torch.manual_seed(train_cfg.seed)
     model = build_generator(task, info)
+    if task.init:
+        model = _init_from(task.init, model)
     model.pretrained_cfg = {"class_names": list(info.class_names), "mean": info.mean, "std": info.std,
                             "dataset": info.spec, "objective": task.objective}
     objective = get_objective(task.objective)
@@ -136,6 +139,23 @@ def train_generator(task: GeneratorConfig, train_cfg: TrainConfig) -> dict:
              info.num_classes, task.objective, sum(p.numel() for p in model.parameters()) / 1e6)
     trainer = Trainer(model, train, train_cfg, generation_loss(objective), eval_fn, resolved=resolved, end_fn=end_fn)
     return trainer.fit()
+
+
+def _init_from(path, fresh: DiT) -> DiT:
+    """A DiT checkpoint's weights as the starting point of a new run; it must be the model this run would build
+    (same architecture, classes and objective), else a clear error."""
+    from ..io import load
+
+    src = load(path)
+    if not isinstance(src, DiT):
+        raise CheckpointError(f"--init {str(path)!r} holds a {type(src).__name__}, not a DiT from `vitkit train-gen`")
+    a, b = src.config.to_dict(), fresh.config.to_dict()
+    diff = sorted(k for k in a if k not in ("name", "class_dropout_prob") and a[k] != b.get(k))
+    if diff:
+        raise ConfigError(f"--init {str(path)!r} differs from this run's DiT in {', '.join(f'{k} ({a[k]} vs {b[k]})' for k in diff)}; "
+                          "pass the same --objective and --model-arg options it was trained with")
+    fresh.load_state_dict(src.state_dict())
+    return fresh
 
 
 def _resume_configs(train_cfg: TrainConfig):
