@@ -18,3 +18,9 @@ __all__ += ["load_pretrained", "export"]
 from .tasks.retrieve import Index  # noqa: E402
 
 __all__ += ["Index"]
+
+# Generative models: MAE pretraining and the class-conditional diffusion transformer.
+from .models.dit import DiT, DiTConfig  # noqa: E402
+from .models.mae import MAEConfig, MaskedAutoencoderViT  # noqa: E402
+
+__all__ += ["MaskedAutoencoderViT", "MAEConfig", "DiT", "DiTConfig"]

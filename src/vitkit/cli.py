@@ -577,6 +577,227 @@ cmd_explain.add_arguments = lambda p: (
 )
 
 
+# ---- vitkit pretrain | reconstruct | train-gen | generate (MAE and DiT) ---------------------------------------
+def _engine_config(args, recipe: dict, name: str):
+    """A TrainConfig from the shared engine flags, falling back to the recipe, then to the engine's defaults."""
+    import dataclasses
+
+    from .train import TrainConfig, parse_duration
+
+    recipe = dict(recipe)
+    if args.epochs is not None and args.time_budget is None:
+        recipe.pop("time_budget", None)
+    if args.time_budget is not None:
+        recipe["time_budget"] = None if str(args.time_budget).lower() in ("0", "none", "off") else \
+            parse_duration(args.time_budget)
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        flag = getattr(args, f.name, None)
+        if flag is not None and f.name not in ("name", "overwrite", "quiet", "resume", "compile", "time_budget"):
+            out[f.name] = flag
+        elif f.name in recipe:
+            out[f.name] = recipe[f.name]
+    return TrainConfig(**out, name=args.name or name, overwrite=args.overwrite, quiet=args.quiet,
+                       resume=args.resume, compile=args.compile)
+
+
+def _add_engine_args(p, data_help: str) -> None:
+    a = p.add_argument
+    a("--data", default="mnist5k", help=data_help)
+    a("--name", default=None, help="run name: outputs go to RUNS_DIR/NAME")
+    a("--runs-dir", default=None)
+    a("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    a("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    a("--epochs", type=int, default=None)
+    a("--time-budget", default=None, metavar="DURATION", help="lay the schedule over this wall-clock time (10m)")
+    a("--max-steps", type=int, default=None, help="stop after this many steps (a quick look)")
+    a("--batch-size", type=int, default=None)
+    a("--lr", type=float, default=None)
+    a("--min-lr", type=float, default=None)
+    a("--weight-decay", type=float, default=None)
+    a("--warmup", type=float, default=None, help="warm-up: fraction of steps (<1) or epochs (>=1)")
+    a("--clip-grad", type=float, default=None)
+    a("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    a("--ema", dest="ema_decay", type=float, default=None, metavar="DECAY")
+    a("--compile", action="store_true")
+    a("--seed", type=int, default=None)
+    a("--eval-every", type=int, default=None)
+    a("--device", default=None, help="auto | cpu | cuda | cuda:N | mps")
+    a("--max-train", type=int, default=None, help="train on a stratified subset of this size")
+    a("--max-val", type=int, default=None)
+    a("--data-dir", default="data")
+    a("--download", action="store_true")
+    a("--quiet", action="store_true", help="no progress bar; log lines only")
+    a("--json", action="store_true", help="print the run summary as JSON")
+
+
+@command("pretrain", "self-supervised pretraining of a ViT encoder (MAE) on unlabelled images")
+def cmd_pretrain(args) -> int:
+    import os
+
+    from .tasks.mae import MAETaskConfig, pretrain_mae, recipe_for
+
+    if args.method != "mae":
+        raise ValueError(f"unknown --method {args.method!r}; available: mae")
+    recipe = recipe_for(args.data)
+    task = MAETaskConfig(data=args.data, model=args.model, model_args=dict(args.model_arg or []),
+                         decoder_embed_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
+                         decoder_num_heads=args.decoder_heads, mask_ratio=args.mask_ratio,
+                         norm_pix_loss=args.norm_pix_loss, augment=args.augment or recipe["augment"],
+                         data_dir=args.data_dir, download=args.download, max_train=args.max_train,
+                         max_val=args.max_val)
+    summary = pretrain_mae(task, _engine_config(args, recipe, f"mae_{args.data.replace(':', '_').replace('/', '_')}"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        if args.json:
+            _print_json(summary)
+        else:
+            print(f"run {summary['run_dir']}: {summary['epochs']} epochs, {summary['steps']} steps in "
+                  f"{summary['train_seconds']:.0f} s; held-out masked loss {summary['final'].get('val_loss', float('nan')):.4f}; "
+                  f"fine-tune with: vitkit train --data {args.data} --init {summary['run_dir']}")
+    return 0
+
+
+def _add_pretrain_args(p) -> None:
+    p.add_argument("--method", default="mae", choices=["mae"], help="pretraining method (default: mae)")
+    _add_engine_args(p, "images to pretrain on (labels unused): mnist5k (default) | digits | folder:PATH | ...")
+    p.add_argument("--model", default=None, help="the encoder, a registered ViT (default: the dataset's recipe)")
+    p.add_argument("--model-arg", type=_kv, action="append", metavar="KEY=VALUE", help="encoder option (repeatable)")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches hidden from the encoder")
+    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="targets are per-patch normalised pixels (default: on, as in the paper)")
+    p.add_argument("--decoder-dim", type=int, default=None)
+    p.add_argument("--decoder-depth", type=int, default=None)
+    p.add_argument("--decoder-heads", type=int, default=None)
+    p.add_argument("--augment", choices=["none", "light", "default", "strong"], default=None)
+
+
+cmd_pretrain.add_arguments = _add_pretrain_args
+
+
+@command("reconstruct", "show what an MAE checkpoint reconstructs: original | masked | reconstruction | pasted")
+def cmd_reconstruct(args) -> int:
+    from .tasks.mae import reconstruct
+
+    path = reconstruct(args.checkpoint, args.images, args.out, mask_ratio=args.mask_ratio, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+cmd_reconstruct.add_arguments = lambda p: (
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="an MAE checkpoint file or run folder"),
+    p.add_argument("images", nargs="+", metavar="IMAGES_OR_FOLDERS"),
+    p.add_argument("--mask-ratio", type=float, default=None, help="default: the ratio it was trained with"),
+    p.add_argument("--seed", type=int, default=0, help="seed of the random masks"),
+    p.add_argument("--out", default="reconstructions.png", help="the PNG to write"),
+)
+
+
+@command("train-gen", "train a class-conditional diffusion transformer (DiT) to generate images")
+def cmd_train_gen(args) -> int:
+    import os
+
+    from .tasks.generate import GeneratorConfig, recipe_for, train_generator
+
+    recipe = recipe_for(args.data)
+    model_args = dict(recipe.pop("model_args"))
+    model_args.update(dict(args.model_arg or []))
+    task = GeneratorConfig(data=args.data, objective=args.objective, model_args=model_args,
+                           class_dropout_prob=args.class_dropout, data_dir=args.data_dir, download=args.download,
+                           init=args.init,
+                           max_train=args.max_train, sample_steps=args.sample_steps, sample_cfg=args.sample_cfg,
+                           **({"max_val": args.max_val} if args.max_val is not None else {}))
+    summary = train_generator(task, _engine_config(args, recipe, f"dit_{args.data.replace(':', '_')}"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        if args.json:
+            _print_json(summary)
+        else:
+            print(f"run {summary['run_dir']}: {summary['epochs']} epochs, {summary['steps']} steps in "
+                  f"{summary['train_seconds']:.0f} s; held-out {args.objective} loss "
+                  f"{summary['final'].get('val_loss', float('nan')):.4f}; samples: {summary.get('samples')}")
+    return 0
+
+
+def _add_train_gen_args(p) -> None:
+    _add_engine_args(p, "mnist5k (default) | digits | mnist | fashion_mnist | cifar10 | cifar100")
+    p.add_argument("--objective", choices=["flow", "ddpm"], default="flow",
+                   help="flow: rectified flow, Euler sampling (default, see README); ddpm: ε-prediction, DDIM")
+    p.add_argument("--model-arg", type=_kv, action="append", metavar="KEY=VALUE",
+                   help="DiT option: embed_dim, depth, num_heads, patch_size, mlp_ratio (repeatable)")
+    p.add_argument("--class-dropout", type=float, default=0.1, help="share of labels dropped for guidance")
+    p.add_argument("--init", default=None, metavar="RUN_OR_CHECKPOINT",
+                   help="start from a train-gen checkpoint's (EMA) weights with a fresh schedule (train longer)")
+    p.add_argument("--sample-steps", type=int, default=50, help="sampler steps of the end-of-run sample grid")
+    p.add_argument("--sample-cfg", type=float, default=2.0, help="guidance of the end-of-run sample grid")
+
+
+cmd_train_gen.add_arguments = _add_train_gen_args
+
+
+@command("generate", "sample images from a DiT checkpoint (PNG grid + .npy); optionally score them")
+def cmd_generate(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from .io import load
+    from .models.dit import DiT
+    from .tasks.generate import check_classes, sample, save_grid, score_samples
+
+    model = load(args.checkpoint)
+    if not isinstance(model, DiT):
+        raise ValueError(f"{args.checkpoint!r} holds a {type(model).__name__}, not a DiT; generate needs a "
+                         "checkpoint from `vitkit train-gen`")
+    classes = args.classes if args.classes is not None else list(range(model.num_classes))
+    check_classes(model, classes)
+    labels = [c for c in classes for _ in range(args.n)]
+    imgs = sample(model, labels, steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"class{'-'.join(map(str, classes))}" if len(classes) <= 4 else "all"
+    stem += f"_n{args.n}_steps{args.steps}_cfg{args.cfg:g}_seed{args.seed}"
+    per_row = min(args.n, 16)  # the grid: one row of up to 16 images per class; the .npy holds them all
+    shown = [k * args.n + j for k in range(len(classes)) for j in range(per_row)]
+    png = save_grid(imgs[shown], out / f"{stem}.png", nrow=per_row)
+    npy = out / f"{stem}.npy"
+    np.save(npy, imgs.numpy().astype(np.float32))
+    np.save(out / f"{stem}_labels.npy", np.asarray(labels, dtype=np.int64))
+    result = {"checkpoint": args.checkpoint, "samples": len(labels), "png": str(png), "npy": str(npy)}
+    if args.classifier:
+        import json
+
+        pcfg = model.pretrained_cfg or {}
+        result.update(score_samples(imgs, torch.as_tensor(labels), args.classifier,
+                                    real=args.real or pcfg.get("dataset") or "mnist5k", seed=args.seed))
+        result.update({"steps": args.steps, "cfg": args.cfg, "seed": args.seed, "classifier": args.classifier})
+        (out / f"{stem}_scores.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"wrote {png} and {npy} ({len(labels)} images)")
+        if args.classifier:
+            print(f"conditional accuracy {result['conditional_accuracy']:.2f}% ; classifier FID "
+                  f"{result['classifier_fid']:.3f} vs real train/test floor "
+                  f"{result['classifier_fid_floor_train_vs_test']:.3f}")
+    return 0
+
+
+cmd_generate.add_arguments = lambda p: (
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a DiT checkpoint file or train-gen run folder"),
+    p.add_argument("--class", dest="classes", type=int, action="append", default=None,
+                   help="class index to generate (repeatable; default: every class)"),
+    p.add_argument("-n", type=int, default=16, help="images per class"),
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (Euler for flow, DDIM for ddpm)"),
+    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (1 = none)"),
+    p.add_argument("--seed", type=int, default=0),
+    p.add_argument("--out", default="samples", help="folder for the PNG grid and the .npy"),
+    p.add_argument("--classifier", default=None, metavar="RUN",
+                   help="score the samples with this classifier: conditional accuracy and classifier FID"),
+    p.add_argument("--real", default=None, help="real data for the FID (default: the DiT's training data)"),
+    p.add_argument("--json", action="store_true"),
+)
+
+
 # ---- the entry point -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit", description="Vision Transformers: train, evaluate, use.")

@@ -42,3 +42,14 @@ def test_load_pretrained_adapts_size_and_head(tmp_path):
     assert net.pos_embed.shape[1] == 1 + 64 and net.pretrained_cfg["class_names"] is None
     with pytest.raises(CheckpointError, match="does not exist"):
         vitkit.io.load_pretrained(tmp_path / "missing.pth")
+
+
+def test_changed_pooling_survives_save_and_load(tmp_path):
+    """reset_classifier(global_pool='avg') on a class-token model keeps its trained final norm; the saved config
+    must say so, or the checkpoint would not load back (norm vs fc_norm)."""
+    model = create_model("vit_mini_patch7_28").eval()
+    model.reset_classifier(4, global_pool="avg")
+    again = vitkit.load(vitkit.save(model, tmp_path / "m.safetensors"))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))

@@ -176,3 +176,15 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str = "checkp
             parts.append(f"unexpected keys {_few(unexpected)}")
         raise CheckpointError(f"{source} does not match the model: {'; '.join(parts)}")
     return model.load_state_dict(state, strict=strict)
+
+
+# The generative family (MAE pretraining, DiT) rebuilds itself from its checkpoints too.
+def _register_generative() -> None:
+    from ..models.dit import DiT, DiTConfig
+    from ..models.mae import MAEConfig, MaskedAutoencoderViT
+
+    register_model_type("mae", MAEConfig, MaskedAutoencoderViT)
+    register_model_type("dit", DiTConfig, DiT)
+
+
+_register_generative()

@@ -217,6 +217,8 @@ def load_pretrained(path_or_name, *, fmt: Optional[str] = None, model: Optional[
                                     ("best.safetensors", "last.safetensors")) or is_vitkit_checkpoint(path)
                                     or path.is_dir() and is_vitkit_checkpoint(path / "model.safetensors")):
         net = load(path)
+        if hasattr(net, "to_encoder"):  # an MAE checkpoint: the encoder becomes the classifier, the decoder is dropped
+            net = net.to_encoder()
     elif fmt == "vitkit":
         raise CheckpointError(f"{str(path)!r} is not a vitkit checkpoint (no vitkit metadata); drop --from vitkit "
                               "to detect its format")

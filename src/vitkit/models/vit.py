@@ -303,7 +303,10 @@ class VisionTransformer(nn.Module):
         if num_classes > 0:
             nn.init.zeros_(self.head.bias)
             nn.init.trunc_normal_(self.head.weight, std=0.02)
-        self.config = self.config.replace(num_classes=num_classes, global_pool=self.global_pool)
+        # Pin where the final norm sits: changing the pooling keeps the trained norm, so a rebuild from the config
+        # must not re-derive it from the new pooling (which would expect fc_norm for 'avg').
+        self.config = self.config.replace(num_classes=num_classes, global_pool=self.global_pool,
+                                          fc_norm=not isinstance(self.fc_norm, nn.Identity))
 
     def set_input_size(self, img_size=None, patch_size=None) -> None:
         """Change the configured image and/or patch size for good: pos-embed bicubic-resampled to the new grid,
