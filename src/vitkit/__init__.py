@@ -9,3 +9,9 @@ __all__ = [
     "VisionTransformer", "ViTConfig", "create_model", "list_models", "count_flops", "save", "load",
     "VitkitError", "ConfigError", "DataError", "CheckpointError", "__version__",
 ]
+
+# Speed (issue 5): the fast exact inference path and token merging.
+from .models.fast import OptimizedViT, optimize  # noqa: E402
+from .models.tome import apply_tome, remove_tome  # noqa: E402
+
+__all__ += ["optimize", "OptimizedViT", "apply_tome", "remove_tome"]
