@@ -29,7 +29,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/infer.py
-	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/highres.py
 
 clean:
