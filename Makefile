@@ -29,8 +29,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/infer.py
-	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/python benchmarks/highres.py
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
