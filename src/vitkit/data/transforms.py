@@ -1,0 +1,215 @@
+"""Train and eval transforms.
+
+In-memory datasets use *batch* transforms: `t(x_uint8 (b, C, H, W), gen, lo, B) -> float (b, C, S, S)`, where
+`gen` is a torch.Generator seeded per (seed, epoch, step) and `[lo, lo + b)` is this process's slice of the global
+batch of size B. Random parameters are drawn for all B images and then sliced, so 1 process and N processes see
+exactly the same augmented images (the distributed test relies on it), and a resumed run sees the same as an
+uninterrupted one. Folder datasets use per-sample torchvision.transforms.v2 pipelines on PIL images.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def _pair(s) -> Tuple[int, int]:
+    return (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+
+def _uniform(gen, n, lo, hi):
+    return torch.rand(n, generator=gen) * (hi - lo) + lo
+
+
+@dataclass
+class AugmentConfig:
+    """Random affine per image (rotation, scale, translation, shear, flip), then optional TrivialAugment and
+    random erasing. Digits: no flips. `level='none'` turns all of it off."""
+
+    rotate: float = 0.0  # degrees, ±
+    scale: Tuple[float, float] = (1.0, 1.0)
+    translate: float = 0.0  # fraction of the size, ±
+    shear: float = 0.0  # degrees, ±
+    hflip: bool = False
+    trivial_augment: bool = False
+    erase: float = 0.0  # probability of random erasing
+
+
+def default_augment(kind: str, level: str = "default") -> AugmentConfig:
+    """The augmentation recipe per kind of data; `level` is 'none', 'light' or 'default'/'strong'."""
+    if level not in ("none", "light", "default", "strong"):
+        raise ConfigError(f"--augment must be none, light, default or strong, got {level!r}")
+    if level == "none":
+        return AugmentConfig()
+    if kind == "digits":
+        if level == "light":
+            return AugmentConfig(rotate=8, scale=(0.95, 1.05), translate=0.08)
+        if level == "strong":
+            return AugmentConfig(rotate=15, scale=(0.85, 1.15), translate=0.12, shear=10, erase=0.25)
+        return AugmentConfig(rotate=12, scale=(0.9, 1.1), translate=0.1, shear=8)
+    if level == "light":
+        return AugmentConfig(translate=0.125, hflip=True)
+    if level == "strong":
+        return AugmentConfig(translate=0.125, scale=(0.8, 1.2), hflip=True, trivial_augment=True, erase=0.25)
+    return AugmentConfig(translate=0.125, scale=(0.9, 1.1), hflip=True, trivial_augment=True)
+
+
+class BatchTransform:
+    """uint8 batch (b, C, H, W) → normalised float (b, C, S, S), augmented when `aug` is given (train)."""
+
+    def __init__(self, size, mean: Sequence[float], std: Sequence[float], aug: Optional[AugmentConfig] = None):
+        self.size = _pair(size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.aug = aug
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, lo: int = 0, B: Optional[int] = None) -> torch.Tensor:
+        b = x.shape[0]
+        B = b if B is None else B
+        sl = slice(lo, lo + b)
+        a = self.aug
+        if a is not None and a.trivial_augment:
+            seeds = torch.randint(0, 2**62, (B,), generator=gen)[sl]
+            x = _trivial_augment(x, seeds)
+        x = x.float().div_(255.0)
+        if a is not None and (a.rotate or a.translate or a.shear or a.hflip or a.scale != (1.0, 1.0)):
+            theta = _affine_params(B, a, gen)[sl]
+            grid = F.affine_grid(theta, [b, x.shape[1], *self.size], align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        elif tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        x = (x - self.mean) / self.std
+        if a is not None and a.erase > 0:
+            x = _random_erase(x, B, sl, a.erase, gen)
+        return x
+
+
+def _affine_params(B: int, a: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """(B, 2, 3) inverse-affine matrices for affine_grid (output → input coordinates, in [-1, 1])."""
+    ang = torch.deg2rad(_uniform(gen, B, -a.rotate, a.rotate))
+    sc = _uniform(gen, B, *a.scale)
+    sh = torch.deg2rad(_uniform(gen, B, -a.shear, a.shear))
+    tx = _uniform(gen, B, -a.translate, a.translate) * 2
+    ty = _uniform(gen, B, -a.translate, a.translate) * 2
+    flip = (torch.rand(B, generator=gen) < 0.5).float() * 2 - 1 if a.hflip else torch.ones(B)
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    # A = R(ang) · Shear(sh) · S(sc) · Flip, mapped output → input so it is the inverse: divide by the scale.
+    m00 = cos * flip / sc
+    m01 = (-sin + cos * torch.tan(sh)) / sc
+    m10 = sin * flip / sc
+    m11 = (cos + sin * torch.tan(sh)) / sc
+    return torch.stack([torch.stack([m00, m01, tx], 1), torch.stack([m10, m11, ty], 1)], 1)
+
+
+def _trivial_augment(x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """TrivialAugmentWide per image, each under its own seed (uint8 in, uint8 out)."""
+    from torchvision.transforms import v2
+
+    t = v2.TrivialAugmentWide()
+    out = torch.empty_like(x)
+    with torch.random.fork_rng(devices=[]):
+        for i in range(x.shape[0]):
+            torch.manual_seed(int(seeds[i]))
+            out[i] = t(x[i])
+    return out
+
+
+def _random_erase(x: torch.Tensor, B: int, sl: slice, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Zero (the normalised mean) a random rectangle of 2-25% area in a fraction `p` of the images."""
+    H, W = x.shape[-2:]
+    on = (torch.rand(B, generator=gen) < p)[sl]
+    area = _uniform(gen, B, 0.02, 0.25)[sl]
+    ratio = torch.exp(_uniform(gen, B, math.log(0.3), math.log(3.3)))[sl]
+    cy, cx = torch.rand(B, generator=gen)[sl], torch.rand(B, generator=gen)[sl]
+    h = (torch.sqrt(area * ratio) * H).clamp(1, H)
+    w = (torch.sqrt(area / ratio) * W).clamp(1, W)
+    ys = torch.arange(H).view(1, H, 1)
+    xs = torch.arange(W).view(1, 1, W)
+    y0 = (cy * (H - h)).view(-1, 1, 1)
+    x0 = (cx * (W - w)).view(-1, 1, 1)
+    box = (ys >= y0) & (ys < y0 + h.view(-1, 1, 1)) & (xs >= x0) & (xs < x0 + w.view(-1, 1, 1)) & on.view(-1, 1, 1)
+    return x.masked_fill(box.unsqueeze(1), 0.0)
+
+
+class MixUp:
+    """MixUp (Beta(α, α) blend) or CutMix (a Beta-sized box), one of them per batch with probability `prob`,
+    pairing each image with the batch reversed (as timm). Returns soft targets (b, K) with label smoothing."""
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
+                 smoothing: float = 0.1):
+        self.k, self.ma, self.ca, self.prob, self.smoothing = num_classes, mixup_alpha, cutmix_alpha, prob, smoothing
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+        off = self.smoothing / self.k
+        t = torch.full((len(y), self.k), off).scatter_(1, y.view(-1, 1), 1 - self.smoothing + off)
+        u = torch.rand(3, generator=gen)
+        if u[0] >= self.prob or (self.ma <= 0 and self.ca <= 0):
+            return x, t
+        use_cut = self.ca > 0 and (self.ma <= 0 or u[1] < 0.5)
+        alpha = self.ca if use_cut else self.ma
+        lam = _beta(alpha, gen)
+        if use_cut:
+            H, W = x.shape[-2:]
+            r = math.sqrt(1 - lam)
+            ch, cw = int(H * r), int(W * r)
+            cy, cx = torch.randint(0, H, (1,), generator=gen).item(), torch.randint(0, W, (1,), generator=gen).item()
+            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, H)
+            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, W)
+            x = x.clone()
+            x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
+        else:
+            x = x * lam + x.flip(0) * (1 - lam)
+        return x, t * lam + t.flip(0) * (1 - lam)
+
+
+def _beta(alpha: float, gen: torch.Generator) -> float:
+    """One Beta(α, α) draw, seeded from `gen` (torch's Beta sampler takes no generator)."""
+    import numpy as np
+
+    return float(np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen))).beta(alpha, alpha))
+
+
+# ---- per-sample transforms (folders, predict) -----------------------------------------------------------------
+def folder_train_transform(size, mean, std, kind: str = "natural", level: str = "default"):
+    """PIL → normalised tensor with RandomResizedCrop, flips (not digits), TrivialAugmentWide."""
+    from torchvision.transforms import v2
+
+    level_cfg = default_augment(kind, level)
+    ops = []
+    if level == "none":
+        ops.append(v2.Resize(_pair(size), antialias=True))
+    else:
+        ops.append(v2.RandomResizedCrop(_pair(size), scale=(0.35 if level != "light" else 0.6, 1.0), antialias=True))
+        if level_cfg.hflip:
+            ops.append(v2.RandomHorizontalFlip())
+        if level_cfg.trivial_augment:
+            ops.append(v2.TrivialAugmentWide())
+    ops += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    if level_cfg.erase:
+        ops.append(v2.RandomErasing(p=level_cfg.erase))
+    return v2.Compose(ops)
+
+
+def eval_transform(size, mean, std, crop_pct: float = 1.0, interpolation: str = "bicubic"):
+    """PIL → normalised tensor: resize the short side to size/crop_pct, centre-crop `size` (timm's eval)."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    h, w = _pair(size)
+    interp = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
+              "nearest": InterpolationMode.NEAREST}.get(interpolation, InterpolationMode.BICUBIC)
+    if crop_pct >= 1.0:
+        resize = v2.Resize((h, w), interpolation=interp, antialias=True)
+    else:
+        resize = v2.Resize(int(math.floor(min(h, w) / crop_pct)), interpolation=interp, antialias=True)
+    return v2.Compose([resize, v2.CenterCrop((h, w)), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(mean), list(std))])

@@ -1,0 +1,700 @@
+"""The training engine: one loop for every model vitkit trains (classifier, MAE, DiT).
+
+A task brings the model, the data and two functions; the engine owns everything else — run folder, optimizer,
+schedule (epochs or a wall-clock budget), precision, accumulation, clipping, EMA, distributed, checkpoints,
+resume, metrics, progress bar and the NaN guard:
+
+    cfg = TrainConfig(name="mnist", epochs=10, lr=1e-3)
+    def loss_fn(model, batch):                 # batch = what the loader yields, already on the device
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        return loss, {"acc": ...}               # extra metrics are averaged over the epoch as train_<name>
+    def eval_fn(model):                        # rank 0, model in eval mode, under no_grad/autocast
+        return {"val_loss": ..., "top1": ...}   # `cfg.best_metric` picks the best checkpoint
+    trainer = Trainer(model, train_data, cfg, loss_fn, eval_fn=eval_fn, resolved={"data": ...})
+    summary = trainer.fit()                    # → runs/mnist/{config.json, metrics.csv, last.*, best.*, report.*}
+
+`train_data` is a dataset for `vitkit.data.make_loader` (anything with `len()`; in-memory tensors are fastest)
+or a callable `(epoch, rank, world) -> iterable of batches` for data the task batches itself. The model must be
+savable by `vitkit.save` (its class registered with `vitkit.io.register_model_type`, a `.config` with
+`to_dict()`); `model.pretrained_cfg` (class names, preprocessing) travels into every checkpoint.
+
+Run folder files: `config.json` (everything resolved, enough to repeat the run), `metrics.csv` (one row per
+evaluated epoch), `last.safetensors` / `best.safetensors` (weights — the EMA weights when EMA is on — through
+`vitkit.save`), `last.state.pt` (training state: raw weights, optimizer, scaler, EMA, RNG, step, epoch, the
+time-budget plan; plain tensors and dicts for `torch.load(weights_only=True)`), `report.json`, `report.md`.
+Every file is written atomically, so a kill at any moment leaves the last good checkpoint. Checkpoints are taken
+at epoch ends; `resume` continues from the last one and, on the CPU, ends bit-identical to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, RunExistsError, VitkitError
+from ..io.checkpoint import atomic_write
+from .optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(VitkitError, ValueError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything the engine needs; task options (model, data, loss) travel separately in `resolved`."""
+
+    name: str = "run"
+    runs_dir: str = "runs"
+    overwrite: bool = False  # replace an existing run folder of the same name
+    resume: Optional[str] = None  # a run folder to continue
+    epochs: int = 10  # the schedule length, unless time_budget is set
+    time_budget: Optional[float] = None  # seconds: lay the schedule over this wall-clock time instead of epochs
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (quick runs; the schedule is not cut)
+    batch_size: int = 128  # global batch per micro-step (split over processes); effective = × accum_steps
+    accum_steps: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: Tuple[float, float] = (0.9, 0.999)
+    warmup: float = 0.05  # warm-up length: a fraction (< 1) of all steps, or a number of epochs (>= 1)
+    clip_grad: Optional[float] = 1.0  # max global grad norm; None or 0 → no clipping
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
+    ema_decay: float = 0.0  # 0 → no EMA; else the EMA weights are evaluated and saved
+    layer_decay: Optional[float] = None  # layer-wise lr decay (fine-tuning), e.g. 0.75
+    compile: bool = False
+    seed: int = 0
+    eval_every: int = 1  # evaluate (and checkpoint) every N epochs, and always at the end
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    workers: int = 0  # DataLoader workers for file-based data
+    quiet: bool = False  # no progress bar
+    best_metric: str = "top1"
+    best_mode: str = "max"  # max | min
+
+    def validate(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.batch_size < 1 or self.accum_steps < 1 or self.epochs < 1 or self.eval_every < 1:
+            raise ConfigError("batch size, accumulation steps, epochs and eval_every must all be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ConfigError(f"--time-budget must be positive, got {self.time_budget}s")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"--ema must be in [0, 1), got {self.ema_decay}")
+        if self.best_mode not in ("max", "min"):
+            raise ConfigError(f"best_mode must be 'max' or 'min', got {self.best_mode!r}")
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"run name {self.name!r} must be a plain folder name")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(d["betas"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+def parse_duration(s) -> float:
+    """'90s', '10m', '1.5h', '1h30m' or plain seconds → seconds."""
+    if s is None:
+        return None
+    if isinstance(s, (int, float)):
+        return float(s)
+    import re
+
+    text = str(s).strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(h|m|min|s|sec)", text)
+    if not parts or "".join(a + b for a, b in parts) != text.replace(" ", ""):
+        raise ConfigError(f"cannot read the duration {s!r}; write it like 90s, 10m, 1.5h or 1h30m")
+    mult = {"h": 3600, "m": 60, "min": 60, "s": 1, "sec": 1}
+    return float(sum(float(a) * mult[b] for a, b in parts))
+
+
+# ---- distributed ----------------------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs); a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(device=resolve_device(device))
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return DistInfo(rank, world, local, dev)
+
+
+def _broadcast_obj(obj, dist_info: DistInfo):
+    if dist_info.world <= 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(dist_info: DistInfo) -> None:
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ---- EMA ------------------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of the weights; the decay warms up as min(decay, (1 + n) / (10 + n))."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema = [v for v in self.module.state_dict().values() if v.dtype.is_floating_point]
+        cur = [v for v in model.state_dict().values() if v.dtype.is_floating_point]
+        torch._foreach_lerp_(ema, cur, 1.0 - d)
+
+    def state_dict(self) -> dict:
+        return {"weights": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.module.load_state_dict(s["weights"])
+        self.updates = int(s["updates"])
+
+
+# ---- run folder -----------------------------------------------------------------------------------------------
+class RunDir:
+    """`runs/<name>/`: created fresh (refusing to overwrite unless asked), or reopened to resume."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, runs_dir, name: str, overwrite: bool) -> "RunDir":
+        path = Path(runs_dir) / name
+        if path.exists():
+            if not path.is_dir():
+                raise RunExistsError(f"{str(path)!r} exists and is not a run folder; choose another --name")
+            if any(path.iterdir()):
+                if not overwrite:
+                    raise RunExistsError(f"run folder {str(path)!r} exists already; pass --overwrite to replace it, "
+                                         f"--resume {path} to continue it, or choose another --name")
+                if not (path / "config.json").is_file():
+                    raise RunExistsError(f"{str(path)!r} holds files but no config.json, so it does not look like a "
+                                         "vitkit run: refusing to delete it; choose another --name")
+                shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    def write_json(self, name: str, obj) -> Path:
+        text = json.dumps(obj, indent=2, default=str) + "\n"
+        atomic_write(self.path / name, lambda tmp: Path(tmp).write_text(text))
+        return self.path / name
+
+    def write_text(self, name: str, text: str) -> Path:
+        atomic_write(self.path / name, lambda tmp: Path(tmp).write_text(text))
+        return self.path / name
+
+    def write_metrics(self, rows: List[dict]) -> Path:
+        keys: List[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+        return self.write_text("metrics.csv", buf.getvalue())
+
+
+def read_metrics(path) -> List[dict]:
+    """metrics.csv → list of dicts with numbers parsed."""
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            rows.append({k: _num(v) for k, v in r.items()})
+    return rows
+
+
+def _num(v):
+    try:
+        f = float(v)
+        return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
+    except (TypeError, ValueError):
+        return v
+
+
+# ---- the trainer ----------------------------------------------------------------------------------------------
+LossFn = Callable[[nn.Module, Any], Tuple[torch.Tensor, Dict[str, Any]]]
+EvalFn = Callable[[nn.Module], Dict[str, float]]
+
+
+class Trainer:
+    """Fit `model` on `train_data` with `loss_fn`; evaluate with `eval_fn`; see the module docstring.
+
+    Hooks: `end_fn(trainer, summary) -> dict` runs on rank 0 after the final evaluation (plots, task reports);
+    what it returns is merged into report.json, and its 'markdown' entry is appended to report.md.
+    `on_epoch_end(trainer, row)` runs on every rank after each checkpoint (tests use it to interrupt).
+    `resolved` is the task's part of config.json (model, data, loss options)."""
+
+    def __init__(self, model: nn.Module, train_data, cfg: TrainConfig, loss_fn: LossFn, eval_fn: Optional[EvalFn]
+                 = None, *, resolved: Optional[dict] = None, end_fn: Optional[Callable] = None,
+                 on_epoch_end: Optional[Callable] = None, loader_kwargs: Optional[dict] = None,
+                 dist_info: Optional[DistInfo] = None):
+        cfg.validate()
+        self.cfg, self.loss_fn, self.eval_fn, self.end_fn = cfg, loss_fn, eval_fn, end_fn
+        self.on_epoch_end = on_epoch_end
+        self.train_data, self.loader_kwargs = train_data, dict(loader_kwargs or {})
+        self.resolved = dict(resolved or {})
+        self.dist = dist_info or setup_distributed(cfg.device)
+        self.device = self.dist.device
+        self.model = model.to(self.device)
+        if cfg.batch_size % self.dist.world:
+            raise ConfigError(f"--batch-size {cfg.batch_size} must divide evenly over {self.dist.world} processes")
+        self.history: List[dict] = []
+        self.step = 0  # optimizer steps done
+        self.epoch = 0  # epochs completed
+        self.best: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.elapsed = 0.0  # training seconds spent before this process started (resume)
+        self.plan: Dict[str, Any] = {}  # total and warm-up steps; planned from throughput under a time budget
+        self.finished = False
+        self.run: Optional[RunDir] = None
+
+    # ---- set-up ---------------------------------------------------------------------------------------------
+    def _loader(self, epoch: int):
+        if callable(self.train_data) and not hasattr(self.train_data, "__len__"):
+            return self.train_data(epoch, self.dist.rank, self.dist.world)
+        from ..data import make_loader
+
+        return make_loader(self.train_data, self.cfg.batch_size, train=True, seed=self.cfg.seed, epoch=epoch,
+                           rank=self.dist.rank, world=self.dist.world, workers=self.cfg.workers,
+                           **self.loader_kwargs)
+
+    def _steps_per_epoch(self) -> int:
+        return max(1, len(self._loader(0)) // self.cfg.accum_steps)
+
+    def _autocast(self):
+        c = self.cfg
+        if c.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if c.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _prepare(self) -> None:
+        c = self.cfg
+        torch.manual_seed(c.seed + 1000 * self.dist.rank)  # dropout / drop-path stream, per rank
+        self.optimizer = build_optimizer(self.model, c.lr, c.weight_decay, c.betas, c.layer_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
+        self.ema = EMA(self.model, c.ema_decay) if c.ema_decay > 0 else None
+        net = self.model
+        if c.compile:
+            net = torch.compile(net)
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.net = net
+        spe = self._steps_per_epoch()
+        self.steps_per_epoch = spe
+        if not self.plan:
+            total = c.epochs * spe
+            self.plan = {"total": total, "warmup": self._warmup_steps(total, spe), "planned": c.time_budget is None}
+
+    def _warmup_steps(self, total: int, spe: int) -> int:
+        w = self.cfg.warmup
+        n = int(round(w * spe)) if w >= 1 else int(round(w * total))
+        return max(1, min(n, max(1, total - 1)))
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        s = {"step": self.step, "epoch": self.epoch, "model": self.model.state_dict(),
+             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+             "rng_cpu": torch.get_rng_state(), "best": self.best, "best_epoch": self.best_epoch,
+             "elapsed": self.elapsed + (time.perf_counter() - self._t0), "plan": dict(self.plan),
+             "finished": self.finished, "history": self.history}
+        if self.device.type == "cuda":
+            s["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.ema is not None:
+            s["ema"] = self.ema.state_dict()
+        return s
+
+    def _save(self, is_best: bool) -> None:
+        from ..io import save
+
+        meta = {"epoch": self.epoch, "step": self.step, "run": self.cfg.name,
+                "metrics": self.history[-1] if self.history else {}}
+        save(self.eval_model, self.run.path / "last.safetensors", extra=meta)
+        state = self._state()
+        atomic_write(self.run.path / "last.state.pt", lambda tmp: torch.save(state, tmp))
+        if is_best:
+            # copy rather than save again: the same bytes, and still atomic
+            atomic_write(self.run.path / "best.safetensors",
+                         lambda tmp: shutil.copyfile(self.run.path / "last.safetensors", tmp))
+
+    def _load_state(self, path: Path) -> None:
+        f = path / "last.state.pt"
+        if not f.is_file():
+            raise ConfigError(f"cannot resume {str(path)!r}: it has no last.state.pt (the run never finished an "
+                              "epoch, or is not a vitkit run); start it again with --overwrite")
+        try:
+            s = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConfigError(f"cannot resume {str(path)!r}: last.state.pt is unreadable ({e})") from None
+        from ..io import load_state_dict_checked
+
+        load_state_dict_checked(self.model, s["model"], source=str(f))
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scaler.load_state_dict(s["scaler"])
+        if self.ema is not None:
+            if "ema" not in s:
+                raise ConfigError(f"{str(path)!r} was trained without EMA; resume it with the same options")
+            self.ema.load_state_dict(s["ema"])
+        torch.set_rng_state(s["rng_cpu"])
+        if "rng_cuda" in s and self.device.type == "cuda":
+            torch.cuda.set_rng_state(s["rng_cuda"], self.device)
+        self.step, self.epoch = int(s["step"]), int(s["epoch"])
+        self.best, self.best_epoch = s["best"], s["best_epoch"]
+        self.elapsed, self.plan, self.finished = float(s["elapsed"]), dict(s["plan"]), bool(s["finished"])
+        self.history = list(s["history"])
+
+    # ---- time budget ----------------------------------------------------------------------------------------
+    def _replan(self, sec_per_step: float, eval_secs: float) -> None:
+        """Set the total step count so that training, the evaluations and the checkpoints fit in the budget."""
+        c = self.cfg
+        spent = self.elapsed + (time.perf_counter() - self._t0)
+        left = c.time_budget - spent
+        per_epoch_extra = eval_secs / max(1, c.eval_every)
+        per_step = sec_per_step + per_epoch_extra / self.steps_per_epoch
+        more = max(0, int((left - eval_secs) / per_step))  # keep one evaluation's time for the final one
+        total = self.step + more
+        if not self.plan.get("planned"):
+            self.plan["warmup"] = self._warmup_steps(total, self.steps_per_epoch)
+            self.plan["planned"] = True
+        self.plan["total"] = max(total, self.step + 1)
+        self.plan["epochs"] = round(self.plan["total"] / self.steps_per_epoch, 2)
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train to the end of the schedule (or budget), evaluating and checkpointing each epoch; return the
+        summary that also goes to report.json (rank 0; other ranks get the same dict without file outputs)."""
+        c = self.cfg
+        self._t0 = time.perf_counter()
+        self._prepare()
+        if self.dist.is_main:
+            if c.resume:
+                self.run = RunDir(Path(c.resume))
+            else:
+                self.run = RunDir.create(c.runs_dir, c.name, c.overwrite)
+        if c.resume:
+            if not Path(c.resume).is_dir():
+                raise ConfigError(f"cannot resume {c.resume!r}: no such run folder")
+            self._load_state(Path(c.resume))
+            if self.finished:
+                raise ConfigError(f"run {c.resume!r} has finished already ({self.epoch} epochs); nothing to resume")
+            log.info("resuming %s at epoch %d, step %d", c.resume, self.epoch, self.step)
+        self._t0 = time.perf_counter()
+        if self.dist.is_main and not c.resume:
+            self.run.write_json("config.json", {"train": c.to_dict(), **self.resolved,
+                                                "world_size": self.dist.world, "torch": torch.__version__})
+        _barrier(self.dist)
+        try:
+            return self._loop()
+        finally:
+            if getattr(self, "_bar", None) is not None:
+                self._bar.close()
+
+    def _loop(self) -> dict:
+        c = self.cfg
+        budget = c.time_budget is not None
+        eval_secs = self.history[-1].get("eval_seconds", 0.0) if self.history else 0.0
+        self._bar = None
+        if self.dist.is_main and not c.quiet:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.plan["total"], initial=self.step, unit="step", dynamic_ncols=True,
+                             leave=True)
+        step_times: List[float] = []
+        stop = False
+        while not stop and self.step < self.plan["total"]:
+            ep = self.epoch
+            self.net.train()
+            t_ep, n_img = time.perf_counter(), 0
+            sums: Dict[str, float] = {}
+            n_batches = 0
+            loader = self._loader(ep)
+            micro = 0
+            t_step = time.perf_counter()
+            for batch in loader:
+                batch = _to_device(batch, self.device)
+                last_micro = (micro + 1) % c.accum_steps == 0
+                sync = nullcontext() if last_micro or self.dist.world == 1 else self.net.no_sync()
+                with sync:
+                    with self._autocast():
+                        loss, metrics = self.loss_fn(self.net, batch)
+                    self.scaler.scale(loss / c.accum_steps).backward()
+                lval = self._check_finite(loss)
+                sums["loss"] = sums.get("loss", 0.0) + lval
+                for k, v in (metrics or {}).items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n_batches += 1
+                n_img += _batch_len(batch) * self.dist.world
+                micro += 1
+                if not last_micro:
+                    continue
+                lr = lr_at(self.step, self.plan["total"], self.plan["warmup"], c.lr, c.min_lr)
+                set_lr(self.optimizer, lr)
+                if c.clip_grad:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.model)
+                self.step += 1
+                now = time.perf_counter()
+                step_times.append(now - t_step)
+                t_step = now
+                if self._bar is not None:
+                    self._bar.update(1)
+                    self._bar.set_description(f"epoch {ep + 1}")
+                    self._bar.set_postfix(loss=f"{lval:.4f}", lr=f"{lr:.2e}",
+                                          img_s=f"{n_img / max(1e-9, now - t_ep):.0f}", refresh=False)
+                if budget:
+                    stop = self._budget_step(step_times, eval_secs)
+                if self.step >= self.plan["total"] or stop or (c.max_steps and self.step >= c.max_steps):
+                    stop = stop or bool(c.max_steps and self.step >= c.max_steps)
+                    break
+            train_secs = time.perf_counter() - t_ep
+            self.epoch = ep + 1
+            final = stop or self.step >= self.plan["total"]
+            row = {"epoch": self.epoch, "step": self.step,
+                   "train_loss": sums.get("loss", 0.0) / max(1, n_batches)}
+            row.update({f"train_{k}": v / max(1, n_batches) for k, v in sums.items() if k != "loss"})
+            row.update({"lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1),
+                        "img_per_s": n_img / max(1e-9, train_secs), "seconds": train_secs})
+            if final or self.epoch % c.eval_every == 0:
+                t_ev = time.perf_counter()
+                row.update(self._evaluate())
+                eval_secs = time.perf_counter() - t_ev
+                row["eval_seconds"] = eval_secs
+                self._end_epoch(row, final)
+                row["eval_seconds"] = time.perf_counter() - t_ev  # evaluation plus checkpoint
+                eval_secs = row["eval_seconds"]
+            if budget and not final and step_times:
+                self._replan(_median(step_times[2:] or step_times), eval_secs if self.history else
+                             self._guess_eval_secs(step_times))
+                self.plan = _broadcast_obj(self.plan, self.dist)
+                if self._bar is not None:
+                    self._bar.total = self.plan["total"]
+                    self._bar.refresh()
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(self, row)
+            if final:
+                break
+        return self._finish()
+
+    def _budget_step(self, step_times: List[float], eval_secs: float) -> bool:
+        """After each step under a time budget: plan the schedule once the throughput is known (after 5 steps,
+        ignoring the first two), and stop when the budget is spent. Rank 0 decides for all."""
+        c = self.cfg
+        stop = False
+        if self.dist.is_main:
+            if not self.plan.get("planned") and len(step_times) >= 5:
+                self._replan(_median(step_times[2:]), eval_secs or self._guess_eval_secs(step_times))
+            spent = self.elapsed + (time.perf_counter() - self._t0)
+            stop = spent + (eval_secs or self._guess_eval_secs(step_times)) >= c.time_budget
+        if self.dist.world > 1:
+            self.plan, stop = _broadcast_obj((self.plan, stop), self.dist)
+        if self._bar is not None and self._bar.total != self.plan["total"]:
+            self._bar.total = self.plan["total"]
+        return stop
+
+    def _guess_eval_secs(self, step_times: List[float]) -> float:
+        """Before the first evaluation: forward-only ≈ a third of a training step per image, plus a save."""
+        n_val = self.resolved.get("data", {}).get("num_val", 0) if isinstance(self.resolved.get("data"), dict) else 0
+        per_img = _median(step_times) / max(1, self.cfg.batch_size * self.cfg.accum_steps)
+        return n_val * per_img / 3 + 0.5
+
+    def _check_finite(self, loss: torch.Tensor) -> float:
+        val = loss.detach().float()
+        if self.dist.world > 1:
+            import torch.distributed as dist
+
+            val = val.clone()
+            dist.all_reduce(val)
+            val /= self.dist.world
+        v = float(val)
+        if not math.isfinite(v):
+            where = f"; the last good checkpoint is in {self.run.path if self.run else self.cfg.resume}" \
+                if self.epoch > 0 else ""
+            raise TrainingDiverged(f"the loss became {v} at step {self.step + 1} (epoch {self.epoch + 1}){where}; "
+                                   "lower --lr, keep --clip-grad on, or use --precision fp32")
+        return v
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict:
+        if self.eval_fn is None or not self.dist.is_main:
+            return {}
+        m = self.eval_model
+        m.eval()
+        with self._autocast():
+            out = self.eval_fn(m)
+        self.model.train()
+        return {k: (float(v) if isinstance(v, (int, float)) or torch.is_tensor(v) else v) for k, v in out.items()}
+
+    def _end_epoch(self, row: dict, final: bool) -> None:
+        """Rank 0: record the row, decide best, write metrics and checkpoints. Everyone waits for it."""
+        if self.dist.is_main:
+            self.history.append(row)
+            val = row.get(self.cfg.best_metric)
+            better = val is not None and (self.best is None or (val > self.best if self.cfg.best_mode == "max"
+                                                                 else val < self.best))
+            if better:
+                self.best, self.best_epoch = float(val), self.epoch
+            if val is None and self.best is None:
+                better = True  # no metric to rank by: the latest is the best we have
+            self.finished = final
+            self._save(better)
+            self.run.write_metrics(self.history)
+            self._log_row(row)
+        _barrier(self.dist)
+
+    def _log_row(self, row: dict) -> None:
+        keys = ("train_loss", "val_loss", "top1", "top5", "lr", "img_per_s")
+        parts = [f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), float)]
+        msg = f"epoch {row['epoch']} step {row['step']}: " + " ".join(parts)
+        if self._bar is not None:
+            self._bar.write(msg)
+        else:
+            log.info(msg)
+
+    def _finish(self) -> dict:
+        total_secs = self.elapsed + (time.perf_counter() - self._t0)
+        last = self.history[-1] if self.history else {}
+        summary = {"name": self.cfg.name, "run_dir": str(self.run.path) if self.run else None,
+                   "epochs": self.epoch, "steps": self.step, "planned_steps": self.plan.get("total"),
+                   "train_seconds": round(total_secs, 2), "best_metric": self.cfg.best_metric,
+                   "best": self.best, "best_epoch": self.best_epoch, "final": last,
+                   "time_budget": self.cfg.time_budget, "world_size": self.dist.world}
+        if self.dist.is_main:
+            if self.end_fn is not None:
+                extra = self.end_fn(self, summary) or {}
+                md_extra = extra.pop("markdown", "")
+                summary.update(extra)
+            else:
+                md_extra = ""
+            self.run.write_json("report.json", summary)
+            self.run.write_text("report.md", _report_md(summary, self.history) + md_extra)
+        _barrier(self.dist)
+        return summary
+
+
+def _report_md(s: dict, history: List[dict]) -> str:
+    lines = [f"# Run `{s['name']}`", "",
+             f"- {s['epochs']} epochs, {s['steps']} steps, {s['train_seconds']:.0f} s of training"
+             + (f" (budget {s['time_budget']:.0f} s)" if s.get("time_budget") else ""),
+             f"- best {s['best_metric']}: {s['best']} (epoch {s['best_epoch']})" if s.get("best") is not None
+             else "- no evaluation metric", ""]
+    if history:
+        keys = [k for k in ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "img_per_s", "seconds")
+                if any(k in r for r in history)]
+        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        for r in history:
+            lines.append("| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _median(xs: List[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if s else 0.0
+
+
+def _to_device(batch, device: torch.device):
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _batch_len(batch) -> int:
+    if torch.is_tensor(batch):
+        return batch.shape[0]
+    if isinstance(batch, (list, tuple)):
+        return _batch_len(batch[0])
+    if isinstance(batch, dict):
+        return _batch_len(next(iter(batch.values())))
+    return 1

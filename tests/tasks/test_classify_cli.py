@@ -1,0 +1,156 @@
+"""End to end: `vitkit train | eval | predict` on tiny real data, and a one-line error for each bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitkit
+from vitkit.cli import main
+
+TINY = ["--model", "vit_mini_patch7_28", "--model-arg", "embed_dim=32", "--model-arg", "depth=2",
+        "--model-arg", "num_heads=2", "--model-arg", "global_pool=avg"]
+
+
+def _digits_as_pngs(folder, n=12):
+    """Real held-out digits from mnist5k written as PNG files (what a user would point predict at)."""
+    _, val, _ = vitkit.data.build_datasets("mnist5k")
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = []
+    for i in range(n):
+        Image.fromarray(val.images[i * 83, 0].numpy()).save(folder / f"digit{i:02d}.png")
+        labels.append(str(int(val.labels[i * 83])))
+    return labels
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One small mnist5k run shared by the tests below (300 digits, 8 epochs)."""
+    runs = tmp_path_factory.mktemp("runs")
+    rc = main(["train", "--data", "mnist5k", "--max-train", "300", "--max-val", "100", "--epochs", "8",
+               "--batch-size", "32", "--lr", "3e-3", "--augment", "light", "--name", "mini", "--runs-dir", str(runs), "--quiet", *TINY])
+    assert rc == 0
+    return runs / "mini"
+
+
+def test_train_writes_a_complete_run_folder(trained):
+    names = {p.name for p in trained.iterdir()}
+    assert {"config.json", "metrics.csv", "last.safetensors", "last.state.pt", "best.safetensors", "report.json",
+            "report.md", "curves.png", "confusion.png"} <= names
+    header = (trained / "metrics.csv").read_text().splitlines()[0].split(",")
+    for col in ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "img_per_s", "seconds"):
+        assert col in header
+    report = json.loads((trained / "report.json").read_text())
+    assert report["epochs"] == 8 and report["eval"]["num_images"] == 100
+    assert report["eval"]["top1"] > 25  # 72 steps of a 2-block model on 300 digits: above chance (10%)
+    model = vitkit.load(trained)
+    assert model.pretrained_cfg["class_names"] == [str(i) for i in range(10)]
+    assert model.pretrained_cfg["dataset"] == "mnist5k"
+    state = torch.load(trained / "last.state.pt", weights_only=True)  # plain tensors and dicts only
+    assert {"optimizer", "rng_cpu", "step", "epoch", "model"} <= set(state)
+
+
+def test_eval_reports_accuracy_per_class_and_confusion(trained, tmp_path, capsys):
+    rc = main(["eval", str(trained), "--data", "mnist5k", "--max-val", "100", "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    report = json.loads((trained / "report.json").read_text())
+    assert res["top1"] == pytest.approx(report["eval"]["top1"], abs=1e-6)
+    assert res["num_images"] == 100 and len(res["per_class"]) == 10
+    assert np.asarray(res["confusion"]).sum() == 100 and res["top5"] >= res["top1"]
+    assert (tmp_path / "eval.json").is_file() and (tmp_path / "eval_confusion.png").stat().st_size > 1000
+
+
+def test_predict_names_labels_with_probabilities(trained, tmp_path, capsys):
+    _digits_as_pngs(tmp_path / "imgs")
+    rc = main(["predict", str(trained / "best.safetensors"), str(tmp_path / "imgs"), str(tmp_path / "imgs" /
+               "digit00.png"), "--topk", "3", "--json", "--batch-size", "5"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res) == 13 and res[0]["path"].endswith("digit00.png")
+    for r in res:
+        assert r["label"] in [str(i) for i in range(10)] and len(r["topk"]) == 3
+        probs = [t["prob"] for t in r["topk"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    assert res[0]["topk"] == res[-1]["topk"]  # the same file gives the same answer in another batch
+    rc = main(["predict", str(trained), str(tmp_path / "imgs" / "digit01.png")])
+    assert rc == 0 and capsys.readouterr().out.count("\n") == 1
+
+
+def _color_folder(root, n=12, size=24):
+    """Two classes a model can tell apart (reddish vs bluish noise) in PATH/<class>/ layout."""
+    rng = np.random.default_rng(0)
+    for c, ch in (("red", 0), ("blue", 2)):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            arr = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+            arr[..., ch] += 150
+            Image.fromarray(arr).save(root / c / f"{i}.jpg")
+
+
+def test_train_on_an_image_folder_counts_corrupt_files(tmp_path, capsys):
+    _color_folder(tmp_path / "colors")
+    (tmp_path / "colors" / "red" / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    rc = main(["train", "--data", f"folder:{tmp_path / 'colors'}", "--model", "vit_mini_patch4_32",
+               "--model-arg", "embed_dim=32", "--model-arg", "depth=1", "--model-arg", "num_heads=2",
+               "--model-arg", "img_size=16", "--model-arg", "patch_size=8", "--epochs", "4", "--batch-size", "8",
+               "--val-split", "0.25", "--runs-dir", str(tmp_path / "runs"), "--quiet", "--json"])
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["run_dir"].endswith("colors") and s["skipped_images"] == 1
+    assert s["eval"]["top1"] == 100.0  # red vs blue is easy
+    cfg = json.loads((tmp_path / "runs" / "colors" / "config.json").read_text())
+    assert cfg["data"]["skipped"] == 1 and cfg["data"]["class_names"] == ["blue", "red"]
+    rc = main(["predict", str(tmp_path / "runs" / "colors"), str(tmp_path / "colors" / "red" / "0.jpg"), "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)[0]["label"] == "red"
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vitkit: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors_and_overwrite_nothing(trained, tmp_path, capsys):
+    assert main(["train", "--data", "mnist6k", "--runs-dir", str(tmp_path)]) == 2
+    assert "unknown dataset 'mnist6k'" in (e := _err(capsys)) and "mnist5k" in e and "cifar10" in e
+    assert not (tmp_path / "mnist6k").exists()
+
+    assert main(["predict", str(trained), str(tmp_path / "missing.png")]) == 2
+    assert "missing.png" in _err(capsys)
+
+    assert main(["predict", str(tmp_path / "nope.safetensors"), str(tmp_path)]) == 2
+    assert "does not exist" in _err(capsys)
+
+    # a checkpoint from another model: a plain (non-vitkit) safetensors file, and a 10-class model on 2 classes
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    assert main(["eval", str(tmp_path / "foreign.safetensors"), "--data", "mnist5k"]) == 2
+    assert "not a vitkit checkpoint" in _err(capsys)
+    _color_folder(tmp_path / "colors")
+    assert main(["eval", str(trained), "--data", f"folder:{tmp_path / 'colors'}", "--out", str(tmp_path)]) == 2
+    assert "10 classes" in _err(capsys)
+    other = vitkit.create_model("vit_mini_patch4_28", num_classes=10)
+    state = vitkit.load(trained).state_dict()
+    with pytest.raises(vitkit.CheckpointError, match="shape mismatch"):
+        vitkit.io.load_state_dict_checked(other, state)
+
+    (tmp_path / "colors" / "green").mkdir()
+    assert main(["train", "--data", f"folder:{tmp_path / 'colors'}", "--runs-dir", str(tmp_path / "r")]) == 2
+    assert "green" in _err(capsys)
+
+    (tmp_path / "colors" / "green").rmdir()
+    (tmp_path / "colors" / "red" / "cut.jpg").write_bytes((tmp_path / "colors" / "red" / "0.jpg").read_bytes()[:40])
+    assert main(["train", "--data", f"folder:{tmp_path / 'colors'}", "--strict", "--runs-dir",
+                 str(tmp_path / "r")]) == 2
+    assert "cut.jpg" in _err(capsys)
+
+    before = {p.name: p.stat().st_mtime_ns for p in trained.iterdir()}
+    assert main(["train", "--data", "mnist5k", "--name", trained.name, "--runs-dir", str(trained.parent)]) == 2
+    assert "--overwrite" in _err(capsys)
+    assert {p.name: p.stat().st_mtime_ns for p in trained.iterdir()} == before
+
+    assert main(["train", "--time-budget", "soon", "--runs-dir", str(tmp_path)]) == 2
+    assert "duration" in _err(capsys)

@@ -1,0 +1,175 @@
+"""The training engine: resume, NaN guard, time budget, run folders, optimizer groups, another model type."""
+import dataclasses
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import vitkit
+from vitkit.data import build_datasets
+from vitkit.errors import RunExistsError
+from vitkit.tasks.classify import ClassifierConfig, train_classifier
+from vitkit.train import (Trainer, TrainConfig, TrainingDiverged, lr_at, param_groups, parse_duration,
+                          read_metrics)
+
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_pool": "avg"}
+
+
+def _task(**kw):
+    base = dict(data="mnist5k", model="vit_mini_patch7_28", model_args=dict(TINY), max_train=256, max_val=100)
+    base.update(kw)
+    return ClassifierConfig(**base)
+
+
+def _tc(tmp_path, name, **kw):
+    base = dict(name=name, runs_dir=str(tmp_path), epochs=3, batch_size=64, lr=2e-3, quiet=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
+    task = _task(model_args=dict(TINY, drop_path_rate=0.2), mixup=0.5)  # random drop-path and mixup: RNG matters
+    full = train_classifier(task, _tc(tmp_path, "full", ema_decay=0.9))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(trainer, row):
+        if row["epoch"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_classifier(task, _tc(tmp_path, "cut", ema_decay=0.9), on_epoch_end=stop_after_first)
+    assert read_metrics(tmp_path / "cut" / "metrics.csv")[-1]["epoch"] == 1
+    again = train_classifier(task, TrainConfig(resume=str(tmp_path / "cut"), quiet=True))
+    assert again["steps"] == full["steps"] == 12
+    a = load_file(str(tmp_path / "full" / "last.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(tmp_path / "full" / "last.state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "cut" / "last.state.pt", weights_only=True)
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    ra, rb = read_metrics(tmp_path / "full" / "metrics.csv"), read_metrics(tmp_path / "cut" / "metrics.csv")
+    assert [r["top1"] for r in ra] == [r["top1"] for r in rb]
+    # a finished run does not resume
+    with pytest.raises(vitkit.ConfigError, match="finished already"):
+        train_classifier(task, TrainConfig(resume=str(tmp_path / "full"), quiet=True))
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    train, val, _ = build_datasets("mnist5k", max_train=128, max_val=50)
+    model = vitkit.create_model("vit_mini_patch7_28", **TINY)
+    calls = {"n": 0}
+
+    def loss_fn(m, batch):
+        calls["n"] += 1
+        x, y = batch
+        loss = nn.functional.cross_entropy(m(x), y)
+        return (loss * float("nan") if calls["n"] == 3 else loss), {}
+
+    cfg = _tc(tmp_path, "nan", epochs=4)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 3 \(epoch 2\).*last good checkpoint"):
+        Trainer(model, train, cfg, loss_fn, lambda m: {"top1": 1.0}).fit()
+    saved = vitkit.load(tmp_path / "nan" / "last.safetensors")  # epoch 1's weights, whole and finite
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+def test_time_budget_fits_the_schedule_to_the_clock(tmp_path):
+    budget = 6.0
+    t = time.perf_counter()
+    s = train_classifier(_task(max_train=512), _tc(tmp_path, "budget", time_budget=budget, epochs=1000))
+    wall = time.perf_counter() - t
+    assert s["train_seconds"] <= budget + 2.0, s  # the final evaluation is inside the budget (small slack)
+    assert wall < budget + 15
+    rows = read_metrics(tmp_path / "budget" / "metrics.csv")
+    assert s["steps"] == s["planned_steps"] or s["train_seconds"] >= budget - 1.5
+    assert rows[-1]["lr"] < 2e-3 * 0.5  # the cosine was laid over the budget: it decayed, not cut at the start
+    assert "top1" in rows[-1] and s["eval"]["num_images"] == 100
+
+
+def test_run_folder_is_never_overwritten_without_asking(tmp_path):
+    tc = _tc(tmp_path, "once", epochs=1, max_steps=1)
+    train_classifier(_task(), tc)
+    before = (tmp_path / "once" / "last.safetensors").read_bytes()
+    with pytest.raises(RunExistsError, match="--overwrite"):
+        train_classifier(_task(), tc)
+    assert (tmp_path / "once" / "last.safetensors").read_bytes() == before
+    (tmp_path / "notarun").mkdir()
+    (tmp_path / "notarun" / "precious.txt").write_text("keep me")
+    with pytest.raises(RunExistsError, match="refusing to delete"):
+        train_classifier(_task(), dataclasses.replace(tc, name="notarun", overwrite=True))
+    assert (tmp_path / "notarun" / "precious.txt").read_text() == "keep me"
+    cfg = json.loads((tmp_path / "once" / "config.json").read_text())
+    assert cfg["train"]["batch_size"] == 64 and cfg["model"]["embed_dim"] == 32 and cfg["data"]["num_train"] == 256
+
+
+def test_weight_decay_only_on_matrices_and_layer_decay():
+    model = vitkit.create_model("vit_mini_patch7_28", **TINY)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, 0.05)
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert "blocks.0.attn.qkv.weight" in decayed and "patch_embed.proj.weight" in decayed
+    for n in ("pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "head.bias"):
+        assert n not in decayed
+    scales = {names[id(p)]: g["lr_scale"] for g in param_groups(model, 0.05, layer_decay=0.5) for p in g["params"]}
+    assert scales["head.weight"] == 1.0 and scales["blocks.1.mlp.fc1.weight"] == 0.5
+    assert scales["blocks.0.mlp.fc1.weight"] == 0.25 and scales["pos_embed"] == 0.125
+
+
+def test_schedule_and_durations():
+    lrs = [lr_at(s, 100, 10, 1.0, 0.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and max(lrs) == 1.0
+    assert lrs[55] == pytest.approx(0.5, abs=0.02) and lrs[-1] < 0.001
+    assert parse_duration("90s") == 90 and parse_duration("10m") == 600 and parse_duration("1h30m") == 5400
+    assert parse_duration("2.5") == 2.5
+    with pytest.raises(ValueError, match="10m"):
+        parse_duration("ten minutes")
+
+
+@dataclasses.dataclass(frozen=True)
+class AEConfig:
+    dim: int = 8
+    img_size: int = 28  # what vitkit.save records as the input size of any model type
+    in_chans: int = 1
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+class TinyAE(nn.Module):
+    """A stand-in for MAE/DiT: another model type, another loss, a 'lower is better' metric."""
+
+    def __init__(self, config=AEConfig()):
+        super().__init__()
+        self.config = config
+        self.enc, self.dec = nn.Linear(784, config.dim), nn.Linear(config.dim, 784)
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x.flatten(1)))).view_as(x)
+
+
+def test_engine_trains_another_model_type_with_its_own_loss(tmp_path):
+    vitkit.io.register_model_type("tiny_ae", AEConfig, TinyAE)
+    train, val, _ = build_datasets("mnist5k", max_train=256, max_val=64, augment="none")
+    val_x = next(iter(vitkit.data.make_loader(val, 64, train=False)))[0]
+
+    def loss_fn(m, batch):
+        x, _ = batch
+        return nn.functional.mse_loss(m(x), x), {}
+
+    def eval_fn(m):
+        return {"val_loss": nn.functional.mse_loss(m(val_x), val_x).item()}
+
+    cfg = _tc(tmp_path, "ae", epochs=4, best_metric="val_loss", best_mode="min", lr=1e-2)
+    s = Trainer(TinyAE(), train, cfg, loss_fn, eval_fn, resolved={"task": "tiny_ae"}).fit()
+    rows = read_metrics(tmp_path / "ae" / "metrics.csv")
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] and s["best"] == pytest.approx(min(r["val_loss"] for r in rows), rel=1e-5)
+    back = vitkit.load(tmp_path / "ae" / "best.safetensors")
+    assert isinstance(back, TinyAE)
