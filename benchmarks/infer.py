@@ -5,7 +5,7 @@ torch.compile + freezing), bf16 autocast where the CPU has native bf16, and toke
 tome_r) against the plain model. Columns: median img/s, GFLOP/s (analytic FLOPs, math attention counted), fraction
 of a 2048^3 fp32 matmul measured in the same turns, peak extra memory. The last line is the eager ratio vitkit/timm.
 
-    python benchmarks/infer.py                 # the full run (~15-25 min on 2 busy cores)
+    python benchmarks/infer.py                 # the full run (~20-40 min on 2 busy cores)
     python benchmarks/infer.py --quick         # seconds: small shapes, proves the script works
 """
 from __future__ import annotations
@@ -64,6 +64,10 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=0, help="timed turns per candidate (0: 20 at batch 1, 3 above)")
     p.add_argument("--compile", choices=["none", "largest-batch", "all"], default="largest-batch",
                    help="compiled rows: none, only at the largest batch (default), or at every batch")
+    p.add_argument("--compile-models", nargs="*", default=["vit_small_patch16_224"],
+                   help="models that get compiled rows (compiling takes minutes on 2 busy cores); 'all' for every one")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows (measured at the largest batch where "
+                   "the CPU has native bf16)")
     p.add_argument("--tome-r", nargs="*", type=int, default=[8, 13, 16],
                    help="ToMe r values, measured on the last model at the largest batch")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
@@ -109,7 +113,8 @@ def main(argv=None) -> dict:
             record("timm eager", name, batch, st, mem.get("timm"))
             eager_ratios.append((name, batch, sv["items_per_s"] / st["items_per_s"]))
 
-            if a.compile == "all" or (a.compile == "largest-batch" and batch == max(a.batches)):
+            compile_here = a.compile == "all" or (a.compile == "largest-batch" and batch == max(a.batches))
+            if compile_here and (name in a.compile_models or "all" in a.compile_models):
                 fast = vitkit.optimize(ours)
                 tc = torch.compile(copy.deepcopy(ref), dynamic=False, options={"freezing": True})
                 with torch.inference_mode():
@@ -120,7 +125,7 @@ def main(argv=None) -> dict:
                 record(f"vitkit.optimize (max diff {diff:.1e})", name, batch, sv)
                 record("timm compile+freezing", name, batch, st)
 
-            if bf16_fast() and not a.quick:
+            if bf16_fast() and not a.quick and not a.no_bf16 and batch == max(a.batches):
                 def amp(m):
                     def run():
                         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -142,11 +147,11 @@ def main(argv=None) -> dict:
             cands[f"r={r_}"] = no_grad(m, x)
             flops[f"r={r_}"] = tome_flops(m, a.img) * batch
         if a.compile != "none":
-            for r_ in (0, max(a.tome_r)):
-                fast = vitkit.optimize(ours, tome_r=r_)
-                fast(x)
-                cands[f"optimize r={r_}"] = (lambda f: (lambda: f(x)))(fast)
-                flops[f"optimize r={r_}"] = flops[f"r={r_}"] if r_ else flops["plain"]
+            r_ = max(a.tome_r)
+            fast = vitkit.optimize(ours, tome_r=r_)
+            fast(x)
+            cands[f"optimize r={r_}"] = lambda: fast(x)
+            flops[f"optimize r={r_}"] = flops[f"r={r_}"]
         res = interleave(cands, a.reps or 3, mm_n=mm)
         base = summarize(res["plain"], batch)["items_per_s"]
         tbase = summarize(res["timm"], batch)["items_per_s"]

@@ -37,3 +37,16 @@ def test_benchmarks_quick(capsys):
     assert peak[(192, "vitkit")] > peak[(64, "vitkit")]
     assert out["train"]["ckpt_bytes"] < out["train"]["plain_bytes"]
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ratio vitkit/timm")
+
+
+def test_gpu_benchmark_runs_or_says_why_not(capsys):
+    import torch
+
+    import gpu
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run benchmarks/gpu.py itself (minutes), not from the test suite")
+    assert gpu.main([]) == 0
+    assert capsys.readouterr().out.startswith("SKIPPED: no CUDA device")
+    assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu.peak_tflops("NVIDIA H200") == 989.0 and gpu.peak_tflops("mystery card") == 0.0
