@@ -38,7 +38,10 @@ def test_eager_fast_path_and_tome():
         merged = apply_tome(_model().eval(), 5)
         merged.load_state_dict(m.state_dict())
         expected = merged(x)
-    assert torch.equal(vitkit.optimize(m, compile=False)(x), plain)
+    eager = vitkit.optimize(m, compile=False)
+    eager.train()  # inference only: stays in eval mode
+    assert not eager.training and not eager.model.training
+    assert torch.equal(eager(x), plain)
     assert torch.equal(vitkit.optimize(m, tome_r=0, compile=False)(x), plain)
     fast = vitkit.optimize(m, tome_r=5, compile=False)
     assert torch.equal(fast(x), expected) and not torch.equal(fast(x), plain)

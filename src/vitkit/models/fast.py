@@ -39,6 +39,11 @@ class OptimizedViT(nn.Module):
         self.pad_batches = pad_batches
         self._fns = {}
         self._sizes = {}  # method name → batch sizes compiled so far
+        self.training = False
+
+    def train(self, mode: bool = True) -> "OptimizedViT":
+        """Inference only: stays in eval mode (so code that restores `model.train(was_training)` is harmless)."""
+        return self
 
     # the wrapped model's attributes (config, num_classes, ...) stay reachable
     def __getattr__(self, name):
