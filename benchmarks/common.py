@@ -83,7 +83,9 @@ def interleave(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 1,
 def summarize(r: dict, items_per_call: int, flops_per_call: float = 0.0) -> dict:
     """Median throughput (items/s) and, given the FLOPs of one call, median GFLOP/s and fraction of the matmul."""
     t = statistics.median(r["times"])
-    s = {"median_s": t, "items_per_s": items_per_call / t}
+    s = {"median_s": t, "items_per_s": items_per_call / t,
+         # throughput per matmul GFLOP/s of the same turn: robust to a shared machine's slow drifts
+         "norm": statistics.median(items_per_call / ti / mm for ti, mm in zip(r["times"], r["mm_gflops"]))}
     if flops_per_call:
         s["gflops"] = flops_per_call / t / 1e9
         s["frac_matmul"] = statistics.median(flops_per_call / ti / 1e9 / mm for ti, mm in zip(r["times"], r["mm_gflops"]))

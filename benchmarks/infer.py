@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
                                                    "vit_base_patch16_224"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     p.add_argument("--img", type=int, default=224)
-    p.add_argument("--reps", type=int, default=0, help="timed turns per candidate (0: 20 at batch 1, 3 above)")
+    p.add_argument("--reps", type=int, default=0, help="timed turns per candidate (0: 20 at batch 1, 5 above)")
     p.add_argument("--compile", choices=["none", "largest-batch", "all"], default="largest-batch",
                    help="compiled rows: none, only at the largest batch (default), or at every batch")
     p.add_argument("--compile-models", nargs="*", default=["vit_small_patch16_224"],
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
         ours, ref = pair(name, **kw)
         flops_img = vitkit.count_flops(get_config(name, **kw), a.img)["flops"]
         for batch in a.batches:
-            reps = a.reps or (20 if batch == 1 else 3)
+            reps = a.reps or (20 if batch == 1 else 5)
             x = torch.randn(batch, 3, a.img, a.img)
             fl = flops_img * batch
             with torch.inference_mode():
@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
             sv, st = summarize(r["vitkit"], batch, fl), summarize(r["timm"], batch, fl)
             record("vitkit eager", name, batch, sv, mem.get("vitkit"))
             record("timm eager", name, batch, st, mem.get("timm"))
-            eager_ratios.append((name, batch, sv["items_per_s"] / st["items_per_s"]))
+            eager_ratios.append((name, batch, sv["items_per_s"] / st["items_per_s"], sv["norm"] / st["norm"]))
 
             compile_here = a.compile == "all" or (a.compile == "largest-batch" and batch == max(a.batches))
             if compile_here and (name in a.compile_models or "all" in a.compile_models):
@@ -157,19 +157,22 @@ def main(argv=None) -> dict:
         tbase = summarize(res["timm"], batch)["items_per_s"]
         for k, v in res.items():
             s = summarize(v, batch, flops[k])
-            tome[k] = dict(speedup_vs_plain=s["items_per_s"] / base, speedup_vs_timm=s["items_per_s"] / tbase, **s)
-            record(f"ToMe {k}: x{s['items_per_s'] / base:.2f} vs vitkit eager, x{s['items_per_s'] / tbase:.2f} vs timm"
+            nb, nt = summarize(res["plain"], batch)["norm"], summarize(res["timm"], batch)["norm"]
+            tome[k] = dict(speedup_vs_plain=s["items_per_s"] / base, speedup_vs_timm=s["items_per_s"] / tbase,
+                           norm_speedup_vs_plain=s["norm"] / nb, norm_speedup_vs_timm=s["norm"] / nt, **s)
+            record(f"ToMe {k}: x{s['items_per_s'] / base:.2f} ({s['norm'] / nb:.2f} normalized) vs vitkit eager, "
+                   f"x{s['items_per_s'] / tbase:.2f} ({s['norm'] / nt:.2f}) vs timm"
                    if k not in ("plain", "timm") else f"ToMe set: {k} eager", name, batch, s)
 
     print()
     print(table(rows, ["model", "batch", "path", "img/s", "GFLOP/s", "of matmul", "matmul GFLOP/s", "peak mem"]))
-    worst = min(r for _, _, r in eager_ratios)
-    summary = ", ".join(f"{n.replace('_patch16_224', '')} b{b} {r:.3f}" for n, b, r in eager_ratios)
+    worst = min(min(r, q) for _, _, r, q in eager_ratios)
+    summary = ", ".join(f"{n.replace('_patch16_224', '')} b{b} {r:.3f} ({q:.3f})" for n, b, r, q in eager_ratios)
     out = dict(machine=machine(), results=results, eager_ratios=eager_ratios, tome=tome)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
-    print(f"ratio vitkit/timm (eager fp32, median img/s): {summary}; min {worst:.3f}")
+    print(f"ratio vitkit/timm (eager fp32, median img/s (matmul-normalized)): {summary}; min {worst:.3f}")
     return out
 
 

@@ -17,7 +17,7 @@ def test_benchmarks_quick(capsys):
     import train
 
     out = infer.main(["--quick"])
-    assert [r[:2] for r in out["eager_ratios"]] == [("vit_tiny_patch16_224", 2)] and out["eager_ratios"][0][2] > 0
+    assert [r[:2] for r in out["eager_ratios"]] == [("vit_tiny_patch16_224", 2)] and min(out["eager_ratios"][0][2:]) > 0
     labels = [r["label"] for r in out["results"]]
     assert labels[:2] == ["vitkit eager", "timm eager"] and any(l.startswith("ToMe r=2") for l in labels)
     assert all(r["items_per_s"] > 0 for r in out["results"]) and out["results"][0]["gflops"] > 0
