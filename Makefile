@@ -33,6 +33,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/highres.py
 	$(BIN)/python benchmarks/retrieval.py
 	$(BIN)/python benchmarks/pointing.py
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
