@@ -169,6 +169,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_fast_args(p, tome: bool = True) -> tuple:
+    """--fast (the compiled exact path, vitkit.optimize) and --tome R (token merging: faster, slightly less exact)."""
+    out = (p.add_argument("--fast", action="store_true",
+                          help="compile the exact fast inference path first (pays off on large sets)"),)
+    if tome:
+        out += (p.add_argument("--tome", type=int, default=0, metavar="R",
+                               help="merge R tokens per block (ToMe): faster, slightly less accurate"),)
+    return out
+
+
 def _add_data_args(p, train: bool) -> None:
     p.add_argument("--data-dir", default="data", help="where torchvision datasets live (default: ./data)")
     p.add_argument("--download", action="store_true", help="download a torchvision dataset (needs a network)")
@@ -240,7 +250,8 @@ def cmd_eval(args) -> int:
             raise ValueError("the checkpoint does not record its dataset; pass --data (e.g. --data mnist5k)")
     res = evaluate_checkpoint(args.checkpoint, data, out_dir=args.out, batch_size=args.batch_size,
                               device=args.device, data_dir=args.data_dir, download=args.download,
-                              val_split=args.val_split, seed=args.seed, strict=args.strict, max_val=args.max_val)
+                              val_split=args.val_split, seed=args.seed, strict=args.strict, max_val=args.max_val,
+                              fast=args.fast, tome=args.tome)
     if args.json:
         _print_json(res)
     else:
@@ -260,6 +271,7 @@ cmd_eval.add_arguments = lambda p: (
     p.add_argument("--seed", type=int, default=None, help="split seed of a PATH/<class>/* folder (default: the run's)"),
     p.add_argument("--json", action="store_true", help="print the full result as JSON"),
     _add_data_args(p, train=False),
+    *_add_fast_args(p),
 )
 
 
@@ -268,7 +280,7 @@ def cmd_predict(args) -> int:
     from .tasks.classify import predict
 
     res = predict(args.checkpoint, args.images, topk=args.topk, batch_size=args.batch_size, device=args.device,
-                  strict=args.strict)
+                  strict=args.strict, fast=args.fast, tome=args.tome)
     if args.json:
         _print_json(res)
     else:
@@ -288,6 +300,7 @@ cmd_predict.add_arguments = lambda p: (
     p.add_argument("--device", default="auto"),
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image"),
     p.add_argument("--json", action="store_true"),
+    *_add_fast_args(p),
 )
 
 
@@ -367,7 +380,7 @@ def cmd_embed(args) -> int:
 
     _print_json(embed_folder(args.checkpoint, args.folder, args.out, pool=args.pool, layer=args.layer,
                              batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet,
-                             strict=args.strict))
+                             strict=args.strict, fast=args.fast))
     return 0
 
 
@@ -382,6 +395,7 @@ cmd_embed.add_arguments = lambda p: (
     p.add_argument("--overwrite", action="store_true", help="replace an --out made with another model"),
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip it)"),
     p.add_argument("--quiet", action="store_true", help="no progress bar"),
+    *_add_fast_args(p, tome=False),  # merged tokens would change the embeddings the index stores
 )
 
 

@@ -185,3 +185,19 @@ def test_time_budget_none_switches_to_epochs(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     cfg = json.loads((tmp_path / "nb" / "config.json").read_text())
     assert cfg["train"]["time_budget"] is None and cfg["train"]["epochs"] == 1
+
+
+def test_fast_and_tome_flags(trained, tmp_path, capsys):
+    """--fast (compiled exact path) gives the plain model's probabilities; --tome R runs eval with merged tokens."""
+    _digits_as_pngs(tmp_path / "imgs", n=6)
+    assert main(["predict", str(trained), str(tmp_path / "imgs"), "--json", "--topk", "3"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["predict", str(trained), str(tmp_path / "imgs"), "--json", "--topk", "3", "--fast"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    for a, b in zip(plain, fast):
+        assert [t["label"] for t in a["topk"]] == [t["label"] for t in b["topk"]]
+        assert max(abs(x["prob"] - y["prob"]) for x, y in zip(a["topk"], b["topk"])) <= 1e-4
+    assert main(["eval", str(trained), "--data", "mnist5k", "--max-val", "100", "--tome", "2", "--json",
+                 "--out", str(tmp_path / "ev")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["tome_r"] == 2 and res["num_images"] == 100 and 0 <= res["top1"] <= 100

@@ -156,6 +156,13 @@ def test_embed_is_incremental_and_index_search_end_to_end(tmp_path, capsys, digi
     inc, full = Embeddings.load(emb), Embeddings.load(tmp_path / "full.st")
     assert inc.paths == full.paths
     np.testing.assert_allclose(inc.vectors, full.vectors, atol=1e-5)
+    # --fast (the compiled exact path) gives the same embeddings under the same manifest
+    code, out, err = _run(capsys, ["embed", str(digits_model), str(gallery), "--out", str(tmp_path / "fast.st"),
+                                   "--quiet", "--fast"])
+    assert code == 0, err
+    fast = Embeddings.load(tmp_path / "fast.st")
+    assert fast.paths == full.paths and fast.model == full.model
+    np.testing.assert_allclose(fast.vectors, full.vectors, atol=1e-4)
 
     ix = tmp_path / "ix"
     code, out, err = _run(capsys, ["index", "build", str(tmp_path / "full.st"), "--out", str(ix)])

@@ -303,8 +303,9 @@ def plot_confusion(conf, class_names: Sequence[str], path, title: str = "") -> P
 
 
 # ---- evaluate and predict a checkpoint ------------------------------------------------------------------------
-def load_classifier(path, device="cpu"):
-    """A vitkit classifier checkpoint (or run folder) → model in eval mode, with its class names."""
+def load_classifier(path, device="cpu", fast: bool = False, tome: int = 0):
+    """A vitkit classifier checkpoint (or run folder) → model in eval mode, with its class names.
+    `fast` compiles the exact fast path (`vitkit.optimize`); `tome` > 0 merges that many tokens per block."""
     from ..io import load
 
     model = load(path).to(device)
@@ -313,12 +314,17 @@ def load_classifier(path, device="cpu"):
     names = (model.pretrained_cfg or {}).get("class_names") or [str(i) for i in range(model.num_classes)]
     if len(names) != model.num_classes:
         raise CheckpointError(f"{str(path)!r} names {len(names)} classes but its head has {model.num_classes}")
+    if fast or tome:
+        from ..models.fast import optimize
+
+        model = optimize(model, tome_r=tome, compile=fast)
     return model, list(names)
 
 
 def evaluate_checkpoint(path, data: str, *, out_dir=None, batch_size: int = 500, device="auto",
                         data_dir="data", download=False, val_split: Optional[float] = None,
-                        seed: Optional[int] = None, strict: bool = False, max_val: Optional[int] = None) -> dict:
+                        seed: Optional[int] = None, strict: bool = False, max_val: Optional[int] = None,
+                        fast: bool = False, tome: int = 0) -> dict:
     """Top-1/top-5, per-class accuracy and confusion matrix of a checkpoint on a dataset's validation split;
     writes eval.json and eval_confusion.png into `out_dir` (default: the run folder, or next to the file).
     `val_split`/`seed` (how a PATH/<class>/* folder is split) default to the run's own, so the held-out
@@ -333,7 +339,7 @@ def evaluate_checkpoint(path, data: str, *, out_dir=None, batch_size: int = 500,
     if seed is None:
         seed = saved.get("train", {}).get("seed", 0)
     dev = resolve_device(device)
-    model, names = load_classifier(path, dev)
+    model, names = load_classifier(path, dev, fast=fast, tome=tome)
     pcfg = model.pretrained_cfg or {}
     c = model.config
     _, val, info = build_datasets(data, img_size=c.img_size, in_chans=c.in_chans, augment="none",
@@ -351,7 +357,8 @@ def evaluate_checkpoint(path, data: str, *, out_dir=None, batch_size: int = 500,
     result = {"checkpoint": str(path), "data": info.spec, "num_images": ev["num_images"],
               "top1": round(ev["top1"], 3), "top5": round(ev["top5"], 3), "val_loss": round(ev["val_loss"], 5),
               "per_class": {str(n): round(a, 2) for n, a in zip(names, ev["per_class"])},
-              "confusion": ev["confusion"], "class_names": names, "skipped_images": len(info.skipped)}
+              "confusion": ev["confusion"], "class_names": names, "skipped_images": len(info.skipped),
+              "fast": bool(fast), "tome_r": int(tome)}
     from ..io.checkpoint import atomic_write
 
     text = json.dumps(result, indent=2) + "\n"
@@ -381,11 +388,11 @@ def collect_images(paths: Sequence) -> List[Path]:
 
 @torch.no_grad()
 def predict(checkpoint, paths: Sequence, *, topk: int = 5, batch_size: int = 64, device="auto",
-            strict: bool = False) -> List[dict]:
+            strict: bool = False, fast: bool = False, tome: int = 0) -> List[dict]:
     """Top-k labels (by name) with probabilities for each image; images are batched. Unreadable images are
     reported with an 'error' entry (or raise with `strict`)."""
     dev = resolve_device(device)
-    model, names = load_classifier(checkpoint, dev)
+    model, names = load_classifier(checkpoint, dev, fast=fast, tome=tome)
     pcfg = model.pretrained_cfg or {}
     c = model.config
     size = c.img_size

@@ -69,7 +69,8 @@ def embed_images(model, x: torch.Tensor, pool: str = "cls", layer: Optional[int]
     negative from the end); its tokens go through the model's final norm, as the last block's do."""
     _check_pool(model, pool, layer)
     if pool == "prelogits":
-        f = model.forward_head(model.forward_features(x), pre_logits=True)
+        fused = getattr(model, "embed_images", None)  # an optimized model compiles the whole path in one graph
+        f = fused(x) if fused is not None else model.forward_head(model.forward_features(x), pre_logits=True)
     else:
         if layer is None:
             tokens = model.forward_features(x)
@@ -209,7 +210,7 @@ def embed_paths(model, paths: Sequence, pool: str, layer: Optional[int], batch_s
 
 def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Optional[int] = None,
                  batch_size: int = 64, overwrite: bool = False, progress: bool = True, model=None,
-                 strict: bool = False) -> Dict:
+                 strict: bool = False, fast: bool = False) -> Dict:
     """Embed every image under `folder` into the embeddings file `out`. When `out` exists (same model), only the
     new or changed files (by path, mtime and size) are embedded; removed files are dropped. Unreadable images are
     skipped with a warning (`strict`: stop at the first). Returns counts."""
@@ -223,6 +224,10 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
     pool = pool or default_pool(model, layer)
     _check_pool(model, pool, layer)
     manifest = model_manifest(model, checkpoint, pool, layer)
+    if fast and layer is None:  # the exact compiled path (vitkit.optimize): same embeddings, same manifest
+        from ..models.fast import optimize
+
+        model = optimize(model)
     old = None
     out = Path(out)
     if out.exists():
