@@ -158,3 +158,33 @@ def test_train_gen_init_continues_from_a_checkpoint(dit_run, runs, capsys):
     capsys.readouterr()
     assert main([*base, "--name", "dit_bad", "--model-arg", "embed_dim=64", "--model-arg", "depth=1"]) == 2
     assert "differs from this run's DiT in embed_dim (32 vs 64)" in capsys.readouterr().err
+
+
+def test_pretrain_resume_ends_bit_identical(tmp_path):
+    """MAE pretraining uses the engine's resume: a run cut after its first epoch and continued with
+    `vitkit pretrain --resume` ends with exactly the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from vitkit.tasks.mae import MAETaskConfig, pretrain_mae
+    from vitkit.train import TrainConfig
+
+    task = MAETaskConfig(model_args={"embed_dim": 32, "depth": 1, "num_heads": 2}, decoder_embed_dim=16,
+                         decoder_depth=1, decoder_num_heads=2, max_train=60, max_val=20)
+
+    def tc(name):
+        return TrainConfig(name=name, runs_dir=str(tmp_path), epochs=2, batch_size=20, quiet=True)
+
+    pretrain_mae(task, tc("full"))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(trainer, row):
+        if row["epoch"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        pretrain_mae(task, tc("cut"), on_epoch_end=stop)
+    assert main(["pretrain", "--method", "mae", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+    a, b = load_file(str(tmp_path / "full" / "last.safetensors")), load_file(str(tmp_path / "cut" / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

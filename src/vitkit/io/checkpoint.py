@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Type
 
-import torch
 from torch import nn
 
 from ..errors import CheckpointError

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..data import IMG_EXTENSIONS, MixUp, build_datasets, eval_transform, make_loader, read_image
 from ..errors import CheckpointError, ConfigError, DataError
 from ..models import create_model, get_config
-from ..train import Trainer, TrainConfig, resolve_device
+from ..train import Trainer, TrainConfig, resolve_device, resume_configs
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, on_epoch
     """Train a ViT classifier on `task.data` with the engine; writes the run folder and returns the summary."""
     torch.manual_seed(train_cfg.seed)  # the same initial weights in every process and every repeat
     if train_cfg.resume:
-        task, train_cfg = _resume_configs(train_cfg)
+        task, train_cfg = resume_configs(train_cfg, "classify", "classifier", ClassifierConfig, "a classifier run")
     # the data decides the class count; the model decides image size, channels (and, pretrained, normalisation)
     pretrained = load_init(task) if task.init else None
     norm = {}
@@ -207,24 +207,6 @@ def _model_input(task: ClassifierConfig):
     """(channels, img_size) a fresh model will take, before it is built (so the data can be shaped for it)."""
     cfg = get_config(task.model or "vit_mini_patch7_28")
     return task.model_args.get("in_chans", cfg.in_chans), task.model_args.get("img_size", cfg.img_size)
-
-
-def _resume_configs(train_cfg: TrainConfig):
-    """The task and engine configs a run folder was started with (only resume-safe fields may change)."""
-    import json
-
-    path = Path(train_cfg.resume)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise ConfigError(f"cannot resume {str(path)!r}: no config.json there (is it a vitkit run folder?)")
-    saved = json.loads(cfg_file.read_text())
-    if saved.get("task") != "classify":
-        raise ConfigError(f"{str(path)!r} is a {saved.get('task')!r} run, not a classifier run")
-    task = ClassifierConfig(**saved["classifier"])
-    tc = TrainConfig.from_dict(saved["train"])
-    tc.resume, tc.quiet, tc.device, tc.workers = str(path), train_cfg.quiet, train_cfg.device, train_cfg.workers
-    tc.name, tc.runs_dir = path.name, str(path.parent)
-    return task, tc
 
 
 def _final_report(trainer, val, info, task: ClassifierConfig) -> dict:

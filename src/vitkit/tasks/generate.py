@@ -16,7 +16,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from ..data import build_datasets, make_loader
 from ..errors import CheckpointError, ConfigError
 from ..models.diffusion import get_objective
 from ..models.dit import DiT, DiTConfig
-from ..train import Trainer, TrainConfig
+from ..train import Trainer, TrainConfig, resume_configs
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def train_generator(task: GeneratorConfig, train_cfg: TrainConfig) -> dict:
     """Train a class-conditional DiT on `task.data` with the engine; writes the run folder, returns the summary."""
     torch.manual_seed(train_cfg.seed)
     if train_cfg.resume:
-        task, train_cfg = _resume_configs(train_cfg)
+        task, train_cfg = resume_configs(train_cfg, "generate", "generator", GeneratorConfig, "a train-gen run")
     train, val, info = build_datasets(task.data, img_size=task.img_size, augment=task.augment,
                                       data_dir=task.data_dir, download=task.download, val_split=task.val_split,
                                       seed=train_cfg.seed, strict=task.strict, max_train=task.max_train,
@@ -156,23 +156,6 @@ def _init_from(path, fresh: DiT) -> DiT:
                           "pass the same --objective and --model-arg options it was trained with")
     fresh.load_state_dict(src.state_dict())
     return fresh
-
-
-def _resume_configs(train_cfg: TrainConfig):
-    import json
-
-    path = Path(train_cfg.resume)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise ConfigError(f"cannot resume {str(path)!r}: no config.json there (is it a vitkit run folder?)")
-    saved = json.loads(cfg_file.read_text())
-    if saved.get("task") != "generate":
-        raise ConfigError(f"{str(path)!r} is a {saved.get('task')!r} run, not a train-gen run")
-    task = GeneratorConfig(**saved["generator"])
-    tc = TrainConfig.from_dict(saved["train"])
-    tc.resume, tc.quiet, tc.device = str(path), train_cfg.quiet, train_cfg.device
-    tc.name, tc.runs_dir = path.name, str(path.parent)
-    return task, tc
 
 
 def _final_report(trainer, task: GeneratorConfig, info) -> dict:

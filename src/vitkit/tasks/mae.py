@@ -21,7 +21,7 @@ from ..data import build_datasets, make_loader
 from ..errors import CheckpointError, ConfigError
 from ..models import get_config
 from ..models.mae import MaskedAutoencoderViT, mae_config_for
-from ..train import Trainer, TrainConfig
+from ..train import Trainer, TrainConfig, resume_configs
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,12 @@ def masked_loss(model, dataset, batch_size: int = 250, seed: int = 0) -> float:
     return total / max(1, n)
 
 
-def pretrain_mae(task: MAETaskConfig, train_cfg: TrainConfig) -> dict:
-    """MAE pretraining on `task.data`'s training images (no labels) with the engine; returns the summary."""
+def pretrain_mae(task: MAETaskConfig, train_cfg: TrainConfig, *, on_epoch_end=None) -> dict:
+    """MAE pretraining on `task.data`'s training images (no labels) with the engine; returns the summary.
+    `on_epoch_end(trainer, row)` is the engine's per-epoch hook."""
     torch.manual_seed(train_cfg.seed)
     if train_cfg.resume:
-        task, train_cfg = _resume_configs(train_cfg)
+        task, train_cfg = resume_configs(train_cfg, "mae", "mae", MAETaskConfig, "an MAE pretraining run")
     torch.manual_seed(train_cfg.seed)
     model = build_mae(task)
     c = model.config
@@ -135,25 +136,9 @@ def pretrain_mae(task: MAETaskConfig, train_cfg: TrainConfig) -> dict:
              info.spec, len(train), c.name or "custom",
              sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("decoder", "mask"))) / 1e6,
              c.decoder_depth, c.decoder_embed_dim, c.mask_ratio)
-    trainer = Trainer(model, train, train_cfg, mae_loss, eval_fn, resolved=resolved, end_fn=end_fn)
+    trainer = Trainer(model, train, train_cfg, mae_loss, eval_fn, resolved=resolved, end_fn=end_fn,
+                      on_epoch_end=on_epoch_end)
     return trainer.fit()
-
-
-def _resume_configs(train_cfg: TrainConfig):
-    import json
-
-    path = Path(train_cfg.resume)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise ConfigError(f"cannot resume {str(path)!r}: no config.json there (is it a vitkit run folder?)")
-    saved = json.loads(cfg_file.read_text())
-    if saved.get("task") != "mae":
-        raise ConfigError(f"{str(path)!r} is a {saved.get('task')!r} run, not an MAE pretraining run")
-    task = MAETaskConfig(**saved["mae"])
-    tc = TrainConfig.from_dict(saved["train"])
-    tc.resume, tc.quiet, tc.device = str(path), train_cfg.quiet, train_cfg.device
-    tc.name, tc.runs_dir = path.name, str(path.parent)
-    return task, tc
 
 
 # ---- reconstructions ------------------------------------------------------------------------------------------

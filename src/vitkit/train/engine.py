@@ -704,3 +704,21 @@ def _batch_len(batch) -> int:
     if isinstance(batch, dict):
         return _batch_len(next(iter(batch.values())))
     return 1
+
+
+def resume_configs(train_cfg: TrainConfig, task: str, section: str, task_cls, what: str):
+    """The (task config, TrainConfig) a run folder `train_cfg.resume` was started with, for `--resume`: read from
+    its config.json, refusing a folder of another task (`task`, e.g. 'classify'; `what` names it in the error).
+    Only resume-safe fields (quiet, device, workers) come from the new command line."""
+    path = Path(train_cfg.resume)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"cannot resume {str(path)!r}: no config.json there (is it a vitkit run folder?)")
+    saved = json.loads(cfg_file.read_text())
+    if saved.get("task") != task:
+        raise ConfigError(f"{str(path)!r} is a {saved.get('task')!r} run, not {what}")
+    task_cfg = task_cls(**saved[section])
+    tc = TrainConfig.from_dict(saved["train"])
+    tc.resume, tc.quiet, tc.device, tc.workers = str(path), train_cfg.quiet, train_cfg.device, train_cfg.workers
+    tc.name, tc.runs_dir = path.name, str(path.parent)
+    return task_cfg, tc
