@@ -8,6 +8,15 @@ from typing import Dict, List, Optional, Tuple, Union
 IntOrPair = Union[int, Tuple[int, int]]
 
 
+def replace_checked(config, changes: dict, what: str):
+    """dataclasses.replace for a config, refusing unknown option names with a list of the known ones."""
+    known = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} option(s) {unknown}; known options: {sorted(known)}")
+    return dataclasses.replace(config, **changes)
+
+
 @dataclass(frozen=True)
 class ViTConfig:
     """Everything that defines a ViT's architecture; argument names follow timm's `VisionTransformer`."""
@@ -41,11 +50,7 @@ class ViTConfig:
 
     def replace(self, **changes) -> "ViTConfig":
         """A copy with some fields changed; unknown names are a clear error."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(f"unknown model option(s) {unknown}; known options: {sorted(known)}")
-        return dataclasses.replace(self, **changes)
+        return replace_checked(self, changes, "model")
 
     def validate(self) -> None:
         if self.embed_dim % self.num_heads:

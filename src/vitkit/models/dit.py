@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .config import replace_checked
 from .mae import patchify, sincos_pos_embed_2d, unpatchify
 from .vit import Attention, Mlp, PatchEmbed
 
@@ -44,11 +45,7 @@ class DiTConfig:
     name: str = ""
 
     def replace(self, **changes) -> "DiTConfig":
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(f"unknown DiT option(s) {unknown}; known options: {sorted(known)}")
-        return dataclasses.replace(self, **changes)
+        return replace_checked(self, changes, "DiT")
 
     def validate(self) -> None:
         if self.embed_dim % self.num_heads:
