@@ -1,9 +1,13 @@
 """Inference speed, vitkit vs timm, identical weights, interleaved in one process (see common.py).
 
-Rows: each model at each batch size, fp32: eager (vitkit vs timm), compiled (vitkit.optimize vs timm under the same
-torch.compile + freezing), bf16 autocast where the CPU has native bf16, and token merging (vitkit.optimize with
-tome_r) against the plain model. Columns: median img/s, GFLOP/s (analytic FLOPs, math attention counted), fraction
-of a 2048^3 fp32 matmul measured in the same turns, peak extra memory. The last line is the eager ratio vitkit/timm.
+Rows: each model at each batch size, fp32: eager (vitkit vs timm), the fast paths (vitkit.optimize on its default
+backend and with backend="compile", against timm under torch.compile with inductor freezing), bf16 autocast where the
+CPU has native bf16, and token merging (vitkit.optimize with tome_r) against the plain model. Columns: median img/s,
+GFLOP/s (the model's analytic FLOPs, math attention counted, whether or not a path skips some), fraction of a 2048^3
+fp32 matmul measured in the same turns, peak extra memory. The last line is the eager ratio vitkit/timm.
+
+The process starts with `vitkit.models.fast.tune_malloc()` (what `optimize` does on a CPU) so that every row, timm's
+included, runs with the same allocator; `--no-tune-malloc` measures glibc's default instead.
 
     python benchmarks/infer.py                 # the full run (~20-40 min on 2 busy cores)
     python benchmarks/infer.py --quick         # seconds: small shapes, proves the script works
@@ -24,6 +28,7 @@ import torch  # noqa: E402
 
 import vitkit  # noqa: E402
 from vitkit.models import create_model, get_config  # noqa: E402
+from vitkit.models.fast import tune_malloc  # noqa: E402
 from vitkit.models.tome import apply_tome, tome_flops  # noqa: E402
 
 MEM_SETUP = """
@@ -46,6 +51,32 @@ def pair(name: str, **kw):
     ours = create_model(name, **kw).eval()
     ours.load_state_dict(ref.state_dict())
     return ours, ref
+
+
+def executed_flops(model, img: int) -> float:
+    """FLOPs per image that vitkit.optimize's oneDNN path executes: the model's, less the last block's queries,
+    attention, projection and MLP for the non-prefix tokens (their outputs are never read under token pooling)."""
+    cfg = model.config
+    total = vitkit.count_flops(cfg, img)["flops"]
+    if model.global_pool != "token":
+        return total
+    n, p, d = vitkit.count_flops(cfg, img)["tokens"], model.num_prefix_tokens, cfg.embed_dim
+    f = int(d * cfg.mlp_ratio)
+    skipped = (n - p) * (d * d + 2 * n * d + d * d + 2 * d * f)
+    return total - 2.0 * skipped
+
+
+def torch_compile_frozen(model):
+    """timm's model under torch.compile with inductor freezing; freezing must be on while Dynamo traces (the first
+    call), not only in compile's options, or the weights stay graph inputs and nothing is frozen."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(model, dynamic=False)
+
+    def run(x):
+        with torch.inference_mode(), inductor_config.patch(freezing=True):
+            return compiled(x)
+    return run
 
 
 def no_grad(fn, x):
@@ -72,6 +103,7 @@ def main(argv=None) -> dict:
                    help="ToMe r values, measured on the last model at the largest batch")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-tune-malloc", action="store_true", help="keep glibc's default allocator settings")
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 turns: checks the script, not the speed")
     a = p.parse_args(argv)
@@ -81,10 +113,11 @@ def main(argv=None) -> dict:
         a.threads = a.threads or 1  # small ops on busy cores: one thread avoids OpenMP barrier stalls
     if a.threads:
         torch.set_num_threads(a.threads)
+    tuned = False if a.no_tune_malloc else tune_malloc()
     mm = QUICK_MM if a.quick else 2048  # the reference matmul's size
     torch.manual_seed(0)
-    print(f"# infer.py on {machine()}", flush=True)
-    rows, results, eager_ratios = [], [], []
+    print(f"# infer.py on {machine()}; allocator tuned: {tuned}", flush=True)
+    rows, results, eager_ratios, compiled_ratios = [], [], [], []
 
     def record(label, name, batch, s, mem=None):
         results.append(dict(label=label, model=name, batch=batch, mem_bytes=mem, **s))
@@ -115,15 +148,24 @@ def main(argv=None) -> dict:
 
             compile_here = a.compile == "all" or (a.compile == "largest-batch" and batch == max(a.batches))
             if compile_here and (name in a.compile_models or "all" in a.compile_models):
-                fast = vitkit.optimize(ours)
-                tc = torch.compile(copy.deepcopy(ref), dynamic=False, options={"freezing": True})
+                fast = vitkit.optimize(ours, tune_allocator=not a.no_tune_malloc)
+                fast_c = vitkit.optimize(ours, backend="compile", tune_allocator=not a.no_tune_malloc)
+                tc = torch_compile_frozen(copy.deepcopy(ref))
                 with torch.inference_mode():
-                    diff = (fast(x) - ours(x)).abs().max().item()
+                    plain = ours(x)
+                    diff = (fast(x) - plain).abs().max().item()
+                    diff_c = (fast_c(x) - plain).abs().max().item()
                     tc(x)
-                r = interleave({"vitkit": lambda: fast(x), "timm": no_grad(tc, x)}, reps, mm_n=mm)
-                sv, st = summarize(r["vitkit"], batch, fl), summarize(r["timm"], batch, fl)
-                record(f"vitkit.optimize (max diff {diff:.1e})", name, batch, sv)
+                r = interleave({"vitkit": lambda: fast(x), "vitkit compile": lambda: fast_c(x),
+                                "timm": lambda: tc(x)}, reps, mm_n=mm)
+                sv, sc, st = (summarize(r[k], batch, fl) for k in ("vitkit", "vitkit compile", "timm"))
+                ex = executed_flops(ours, a.img) * batch if fast.backend == "onednn" else fl
+                sv["frac_matmul_executed"] = sv["frac_matmul"] * ex / fl
+                record(f"vitkit.optimize [{fast.backend}] (max diff {diff:.1e}; executes {ex / fl:.1%} of the "
+                       f"FLOPs: {100 * sv['frac_matmul_executed']:.0f}% of matmul on those)", name, batch, sv)
+                record(f"vitkit.optimize [compile] (max diff {diff_c:.1e})", name, batch, sc)
                 record("timm compile+freezing", name, batch, st)
+                compiled_ratios.append((name, batch, sv["frac_matmul"], st["frac_matmul"]))
 
             if bf16_fast() and not a.quick and not a.no_bf16 and batch == max(a.batches):
                 def amp(m):
@@ -168,7 +210,11 @@ def main(argv=None) -> dict:
     print(table(rows, ["model", "batch", "path", "img/s", "GFLOP/s", "of matmul", "matmul GFLOP/s", "peak mem"]))
     worst = min(min(r, q) for _, _, r, q in eager_ratios)
     summary = ", ".join(f"{n.replace('_patch16_224', '')} b{b} {r:.3f} ({q:.3f})" for n, b, r, q in eager_ratios)
-    out = dict(machine=machine(), results=results, eager_ratios=eager_ratios, tome=tome)
+    out = dict(machine=machine(), results=results, eager_ratios=eager_ratios, tome=tome,
+               compiled=compiled_ratios, malloc_tuned=tuned)
+    for n, b, fv, ft in compiled_ratios:
+        print(f"fast path {n.replace('_patch16_224', '')} b{b}: vitkit.optimize {100 * fv:.1f}% of the same-run "
+              f"matmul, timm compile+freezing {100 * ft:.1f}%")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -3,7 +3,7 @@ from .errors import CheckpointError, ConfigError, DataError, VitkitError
 from .io import export, load, load_pretrained, save
 from .models import ViTConfig, VisionTransformer, count_flops, create_model, list_models
 from .models.dit import DiT, DiTConfig  # class-conditional diffusion transformer (image generation)
-from .models.fast import OptimizedViT, optimize  # the fastest exact inference path (compile + freezing)
+from .models.fast import OptimizedViT, optimize  # the fastest exact inference path (oneDNN or compile)
 from .models.mae import MAEConfig, MaskedAutoencoderViT  # masked-autoencoder pretraining
 from .models.tome import apply_tome, remove_tome  # token merging (ToMe)
 from .tasks.retrieve import Index  # faiss index with a manifest that records the model

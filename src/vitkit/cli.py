@@ -170,9 +170,9 @@ def cmd_train(args) -> int:
 
 
 def _add_fast_args(p, tome: bool = True) -> tuple:
-    """--fast (the compiled exact path, vitkit.optimize) and --tome R (token merging: faster, slightly less exact)."""
+    """--fast (the exact fast path, vitkit.optimize) and --tome R (token merging: faster, slightly less exact)."""
     out = (p.add_argument("--fast", action="store_true",
-                          help="compile the exact fast inference path first (pays off on large sets)"),)
+                          help="the exact fast inference path (vitkit.optimize: prepacked oneDNN kernels on CPU, torch.compile on GPU)"),)
     if tome:
         out += (p.add_argument("--tome", type=int, default=0, metavar="R",
                                help="merge R tokens per block (ToMe): faster, slightly less accurate"),)

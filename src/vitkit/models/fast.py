@@ -1,45 +1,210 @@
 """`vitkit.optimize(model)`: the fastest exact inference path for a ViT on this machine.
 
-What it does, and why (measured in benchmarks/RESULTS.md):
-- eval mode, no autograd bookkeeping (inference_mode);
-- optional token merging (`tome_r`, see `vitkit.models.tome`): fewer tokens, fewer FLOPs; the only large gain,
-  since on a CPU the kernels leave little headroom;
-- torch.compile (inductor) with freezing: the weights become constants, linears run as prepacked oneDNN/MKL
-  kernels with the bias/GELU fused in, LayerNorm + residual adds fuse into single loops. Outputs match eager to
-  ~1e-6 (fp32; the tests hold them to 1e-4);
-- static shapes with padding: a batch smaller than one already compiled is padded to that size and the result
-  sliced, so the last, short batch of a data set does not trigger a fresh compile (ViT samples are independent).
+Backends (`backend="auto"` picks the first that applies; measured in benchmarks/RESULTS.md):
+- "onednn" (CPU, fp32, x86 PyTorch with oneDNN): no compile step. Every linear runs as a prepacked oneDNN matmul
+  with its epilogue fused: the bias always, GELU after fc1, and the residual add after the attention projection and
+  fc2 (LayerScale is folded into those weights). The last block computes its queries, projection and MLP for the
+  class/prefix tokens only when the head reads nothing else (`global_pool='token'`): the other tokens' outputs
+  there are never used, so skipping them is exact and saves ~1/depth of the model's FLOPs. Outputs match eager
+  to ~1e-6 (fp32; tests hold them to 1e-4).
+- "compile": torch.compile (inductor) with freezing: the weights become constants, linears prepacked, norms and
+  residual adds fused. For GPUs and CPUs without oneDNN. Static shapes: a batch smaller than one already compiled
+  is padded to that size and the result sliced, so a data set's last, short batch does not recompile.
+  Compiling takes ~0.5-1 min per (model, batch size) on 2 cores.
+- "eager": the plain model under inference_mode (also what "compile" falls back to, loudly, if compiling fails).
 
-Compiling takes ~0.5-1 min per (model, batch size) on 2 cores; it pays off for large evaluations. If compilation
-is not possible here (no C++ compiler, unsupported platform), it warns and runs eager.
+Token merging (`tome_r`, see `vitkit.models.tome`) works with every backend: fewer tokens, fewer FLOPs.
+
+On Linux/glibc, the CPU backends also tune the allocator once per process (`tune_malloc`): a ViT's activations
+are tens of MB per matmul, which glibc hands back to the kernel on free and faults in again, page by page, at the
+next call (~75k page faults per ViT-S batch of 32, ~7% of its time). Keeping them in the heap costs no speed but
+means the process keeps its peak memory. `optimize(..., tune_allocator=False)` leaves malloc alone.
 """
 from __future__ import annotations
 
 import copy
+import ctypes
 import logging
-from typing import Sequence, Union
+import sys
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .tome import apply_tome
-from .vit import VisionTransformer
+from .tome import ToMeVisionTransformer, apply_tome, bipartite_soft_matching, merge_wavg, parse_r
+from .vit import Block, LayerScale, VisionTransformer
 
 log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onednn", "compile", "eager")
+_allocator_tuned = False
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory in the process heap (glibc: no mmap for large blocks, no trimming), so that the large
+    activation buffers of a forward pass are reused instead of faulted in page by page at every call. Process-wide
+    and permanent; returns whether it applied (glibc only)."""
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1
+    except (OSError, AttributeError):
+        return False
+    _allocator_tuned = ok
+    return ok
+
+
+# ---- the oneDNN backend -----------------------------------------------------------------------------------------
+def onednn_supported(model: nn.Module) -> Tuple[bool, str]:
+    """Whether the "onednn" backend can run this model here, and if not, why."""
+    if type(model) not in _ONEDNN_MODELS:
+        return False, f"{type(model).__name__} is not a plain ViT classifier"
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        return False, f"the model is {p.dtype} on {p.device}, not float32 on the CPU"
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False, "this PyTorch build has no oneDNN linear kernels"
+    for blk in model.blocks:
+        if not (isinstance(blk, Block) and isinstance(blk.mlp.fc1, nn.Linear) and isinstance(blk.norm1, nn.LayerNorm)):
+            return False, "a block is not the standard pre-norm ViT block"
+    try:  # the kernels exist in this build: make sure they run on this CPU
+        _PackedLinear(nn.Linear(8, 8)).add(torch.randn(2, 8), torch.randn(2, 8))
+    except (RuntimeError, NotImplementedError) as e:
+        return False, f"oneDNN linear failed here ({e})"
+    return True, ""
+
+
+class _PackedLinear:
+    """y = x W^T + b [+ other | → activation] as one prepacked oneDNN matmul with a fused epilogue.
+    `scale` folds a following per-channel scale (LayerScale) into W and b."""
+
+    def __init__(self, linear: nn.Linear, scale: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None):
+        w = linear.weight.detach()
+        b = linear.bias.detach() if linear.bias is not None else None
+        if scale is not None:
+            w = w * scale.detach()[:, None]
+            b = b * scale.detach() if b is not None else None
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
+        self.bias = b.contiguous() if b is not None else None
+        self.attr, self.algorithm, self.act = "none", "", None
+        if isinstance(act, nn.GELU):  # exact (erf) or tanh GELU run inside the matmul's epilogue
+            self.attr, self.algorithm = "gelu", act.approximate
+        elif act is not None and not isinstance(act, nn.Identity):
+            self.act = act  # any other activation runs after the matmul
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.attr, [], self.algorithm)
+        return self.act(y) if self.act is not None else y
+
+    def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """x W^T + b + other (the residual), in one pass."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weight, self.bias, "add")
+
+
+def _layer_scale(ls: nn.Module) -> Optional[torch.Tensor]:
+    return ls.gamma if isinstance(ls, LayerScale) else None
+
+
+class _PackedBlock:
+    """A pre-norm ViT block (`vit.Block`) on prepacked weights, with ToMe's merging and a prefix-only mode."""
+
+    def __init__(self, blk: Block):
+        attn = blk.attn
+        self.norm1, self.norm2 = blk.norm1, blk.norm2
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.qkv = _PackedLinear(attn.qkv)
+        self._qkv_linear, self._q_kv = attn.qkv, None  # (q, kv) split, made when a prefix-only call needs it
+        self.proj = _PackedLinear(attn.proj, scale=_layer_scale(blk.ls1))
+        self.fc1 = _PackedLinear(blk.mlp.fc1, act=blk.mlp.act)
+        self.fc2 = _PackedLinear(blk.mlp.fc2, scale=_layer_scale(blk.ls2))
+
+    def _split_qkv(self) -> Tuple[_PackedLinear, _PackedLinear]:
+        if self._q_kv is None:
+            lin, C = self._qkv_linear, self._qkv_linear.in_features
+            parts = []
+            for rows in (slice(0, C), slice(C, 3 * C)):
+                part = nn.Linear(C, rows.stop - rows.start, bias=lin.bias is not None)
+                part.weight.data = lin.weight.detach()[rows]
+                if lin.bias is not None:
+                    part.bias.data = lin.bias.detach()[rows]
+                parts.append(_PackedLinear(part))
+            self._q_kv = tuple(parts)
+        return self._q_kv
+
+    def __call__(self, x: torch.Tensor, size: Optional[torch.Tensor] = None, r: int = 0, num_protected: int = 1,
+                 keep: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x (B, N, D) → (B, N', D) and the token sizes. size/r: ToMe's proportional attention and merging (as
+        `tome.tome_block`). keep=k: outputs for the first k tokens only (they still attend to every token)."""
+        B, N, C = x.shape
+        H, hd = self.num_heads, self.head_dim
+        h = self.norm1(x.reshape(B * N, C))
+        if keep is None:
+            q, k, v = self.qkv(h).view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        else:  # keys and values for every token, queries for the kept ones only
+            q_lin, kv_lin = self._split_qkv()
+            k, v = kv_lin(h).view(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            q = q_lin(h.view(B, N, C)[:, :keep].reshape(B * keep, C)).view(B, keep, H, hd).transpose(1, 2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        bias = size.log().reshape(B, 1, 1, N).to(q.dtype) if size is not None else None
+        metric = k.mean(dim=1) if r > 0 and keep is None else None
+        if keep is not None:
+            x, N = x[:, :keep], keep
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, N, hd), laid out as (B, N, H, hd)
+        x = self.proj.add(o.transpose(1, 2).reshape(B * N, C), x.reshape(B * N, C))
+        if metric is not None:
+            merge, _ = bipartite_soft_matching(metric, r, num_protected)
+            x, size = merge_wavg(merge, x.view(B, N, C), size)
+            N = x.shape[1]
+            x = x.reshape(B * N, C)
+        x = self.fc2.add(self.fc1(self.norm2(x)), x)
+        return x.view(B, N, C), size
+
+
+_ONEDNN_MODELS: Tuple[type, ...] = (VisionTransformer, ToMeVisionTransformer)
+
+
+def _register_distilled():
+    global _ONEDNN_MODELS
+    from .deit import VisionTransformerDistilled  # its head reads the class and distillation (prefix) tokens
+
+    _ONEDNN_MODELS = _ONEDNN_MODELS + (VisionTransformerDistilled,)
+
+
+_register_distilled()
 
 
 class OptimizedViT(nn.Module):
     """An inference-only wrapper: `forward(x)` → logits, `forward_features(x)` → tokens, `forward_head(t, pre_logits)`,
-    `embed_images(x)` → pooled pre-logit features (B, D). The wrapped model is `.model` (a private copy)."""
+    `embed_images(x)` → pooled pre-logit features (B, D). The wrapped model is `.model` (a private copy);
+    `.backend` says which path runs."""
 
-    def __init__(self, model: VisionTransformer, compile: bool = True, pad_batches: bool = True):
+    def __init__(self, model: VisionTransformer, backend: str = "auto", pad_batches: bool = True):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.model = model.eval().requires_grad_(False)
-        self.compiled = compile
+        ok, why = onednn_supported(model)
+        if backend == "onednn" and not ok:
+            raise ValueError(f"the onednn backend cannot run here: {why}; use backend='auto'")
+        if backend == "auto":
+            backend = "onednn" if ok else "compile"
+        self.backend = backend
         self.pad_batches = pad_batches
         self._fns = {}
         self._sizes = {}  # method name → batch sizes compiled so far
+        self._blocks: List[_PackedBlock] = [_PackedBlock(b) for b in model.blocks] if backend == "onednn" else []
         self.training = False
+
+    @property
+    def compiled(self) -> bool:
+        return self.backend == "compile"
 
     def train(self, mode: bool = True) -> "OptimizedViT":
         """Inference only: stays in eval mode (so code that restores `model.train(was_training)` is harmless)."""
@@ -54,12 +219,42 @@ class OptimizedViT(nn.Module):
         except AttributeError:
             return getattr(self.model, name)
 
+    # ---- the oneDNN path ----
+    def _tokens(self, x: torch.Tensor, prefix_only: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Images → tokens after the final norm and their ToMe sizes; prefix_only: the last block outputs the
+        prefix (class, register, distillation) tokens only."""
+        m = self.model
+        x = m.embed(x)
+        rs = parse_r(len(self._blocks), getattr(m, "tome_r", 0) if isinstance(m, ToMeVisionTransformer) else 0)
+        size, last = None, len(self._blocks) - 1
+        for i, (blk, r) in enumerate(zip(self._blocks, rs)):
+            keep = m.num_prefix_tokens if prefix_only and i == last else None
+            x, size = blk(x, size, r, m.num_prefix_tokens, keep)
+        return m.norm(x), size
+
+    def _head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool) -> torch.Tensor:
+        m = self.model
+        if isinstance(m, ToMeVisionTransformer) and m.global_pool == "avg" and size is not None:
+            p = m.num_prefix_tokens  # a merged token stands for `size` patches (as ToMeVisionTransformer.forward)
+            x = m.fc_norm((x[:, p:] * size[:, p:]).sum(dim=1) / size[:, p:].sum(dim=1))
+            return x if pre_logits else m.head(x)
+        return m.forward_head(x, pre_logits=pre_logits)
+
+    def _onednn(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        prefix_only = name != "forward_features" and self.model.global_pool == "token"
+        with torch.inference_mode():
+            x, size = self._tokens(x, prefix_only)
+            return x if name == "forward_features" else self._head(x, size, name == "embed_images")
+
+    # ---- torch.compile / eager ----
     def _run(self, name: str, fn, x: torch.Tensor) -> torch.Tensor:
-        if not self.compiled:
+        if self.backend == "onednn":
+            return self._onednn(name, x)
+        if self.backend == "eager":
             with torch.inference_mode():
                 return fn(x)
         if name not in self._fns:
-            self._fns[name] = torch.compile(fn, dynamic=False, options={"freezing": True})
+            self._fns[name] = torch.compile(fn, dynamic=False)
             self._sizes[name] = set()
         b = x.shape[0]
         sizes = self._sizes[name]
@@ -67,11 +262,13 @@ class OptimizedViT(nn.Module):
         if pad_to is not None:
             x = torch.cat([x, x.new_zeros((pad_to - b,) + x.shape[1:])])
         try:
-            with torch.inference_mode():
+            # freezing must be on while Dynamo traces (options={"freezing": True} reaches only inductor, which
+            # then sees the weights as inputs and freezes nothing)
+            with torch.inference_mode(), _inductor_freezing():
                 out = self._fns[name](x)
         except Exception as e:  # noqa: BLE001 - any backend failure: fall back to the plain model, loudly
             log.warning("torch.compile failed (%s: %s); running the model eagerly", type(e).__name__, e)
-            self.compiled = False
+            self.backend = "eager"
             return self._run(name, fn, x[:b])
         sizes.add(x.shape[0])
         return out[:b] if pad_to is not None else out
@@ -96,21 +293,35 @@ class OptimizedViT(nn.Module):
             return self.model.forward_head(x, pre_logits=pre_logits)
 
 
+def _inductor_freezing():
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True)
+
+
 def optimize(
     model: VisionTransformer,
     tome_r: Union[int, Sequence[int]] = 0,
-    compile: bool = True,
+    backend: str = "auto",
     pad_batches: bool = True,
+    tune_allocator: bool = True,
 ) -> OptimizedViT:
     """The fastest exact inference version of `model` (left untouched: the result holds a copy).
-    tome_r > 0 merges that many tokens per block (ToMe; faster, slightly less accurate); tome_r=0 keeps the exact
-    outputs (≤1e-4 from eager, ~1e-6 in practice). compile=False skips torch.compile (no compile wait)."""
+    backend: "auto" (oneDNN on an fp32 CPU model where available, else torch.compile), "onednn", "compile" or
+    "eager" (see the module docstring). tome_r > 0 merges that many tokens per block (ToMe; faster, slightly less
+    accurate); tome_r=0 keeps the exact outputs (≤1e-4 from eager, ~1e-6 in practice). tune_allocator: keep
+    activation memory in the heap on CPU (see `tune_malloc()`)."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"optimize needs a vitkit VisionTransformer, got {type(model).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     model = copy.deepcopy(model)
     if tome_r:
         apply_tome(model, tome_r)
-    return OptimizedViT(model, compile=compile, pad_batches=pad_batches)
+    fast = OptimizedViT(model, backend=backend, pad_batches=pad_batches)
+    if tune_allocator and fast.backend != "eager" and next(model.parameters()).device.type == "cpu":
+        tune_malloc()
+    return fast
 
 
-__all__ = ["optimize", "OptimizedViT"]
+__all__ = ["optimize", "OptimizedViT", "tune_malloc", "onednn_supported", "BACKENDS"]

@@ -287,7 +287,7 @@ def plot_confusion(conf, class_names: Sequence[str], path, title: str = "") -> P
 # ---- evaluate and predict a checkpoint ------------------------------------------------------------------------
 def load_classifier(path, device="cpu", fast: bool = False, tome: int = 0):
     """A vitkit classifier checkpoint (or run folder) → model in eval mode, with its class names.
-    `fast` compiles the exact fast path (`vitkit.optimize`); `tome` > 0 merges that many tokens per block."""
+    `fast` runs the exact fast path (`vitkit.optimize`); `tome` > 0 merges that many tokens per block."""
     from ..io import load
 
     model = load(path).to(device)
@@ -299,7 +299,7 @@ def load_classifier(path, device="cpu", fast: bool = False, tome: int = 0):
     if fast or tome:
         from ..models.fast import optimize
 
-        model = optimize(model, tome_r=tome, compile=fast)
+        model = optimize(model, tome_r=tome, backend="auto" if fast else "eager")
     return model, list(names)
 
 

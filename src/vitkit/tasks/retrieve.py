@@ -68,7 +68,7 @@ def embed_images(model, x: torch.Tensor, pool: str = "cls", layer: Optional[int]
     negative from the end); its tokens go through the model's final norm, as the last block's do."""
     _check_pool(model, pool, layer)
     if pool == "prelogits":
-        fused = getattr(model, "embed_images", None)  # an optimized model compiles the whole path in one graph
+        fused = getattr(model, "embed_images", None)  # an optimized model runs its own fast path
         f = fused(x) if fused is not None else model.forward_head(model.forward_features(x), pre_logits=True)
     else:
         if layer is None:
@@ -223,7 +223,7 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
     pool = pool or default_pool(model, layer)
     _check_pool(model, pool, layer)
     manifest = model_manifest(model, checkpoint, pool, layer)
-    if fast and layer is None:  # the exact compiled path (vitkit.optimize): same embeddings, same manifest
+    if fast and layer is None:  # the exact fast path (vitkit.optimize): same embeddings, same manifest
         from ..models.fast import optimize
 
         model = optimize(model)
