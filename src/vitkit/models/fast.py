@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .tome import ToMeVisionTransformer, apply_tome, bipartite_soft_matching, merge_wavg, parse_r
 from .vit import Block, LayerScale, VisionTransformer
 
@@ -114,8 +115,10 @@ def _layer_scale(ls: nn.Module) -> Optional[torch.Tensor]:
 class _PackedBlock:
     """A pre-norm ViT block (`vit.Block`) on prepacked weights, with ToMe's merging and a prefix-only mode."""
 
-    def __init__(self, blk: Block):
+    def __init__(self, blk: Block, kernel=None):
         attn = blk.attn
+        # vitkit's attention kernel (kernels.py) reads q, k, v in place from the qkv output: not with q/k norms
+        self.kernel = kernel if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity) else None
         self.norm1, self.norm2 = blk.norm1, blk.norm2
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
@@ -145,6 +148,12 @@ class _PackedBlock:
         B, N, C = x.shape
         H, hd = self.num_heads, self.head_dim
         h = self.norm1(x.reshape(B * N, C))
+        if keep is None and self.kernel is not None and N <= kernels.MAX_TOKENS:
+            qkv = self.qkv(h).view(B, N, 3, H, hd)
+            o = self.kernel.attention(qkv, N, size.log().view(B, N) if size is not None else None)  # (B, N, H, hd)
+            metric = qkv[:, :, 1].mean(dim=2) if r > 0 else None  # the keys, averaged over heads
+            return self._mlp(self.proj.add(o.view(B * N, C), x.reshape(B * N, C)), B, N, C, size, metric, r,
+                             num_protected)
         if keep is None:
             q, k, v = self.qkv(h).view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
         else:  # keys and values for every token, queries for the kept ones only
@@ -158,6 +167,10 @@ class _PackedBlock:
             x, N = x[:, :keep], keep
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, N, hd), laid out as (B, N, H, hd)
         x = self.proj.add(o.transpose(1, 2).reshape(B * N, C), x.reshape(B * N, C))
+        return self._mlp(x, B, N, C, size, metric, r, num_protected)
+
+    def _mlp(self, x, B, N, C, size, metric, r, num_protected):
+        """(ToMe's merge, then) x + MLP(LN(x)) on the (B * N, C) residual stream."""
         if metric is not None:
             merge, _ = bipartite_soft_matching(metric, r, num_protected)
             x, size = merge_wavg(merge, x.view(B, N, C), size)
@@ -185,7 +198,8 @@ class OptimizedViT(nn.Module):
     `embed_images(x)` → pooled pre-logit features (B, D). The wrapped model is `.model` (a private copy);
     `.backend` says which path runs."""
 
-    def __init__(self, model: VisionTransformer, backend: str = "auto", pad_batches: bool = True):
+    def __init__(self, model: VisionTransformer, backend: str = "auto", pad_batches: bool = True,
+                 attention_kernel: bool = True):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -199,7 +213,9 @@ class OptimizedViT(nn.Module):
         self.pad_batches = pad_batches
         self._fns = {}
         self._sizes = {}  # method name → batch sizes compiled so far
-        self._blocks: List[_PackedBlock] = [_PackedBlock(b) for b in model.blocks] if backend == "onednn" else []
+        kernel = kernels.cpu_attention() if backend == "onednn" and attention_kernel else None
+        self.attention = "vitkit" if kernel is not None else "sdpa"  # which attention kernel the oneDNN path runs
+        self._blocks: List[_PackedBlock] = [_PackedBlock(b, kernel) for b in model.blocks] if backend == "onednn" else []
         self.training = False
 
     @property
@@ -305,12 +321,14 @@ def optimize(
     backend: str = "auto",
     pad_batches: bool = True,
     tune_allocator: bool = True,
+    attention_kernel: bool = True,
 ) -> OptimizedViT:
     """The fastest exact inference version of `model` (left untouched: the result holds a copy).
     backend: "auto" (oneDNN on an fp32 CPU model where available, else torch.compile), "onednn", "compile" or
     "eager" (see the module docstring). tome_r > 0 merges that many tokens per block (ToMe; faster, slightly less
     accurate); tome_r=0 keeps the exact outputs (≤1e-4 from eager, ~1e-6 in practice). tune_allocator: keep
-    activation memory in the heap on CPU (see `tune_malloc()`)."""
+    activation memory in the heap on CPU (see `tune_malloc()`). attention_kernel: on the oneDNN path, vitkit's own
+    attention kernel for sequences up to 1,024 tokens (`kernels.py`; built on first use, ~30 s once)."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"optimize needs a vitkit VisionTransformer, got {type(model).__name__}")
     if backend not in BACKENDS:
@@ -318,7 +336,7 @@ def optimize(
     model = copy.deepcopy(model)
     if tome_r:
         apply_tome(model, tome_r)
-    fast = OptimizedViT(model, backend=backend, pad_batches=pad_batches)
+    fast = OptimizedViT(model, backend=backend, pad_batches=pad_batches, attention_kernel=attention_kernel)
     if tune_allocator and fast.backend != "eager" and next(model.parameters()).device.type == "cpu":
         tune_malloc()
     return fast

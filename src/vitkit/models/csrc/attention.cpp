@@ -1,0 +1,120 @@
+// Exact multi-head self-attention for short token sequences on the CPU, read straight from the fused qkv matmul.
+//
+// Why: at ViT lengths (N ~ 200, head dim 64) PyTorch's CPU flash-attention kernel splits each head's queries into
+// blocks of 64 rows (the last one 5 rows long) and runs at ~40% of the machine's matmul rate. Here each
+// (image, head) pair is one task: S = Q K^T / sqrt(d) as one GEMM read in place from the (B, N, 3, H, D) qkv
+// buffer, an in-cache softmax over rows of S (plus an optional per-key bias, ToMe's log-size), and O = P V written
+// straight into the (B, N', H, D) layout that the output projection reads, so no transposes or copies. S is
+// N' x N floats per thread (at most 4 MiB for N <= 1024; longer sequences keep using the flash kernel, which never
+// holds an N x N matrix). The GEMMs are MKL's sgemm_, which PyTorch's x86 builds export.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+using Vec = at::vec::Vectorized<float>;
+
+extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+
+namespace {
+
+// Column-major C (m x n, ldc) = alpha op(A) op(B) + beta C, as BLAS.
+inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
+                 float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// row <- softmax(row + bias) over n entries, in place.
+inline void softmax_row(float* row, const float* bias, int64_t n) {
+  constexpr int64_t W = Vec::size();
+  const int64_t nv = n - n % W;
+  float lanes[W];
+  Vec vmax(-std::numeric_limits<float>::infinity());
+  float mx = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  for (; j < nv; j += W) {
+    Vec x = Vec::loadu(row + j);
+    if (bias) {
+      x = x + Vec::loadu(bias + j);
+      x.store(row + j);
+    }
+    vmax = at::vec::maximum(vmax, x);
+  }
+  for (; j < n; ++j) {
+    if (bias) row[j] += bias[j];
+    mx = std::max(mx, row[j]);
+  }
+  vmax.store(lanes);
+  for (int64_t l = 0; l < W; ++l) mx = std::max(mx, lanes[l]);
+  const Vec vmx(mx);
+  Vec vsum(0.0f);
+  for (j = 0; j < nv; j += W) {
+    Vec e = (Vec::loadu(row + j) - vmx).exp_u20();
+    e.store(row + j);
+    vsum = vsum + e;
+  }
+  vsum.store(lanes);
+  float sum = 0.0f;
+  for (int64_t l = 0; l < W; ++l) sum += lanes[l];
+  for (; j < n; ++j) {
+    row[j] = std::exp(row[j] - mx);
+    sum += row[j];
+  }
+  const float inv = 1.0f / sum;
+  const Vec vinv(inv);
+  for (j = 0; j < nv; j += W) (Vec::loadu(row + j) * vinv).store(row + j);
+  for (; j < n; ++j) row[j] *= inv;
+}
+
+}  // namespace
+
+// qkv: (B, N, 3, H, D) float32, contiguous (the fused qkv matmul's output, viewed). key_bias: optional (B, N)
+// float32 added to every query's logits. Returns (B, nq, H, D): attention outputs of the first nq tokens.
+torch::Tensor attention(const torch::Tensor& qkv, int64_t nq, const c10::optional<torch::Tensor>& key_bias) {
+  TORCH_CHECK(qkv.dim() == 5 && qkv.size(2) == 3, "qkv must be (B, N, 3, H, D), got ", qkv.sizes());
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.device().is_cpu() && qkv.is_contiguous(),
+              "qkv must be a contiguous float32 CPU tensor");
+  const int64_t B = qkv.size(0), N = qkv.size(1), H = qkv.size(3), D = qkv.size(4), C = H * D;
+  TORCH_CHECK(nq >= 1 && nq <= N, "nq must be in [1, N]");
+  TORCH_CHECK(3 * C < std::numeric_limits<int>::max() && N <= 65536, "sizes too large for this kernel");
+  torch::Tensor bias_t;
+  const float* bias = nullptr;
+  if (key_bias.has_value() && key_bias->defined()) {
+    bias_t = key_bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias_t.numel() == B * N, "key_bias must have B * N elements");
+    bias = bias_t.data_ptr<float>();
+  }
+  auto out = at::empty({B, nq, H, D}, qkv.options());
+  const float* base = qkv.data_ptr<float>();
+  float* obase = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int n = static_cast<int>(N), q_rows = static_cast<int>(nq), d = static_cast<int>(D);
+  const int ld_qkv = static_cast<int>(3 * C), ld_out = static_cast<int>(C);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(nq * N);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const float* q = base + b * N * 3 * C + h * D;
+      const float* k = q + C;
+      const float* v = q + 2 * C;
+      // S (nq x N, row-major) = scale Q K^T; column-major that is S^T (N x nq) = K (N x D) Q^T (D x nq)
+      gemm('T', 'N', n, q_rows, d, scale, k, ld_qkv, q, ld_qkv, 0.0f, S.data(), n);
+      const float* brow = bias ? bias + b * N : nullptr;
+      for (int64_t r = 0; r < nq; ++r) softmax_row(S.data() + r * N, brow, N);
+      // O (nq x D, row stride C) = P V; column-major O^T (D x nq) = V^T (D x N) P^T (N x nq)
+      gemm('N', 'N', d, q_rows, n, 1.0f, v, ld_qkv, S.data(), n, 0.0f, obase + b * nq * C + h * D, ld_out);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attention", &attention, "exact multi-head self-attention from a fused (B, N, 3, H, D) qkv buffer",
+        pybind11::arg("qkv"), pybind11::arg("nq"), pybind11::arg("key_bias") = pybind11::none());
+}

@@ -1,0 +1,87 @@
+"""vitkit's own CPU kernel: exact attention for short sequences (`csrc/attention.cpp`), used by `vitkit.optimize`.
+
+It is compiled on first use with PyTorch's extension builder (a C++ compiler and ninja, as for torch.compile; ~30 s
+once, then loaded from PyTorch's extension cache in about a second). Wherever it cannot be built or fails its
+self-check against `scaled_dot_product_attention`, `cpu_attention()` returns None (the reason is logged once) and
+the fast path keeps PyTorch's attention. VITKIT_NO_KERNELS=1 turns it off.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 1024  # longer sequences keep the flash kernel (the N' x N scores per thread would leave the caches)
+SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
+
+
+def _unavailable(reason: str) -> None:
+    log.info("vitkit's CPU attention kernel is off (%s); using PyTorch's scaled_dot_product_attention", reason)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_attention():
+    """The compiled kernel module (`attention(qkv, nq, key_bias=None)`), or None where it cannot run here."""
+    if os.environ.get("VITKIT_NO_KERNELS", "") not in ("", "0"):
+        return _unavailable("VITKIT_NO_KERNELS is set")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return _unavailable(f"{platform.machine()} is not x86-64")
+    if not torch.backends.mkl.is_available():
+        return _unavailable("this PyTorch build has no MKL")
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        try:  # the `ninja` wheel (a vitkit dependency) puts its binary beside the interpreter, maybe not on PATH
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    if not cpp_extension.is_ninja_available():
+        return _unavailable("ninja is not installed (pip install ninja)")
+    cap = torch.backends.cpu.get_cpu_capability()  # the vector width PyTorch itself dispatches to here
+    isa = {"AVX512": ("AVX512", ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"]),
+           "AVX2": ("AVX2", ["-mavx2", "-mfma"])}.get(cap.split()[0] if cap else "", None)
+    if isa is None:
+        return _unavailable(f"CPU capability {cap!r} has no vectorised build here")
+    name, march = isa
+    flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}", *march]
+    try:
+        log.info("building vitkit's CPU attention kernel (%s, once; ~30 s)", name)
+        mod = cpp_extension.load(f"vitkit_attention_{name.lower()}", [str(SOURCE)], extra_cflags=flags,
+                                 extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler, missing symbol, ...: keep PyTorch's kernel
+        return _unavailable(f"it did not build here: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if not _self_check(mod):
+        return _unavailable("its self-check against scaled_dot_product_attention failed")
+    return mod
+
+
+def _self_check(mod) -> bool:
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 37, 3, 3, 16, generator=g)
+    bias = torch.randn(2, 37, generator=g)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    with torch.inference_mode():
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :]).transpose(1, 2)
+        got = mod.attention(qkv, 37, bias)
+        part = mod.attention(qkv, 5, None)
+        want_part = F.scaled_dot_product_attention(q[:, :, :5], k, v).transpose(1, 2)
+    return bool((got - want).abs().max() <= 1e-5 and (part - want_part).abs().max() <= 1e-5)
+
+
+def attention(qkv: torch.Tensor, nq: int, key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """qkv (B, N, 3, H, D) → attention outputs (B, nq, H, D) of the first nq tokens (the kernel must be available)."""
+    return cpu_attention().attention(qkv, nq, key_bias)
+
+
+__all__ = ["cpu_attention", "attention", "MAX_TOKENS"]

@@ -1,0 +1,78 @@
+"""vitkit's CPU attention kernel: builds on this (x86, MKL) machine, matches PyTorch's scaled_dot_product_attention
+for every shape the fast path gives it (with ToMe's key bias, queries for a prefix only, odd lengths), refuses bad
+input with a message, and is what vitkit.optimize runs unless told not to."""
+import platform
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkit
+from vitkit.models import create_model, kernels
+
+x86 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkl.is_available()
+
+
+def _reference(qkv, nq, bias=None):
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    mask = bias[:, None, None, :] if bias is not None else None
+    return F.scaled_dot_product_attention(q[:, :, :nq], k, v, attn_mask=mask).transpose(1, 2)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    mod = kernels.cpu_attention()
+    if mod is None:
+        if x86:
+            pytest.fail("the attention kernel did not build on an x86 machine with MKL (see the log for why)")
+        pytest.skip("the kernel needs x86-64 and MKL")
+    return mod
+
+
+@pytest.mark.parametrize("shape,nq,with_bias", [
+    ((2, 197, 6, 64), 197, False),   # ViT-S/16 at 224 px
+    ((2, 197, 6, 64), 1, False),     # the class token only
+    ((3, 50, 2, 32), 50, True),      # ToMe's log-size bias over keys
+    ((1, 5, 1, 16), 3, True),        # shorter than one vector
+    ((1, 1024, 2, 64), 1024, False),  # the longest sequence the fast path gives it
+])
+def test_kernel_matches_sdpa(kernel, shape, nq, with_bias):
+    B, N, H, D = shape
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, N, 3, H, D, generator=g) * 2  # logits with some spread
+    bias = torch.randn(B, N, generator=g) if with_bias else None
+    got = kernel.attention(qkv, nq, bias)
+    assert got.shape == (B, nq, H, D) and got.is_contiguous()
+    assert (got - _reference(qkv, nq, bias)).abs().max().item() <= 1e-5
+
+
+def test_kernel_refuses_bad_input(kernel):
+    with pytest.raises(RuntimeError, match=r"qkv must be \(B, N, 3, H, D\)"):
+        kernel.attention(torch.randn(2, 10, 4, 3, 8), 10)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        kernel.attention(torch.randn(2, 10, 3, 2, 8).double(), 10)
+    with pytest.raises(RuntimeError, match="nq must be"):
+        kernel.attention(torch.randn(2, 10, 3, 2, 8), 11)
+
+
+def test_optimize_runs_the_kernel_and_can_do_without(kernel):
+    torch.manual_seed(0)
+    m = create_model("vit_mini_patch4_28", depth=2).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        plain = m(x)
+    fast = vitkit.optimize(m)
+    assert fast.backend == "onednn" and fast.attention == "vitkit"
+    assert (fast(x) - plain).abs().max().item() <= 1e-4
+    off = vitkit.optimize(m, attention_kernel=False)
+    assert off.attention == "sdpa" and (off(x) - plain).abs().max().item() <= 1e-4
+
+
+def test_the_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("VITKIT_NO_KERNELS", "1")
+    kernels.cpu_attention.cache_clear()
+    try:
+        assert kernels.cpu_attention() is None
+        assert vitkit.optimize(create_model("vit_mini_patch4_28", depth=1).eval()).attention == "sdpa"
+    finally:
+        kernels.cpu_attention.cache_clear()
