@@ -133,6 +133,13 @@ def test_bad_arguments():
     assert vitkit.optimize(_model().double()).backend == "compile"
 
 
+@needs_onednn
+def test_a_cpu_optimized_model_refuses_to_move():
+    fast = vitkit.optimize(_model())
+    with pytest.raises(RuntimeError, match="move or cast the model first"):
+        fast.double()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_tune_malloc_applies_on_linux():
     assert fast_mod.tune_malloc() is True

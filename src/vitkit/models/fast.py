@@ -220,6 +220,12 @@ class OptimizedViT(nn.Module):
         self._blocks: List[_PackedBlock] = [_PackedBlock(b, kernel) for b in model.blocks] if backend == "onednn" else []
         self.training = False
 
+    def _apply(self, fn, *args, **kwargs):
+        if self.backend == "onednn":  # the prepacked weights are CPU float32 copies: they cannot follow
+            raise RuntimeError("a model optimized for the CPU (backend 'onednn') cannot be moved or cast; move or "
+                               "cast the model first, then call vitkit.optimize on it")
+        return super()._apply(fn, *args, **kwargs)
+
     @property
     def compiled(self) -> bool:
         return self.backend == "compile"

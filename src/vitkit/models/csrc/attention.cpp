@@ -3,8 +3,9 @@
 // Why: at ViT lengths (N ~ 200, head dim 64) PyTorch's CPU flash-attention kernel splits each head's queries into
 // blocks of 64 rows (the last one 5 rows long) and runs at ~40% of the machine's matmul rate. Here each
 // (image, head) pair is one task: S = Q K^T / sqrt(d) as one GEMM read in place from the (B, N, 3, H, D) qkv
-// buffer, an in-cache softmax over rows of S (plus an optional per-key bias, ToMe's log-size), and O = P V written
-// straight into the (B, N', H, D) layout that the output projection reads, so no transposes or copies. S is
+// buffer, E = exp(S - rowmax) in cache (plus an optional per-key bias, ToMe's log-size), and O = E V written
+// straight into the (B, N', H, D) layout that the output projection reads, so no transposes or copies; each
+// output row is then divided by its row sum of E (D multiplies per row instead of N). S is
 // N' x N floats per thread (at most 4 MiB for N <= 1024; longer sequences keep using the flash kernel, which never
 // holds an N x N matrix). The GEMMs are MKL's sgemm_, which PyTorch's x86 builds export.
 #include <torch/extension.h>
@@ -30,8 +31,9 @@ inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float
   sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
-// row <- softmax(row + bias) over n entries, in place.
-inline void softmax_row(float* row, const float* bias, int64_t n) {
+// row <- exp(row + bias - max) over n entries, in place; returns 1 / sum (the softmax's normaliser, applied later
+// to the D-wide output row instead of the n-wide probabilities).
+inline float exp_row(float* row, const float* bias, int64_t n) {
   constexpr int64_t W = Vec::size();
   const int64_t nv = n - n % W;
   float lanes[W];
@@ -66,10 +68,16 @@ inline void softmax_row(float* row, const float* bias, int64_t n) {
     row[j] = std::exp(row[j] - mx);
     sum += row[j];
   }
-  const float inv = 1.0f / sum;
-  const Vec vinv(inv);
-  for (j = 0; j < nv; j += W) (Vec::loadu(row + j) * vinv).store(row + j);
-  for (; j < n; ++j) row[j] *= inv;
+  return 1.0f / sum;
+}
+
+// x[0:n] *= a
+inline void scale_row(float* x, float a, int64_t n) {
+  constexpr int64_t W = Vec::size();
+  const Vec va(a);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) (Vec::loadu(x + j) * va).store(x + j);
+  for (; j < n; ++j) x[j] *= a;
 }
 
 }  // namespace
@@ -97,7 +105,7 @@ torch::Tensor attention(const torch::Tensor& qkv, int64_t nq, const c10::optiona
   const int n = static_cast<int>(N), q_rows = static_cast<int>(nq), d = static_cast<int>(D);
   const int ld_qkv = static_cast<int>(3 * C), ld_out = static_cast<int>(C);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(nq * N);
+    std::vector<float> S(nq * N), inv(nq);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, h = i % H;
       const float* q = base + b * N * 3 * C + h * D;
@@ -106,9 +114,11 @@ torch::Tensor attention(const torch::Tensor& qkv, int64_t nq, const c10::optiona
       // S (nq x N, row-major) = scale Q K^T; column-major that is S^T (N x nq) = K (N x D) Q^T (D x nq)
       gemm('T', 'N', n, q_rows, d, scale, k, ld_qkv, q, ld_qkv, 0.0f, S.data(), n);
       const float* brow = bias ? bias + b * N : nullptr;
-      for (int64_t r = 0; r < nq; ++r) softmax_row(S.data() + r * N, brow, N);
-      // O (nq x D, row stride C) = P V; column-major O^T (D x nq) = V^T (D x N) P^T (N x nq)
-      gemm('N', 'N', d, q_rows, n, 1.0f, v, ld_qkv, S.data(), n, 0.0f, obase + b * nq * C + h * D, ld_out);
+      for (int64_t r = 0; r < nq; ++r) inv[r] = exp_row(S.data() + r * N, brow, N);
+      // O (nq x D, row stride C) = E V, then each row / its sum; column-major O^T (D x nq) = V^T (D x N) E^T (N x nq)
+      float* o = obase + b * nq * C + h * D;
+      gemm('N', 'N', d, q_rows, n, 1.0f, v, ld_qkv, S.data(), n, 0.0f, o, ld_out);
+      for (int64_t r = 0; r < nq; ++r) scale_row(o + r * C, inv[r], D);
     }
   });
   return out;
