@@ -37,7 +37,13 @@ def cpu_attention():
         return _unavailable(f"{platform.machine()} is not x86-64")
     if not torch.backends.mkl.is_available():
         return _unavailable("this PyTorch build has no MKL")
-    from torch.utils import cpp_extension
+    quiet = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found": true, and beside the point
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        quiet.setLevel(level)
 
     if not cpp_extension.is_ninja_available():
         try:  # the `ninja` wheel (a vitkit dependency) puts its binary beside the interpreter, maybe not on PATH
@@ -56,7 +62,7 @@ def cpu_attention():
     name, march = isa
     flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}", *march]
     try:
-        log.info("building vitkit's CPU attention kernel (%s, once; ~30 s)", name)
+        log.info("loading vitkit's CPU attention kernel (%s; the first time, it is compiled: ~30 s)", name)
         mod = cpp_extension.load(f"vitkit_attention_{name.lower()}", [str(SOURCE)], extra_cflags=flags,
                                  extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, missing symbol, ...: keep PyTorch's kernel
