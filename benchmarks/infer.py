@@ -57,10 +57,11 @@ def executed_flops(model, img: int) -> float:
     """FLOPs per image that vitkit.optimize's oneDNN path executes: the model's, less the last block's queries,
     attention, projection and MLP for the non-prefix tokens (their outputs are never read under token pooling)."""
     cfg = model.config
-    total = vitkit.count_flops(cfg, img)["flops"]
+    counted = vitkit.count_flops(cfg, img)
+    total = counted["flops"]
     if model.global_pool != "token":
         return total
-    n, p, d = vitkit.count_flops(cfg, img)["tokens"], model.num_prefix_tokens, cfg.embed_dim
+    n, p, d = counted["tokens"], model.num_prefix_tokens, cfg.embed_dim
     f = int(d * cfg.mlp_ratio)
     skipped = (n - p) * (d * d + 2 * n * d + d * d + 2 * d * f)
     return total - 2.0 * skipped

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+from .deit import VisionTransformerDistilled
 from .tome import ToMeVisionTransformer, apply_tome, bipartite_soft_matching, merge_wavg, parse_r
 from .vit import Block, LayerScale, VisionTransformer
 
@@ -77,19 +78,20 @@ def onednn_supported(model: nn.Module) -> Tuple[bool, str]:
         if not (isinstance(blk, Block) and isinstance(blk.mlp.fc1, nn.Linear) and isinstance(blk.norm1, nn.LayerNorm)):
             return False, "a block is not the standard pre-norm ViT block"
     try:  # the kernels exist in this build: make sure they run on this CPU
-        _PackedLinear(nn.Linear(8, 8)).add(torch.randn(2, 8), torch.randn(2, 8))
+        _PackedLinear(torch.randn(8, 8), torch.randn(8)).add(torch.randn(2, 8), torch.randn(2, 8))
     except (RuntimeError, NotImplementedError) as e:
         return False, f"oneDNN linear failed here ({e})"
     return True, ""
 
 
 class _PackedLinear:
-    """y = x W^T + b [+ other | → activation] as one prepacked oneDNN matmul with a fused epilogue.
-    `scale` folds a following per-channel scale (LayerScale) into W and b."""
+    """y = x W^T + b [+ other | → activation] as one prepacked oneDNN matmul with a fused epilogue, from a linear
+    layer's weight (out, in) and bias. `scale` folds a following per-channel scale (LayerScale) into W and b."""
 
-    def __init__(self, linear: nn.Linear, scale: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None):
-        w = linear.weight.detach()
-        b = linear.bias.detach() if linear.bias is not None else None
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 scale: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None):
+        w = weight.detach()
+        b = bias.detach() if bias is not None else None
         if scale is not None:
             w = w * scale.detach()[:, None]
             b = b * scale.detach() if b is not None else None
@@ -124,23 +126,17 @@ class _PackedBlock:
         self.norm1, self.norm2 = blk.norm1, blk.norm2
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
-        self.qkv = _PackedLinear(attn.qkv)
+        self.qkv = _PackedLinear(attn.qkv.weight, attn.qkv.bias)
         self._qkv_linear, self._q_kv = attn.qkv, None  # (q, kv) split, made when a prefix-only call needs it
-        self.proj = _PackedLinear(attn.proj, scale=_layer_scale(blk.ls1))
-        self.fc1 = _PackedLinear(blk.mlp.fc1, act=blk.mlp.act)
-        self.fc2 = _PackedLinear(blk.mlp.fc2, scale=_layer_scale(blk.ls2))
+        self.proj = _PackedLinear(attn.proj.weight, attn.proj.bias, scale=_layer_scale(blk.ls1))
+        self.fc1 = _PackedLinear(blk.mlp.fc1.weight, blk.mlp.fc1.bias, act=blk.mlp.act)
+        self.fc2 = _PackedLinear(blk.mlp.fc2.weight, blk.mlp.fc2.bias, scale=_layer_scale(blk.ls2))
 
     def _split_qkv(self) -> Tuple[_PackedLinear, _PackedLinear]:
         if self._q_kv is None:
-            lin, C = self._qkv_linear, self._qkv_linear.in_features
-            parts = []
-            for rows in (slice(0, C), slice(C, 3 * C)):
-                part = nn.Linear(C, rows.stop - rows.start, bias=lin.bias is not None)
-                part.weight.data = lin.weight.detach()[rows]
-                if lin.bias is not None:
-                    part.bias.data = lin.bias.detach()[rows]
-                parts.append(_PackedLinear(part))
-            self._q_kv = tuple(parts)
+            w, b = self._qkv_linear.weight, self._qkv_linear.bias
+            rows = (slice(0, w.shape[1]), slice(w.shape[1], None))  # q, then k and v
+            self._q_kv = tuple(_PackedLinear(w[r], b[r] if b is not None else None) for r in rows)
         return self._q_kv
 
     def __call__(self, x: torch.Tensor, size: Optional[torch.Tensor] = None, r: int = 0, num_protected: int = 1,
@@ -182,17 +178,8 @@ class _PackedBlock:
         return x.view(B, N, C), size
 
 
-_ONEDNN_MODELS: Tuple[type, ...] = (VisionTransformer, ToMeVisionTransformer)
-
-
-def _register_distilled():
-    global _ONEDNN_MODELS
-    from .deit import VisionTransformerDistilled  # its head reads the class and distillation (prefix) tokens
-
-    _ONEDNN_MODELS = _ONEDNN_MODELS + (VisionTransformerDistilled,)
-
-
-_register_distilled()
+# the models whose forward is embed → blocks → norm → forward_head (the distilled head reads two prefix tokens)
+_ONEDNN_MODELS: Tuple[type, ...] = (VisionTransformer, ToMeVisionTransformer, VisionTransformerDistilled)
 
 
 class OptimizedViT(nn.Module):
@@ -206,10 +193,10 @@ class OptimizedViT(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.model = model.eval().requires_grad_(False)
-        ok, why = onednn_supported(model)
-        if backend == "onednn" and not ok:
-            raise ValueError(f"the onednn backend cannot run here: {why}; use backend='auto'")
-        if backend == "auto":
+        if backend in ("auto", "onednn"):
+            ok, why = onednn_supported(model)
+            if backend == "onednn" and not ok:
+                raise ValueError(f"the onednn backend cannot run here: {why}; use backend='auto'")
             backend = "onednn" if ok else "compile"
         self.backend = backend
         self.pad_batches = pad_batches
@@ -339,8 +326,6 @@ def optimize(
     attention kernel for sequences up to 1,024 tokens (`kernels.py`; built on first use, ~30 s once)."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"optimize needs a vitkit VisionTransformer, got {type(model).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     model = copy.deepcopy(model)
     if tome_r:
         apply_tome(model, tome_r)

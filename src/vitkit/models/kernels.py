@@ -12,8 +12,6 @@ import logging
 import os
 import platform
 from pathlib import Path
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -85,9 +83,4 @@ def _self_check(mod) -> bool:
     return bool((got - want).abs().max() <= 1e-5 and (part - want_part).abs().max() <= 1e-5)
 
 
-def attention(qkv: torch.Tensor, nq: int, key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """qkv (B, N, 3, H, D) → attention outputs (B, nq, H, D) of the first nq tokens (the kernel must be available)."""
-    return cpu_attention().attention(qkv, nq, key_bias)
-
-
-__all__ = ["cpu_attention", "attention", "MAX_TOKENS"]
+__all__ = ["cpu_attention", "MAX_TOKENS"]
