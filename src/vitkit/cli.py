@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -27,6 +28,18 @@ def command(name: str, help: str):
 
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+def _report_run(args, summary: dict, outcome) -> None:
+    """A training command's last words, from the rank-0 process only: the summary as JSON with --json, else one
+    line: run folder, epochs, steps, time, then `outcome()` (what the run achieved, command-specific)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"run {summary['run_dir']}: {summary['epochs']} epochs, {summary['steps']} steps in "
+              f"{summary['train_seconds']:.0f} s; {outcome()}")
 
 
 # ---- vitkit models -------------------------------------------------------------------------------------------
@@ -111,7 +124,6 @@ def _kv(text: str):
 @command("train", "train a ViT classifier on a dataset (run folder: runs/<name>/)")
 def cmd_train(args) -> int:
     import dataclasses
-    import os
     from pathlib import Path
 
     from .tasks.classify import ClassifierConfig, recipe_for, train_classifier
@@ -156,16 +168,14 @@ def cmd_train(args) -> int:
 
         _logging.getLogger("vitkit.train").setLevel(_logging.INFO)
     summary = train_classifier(task, tc)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    if args.json:
-        _print_json(summary)
-    else:
+
+    def outcome() -> str:
         ev = summary.get("eval", {})
         which = "final" if summary["best_epoch"] == summary["epochs"] else f"best (epoch {summary['best_epoch']})"
-        print(f"run {summary['run_dir']}: {summary['epochs']} epochs, {summary['steps']} steps in "
-              f"{summary['train_seconds']:.0f} s; {which} checkpoint: top-1 {ev.get('top1', float('nan')):.2f}%, "
-              f"top-5 {ev.get('top5', float('nan')):.2f}% on {ev.get('num_images')} held-out images")
+        return (f"{which} checkpoint: top-1 {ev.get('top1', float('nan')):.2f}%, "
+                f"top-5 {ev.get('top5', float('nan')):.2f}% on {ev.get('num_images')} held-out images")
+
+    _report_run(args, summary, outcome)
     return 0
 
 
@@ -327,8 +337,6 @@ def _load_source(args):
 @command("export", "write a checkpoint (any format) as ONNX, TorchScript, an ExportedProgram, or vitkit/timm/hf/npz "
                    "weights")
 def cmd_export(args) -> int:
-    import os
-
     from .errors import RunExistsError
     from .io.export import default_output, export
 
@@ -647,8 +655,6 @@ def _add_engine_args(p, data_help: str) -> None:
 
 @command("pretrain", "self-supervised pretraining of a ViT encoder (MAE) on unlabelled images")
 def cmd_pretrain(args) -> int:
-    import os
-
     from .tasks.mae import MAETaskConfig, pretrain_mae, recipe_for
 
     if args.method != "mae":
@@ -661,13 +667,8 @@ def cmd_pretrain(args) -> int:
                          data_dir=args.data_dir, download=args.download, max_train=args.max_train,
                          max_val=args.max_val)
     summary = pretrain_mae(task, _engine_config(args, recipe, f"mae_{args.data.replace(':', '_').replace('/', '_')}"))
-    if int(os.environ.get("RANK", "0")) == 0:
-        if args.json:
-            _print_json(summary)
-        else:
-            print(f"run {summary['run_dir']}: {summary['epochs']} epochs, {summary['steps']} steps in "
-                  f"{summary['train_seconds']:.0f} s; held-out masked loss {summary['final'].get('val_loss', float('nan')):.4f}; "
-                  f"fine-tune with: vitkit train --data {args.data} --init {summary['run_dir']}")
+    _report_run(args, summary, lambda: f"held-out masked loss {summary['final'].get('val_loss', float('nan')):.4f}; "
+                                       f"fine-tune with: vitkit train --data {args.data} --init {summary['run_dir']}")
     return 0
 
 
@@ -708,8 +709,6 @@ cmd_reconstruct.add_arguments = lambda p: (
 
 @command("train-gen", "train a class-conditional diffusion transformer (DiT) to generate images")
 def cmd_train_gen(args) -> int:
-    import os
-
     from .tasks.generate import GeneratorConfig, recipe_for, train_generator
 
     recipe = recipe_for(args.data)
@@ -721,13 +720,9 @@ def cmd_train_gen(args) -> int:
                            max_train=args.max_train, sample_steps=args.sample_steps, sample_cfg=args.sample_cfg,
                            **({"max_val": args.max_val} if args.max_val is not None else {}))
     summary = train_generator(task, _engine_config(args, recipe, f"dit_{args.data.replace(':', '_')}"))
-    if int(os.environ.get("RANK", "0")) == 0:
-        if args.json:
-            _print_json(summary)
-        else:
-            print(f"run {summary['run_dir']}: {summary['epochs']} epochs, {summary['steps']} steps in "
-                  f"{summary['train_seconds']:.0f} s; held-out {args.objective} loss "
-                  f"{summary['final'].get('val_loss', float('nan')):.4f}; samples: {summary.get('samples')}")
+    _report_run(args, summary, lambda: f"held-out {args.objective} loss "
+                                       f"{summary['final'].get('val_loss', float('nan')):.4f}; "
+                                       f"samples: {summary.get('samples')}")
     return 0
 
 
