@@ -13,6 +13,7 @@ augmentation of batch `step` depend on nothing else, which is what makes resume 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -198,8 +199,29 @@ def make_loader(dataset, batch_size: int, **kw) -> Loader:
     return Loader(dataset, batch_size, **kw)
 
 
+@dataclass
+class DataOptions:
+    """Which data a task trains on and how much of it: the fields every task config (classifier, MAE, DiT) shares,
+    passed to `build_datasets` by `datasets()`."""
+
+    data: str = "mnist5k"
+    augment: str = "default"
+    data_dir: str = "data"
+    download: bool = False
+    val_split: float = 0.1
+    strict: bool = False
+    max_train: Optional[int] = None
+    max_val: Optional[int] = None
+
+    def datasets(self, seed: int, **model_input):
+        """(train, val, DatasetInfo) for these options; model_input: img_size, in_chans, mean, std (the model's)."""
+        return build_datasets(self.data, augment=self.augment, data_dir=self.data_dir, download=self.download,
+                              val_split=self.val_split, seed=seed, strict=self.strict, max_train=self.max_train,
+                              max_val=self.max_val, **model_input)
+
+
 __all__ = [
-    "build_datasets", "make_loader", "Loader", "list_datasets", "DatasetInfo", "InMemoryDataset",
+    "DataOptions", "build_datasets", "make_loader", "Loader", "list_datasets", "DatasetInfo", "InMemoryDataset",
     "ImageFolderDataset", "BatchTransform", "AugmentConfig", "MixUp", "default_augment", "eval_transform",
     "folder_train_transform", "read_image", "stratified_split", "IMG_EXTENSIONS", "DATASETS",
 ]

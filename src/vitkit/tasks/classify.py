@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..data import IMG_EXTENSIONS, MixUp, build_datasets, eval_transform, make_loader, read_image
+from ..data import IMG_EXTENSIONS, DataOptions, MixUp, build_datasets, eval_transform, make_loader, read_image
 from ..errors import CheckpointError, ConfigError, DataError
 from ..models import create_model, get_config
 from ..train import Trainer, TrainConfig, resolve_device, resume_configs
@@ -47,10 +47,9 @@ RECIPES: Dict[str, dict] = {
 
 
 @dataclass
-class ClassifierConfig:
-    """The task half of a classifier run (the engine half is `TrainConfig`)."""
+class ClassifierConfig(DataOptions):
+    """The task half of a classifier run (the engine half is `TrainConfig`); the data fields are `DataOptions`'."""
 
-    data: str = "mnist5k"
     model: Optional[str] = None  # registered name; None → the dataset's recipe
     model_args: Dict = field(default_factory=dict)  # ViTConfig overrides, e.g. {"drop_path_rate": 0.1}
     init: Optional[str] = None  # pretrained weights (vitkit checkpoint, or what vitkit.io.load_pretrained reads)
@@ -58,13 +57,6 @@ class ClassifierConfig:
     label_smoothing: float = 0.1
     mixup: float = 0.0  # MixUp alpha (0 = off)
     cutmix: float = 0.0  # CutMix alpha (0 = off)
-    augment: str = "default"
-    data_dir: str = "data"
-    download: bool = False
-    val_split: float = 0.1
-    strict: bool = False
-    max_train: Optional[int] = None
-    max_val: Optional[int] = None
     eval_batch_size: int = 500
 
     def to_dict(self) -> dict:
@@ -171,11 +163,7 @@ def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, on_epoch
             norm = {"mean": tuple(pcfg["mean"]), "std": tuple(pcfg["std"])}
     else:
         probe = _model_input(task)
-    train, val, info = build_datasets(task.data, img_size=probe[1], in_chans=probe[0], augment=task.augment,
-                                      **norm,
-                                      data_dir=task.data_dir, download=task.download, val_split=task.val_split,
-                                      seed=train_cfg.seed, strict=task.strict, max_train=task.max_train,
-                                      max_val=task.max_val)
+    train, val, info = task.datasets(train_cfg.seed, img_size=probe[1], in_chans=probe[0], **norm)
     torch.manual_seed(train_cfg.seed)
     model = build_classifier(task, info.num_classes, pretrained)
     if model.config.in_chans != info.in_chans:

@@ -21,7 +21,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ..data import build_datasets, make_loader
+from ..data import DataOptions, build_datasets, make_loader
 from ..errors import CheckpointError, ConfigError
 from ..models.diffusion import get_objective
 from ..models.dit import DiT, DiTConfig
@@ -41,21 +41,15 @@ DEFAULT_RECIPE = dict(model_args={"embed_dim": 192, "depth": 6, "num_heads": 6, 
 
 
 @dataclass
-class GeneratorConfig:
-    """The task half of a `train-gen` run (the engine half is `TrainConfig`)."""
+class GeneratorConfig(DataOptions):
+    """The task half of a `train-gen` run (the engine half is `TrainConfig`); the data fields are `DataOptions`'."""
 
-    data: str = "mnist5k"
+    augment: str = "none"
+    max_val: Optional[int] = 500  # held-out images for the validation loss (fixed noise and timesteps)
     objective: str = "flow"  # flow (rectified flow, Euler sampling) | ddpm (ε-prediction, DDIM sampling)
     model_args: Dict = field(default_factory=dict)  # DiTConfig fields: embed_dim, depth, num_heads, patch_size, ...
     class_dropout_prob: float = 0.1  # labels replaced by the null class, for classifier-free guidance
     img_size: Optional[int] = None  # default: the data's own size
-    augment: str = "none"
-    data_dir: str = "data"
-    download: bool = False
-    val_split: float = 0.1
-    strict: bool = False
-    max_train: Optional[int] = None
-    max_val: Optional[int] = 500  # held-out images for the validation loss (fixed noise and timesteps)
     init: Optional[str] = None  # start from a train-gen checkpoint's (EMA) weights, with a fresh schedule
     sample_steps: int = 50  # the sample grid written at the end of the run
     sample_cfg: float = 2.0
@@ -107,10 +101,7 @@ def train_generator(task: GeneratorConfig, train_cfg: TrainConfig) -> dict:
     torch.manual_seed(train_cfg.seed)
     if train_cfg.resume:
         task, train_cfg = resume_configs(train_cfg, "generate", "generator", GeneratorConfig, "a train-gen run")
-    train, val, info = build_datasets(task.data, img_size=task.img_size, augment=task.augment,
-                                      data_dir=task.data_dir, download=task.download, val_split=task.val_split,
-                                      seed=train_cfg.seed, strict=task.strict, max_train=task.max_train,
-                                      max_val=task.max_val)
+    train, val, info = task.datasets(train_cfg.seed, img_size=task.img_size)
     # a diffusion model works on images scaled to [-1, 1] (mean = std = 0.5), not on the dataset's statistics
     for ds in (train, val):
         if not hasattr(ds.transform, "mean"):

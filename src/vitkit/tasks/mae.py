@@ -17,7 +17,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..data import build_datasets, make_loader
+from ..data import DataOptions, make_loader
 from ..errors import CheckpointError, ConfigError
 from ..models import get_config
 from ..models.mae import MaskedAutoencoderViT, mae_config_for
@@ -38,10 +38,11 @@ DEFAULT_RECIPE = dict(model="vit_tiny_patch16_224", decoder_embed_dim=256, decod
 
 
 @dataclass
-class MAETaskConfig:
-    """The task half of a `pretrain --method mae` run (the engine half is `TrainConfig`)."""
+class MAETaskConfig(DataOptions):
+    """The task half of a `pretrain --method mae` run (the engine half is `TrainConfig`); the data fields are
+    `DataOptions`'."""
 
-    data: str = "mnist5k"
+    augment: str = "light"
     model: Optional[str] = None  # the encoder: a registered ViT config; None → the dataset's recipe
     model_args: Dict = field(default_factory=dict)  # ViTConfig overrides for the encoder
     decoder_embed_dim: Optional[int] = None
@@ -49,13 +50,6 @@ class MAETaskConfig:
     decoder_num_heads: Optional[int] = None
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
-    augment: str = "light"
-    data_dir: str = "data"
-    download: bool = False
-    val_split: float = 0.1
-    strict: bool = False
-    max_train: Optional[int] = None
-    max_val: Optional[int] = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,10 +101,7 @@ def pretrain_mae(task: MAETaskConfig, train_cfg: TrainConfig, *, on_epoch_end=No
     torch.manual_seed(train_cfg.seed)
     model = build_mae(task)
     c = model.config
-    train, val, info = build_datasets(task.data, img_size=c.img_size, in_chans=c.in_chans, augment=task.augment,
-                                      data_dir=task.data_dir, download=task.download, val_split=task.val_split,
-                                      seed=train_cfg.seed, strict=task.strict, max_train=task.max_train,
-                                      max_val=task.max_val)
+    train, val, info = task.datasets(train_cfg.seed, img_size=c.img_size, in_chans=c.in_chans)
     size = c.img_size if isinstance(c.img_size, (tuple, list)) else (c.img_size, c.img_size)
     model.pretrained_cfg = {"class_names": None, "mean": list(info.mean), "std": list(info.std),
                             "input_size": [c.in_chans, int(size[0]), int(size[1])], "interpolation": "bilinear",
