@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 import vitkit  # noqa: E402
 from vitkit.models import create_model, get_config  # noqa: E402
-from vitkit.models.fast import tune_malloc  # noqa: E402
+from vitkit.models.fast import compile_frozen, tune_malloc  # noqa: E402
 from vitkit.models.tome import apply_tome, tome_flops  # noqa: E402
 
 MEM_SETUP = """
@@ -65,19 +65,6 @@ def executed_flops(model, img: int) -> float:
     f = int(d * cfg.mlp_ratio)
     skipped = (n - p) * (d * d + 2 * n * d + d * d + 2 * d * f)
     return total - 2.0 * skipped
-
-
-def torch_compile_frozen(model):
-    """timm's model under torch.compile with inductor freezing; freezing must be on while Dynamo traces (the first
-    call), not only in compile's options, or the weights stay graph inputs and nothing is frozen."""
-    import torch._inductor.config as inductor_config
-
-    compiled = torch.compile(model, dynamic=False)
-
-    def run(x):
-        with torch.inference_mode(), inductor_config.patch(freezing=True):
-            return compiled(x)
-    return run
 
 
 def no_grad(fn, x):
@@ -151,7 +138,7 @@ def main(argv=None) -> dict:
             if compile_here and (name in a.compile_models or "all" in a.compile_models):
                 fast = vitkit.optimize(ours, tune_allocator=not a.no_tune_malloc)
                 fast_c = vitkit.optimize(ours, backend="compile", tune_allocator=not a.no_tune_malloc)
-                tc = torch_compile_frozen(copy.deepcopy(ref))
+                tc = compile_frozen(copy.deepcopy(ref))  # the same freezing as ours
                 with torch.inference_mode():
                     plain = ours(x)
                     diff = (fast(x) - plain).abs().max().item()

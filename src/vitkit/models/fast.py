@@ -265,7 +265,7 @@ class OptimizedViT(nn.Module):
             with torch.inference_mode():
                 return fn(x)
         if name not in self._fns:
-            self._fns[name] = torch.compile(fn, dynamic=False)
+            self._fns[name] = compile_frozen(fn)
             self._sizes[name] = set()
         b = x.shape[0]
         sizes = self._sizes[name]
@@ -273,10 +273,7 @@ class OptimizedViT(nn.Module):
         if pad_to is not None:
             x = torch.cat([x, x.new_zeros((pad_to - b,) + x.shape[1:])])
         try:
-            # freezing must be on while Dynamo traces (options={"freezing": True} reaches only inductor, which
-            # then sees the weights as inputs and freezes nothing)
-            with torch.inference_mode(), _inductor_freezing():
-                out = self._fns[name](x)
+            out = self._fns[name](x)
         except Exception as e:  # noqa: BLE001 - any backend failure: fall back to the plain model, loudly
             log.warning("torch.compile failed (%s: %s); running the model eagerly", type(e).__name__, e)
             self.backend = "eager"
@@ -304,10 +301,18 @@ class OptimizedViT(nn.Module):
             return self.model.forward_head(x, pre_logits=pre_logits)
 
 
-def _inductor_freezing():
+def compile_frozen(fn):
+    """`fn` (images → outputs) under torch.compile with inductor freezing, run in inference mode. Freezing must be
+    on while Dynamo traces (at the first call): `options={"freezing": True}` reaches only inductor, which by then
+    sees the weights as graph inputs and freezes nothing."""
     import torch._inductor.config as inductor_config
 
-    return inductor_config.patch(freezing=True)
+    compiled = torch.compile(fn, dynamic=False)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), inductor_config.patch(freezing=True):
+            return compiled(x)
+    return run
 
 
 def optimize(
@@ -335,4 +340,4 @@ def optimize(
     return fast
 
 
-__all__ = ["optimize", "OptimizedViT", "tune_malloc", "onednn_supported", "BACKENDS"]
+__all__ = ["optimize", "OptimizedViT", "compile_frozen", "tune_malloc", "onednn_supported", "BACKENDS"]
