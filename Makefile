@@ -5,17 +5,19 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 # The pinned PyTorch pair of the test environment (a CUDA build that also runs on the CPU).
 TORCH   := torch==2.14.1 torchvision==0.29.1
+# Every other test and reference dependency (timm, transformers, onnx, ...) at the version the suite was run with.
+PINS    := -c constraints.txt
 STAMP   := $(VENV)/.installed
 
 .PHONY: demo test bench install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip $(PINS)
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install -q $(TORCH) $(PINS)
+	$(BIN)/python -m pip install -q -e '.[dev]' $(PINS)
 	touch $(STAMP)
 
 install: $(STAMP)

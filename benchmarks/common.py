@@ -4,10 +4,12 @@ Timing: the candidates run in turns (A, B, A, B, ...) in one process, each turn 
 slow drifts of a shared machine hit all of them alike; we report medians, and for "fraction of matmul" the median of
 per-turn ratios (the model's GFLOP/s over the matmul GFLOP/s measured just before it).
 
-Peak memory: a fresh child process builds the model, resets the kernel's resident-set high-water mark
-(`echo 5 > /proc/self/clear_refs`), runs the step once and reads `VmHWM` from /proc/self/status. The figure is
-the peak resident memory *above* what the process held just before the step (so weights and the input are not
-counted), which captures every allocation torch makes (CPU tensors live in malloc'd/mmap'd memory). Linux only.
+Peak memory: a fresh child process builds the model, runs the step once unmeasured (the one-time allocations of
+a new shape — oneDNN primitives, autograd and thread-pool buffers — would otherwise land on whichever step comes
+first), resets the kernel's resident-set high-water mark (`echo 5 > /proc/self/clear_refs`), runs the step again
+and reads `VmHWM` from /proc/self/status. The figure is the peak resident memory *above* what the process held just
+before the step (so weights and the input are not counted), which captures every allocation torch makes (CPU
+tensors live in malloc'd/mmap'd memory). Linux only; where the kernel refuses clear_refs the figure is NaN.
 """
 from __future__ import annotations
 
@@ -118,12 +120,17 @@ out = []
 for setup, spec in json.loads({specs!r}):
     env = {{"spec": spec, "torch": torch}}
     exec(setup, env)
+    env["step"]()  # warm-up at this shape: its one-time allocations are not the step's
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the high-water mark (VmHWM) to the current RSS
-    before = _rss("VmRSS:")
-    env["step"]()
-    out.append(_rss("VmHWM:") - before)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark (VmHWM) to the current RSS
+    except OSError:  # a kernel or sandbox without it: no figure rather than a wrong one
+        out.append(None)
+    else:
+        before = _rss("VmRSS:")
+        env["step"]()
+        out.append(_rss("VmHWM:") - before)
     del env
     gc.collect()
 print("RESULT", json.dumps(out))
@@ -131,11 +138,11 @@ print("RESULT", json.dumps(out))
 
 
 def peak_memory(setup, specs: List[dict], timeout: float = 1800) -> List[float]:
-    """Peak extra resident memory (bytes) of `step()`, once per spec, measured in one fresh process. `setup` is
-    Python source (or one per spec) that sees `spec` (a dict) and `torch`, builds what it needs and defines step().
-    The child maps
-    every allocation over 16 KiB with its own mmap (MALLOC_MMAP_THRESHOLD_), so freed memory goes back to the
-    kernel at once and one measurement does not hide in the heap left by the one before."""
+    """Peak extra resident memory (bytes) of `step()` after one warm-up call, once per spec, in one fresh process
+    (NaN where /proc/self/clear_refs cannot be written). `setup` is Python source (or one per spec) that sees `spec`
+    (a dict) and `torch`, builds what it needs and defines step(). The child maps every allocation over 16 KiB with
+    its own mmap (MALLOC_MMAP_THRESHOLD_), so freed memory goes back to the kernel at once and one measurement does
+    not hide in the heap left by the one before."""
     setups = [setup] * len(specs) if isinstance(setup, str) else list(setup)
     code = _CHILD.format(src=os.path.join(ROOT, "src"), threads=torch.get_num_threads(),
                          specs=json.dumps(list(zip(setups, specs))))
@@ -144,11 +151,11 @@ def peak_memory(setup, specs: List[dict], timeout: float = 1800) -> List[float]:
     line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
     if p.returncode or line is None:
         raise RuntimeError(f"memory child failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    return [float(v) for v in json.loads(line[7:])]
+    return [float("nan") if v is None else float(v) for v in json.loads(line[7:])]
 
 
 def mib(b: float) -> str:
-    return f"{b / 2**20:,.0f} MiB"
+    return f"{b / 2**20:,.0f} MiB" if b == b else "n/a"
 
 
 def table(rows: List[List[str]], header: List[str]) -> str:

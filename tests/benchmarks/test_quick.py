@@ -1,5 +1,8 @@
-"""The benchmarks' --quick modes, run once so the scripts cannot rot (the figures themselves are not judged here:
-the quick shapes are too small for speed to mean anything)."""
+"""The benchmarks' --quick modes, run once so the scripts cannot rot: each runs and reports well-formed figures
+(the right rows, positive speeds, the ratio line last). The figures themselves are not judged: speed and memory
+depend on the machine and its load. What the benchmarks claim is checked by counting in tests/models/test_costs.py
+(ToMe's FLOPs, the bytes checkpointing keeps)."""
+import math
 import os
 import sys
 
@@ -9,8 +12,16 @@ pytest.importorskip("timm")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 
 
+def _last_line(capsys) -> str:
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def _is_memory_figure(b) -> bool:
+    """Bytes, or NaN where the kernel does not let the benchmark reset its high-water mark."""
+    return isinstance(b, float) and (math.isnan(b) or b >= 0)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak memory is read from /proc (Linux)")
 def test_benchmarks_quick(capsys):
     import highres
     import infer
@@ -22,21 +33,20 @@ def test_benchmarks_quick(capsys):
     assert labels[:2] == ["vitkit eager", "timm eager"] and any(l.startswith("ToMe r=2") for l in labels)
     assert all(r["items_per_s"] > 0 for r in out["results"]) and out["results"][0]["gflops"] > 0
     assert out["tome"]["r=2"]["speedup_vs_plain"] > 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ratio vitkit/timm")
+    assert _last_line(capsys).startswith("ratio vitkit/timm")
 
     out = train.main(["--quick"])
     assert [(r["lib"], r["ckpt"]) for r in out["rows"]] == [("vitkit", False), ("timm", False), ("vitkit", True),
                                                             ("timm", True)]
-    assert all(r["items_per_s"] > 0 and r["peak_bytes"] > 0 for r in out["rows"])
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ratio vitkit/timm")
+    assert all(r["items_per_s"] > 0 and _is_memory_figure(r["peak_bytes"]) for r in out["rows"])
+    assert _last_line(capsys).startswith("ratio vitkit/timm")
 
     out = highres.main(["--quick"])
-    assert [r["img"] for r in out["infer"]] == [64, 64, 192, 192]
-    # inference memory grows with the token count, and checkpointing stores less than plain backprop
-    peak = {(r["img"], r["lib"]): r["peak_bytes"] for r in out["infer"]}
-    assert peak[(192, "vitkit")] > peak[(64, "vitkit")]
-    assert out["train"]["ckpt_bytes"] < out["train"]["plain_bytes"]
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ratio vitkit/timm")
+    assert [(r["img"], r["lib"]) for r in out["infer"]] == [(64, "vitkit"), (64, "timm"), (192, "vitkit"),
+                                                            (192, "timm")]
+    assert all(r["items_per_s"] > 0 and r["gflops"] > 0 and _is_memory_figure(r["peak_bytes"]) for r in out["infer"])
+    assert out["train"]["img"] == 96 and all(_is_memory_figure(out["train"][k]) for k in ("plain_bytes", "ckpt_bytes"))
+    assert _last_line(capsys).startswith("ratio vitkit/timm")
 
 
 def test_gpu_benchmark_runs_or_says_why_not(capsys):

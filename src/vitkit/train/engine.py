@@ -151,6 +151,9 @@ class DistInfo:
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto` is $VITKIT_DEVICE where set (the test suite sets `cpu`), else this rank's GPU if any, else the CPU."""
+    if name == "auto" and os.environ.get("VITKIT_DEVICE"):
+        name = os.environ["VITKIT_DEVICE"]
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
@@ -295,6 +298,8 @@ class Trainer:
     `on_epoch_end(trainer, row)` runs on every rank after each checkpoint (tests use it to interrupt).
     `resolved` is the task's part of config.json (model, data, loss options)."""
 
+    clock = staticmethod(time.perf_counter)  # every time the engine reads (budget, throughput); tests inject one
+
     def __init__(self, model: nn.Module, train_data, cfg: TrainConfig, loss_fn: LossFn, eval_fn: Optional[EvalFn]
                  = None, *, resolved: Optional[dict] = None, end_fn: Optional[Callable] = None,
                  on_epoch_end: Optional[Callable] = None, loader_kwargs: Optional[dict] = None,
@@ -373,7 +378,7 @@ class Trainer:
         s = {"step": self.step, "epoch": self.epoch, "model": self.model.state_dict(),
              "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
              "rng_cpu": torch.get_rng_state(), "best": self.best, "best_epoch": self.best_epoch,
-             "elapsed": self.elapsed + (time.perf_counter() - self._t0), "plan": dict(self.plan),
+             "elapsed": self.elapsed + (self.clock() - self._t0), "plan": dict(self.plan),
              "finished": self.finished, "history": self.history}
         if self.device.type == "cuda":
             s["rng_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -424,7 +429,7 @@ class Trainer:
     def _replan(self, sec_per_step: float, eval_secs: float) -> None:
         """Set the total step count so that training, the evaluations and the checkpoints fit in the budget."""
         c = self.cfg
-        spent = self.elapsed + (time.perf_counter() - self._t0)
+        spent = self.elapsed + (self.clock() - self._t0)
         left = c.time_budget - spent
         per_epoch_extra = eval_secs / max(1, c.eval_every)
         per_step = sec_per_step + per_epoch_extra / self.steps_per_epoch
@@ -441,7 +446,7 @@ class Trainer:
         """Train to the end of the schedule (or budget), evaluating and checkpointing each epoch; return the
         summary that also goes to report.json (rank 0; other ranks get the same dict without file outputs)."""
         c = self.cfg
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
         self._prepare()
         if self.dist.is_main:
             if c.resume:
@@ -459,7 +464,7 @@ class Trainer:
             if self.finished:
                 raise ConfigError(f"run {c.resume!r} has finished already ({self.epoch} epochs); nothing to resume")
             log.info("resuming %s at epoch %d, step %d", c.resume, self.epoch, self.step)
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
         if self.dist.is_main and not c.resume:
             self.run.write_json("config.json", {"train": c.to_dict(), **self.resolved,
                                                 "world_size": self.dist.world, "torch": torch.__version__})
@@ -485,12 +490,12 @@ class Trainer:
         while not stop and self.step < self.plan["total"]:
             ep = self.epoch
             self.net.train()
-            t_ep, n_img = time.perf_counter(), 0
+            t_ep, n_img = self.clock(), 0
             sums: Dict[str, float] = {}
             n_batches = 0
             loader = self._loader(ep)
             micro = 0
-            t_step = time.perf_counter()
+            t_step = self.clock()
             for batch in loader:
                 batch = _to_device(batch, self.device)
                 last_micro = (micro + 1) % c.accum_steps == 0
@@ -519,7 +524,7 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(self.model)
                 self.step += 1
-                now = time.perf_counter()
+                now = self.clock()
                 step_times.append(now - t_step)
                 t_step = now
                 if self._bar is not None:
@@ -532,7 +537,7 @@ class Trainer:
                 if self.step >= self.plan["total"] or stop or (c.max_steps and self.step >= c.max_steps):
                     stop = stop or bool(c.max_steps and self.step >= c.max_steps)
                     break
-            train_secs = time.perf_counter() - t_ep
+            train_secs = self.clock() - t_ep
             self.epoch = ep + 1
             final = stop or self.step >= self.plan["total"]
             row = {"epoch": self.epoch, "step": self.step,
@@ -541,12 +546,12 @@ class Trainer:
             row.update({"lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1),
                         "img_per_s": n_img / max(1e-9, train_secs), "seconds": train_secs})
             if final or self.epoch % c.eval_every == 0:
-                t_ev = time.perf_counter()
+                t_ev = self.clock()
                 row.update(self._evaluate())
-                eval_secs = time.perf_counter() - t_ev
+                eval_secs = self.clock() - t_ev
                 row["eval_seconds"] = eval_secs
                 self._end_epoch(row, final)
-                row["eval_seconds"] = time.perf_counter() - t_ev  # evaluation plus checkpoint
+                row["eval_seconds"] = self.clock() - t_ev  # evaluation plus checkpoint
                 eval_secs = row["eval_seconds"]
             if budget and not final and step_times:
                 self._replan(_median(step_times[2:] or step_times), eval_secs if self.history else
@@ -569,7 +574,7 @@ class Trainer:
         if self.dist.is_main:
             if not self.plan.get("planned") and len(step_times) >= 5:
                 self._replan(_median(step_times[2:]), eval_secs or self._guess_eval_secs(step_times))
-            spent = self.elapsed + (time.perf_counter() - self._t0)
+            spent = self.elapsed + (self.clock() - self._t0)
             stop = spent + (eval_secs or self._guess_eval_secs(step_times)) >= c.time_budget
         if self.dist.world > 1:
             self.plan, stop = _broadcast_obj((self.plan, stop), self.dist)
@@ -639,7 +644,7 @@ class Trainer:
             log.info(msg)
 
     def _finish(self) -> dict:
-        total_secs = self.elapsed + (time.perf_counter() - self._t0)
+        total_secs = self.elapsed + (self.clock() - self._t0)
         last = self.history[-1] if self.history else {}
         summary = {"name": self.cfg.name, "run_dir": str(self.run.path) if self.run else None,
                    "epochs": self.epoch, "steps": self.step, "planned_steps": self.plan.get("total"),
