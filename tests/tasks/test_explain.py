@@ -82,8 +82,8 @@ def test_maps_with_registers_non_square_inputs_and_average_pooling():
 
 
 def test_explain_cli_writes_png_and_scores(tmp_path, capsys, digits_model):
-    (xtr, ytr), _ = mnist5k()
-    paths = write_digits(tmp_path / "img", xtr[:2], ytr[:2])
+    _, (xte, yte) = mnist5k()
+    paths = write_digits(tmp_path / "img", xte[:2], yte[:2])
     from PIL import Image
     wide = tmp_path / "wide.png"  # a non-square image at its own size: 28 x 61 → 28 x 56 → a 4 x 8 grid
     Image.new("L", (61, 28)).save(wide)
@@ -112,18 +112,37 @@ def test_explain_cli_writes_png_and_scores(tmp_path, capsys, digits_model):
     assert "cannot read image" in capsys.readouterr().err
 
 
-def test_pointing_rollout_peaks_inside_the_digit():
+def _share_in_box(e, boxes, patch):
+    """The share of each map's mass on the patches whose centres lie inside the sample's box (energy pointing)."""
+    m = e.map.clamp(min=0).numpy()
+    centres = (np.arange(m.shape[1]) + 0.5) * patch
+    inside = np.stack([np.outer((centres >= b[0]) & (centres < b[2]), (centres >= b[1]) & (centres < b[3]))
+                       for b in boxes])
+    return float(((m * inside).sum((1, 2)) / m.sum((1, 2))).mean())
+
+
+def test_pointing_rollout_peaks_inside_the_digit(tmp_path):
     """A ViT trained (briefly) on digits pasted at random places on blank 64x64 canvases: the peak of its rollout
-    map lies inside the digit's box in >= 90% of held-out canvases (chance ~20%). The same peaks read with rows
-    and columns swapped miss far more often, so a map laid out wrong would fail here."""
+    map lies inside the digit's box in >= 90% of held-out canvases (chance ~20%). An untrained model's peak does
+    too (the digit is the only thing on the canvas), so what tells learning apart is how much of the map lies on
+    the digit: ~20% (the box's share of the canvas) untrained, about half once trained. The same peaks read with
+    rows and columns swapped miss far more often, so a map laid out wrong would fail here."""
     spec = importlib.util.spec_from_file_location("pointing", ROOT / "benchmarks" / "pointing.py")
     pointing = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pointing)
-    res = pointing.main(["--quick"])
+    res = pointing.main(["--quick", "--save", str(tmp_path / "pointing.safetensors")])
     assert res["rollout"] >= 0.9 and res["chance"] < 0.3, res
     x, _, boxes = pointing.canvas_digits(300, seed=5, offset=4000)
+    x = (x - 0.5) / 0.5
     torch.manual_seed(0)
-    peaks = explain(pointing.build_model().eval(), (x - 0.5) / 0.5).peaks()
+    untrained = pointing.build_model().eval()
+    trained = vitkit.load(tmp_path / "pointing.safetensors")
+    with torch.no_grad():
+        e_untrained, e_trained = explain(untrained, x), explain(trained, x)
+    share = {"untrained": _share_in_box(e_untrained, boxes, pointing.PATCH),
+             "trained": _share_in_box(e_trained, boxes, pointing.PATCH)}
+    assert share["trained"] > share["untrained"] + 0.15 and share["untrained"] < 0.3, share
+    peaks = e_untrained.peaks()
     hits = pointing.in_box(peaks, boxes).mean()
     swapped = pointing.in_box([(c, r) for r, c in peaks], boxes).mean()
     assert hits - swapped > 0.3, (hits, swapped)

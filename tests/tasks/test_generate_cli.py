@@ -134,7 +134,17 @@ def test_generate_scores_with_a_classifier(dit_run, runs, tmp_path):
     assert scores["num_real_train"] == 30 and set(scores["per_class_accuracy"]) == {str(c) for c in range(10)}
 
 
-def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_a_shift():
+def _frechet_by_eigh(a, b):
+    """The Fréchet distance computed another way: tr((ΣaΣb)^½) as tr((Σa^½ Σb Σa^½)^½), both symmetric square roots
+    from eigendecompositions (no scipy.linalg.sqrtm of a non-symmetric product, which vitkit uses)."""
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def test_frechet_distance_matches_closed_forms_and_an_independent_computation():
     from vitkit.tasks.generate import frechet_distance
 
     rng = np.random.default_rng(0)
@@ -142,7 +152,14 @@ def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_a_shift():
     assert abs(frechet_distance(a, a)) < 1e-6
     d1 = frechet_distance(a, a + 1.0)
     assert abs(d1 - 8.0) < 1e-6  # |Δμ|² = 8 with the same covariance
-    assert frechet_distance(a, a * 2.0) > 0.5
+    # b = 2a: μb = 2μa, Σb = 4Σa, so FD = |μa|² + tr(Σa + 4Σa − 2·2Σa) = |μa|² + tr(Σa) (≈ 8 here)
+    closed = float((a.mean(0) ** 2).sum() + np.trace(np.cov(a, rowvar=False)))
+    assert frechet_distance(a, a * 2.0) == pytest.approx(closed, rel=1e-9, abs=1e-9)
+    # two unrelated sets with different means and correlated covariances
+    b = rng.normal(size=(400, 8)) @ rng.normal(size=(8, 8)) * 0.7 + rng.normal(size=8)
+    expect = _frechet_by_eigh(a, b)
+    assert expect > 1.0 and frechet_distance(a, b) == pytest.approx(expect, rel=1e-8)
+    assert frechet_distance(b, a) == pytest.approx(expect, rel=1e-8)  # symmetric
 
 
 def test_train_gen_init_continues_from_a_checkpoint(dit_run, runs, capsys):

@@ -6,9 +6,11 @@ Metadata keys (all JSON strings): `format` = "vitkit", `version`, `model_type` (
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Type
 
@@ -45,13 +47,20 @@ def default_pretrained_cfg(model: nn.Module) -> dict:
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same folder, then rename: a kill at any moment leaves the old file whole."""
+    """Write through a temp file in the same folder, then rename: a kill at any moment leaves the old file whole.
+    Test hook: VITKIT_TEST_PAUSE_WRITE=<file-name glob>:<seconds> sleeps between a matching temp file's last byte
+    and its rename, so a test can kill a process inside a write; unset (always, outside tests) it does nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        pause = os.environ.get("VITKIT_TEST_PAUSE_WRITE")
+        if pause:
+            pattern, _, seconds = pause.rpartition(":")
+            if fnmatch.fnmatch(path.name, pattern):
+                time.sleep(float(seconds))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
