@@ -45,6 +45,9 @@ class ViTConfig:
     proj_drop_rate: float = 0.0  # dropout after the attention projection and in the MLP
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing with depth up to this rate
+    patch_drop_rate: float = 0.0  # PatchDropout: share of patch tokens dropped at random while training
+    stem: str = "patch"  # 'patch' (one conv, kernel = stride = patch) or 'conv' (stacked stride-2 3x3 convs)
+    stem_channels: Tuple[int, ...] = ()  # conv stem widths, one per stride-2 conv; () → timm's tiers
     weight_init: str = "xavier"
     name: str = ""  # the registry name this config came from, if any
 
@@ -60,11 +63,20 @@ class ViTConfig:
             raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
         if self.in_chans < 1 or self.depth < 1 or self.num_classes < 0:
             raise ValueError("in_chans and depth must be >= 1 and num_classes >= 0")
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
+        if self.stem == "conv":
+            from .vit import conv_stem_channels
+
+            conv_stem_channels(self.patch_size, self.embed_dim, self.stem_channels)
+        if not 0 <= self.patch_drop_rate < 1:
+            raise ValueError(f"patch_drop_rate must be in [0, 1), got {self.patch_drop_rate}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         if isinstance(d["img_size"], tuple):
             d["img_size"] = list(d["img_size"])
+        d["stem_channels"] = list(d["stem_channels"])
         return d
 
     @classmethod
@@ -73,6 +85,8 @@ class ViTConfig:
         d = {k: v for k, v in d.items() if k in known}
         if isinstance(d.get("img_size"), list):
             d["img_size"] = tuple(d["img_size"])
+        if "stem_channels" in d:
+            d["stem_channels"] = tuple(d["stem_channels"] or ())
         return cls(**d)
 
     @property
@@ -158,6 +172,15 @@ def count_flops(cfg: ViTConfig, img_size: Optional[IntOrPair] = None) -> Dict[st
     d = cfg.embed_dim
     f = int(d * cfg.mlp_ratio)
     patch = n_patches * cfg.in_chans * cfg.patch_size**2 * d
+    if cfg.stem == "conv":  # each 3x3 conv at its output resolution, then the 1x1 projection
+        from .vit import conv_stem_channels
+
+        patch, c_in, hh, ww = 0, cfg.in_chans, h, w
+        for c in conv_stem_channels(cfg.patch_size, d, cfg.stem_channels):
+            hh, ww = -(-hh // 2), -(-ww // 2)
+            patch += hh * ww * c_in * 9 * c
+            c_in = c
+        patch += n_patches * c_in * d
     per_block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * f
     head = d * cfg.num_classes
     macs = patch + cfg.depth * per_block + head
@@ -170,6 +193,15 @@ def count_params(cfg: ViTConfig) -> int:
     gh, gw = cfg.grid_size
     prefix = int(cfg.class_token) + cfg.reg_tokens
     n = d * cfg.in_chans * cfg.patch_size**2 + (0 if cfg.pre_norm else d)
+    if cfg.stem == "conv":  # 3x3 convs (BN after all but the last, which has a bias) and the 1x1 projection
+        from .vit import conv_stem_channels
+
+        chans = conv_stem_channels(cfg.patch_size, d, cfg.stem_channels)
+        n, c_in = (0 if cfg.pre_norm else d), cfg.in_chans
+        for i, c in enumerate(chans):
+            n += c_in * 9 * c + (2 * c if i < len(chans) - 1 else c)
+            c_in = c
+        n += c_in * d
     n += prefix * d + (gh * gw + (0 if cfg.no_embed_class else prefix)) * d
     n += 2 * d if cfg.pre_norm else 0
     block = 2 * d + 3 * d * d + (3 * d if cfg.qkv_bias else 0) + d * d + d + 2 * d + d * f + f + f * d + d

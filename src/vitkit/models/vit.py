@@ -21,13 +21,21 @@ from .layers import feature_take_indices, resample_abs_pos_embed, resample_patch
 class PatchEmbed(nn.Module):
     """Image (B, C, H, W) → patch tokens (B, H/p, W/p, D) by a conv whose kernel and stride are the patch size."""
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, dynamic_img_pad=False):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, dynamic_img_pad=False,
+                 stem: str = "patch", stem_channels: Sequence[int] = ()):
         super().__init__()
         self.patch_size = to_2tuple(patch_size)
         self.img_size = to_2tuple(img_size)
         self.in_chans = in_chans
         self.dynamic_img_pad = dynamic_img_pad
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+        if stem == "conv":  # timm's HybridEmbed(ConvStem): convolutions down to the grid, then a 1x1 projection
+            self.backbone = ConvStem(in_chans, conv_stem_channels(self.patch_size[0], embed_dim, stem_channels))
+            self.proj = nn.Conv2d(self.backbone.out_channels, embed_dim, kernel_size=1, bias=bias)
+        elif stem == "patch":
+            self.backbone = None
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+        else:
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
 
     @property
     def grid_size(self) -> Tuple[int, int]:
@@ -69,11 +77,16 @@ class PatchEmbed(nn.Module):
         if self.dynamic_img_pad:
             ph, pw = self.patch_size
             x = F.pad(x, (0, (pw - x.shape[3] % pw) % pw, 0, (ph - x.shape[2] % ph) % ph))
+        if self.backbone is not None:
+            x = self.backbone(x)
         return self.proj(x).permute(0, 2, 3, 1)  # (B, H', W', D)
 
     def set_input_size(self, img_size=None, patch_size=None) -> None:
         """Change the configured image size and/or patch size (the kernel is FlexiViT-resampled)."""
         if patch_size is not None and to_2tuple(patch_size) != self.patch_size:
+            if self.backbone is not None:
+                raise ValueError("a convolutional stem's stride is fixed by its layers: its patch size cannot change; "
+                                 "build a model with another patch_size instead")
             new = to_2tuple(patch_size)
             old = self.proj
             proj = nn.Conv2d(old.in_channels, old.out_channels, kernel_size=new, stride=new, bias=old.bias is not None)
@@ -85,6 +98,69 @@ class PatchEmbed(nn.Module):
             self.proj, self.patch_size = proj, new
         if img_size is not None:
             self.img_size = to_2tuple(img_size)
+
+
+def conv_stem_channels(patch_size: int, embed_dim: int, channels: Sequence[int] = ()) -> Tuple[int, ...]:
+    """The widths of a convolutional stem for `patch_size` (a power of two): one stride-2 conv per halving;
+    by default timm's tiers (embed_dim / 2**k, ..., embed_dim / 2, embed_dim)."""
+    n = int(round(math.log2(patch_size))) if patch_size > 1 else 0
+    if patch_size < 2 or 2**n != patch_size:
+        raise ValueError(f"a convolutional stem needs a patch size that is a power of two (2, 4, 8, 16), got "
+                         f"{patch_size}; use stem='patch' for other sizes")
+    if channels:
+        if len(channels) != n:
+            raise ValueError(f"stem_channels {tuple(channels)} must give one width per stride-2 conv: {n} for patch "
+                             f"{patch_size}")
+        return tuple(int(c) for c in channels)
+    return tuple(max(8, embed_dim // 2**i) for i in range(n))[::-1]
+
+
+class ConvNormAct(nn.Module):
+    """3x3 convolution, then BatchNorm and ReLU (timm's `ConvNormAct` names: `conv`, `bn`)."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, norm_act: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=not norm_act)
+        self.bn = nn.BatchNorm2d(out_chs) if norm_act else nn.Sequential()
+        self.act = nn.ReLU(inplace=True) if norm_act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class ConvStem(nn.Sequential):
+    """Stacked stride-2 3x3 convolutions in place of the patchify convolution (Xiao et al. 2021, "Early
+    convolutions help transformers see better"): BN+ReLU after each but the last, as timm's `ConvStem`."""
+
+    def __init__(self, in_chans: int, channels: Sequence[int]):
+        super().__init__()
+        for i, c in enumerate(channels):
+            self.add_module(str(i), ConvNormAct(in_chans if i == 0 else channels[i - 1], c, 2, i < len(channels) - 1))
+        self.out_channels = channels[-1]
+
+
+class PatchDropout(nn.Module):
+    """Keep a random subset of the patch tokens while training (PatchDropout, Liu et al. 2022; FLIP): fewer
+    tokens, less compute per step, a regulariser. Prefix tokens (class, registers) always stay; off in eval."""
+
+    def __init__(self, prob: float = 0.5, num_prefix_tokens: int = 1):
+        super().__init__()
+        if not 0 <= prob < 1:
+            raise ValueError(f"patch_drop_rate must be in [0, 1), got {prob}")
+        self.prob, self.num_prefix_tokens = prob, num_prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return x
+        p = self.num_prefix_tokens
+        prefix, x = x[:, :p], x[:, p:]
+        keep = max(1, int(x.shape[1] * (1.0 - self.prob)))
+        idx = torch.argsort(torch.randn(x.shape[0], x.shape[1], device=x.device), dim=-1)[:, :keep]
+        x = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        return torch.cat((prefix, x), dim=1) if p else x
+
+    def extra_repr(self) -> str:
+        return f"prob={self.prob}"
 
 
 class Attention(nn.Module):
@@ -228,12 +304,15 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, dim, bias=not cfg.pre_norm,
-                                      dynamic_img_pad=cfg.dynamic_img_pad)
+                                      dynamic_img_pad=cfg.dynamic_img_pad, stem=cfg.stem,
+                                      stem_channels=cfg.stem_channels)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, dim)) if cfg.reg_tokens else None
         embed_len = self.patch_embed.num_patches + (0 if cfg.no_embed_class else self.num_prefix_tokens)
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, dim))
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
+        self.patch_drop = PatchDropout(cfg.patch_drop_rate, self.num_prefix_tokens) if cfg.patch_drop_rate > 0 \
+            else nn.Identity()
         self.norm_pre = norm_layer(dim) if cfg.pre_norm else nn.Identity()
         dpr = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
         self.blocks = nn.Sequential(*[
@@ -271,6 +350,12 @@ class VisionTransformer(nn.Module):
         if mode == "xavier":  # the patch projection is a linear layer on flattened patches
             w = self.patch_embed.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if self.patch_embed.backbone is not None:  # conv stem: He init for ReLU convs, as torchvision's ResNets
+            for m in self.patch_embed.backbone.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
         for blk in self.blocks:
             for ls in (blk.ls1, blk.ls2):
                 if isinstance(ls, LayerScale):
@@ -347,7 +432,7 @@ class VisionTransformer(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) → input tokens (B, N, D) of the first block."""
-        return self.norm_pre(self._pos_embed(self.patch_embed(x)))
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) → all output tokens (B, prefix + H'W', D), after the final norm."""
@@ -425,4 +510,4 @@ class VisionTransformer(nn.Module):
         return f"config={c.name or 'custom'} img_size={c.img_size} patch_size={c.patch_size}"
 
 
-__all__ = ["PatchEmbed", "Attention", "Mlp", "LayerScale", "DropPath", "Block", "VisionTransformer"]
+__all__ = ["PatchEmbed", "ConvStem", "PatchDropout", "Attention", "Mlp", "LayerScale", "DropPath", "Block", "VisionTransformer"]

@@ -1,0 +1,117 @@
+"""The data-efficiency options of the ViT: a convolutional stem (timm's HybridEmbed(ConvStem) layout and numerics)
+and PatchDropout (timm's `patch_drop_rate`), each against its definition."""
+from functools import partial
+
+import pytest
+import torch
+
+import vitkit
+from vitkit.models import count_flops, count_params, create_model
+
+timm = pytest.importorskip("timm")
+
+
+def _randomize_bn(model, seed=0):
+    """BatchNorm with non-trivial statistics and affine parameters, so a swapped or skipped BN shows."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(1 + 0.3 * torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(0.3 * torch.randn(m.num_features, generator=g))
+
+
+@pytest.mark.parametrize("patch,channels", [(4, ()), (8, (16, 32, 48)), (2, ())])
+def test_conv_stem_is_timms_hybrid_conv_stem(patch, channels):
+    from timm.layers.hybrid_embed import HybridEmbed
+    from timm.models.vision_transformer_hybrid import ConvStem
+
+    ours = create_model(img_size=32, patch_size=patch, embed_dim=48, depth=2, num_heads=3, num_classes=5,
+                        stem="conv", stem_channels=channels, global_pool="avg").eval()
+    widths = tuple(m.conv.out_channels for m in ours.patch_embed.backbone)
+    assert len(widths) == {2: 1, 4: 2, 8: 3}[patch] and (not channels or widths == channels)
+    backbone = ConvStem(in_chans=3, depth=len(widths), channels=widths, stride=(2,) * len(widths))
+    ref = timm.models.VisionTransformer(img_size=32, patch_size=1, embed_dim=48, depth=2, num_heads=3,
+                                        num_classes=5, global_pool="avg",
+                                        embed_layer=partial(HybridEmbed, backbone=backbone)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.2)
+    _randomize_bn(ref)
+    assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        a, b = ref(x), ours(x)
+    assert a.std() > 0.05 and (a - b).abs().max().item() <= 1e-5
+    assert ours.patch_embed.dynamic_feat_size((32, 32)) == (32 // patch, 32 // patch)
+    # the analytic counts include the stem
+    assert count_params(ours.config) == sum(p.numel() for p in ours.parameters())
+    stem_macs = sum(m.conv.weight.numel() * (32 // m.conv.stride[0] ** (i + 1)) ** 2
+                    for i, m in enumerate(ours.patch_embed.backbone))
+    plain = count_flops(ours.config.replace(stem="patch", stem_channels=()))
+    conv = count_flops(ours.config)
+    patch_macs = (32 // patch) ** 2 * 3 * patch**2 * 48
+    proj_macs = (32 // patch) ** 2 * widths[-1] * 48
+    assert conv["macs"] - plain["macs"] == stem_macs + proj_macs - patch_macs
+
+
+def test_conv_stem_trains_saves_and_refuses_what_it_cannot_do(tmp_path):
+    model = create_model("vit_mini_patch4_28", stem="conv", depth=2)
+    x = torch.randn(4, 1, 28, 28)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    again = vitkit.load(vitkit.save(model.eval(), tmp_path / "m.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    with pytest.raises(ValueError, match="power of two"):
+        create_model("vit_mini_patch7_28", stem="conv")
+    with pytest.raises(ValueError, match="one width per stride-2 conv"):
+        create_model("vit_mini_patch4_28", stem="conv", stem_channels=(8, 16, 32))
+    with pytest.raises(ValueError, match="stem must be"):
+        create_model("vit_mini_patch4_28", stem="resnet")
+    with pytest.raises(ValueError, match="patch size cannot change"):
+        model.set_input_size(patch_size=2)
+    model.set_input_size(img_size=56)  # a new grid: pos-embed resampled, the stem is size-agnostic
+    assert model(torch.randn(1, 1, 56, 56)).shape == (1, 10)
+
+
+def test_patch_dropout_keeps_the_prefix_and_is_off_in_eval():
+    model = create_model("vit_mini_patch4_28", depth=1, reg_tokens=2, patch_drop_rate=0.5)
+    x = torch.randn(3, 1, 28, 28)
+    model.train()
+    full = model._pos_embed(model.patch_embed(x))  # (3, 3 + 49, D): class, 2 registers, 49 patches
+    torch.manual_seed(1)
+    kept = model.patch_drop(full)
+    assert kept.shape == (3, 3 + 24, full.shape[-1])  # int(49 * 0.5) patch tokens kept
+    assert torch.equal(kept[:, :3], full[:, :3])  # class and register tokens always stay
+    # every kept token is one of the image's own patch tokens, each at most once, and images differ in which
+    picks = []
+    for b in range(3):
+        same = (kept[b, 3:, None, :] == full[b, None, 3:, :]).all(-1)  # (24 kept, 49 patches): exact copies
+        assert (same.sum(1) == 1).all() and same.any(0).sum() == 24
+        picks.append(set(same.float().argmax(1).tolist()))
+    assert picks[0] != picks[1] or picks[1] != picks[2]
+    model.eval()
+    assert model.patch_drop(full).shape == full.shape
+    with torch.no_grad():
+        plain = create_model("vit_mini_patch4_28", depth=1, reg_tokens=2)
+        plain.load_state_dict(model.state_dict())
+        assert torch.equal(model(x), plain.eval()(x))
+    with pytest.raises(ValueError, match="patch_drop_rate"):
+        create_model("vit_mini_patch4_28", patch_drop_rate=1.0)
+
+
+def test_patch_dropout_matches_timms_placement():
+    """timm drops patches after the position embedding and before norm_pre: the same tokens, given the same RNG."""
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3, patch_drop_rate=0.25)
+    ref = timm.models.VisionTransformer(**kw).train()
+    ours = create_model(**kw).train()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(3)
+    a = ref.forward_features(x)
+    torch.manual_seed(3)
+    b = ours.forward_features(x)
+    assert a.shape == b.shape == (2, 1 + 12, 32) and (a - b).abs().max().item() <= 1e-5
