@@ -148,6 +148,33 @@ def test_huggingface_parity_layer_by_layer():
     assert_hidden_states_match(out.hidden_states, ours, x)
 
 
+def test_reference_guard_rejects_degenerate_references():
+    """check_reference must fail the default-initialised references the parity tests used to compare."""
+    x = torch.randn(2, 3, 32, 32)
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)
+    with pytest.raises(AssertionError, match="degenerate reference: LayerNorm"):
+        check_reference(create_model(**kw).eval(), x)
+    model = randomize_(create_model(**kw).eval())
+    check_reference(model, x)
+    with torch.no_grad():
+        model.blocks[1].attn.qkv.bias.zero_()
+    with pytest.raises(AssertionError, match=r"blocks\.1\.attn\.qkv\.bias is \(close to\) zero"):
+        check_reference(model, x)
+    model = randomize_(create_model(**kw).eval())
+    with torch.no_grad():  # q and k ~0: every query attends uniformly
+        model.blocks[0].attn.qkv.weight[:128].mul_(1e-4)
+        model.blocks[0].attn.qkv.bias[:128].mul_(1e-4)
+    with pytest.raises(AssertionError, match="attention entropy"):
+        check_reference(model, x)
+    model = randomize_(create_model(**kw).eval())
+    with torch.no_grad():
+        model.head.weight.zero_()
+    with pytest.raises(AssertionError, match="do not vary"):
+        check_reference(model, x)
+    with pytest.raises(TypeError, match="does not know how to draw"):
+        randomize_(nn.Sequential(nn.BatchNorm1d(3)))
+
+
 def test_attention_path_matches_fused_path_and_is_a_distribution():
     model = randomize_(create_model("vit_tiny_patch16_224", img_size=64, reg_tokens=1).eval())
     x = torch.randn(2, 3, 64, 96)
