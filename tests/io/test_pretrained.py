@@ -297,8 +297,8 @@ def _npz_pair(tmp_path, seed=0, **kw):
     return ref, vitkit.create_model(**args).eval()
 
 
-@pytest.mark.parametrize("kw", [{}, dict(class_token=False, global_pool="avg", fc_norm=False)],
-                         ids=["token", "gap"])
+@pytest.mark.parametrize("kw", [{}, dict(class_token=False, global_pool="avg", fc_norm=False),
+                                dict(no_embed_class=True)], ids=["token", "gap", "big_vision"])
 def test_npz_export_read_by_timm_and_back(tmp_path, kw):
     src, ours = _npz_pair(tmp_path, **kw)
     ours.load_state_dict(src.state_dict())
