@@ -1,10 +1,14 @@
 """Export: ONNX through onnxruntime, TorchScript and ExportedProgram round trips with a dynamic batch, the
-weights written back as HF / timm / npz / vitkit and read by the reference libraries, and the CLI."""
+weights written back as HF / timm / npz / vitkit and read by the reference libraries, and the CLI.
+
+The exported models are re-randomised at a trained-like scale (`_reference.randomize_`) and checked not to be
+degenerate, so a transposed or swapped tensor in a writer changes the reader's outputs by O(1)."""
 import json
 
 import numpy as np
 import pytest
 import torch
+from _reference import assert_hidden_states_match, check_reference, randomize_
 
 import vitkit
 from vitkit.cli import main
@@ -15,8 +19,7 @@ SMALL = dict(embed_dim=64, depth=2, num_heads=4, img_size=32, patch_size=8, num_
 
 
 def _model(**kw):
-    torch.manual_seed(0)
-    return vitkit.create_model(**{**SMALL, **kw}).eval()
+    return randomize_(vitkit.create_model(**{**SMALL, **kw}).eval())
 
 
 def _logits(m, x):
@@ -29,6 +32,7 @@ def test_onnx_round_trip_dynamic_batch(tmp_path):
     onnx = pytest.importorskip("onnx")
     model = _model()
     model.pretrained_cfg = {"mean": [0.5] * 3, "class_names": list("abcde")}
+    check_reference(model, torch.randn(2, 3, 32, 32))
     info = export(model, tmp_path / "m.onnx", "onnx")
     assert info["max_abs_diff"] <= 1e-4
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
@@ -43,6 +47,7 @@ def test_onnx_round_trip_dynamic_batch(tmp_path):
 @pytest.mark.parametrize("fmt", ["exported-program", "torchscript"])
 def test_torch_graph_round_trips(tmp_path, fmt):
     model = _model(reg_tokens=1)
+    check_reference(model, torch.randn(2, 3, 32, 32))
     path = tmp_path / "m.bin"
     assert export(model, path, fmt)["max_abs_diff"] <= 1e-5
     loaded = torch.export.load(str(path)).module() if fmt == "exported-program" else torch.jit.load(str(path))
@@ -59,8 +64,11 @@ def test_hf_export_loads_in_transformers_and_back(tmp_path):
     export(model, tmp_path / "hf", "hf")
     ref = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "hf")).eval()
     x = torch.randn(2, 3, 32, 32)
+    check_reference(model, x)
     with torch.no_grad():
-        assert (ref(pixel_values=x).logits - model(x)).abs().max().item() <= 1e-5
+        out = ref(pixel_values=x, output_hidden_states=True)
+        assert (out.logits - model(x)).abs().max().item() <= 1e-5
+    assert_hidden_states_match(out.hidden_states, model, x)
     assert ref.config.id2label[4] == "z"
     back = vitkit.load_pretrained(tmp_path / "hf")
     assert torch.equal(_logits(back, x), _logits(model, x))
@@ -79,6 +87,7 @@ def test_timm_export_folder_and_file(tmp_path):
                             pretrained_cfg_overlay=dict(file=str(tmp_path / "t" / "model.safetensors"),
                                                         num_classes=5)).eval()
     x = torch.randn(2, 3, 32, 32)
+    check_reference(model, x)
     assert (_logits(ref, x) - _logits(model, x)).abs().max().item() <= 1e-5
     back = vitkit.load_pretrained(tmp_path / "t")  # num_heads from config.json's model_args
     assert torch.equal(_logits(back, x), _logits(model, x))
@@ -91,18 +100,25 @@ def test_vitkit_round_trip_keeps_preprocessing(tmp_path):
     model.pretrained_cfg = {"mean": [0.1, 0.2, 0.3], "std": [1, 1, 1], "crop_pct": 0.8, "class_names": list("pqrst")}
     export(model, tmp_path / "m.safetensors", "vitkit")
     back = vitkit.load(tmp_path / "m.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    check_reference(model, x)
+    assert torch.equal(_logits(back, x), _logits(model, x))
     assert back.pretrained_cfg["crop_pct"] == 0.8 and back.pretrained_cfg["class_names"] == list("pqrst")
 
 
 def test_cli_export_any_source_and_refusals(tmp_path, capsys):
     timm = pytest.importorskip("timm")
-    ref = timm.models.VisionTransformer(**SMALL).eval()
+    ref = randomize_(timm.models.VisionTransformer(**SMALL).eval())
     torch.save({"model": ref.state_dict()}, tmp_path / "ck.pth")
     assert main(["export", str(tmp_path / "ck.pth"), "--format", "onnx", "--json"]) == 2
     assert "--num-heads" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "ck.pth"), "--format", "npz", "--num-heads", "4", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["path"] == str(tmp_path / "ck.npz") and info["config"]["num_heads"] == 4
+    x = torch.randn(2, 3, 32, 32)
+    from_npz = vitkit.load_pretrained(tmp_path / "ck.npz")
+    check_reference(from_npz, x)
+    assert (_logits(from_npz, x) - _logits(ref, x)).abs().max().item() <= 1e-5
     before = (tmp_path / "ck.npz").read_bytes()
     assert main(["export", str(tmp_path / "ck.pth"), "--format", "npz", "--num-heads", "4"]) == 2
     assert "exists already" in capsys.readouterr().err and (tmp_path / "ck.npz").read_bytes() == before

@@ -1,5 +1,9 @@
 """Importing pretrained weights: each reference library writes a checkpoint with random weights, vitkit loads it,
-and the logits agree to <= 1e-5 (fp32) — at the native size and after resampling, against the reference's own."""
+and the logits agree to <= 1e-5 (fp32) — at the native size and after resampling, against the reference's own.
+
+Every reference is re-randomised at a trained-like scale (`_reference.randomize_`: non-zero biases, spread
+LayerNorms, peaked attention, a non-zero head) and the loaded model is checked not to be degenerate
+(`check_reference`), so a swapped norm, bias or q/k/v order in a converter changes the logits by O(1)."""
 import argparse
 import json
 import os
@@ -7,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from _reference import assert_hidden_states_match, check_reference, randomize_
 
 import vitkit
 from vitkit.errors import CheckpointError
@@ -32,8 +37,7 @@ def tiny_timm(tmp_path_factory):
     from safetensors.torch import save_file
 
     d = tmp_path_factory.mktemp("timm")
-    torch.manual_seed(0)
-    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, **MINI).eval()
+    ref = randomize_(timm.create_model("vit_tiny_patch16_224", pretrained=False, **MINI).eval())
     torch.save(ref.state_dict(), d / "tiny.pth")
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(d / "tiny.safetensors"))
     return ref, d
@@ -45,6 +49,7 @@ def test_timm_state_dict_native_size(tiny_timm, name):
     net = vitkit.load_pretrained(d / name)  # num_heads=3 from the registered config of the same shape
     assert net.config.num_heads == 3 and net.config.depth == 6 and net.config.num_classes == 10
     x = torch.randn(2, 3, 32, 32)
+    check_reference(net, x)
     assert _diff(_logits(ref, x), _logits(net, x)) <= TOL
     assert net.pretrained_cfg["input_size"] == [3, 32, 32] and net.pretrained_cfg["mean"] == [0.5] * 3
 
@@ -58,7 +63,39 @@ def test_timm_resampled_matches_timms_own_resampling(tiny_timm, kw):
     size = kw["img_size"]
     assert ours.pretrained_cfg["input_size"] == [3, size, size]
     x = torch.randn(2, 3, size, size)
+    check_reference(ours, x)
     assert _diff(_logits(theirs, x), _logits(ours, x)) <= TOL
+
+
+@pytest.mark.parametrize("wrap", ["state_dict", "module.", "state_dict+module."])
+def test_timm_training_checkpoint_wrappers(tiny_timm, tmp_path, wrap):
+    """timm/Lightning save `{'state_dict': ...}`; DDP prefixes every key with `module.`."""
+    ref, _ = tiny_timm
+    sd = ref.state_dict()
+    if "module." in wrap:
+        sd = {f"module.{k}": v for k, v in sd.items()}
+    obj = {"state_dict": sd, "epoch": 7, "optimizer": {"lr": 0.1}} if wrap.startswith("state_dict") else sd
+    torch.save(obj, tmp_path / "ckpt.pth")
+    net = load_pretrained(tmp_path / "ckpt.pth")
+    x = torch.randn(2, 3, 32, 32)
+    check_reference(net, x)
+    assert _diff(_logits(ref, x), _logits(net, x)) <= TOL
+
+
+def test_deit3_layerscale_gamma_names(tmp_path):
+    """DeiT-III's own checkpoints name LayerScale `blocks.N.gamma_1/2` (timm renames them `ls1/ls2.gamma`) and add
+    position embeddings to the patches only (no_embed_class)."""
+    ref = randomize_(timm.create_model("deit3_small_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                       depth=2, num_classes=4).eval())
+    assert ref.no_embed_class
+    sd = {k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2"): v for k, v in ref.state_dict().items()}
+    assert "blocks.1.gamma_2" in sd
+    torch.save({"model": sd}, tmp_path / "deit3.pth")
+    net = load_pretrained(tmp_path / "deit3.pth", num_heads=6)
+    assert net.config.no_embed_class and net.config.init_values
+    x = torch.randn(2, 3, 32, 32)
+    check_reference(net, x)
+    assert _diff(_logits(ref, x), _logits(net, x)) <= TOL
 
 
 def test_new_head_and_fine_tune_ready(tiny_timm):
@@ -69,12 +106,13 @@ def test_new_head_and_fine_tune_ready(tiny_timm):
 
 
 def test_heads_from_argument_or_model_and_clear_errors(tmp_path):
-    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2).eval()
+    ref = randomize_(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2).eval())
     torch.save(ref.state_dict(), tmp_path / "d2.pth")
     with pytest.raises(CheckpointError, match="pass num_heads"):
         load_pretrained(tmp_path / "d2.pth")
     net = load_pretrained(tmp_path / "d2.pth", num_heads=3)
     x = torch.randn(2, 3, 64, 64)
+    check_reference(net, x)
     assert _diff(_logits(ref, x), _logits(net, x)) <= TOL
     with pytest.raises(CheckpointError, match=r"does not match model 'vit_small_patch16_224'.*embed_dim 192 vs 384"):
         load_pretrained(tmp_path / "d2.pth", model="vit_small_patch16_224")
@@ -86,34 +124,38 @@ def test_options_inferred_from_shapes(tmp_path):
     """Register tokens, no_embed_class, LayerScale, QK-norm (heads from its width), no qkv bias, avg pool + fc_norm."""
     kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, reg_tokens=2, no_embed_class=True,
               init_values=0.1, qk_norm=True, qkv_bias=False, global_pool="avg", num_classes=3, mlp_ratio=2.0)
-    ref = timm.models.VisionTransformer(**kw).eval()
+    ref = randomize_(timm.models.VisionTransformer(**kw).eval())
     torch.save(ref.state_dict(), tmp_path / "odd.pth")
     net = load_pretrained(tmp_path / "odd.pth")
     c = net.config
     assert (c.reg_tokens, c.no_embed_class, c.qk_norm, c.qkv_bias, c.num_heads, c.mlp_ratio, c.global_pool) == \
         (2, True, True, False, 4, 2.0, "avg")
     x = torch.randn(2, 3, 32, 32)
+    check_reference(net, x)
     assert _diff(_logits(ref, x), _logits(net, x)) <= TOL
 
 
 def test_tiny_odd_checkpoint_one_channel_28px_patch7_dim8(tmp_path):
-    ref = timm.models.VisionTransformer(img_size=28, patch_size=7, in_chans=1, embed_dim=8, depth=1, num_heads=2,
-                                        num_classes=10).eval()
+    ref = randomize_(timm.models.VisionTransformer(img_size=28, patch_size=7, in_chans=1, embed_dim=8, depth=1,
+                                                  num_heads=2, num_classes=10).eval())
     torch.save({"model": ref.state_dict(), "epoch": 3}, tmp_path / "mnist.pth")
     with pytest.raises(CheckpointError, match="--num-heads"):
         load_pretrained(tmp_path / "mnist.pth")
     net = load_pretrained(tmp_path / "mnist.pth", num_heads=2)
     assert net.config.in_chans == 1 and net.config.img_size == 28 and net.pretrained_cfg["mean"] == [0.5]
     x = torch.randn(4, 1, 28, 28)
+    check_reference(net, x)
     assert _diff(_logits(ref, x), _logits(net, x)) <= TOL
 
 
 def test_deit_distilled(tmp_path):
-    ref = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=64, depth=2).eval()
+    ref = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=64, depth=2)
+    ref = randomize_(ref.eval())
     torch.save({"model": ref.state_dict()}, tmp_path / "deit.pth")
     net = load_pretrained(tmp_path / "deit.pth", num_heads=3)
     assert type(net).__name__ == "VisionTransformerDistilled" and net.pretrained_cfg["crop_pct"] == 0.875
     x = torch.randn(2, 3, 64, 64)
+    check_reference(net, x)
     assert _diff(_logits(ref, x), _logits(net, x)) <= TOL
     again = vitkit.load(vitkit.save(net, tmp_path / "deit.safetensors"))  # our format keeps the distilled head
     assert _diff(_logits(again, x), _logits(ref, x)) <= TOL
@@ -122,7 +164,8 @@ def test_deit_distilled(tmp_path):
 
 
 def test_mae_pretrain_and_finetuned(tmp_path):
-    enc = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, num_classes=0).eval()
+    enc = randomize_(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2,
+                                       num_classes=0).eval())
     sd = dict(enc.state_dict())
     sd.update({"mask_token": torch.zeros(1, 1, 96), "decoder_embed.weight": torch.randn(96, 192),
                "decoder_pos_embed": torch.zeros(1, 17, 96), "decoder_blocks.0.norm1.weight": torch.ones(96),
@@ -130,14 +173,16 @@ def test_mae_pretrain_and_finetuned(tmp_path):
     torch.save({"model": sd, "args": argparse.Namespace(mask_ratio=0.75)}, tmp_path / "mae_pretrain.pth")
     net = load_pretrained(tmp_path / "mae_pretrain.pth", num_heads=3)
     x = torch.randn(2, 3, 64, 64)
+    check_reference(net, x)
     with torch.no_grad():
         assert net.num_classes == 0 and _diff(enc.forward_features(x), net.forward_features(x)) <= TOL
     assert net.pretrained_cfg["mean"] == [0.485, 0.456, 0.406]
-    ft = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, num_classes=5,
-                           global_pool="avg").eval()  # MAE fine-tuning: fc_norm after average pooling
+    ft = randomize_(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, num_classes=5,
+                                      global_pool="avg").eval())  # MAE fine-tuning: fc_norm after average pooling
     torch.save({"model": ft.state_dict()}, tmp_path / "mae_ft.pth")
     net = load_pretrained(tmp_path / "mae_ft.pth", num_heads=3)
     assert net.config.global_pool == "avg" and isinstance(net.fc_norm, torch.nn.LayerNorm)
+    check_reference(net, x)
     assert _diff(_logits(ft, x), _logits(net, x)) <= TOL
 
 
@@ -152,15 +197,18 @@ def _hf_config(**kw):
 
 def test_hf_folder_classification_and_eps(tmp_path):
     transformers, cfg = _hf_config(id2label={0: "cat", 1: "dog", 2: "eel"}, label2id={"cat": 0, "dog": 1, "eel": 2})
-    ref = transformers.ViTForImageClassification(cfg).eval()
+    ref = randomize_(transformers.ViTForImageClassification(cfg).eval())
     ref.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(
         {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "resample": 3, "size": {"height": 32}}))
     net = load_pretrained(tmp_path / "hf")
     assert net.config.norm_eps == 1e-12 and net.config.num_heads == 4
     x = torch.randn(2, 3, 32, 32)
+    check_reference(net, x)
     with torch.no_grad():
-        assert _diff(ref(pixel_values=x).logits, net(x)) <= TOL
+        out = ref(pixel_values=x, output_hidden_states=True)
+        assert _diff(out.logits, net(x)) <= TOL
+    assert_hidden_states_match(out.hidden_states, net, x)
     p = net.pretrained_cfg
     assert p["class_names"] == ["cat", "dog", "eel"] and p["mean"] == [0.1, 0.2, 0.3]
     assert p["interpolation"] == "bicubic"
@@ -169,9 +217,24 @@ def test_hf_folder_classification_and_eps(tmp_path):
     assert _diff(_logits(st, x), _logits(net, x)) == 0
 
 
+def test_hf_sharded_folder(tmp_path):
+    """A large HF model is saved in shards: `model.safetensors.index.json` + `model-0000x-of-0000y.safetensors`."""
+    transformers, cfg = _hf_config(layer_norm_eps=1e-6)
+    ref = randomize_(transformers.ViTForImageClassification(cfg).eval())
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    net = load_pretrained(tmp_path / "sharded")
+    x = torch.randn(2, 3, 32, 32)
+    check_reference(net, x)
+    with torch.no_grad():
+        assert _diff(ref(pixel_values=x).logits, net(x)) <= TOL
+
+
 def test_hf_bare_model_bin_and_transformers5_memory_layout(tmp_path):
     transformers, cfg = _hf_config(layer_norm_eps=1e-6)
-    bare = transformers.ViTModel(cfg).eval()  # with its pooler, which vitkit drops
+    bare = randomize_(transformers.ViTModel(cfg).eval())  # with its pooler, which vitkit drops
     bare.save_pretrained(tmp_path / "bare")
     from safetensors.torch import load_file
 
@@ -180,6 +243,7 @@ def test_hf_bare_model_bin_and_transformers5_memory_layout(tmp_path):
     torch.save(disk, tmp_path / "bare" / "pytorch_model.bin")
     net = load_pretrained(tmp_path / "bare")
     x = torch.randn(2, 3, 32, 32)
+    check_reference(net, x)
     with torch.no_grad():
         assert net.num_classes == 0 and _diff(bare(pixel_values=x).last_hidden_state, net.forward_features(x)) <= TOL
     torch.save(bare.state_dict(), tmp_path / "v5.pth")  # transformers 5's in-memory names (layers.N.attention.q_proj)
@@ -196,10 +260,11 @@ def test_hf_deit_with_teacher_and_plain(tmp_path):
                                   image_size=32, patch_size=8, num_labels=3)
     x = torch.randn(2, 3, 32, 32)
     for cls in (transformers.DeiTForImageClassificationWithTeacher, transformers.DeiTForImageClassification):
-        ref = cls(cfg).eval()
+        ref = randomize_(cls(cfg).eval())
         ref.save_pretrained(tmp_path / cls.__name__)
         net = load_pretrained(tmp_path / cls.__name__)
         assert net.config.reg_tokens == 1 and net.config.norm_eps == 1e-12
+        check_reference(net, x)
         with torch.no_grad():
             assert _diff(ref(pixel_values=x).logits, net(x)) <= TOL, cls.__name__
 
@@ -209,10 +274,13 @@ def test_torchvision(tmp_path):
     """torchvision's VisionTransformer class (the one vit_b_16 builds) at ViT-Ti width, 32 px, patch 4, depth 6."""
     from torchvision.models.vision_transformer import VisionTransformer as TV
 
-    ref = TV(image_size=32, patch_size=4, num_layers=6, num_heads=3, hidden_dim=192, mlp_dim=768, num_classes=6).eval()
+    # torchvision zeroes its head at creation: randomize_ gives it (and every LayerNorm and bias) real values
+    ref = randomize_(TV(image_size=32, patch_size=4, num_layers=6, num_heads=3, hidden_dim=192, mlp_dim=768,
+                        num_classes=6).eval())
     torch.save(ref.state_dict(), tmp_path / "tv.pth")
     net = load_pretrained(tmp_path / "tv.pth")  # 3 heads from the registered vit_mini_patch4_32
     x = torch.randn(2, 3, 32, 32)
+    check_reference(net, x)
     assert net.config.num_heads == 3 and _diff(_logits(ref, x), _logits(net, x)) <= TOL
     assert net.pretrained_cfg["mean"] == [0.485, 0.456, 0.406] and net.pretrained_cfg["source_format"] == "torchvision"
     sd = ref.state_dict()  # torchvision's legacy MLP names
@@ -222,22 +290,23 @@ def test_torchvision(tmp_path):
 
 
 # ---- Google npz ----------------------------------------------------------------------------------------------
-def _npz_pair(tmp_path, **kw):
+def _npz_pair(tmp_path, seed=0, **kw):
     args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)
     args.update(kw)
-    ref = timm.models.VisionTransformer(**args).eval()
+    ref = randomize_(timm.models.VisionTransformer(**args).eval(), seed=seed)
     return ref, vitkit.create_model(**args).eval()
 
 
-@pytest.mark.parametrize("kw", [{}, dict(class_token=False, global_pool="avg", fc_norm=False)],
-                         ids=["token", "gap"])
+@pytest.mark.parametrize("kw", [{}, dict(class_token=False, global_pool="avg", fc_norm=False),
+                                dict(no_embed_class=True)], ids=["token", "gap", "big_vision"])
 def test_npz_export_read_by_timm_and_back(tmp_path, kw):
     src, ours = _npz_pair(tmp_path, **kw)
     ours.load_state_dict(src.state_dict())
     vitkit.export(ours, tmp_path / "m.npz", "npz")
-    theirs, _ = _npz_pair(tmp_path, **kw)  # fresh random weights, overwritten by timm's npz reader
+    theirs, _ = _npz_pair(tmp_path, seed=1, **kw)  # other random weights, overwritten by timm's npz reader
     timm.models.vision_transformer._load_weights(theirs, str(tmp_path / "m.npz"))
     x = torch.randn(2, 3, 32, 32)
+    check_reference(ours, x)
     assert _diff(_logits(theirs, x), _logits(ours, x)) <= TOL
     back = load_pretrained(tmp_path / "m.npz")  # num_heads from the (D, H, Dh) kernels: no argument needed
     assert _diff(_logits(back, x), _logits(ours, x)) <= TOL and back.config.num_heads == 4
@@ -283,14 +352,26 @@ def test_big_vision_npz(tmp_path, scanned, pool):
     kw = dict(no_embed_class=True) if pool == "tok" else dict(class_token=False, global_pool="avg", fc_norm=False)
     ref, _ = _npz_pair(tmp_path, **kw)
     _big_vision_npz(ref, tmp_path / "bv.npz", scanned=scanned)
-    theirs, _ = _npz_pair(tmp_path, **kw)
+    theirs, _ = _npz_pair(tmp_path, seed=1, **kw)
     timm.models.vision_transformer._load_weights(theirs, str(tmp_path / "bv.npz"))
     x = torch.randn(2, 3, 32, 32)
     assert _diff(_logits(theirs, x), _logits(ref, x)) <= TOL  # the hand-built file is what timm reads
     net = load_pretrained(tmp_path / "bv.npz")
     assert net.config.no_embed_class == (pool == "tok") and net.config.class_token == (pool == "tok")
+    check_reference(net, x)
     assert _diff(_logits(net, x), _logits(ref, x)) <= TOL
     assert net.pretrained_cfg["interpolation"] == "bilinear" and net.pretrained_cfg["crop_pct"] == 1.0
+
+
+def test_npz_image_tower_prefix(tmp_path):
+    """Two-tower checkpoints (SigLIP/LiT-style) keep the image encoder under `params/img/`."""
+    kw = dict(class_token=False, global_pool="avg", fc_norm=False)
+    ref, _ = _npz_pair(tmp_path, **kw)
+    _big_vision_npz(ref, tmp_path / "tower.npz", scanned=True, prefix="params/img/")
+    net = load_pretrained(tmp_path / "tower.npz")
+    x = torch.randn(2, 3, 32, 32)
+    check_reference(net, x)
+    assert _diff(_logits(net, x), _logits(ref, x)) <= TOL
 
 
 def test_npz_vit_jax_train_prefix_and_pre_logits(tmp_path):
@@ -303,6 +384,7 @@ def test_npz_vit_jax_train_prefix_and_pre_logits(tmp_path):
     net = load_pretrained(tmp_path / "b.npz")  # pre_logits and the head that reads it are dropped
     assert net.num_classes == 0
     x = torch.randn(2, 3, 32, 32)
+    check_reference(net, x)
     with torch.no_grad():
         assert _diff(net.forward_features(x), ours.forward_features(x)) <= TOL
 
@@ -365,7 +447,7 @@ def test_hub_name_resolves_through_snapshot_download(monkeypatch, tmp_path):
     """Everything up to the network: a hub name asks huggingface_hub for config + safetensors and loads the folder."""
     huggingface_hub = pytest.importorskip("huggingface_hub")
     transformers, cfg = _hf_config()
-    ref = transformers.ViTForImageClassification(cfg).eval()
+    ref = randomize_(transformers.ViTForImageClassification(cfg).eval())
     ref.save_pretrained(tmp_path / "repo")
     calls = []
 
@@ -385,9 +467,10 @@ def test_hub_name_resolves_through_snapshot_download(monkeypatch, tmp_path):
 
 def test_global_pool_override_keeps_the_head(tmp_path):
     """A timm `avg` model without fc_norm looks like a token model from its shapes: global_pool= says otherwise."""
-    ref = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, num_classes=3,
-                                        global_pool="avg", fc_norm=False).eval()
+    ref = randomize_(timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4,
+                                                  num_classes=3, global_pool="avg", fc_norm=False).eval())
     torch.save(ref.state_dict(), tmp_path / "gap.pth")
     net = load_pretrained(tmp_path / "gap.pth", num_heads=4, global_pool="avg")
     x = torch.randn(2, 3, 32, 32)
+    check_reference(net, x)
     assert net.config.global_pool == "avg" and _diff(_logits(ref, x), _logits(net, x)) <= TOL

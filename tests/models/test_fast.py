@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from _reference import check_reference, randomize_
 
 import vitkit
 from vitkit.models import create_model
@@ -25,12 +26,9 @@ VARIANTS = {
 
 
 def _model(**kw):
-    torch.manual_seed(0)
-    m = create_model("vit_mini_patch4_28", depth=2, **kw).eval()
-    with torch.no_grad():  # weights larger than the init's, so that a wrong fusion or a skipped term shows
-        for p in m.parameters():
-            p.normal_(0, 0.1)
-    return m
+    # trained-like weights (spread LayerNorms, non-zero biases, peaked attention), so a wrong fusion or a skipped
+    # term shows
+    return randomize_(create_model("vit_mini_patch4_28", depth=2, **kw).eval())
 
 
 def _reference(m, x):
@@ -50,6 +48,7 @@ def _max_diffs(fast, m, x):
 def test_onednn_backend_matches_eager(variant):
     m = _model(**VARIANTS[variant])
     x = torch.randn(3, 1, 28, 28)
+    check_reference(m, x)
     fast = vitkit.optimize(m)
     assert fast.backend == "onednn" and not fast.compiled
     assert max(_max_diffs(fast, m, x)) <= 1e-4
@@ -76,10 +75,10 @@ def test_onednn_backend_carries_token_merging(pool):
 
 @needs_onednn
 def test_onednn_backend_runs_a_distilled_model():
-    torch.manual_seed(0)
-    m = VisionTransformerDistilled(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=2,
-                                   num_heads=2, reg_tokens=1).eval()
+    m = randomize_(VisionTransformerDistilled(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64,
+                                              depth=2, num_heads=2, reg_tokens=1).eval())
     x = torch.randn(2, 1, 28, 28)
+    check_reference(m, x)
     fast = vitkit.optimize(m)
     assert fast.backend == "onednn"
     with torch.no_grad():

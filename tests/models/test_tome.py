@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from _reference import check_reference, randomize_
 
 from vitkit.models import create_model
 from vitkit.models.tome import ToMeVisionTransformer, apply_tome, bipartite_soft_matching, merge_wavg, remove_tome, \
@@ -81,7 +82,7 @@ def _ref_forward(model, x, r):
 
 
 def _pair(name="vit_tiny_patch16_224", **kw):
-    ref = timm.create_model(name, pretrained=False, **kw).eval()
+    ref = randomize_(timm.create_model(name, pretrained=False, **kw).eval())
     ours = create_model(name, **kw).eval()
     ours.load_state_dict(ref.state_dict())
     return ref, ours
@@ -102,6 +103,7 @@ def test_r0_is_the_plain_model_bit_for_bit():
 def test_matches_the_authors_tome_on_timm(r):
     ref, ours = _pair()
     x = torch.randn(2, 3, 224, 224)
+    check_reference(ours, x)
     apply_tome(ours, r)
     with torch.no_grad():
         expected = _ref_forward(ref, x, r)
