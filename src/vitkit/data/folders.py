@@ -174,14 +174,15 @@ def _pool(n_jobs: int) -> ProcessPoolExecutor:
 # ---- decoding ---------------------------------------------------------------------------------------------------
 def _decode_chunk(args) -> Tuple[np.ndarray, List[int]]:
     """Decode files to (n, C, S, S) uint8 (shorter side resized to S, centre-cropped); indices of failures."""
-    files, size, in_chans = args
+    files, size, in_chans = args[:3]
+    draft = len(args) > 3 and args[3]  # JPEGs may decode at a reduced scale (>= size): much faster for thumbnails
     from .sources import read_image
 
     out = np.zeros((len(files), in_chans, size, size), np.uint8)
     bad = []
     for i, f in enumerate(files):
         try:
-            im = read_image(f, in_chans)
+            im = read_image(f, in_chans, draft_size=size if draft else None)
             out[i] = square_resize(im, size)
         except Exception:  # noqa: BLE001 - the file is counted and skipped by the caller
             bad.append(i)
@@ -213,16 +214,16 @@ def decode_folder(scan: FolderScan, size: int, in_chans: int, progress: bool = T
     if use_cache and npy.is_file() and meta.is_file():
         try:
             info = json.loads(meta.read_text())
-            images = np.load(npy, mmap_mode="r")
+            images = np.load(npy)
             if images.shape[0] == len(info["keep"]) and info["files"] == len(scan.files):
                 log.info("decoded images from the cache (%s)", npy)
                 keep = np.asarray(info["keep"], np.int64)
-                return np.ascontiguousarray(images), scan.labels[keep], [scan.files[i] for i in info["bad"]]
+                return images, scan.labels[keep], [scan.files[i] for i in info["bad"]]
         except (OSError, ValueError, KeyError):
             log.warning("ignoring a damaged cache entry %s; decoding again", npy)
     n = len(scan.files)
     chunk = 512
-    jobs = [(scan.files[i:i + chunk], size, in_chans) for i in range(0, n, chunk)]
+    jobs = [(scan.files[i:i + chunk], size, in_chans, True) for i in range(0, n, chunk)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -257,6 +258,27 @@ def decode_folder(scan: FolderScan, size: int, in_chans: int, progress: bool = T
         _write_cache(npy, meta, images, {"root": str(scan.root), "files": n, "keep": keep, "bad": bad,
                                           "size": size, "in_chans": in_chans})
     return images, scan.labels[keep], [scan.files[i] for i in bad]
+
+
+def cached_json(scan: FolderScan, name: str, make, **options):
+    """A JSON-able result computed from a folder's files (e.g. its profile), cached under the folder's listing key:
+    recomputed only when a file or an option changes."""
+    path = cache_dir() / "folders" / f"{scan.listing_key(what=name, **options)}.{name}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    value = make()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(value))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return value
 
 
 def _write_cache(npy: Path, meta: Path, images: np.ndarray, info: Dict) -> None:

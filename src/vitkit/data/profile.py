@@ -53,6 +53,12 @@ class DataProfile:
         """Largest class count over the smallest (1.0 = balanced)."""
         return max(self.class_counts) / max(1, min(self.class_counts))
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataProfile":
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        fields["native_size"], fields["size_range"] = tuple(d["native_size"]), tuple(d["size_range"])
+        return cls(**fields)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["in_chans"], d["mirror_symmetric"], d["imbalance"] = self.in_chans, self.mirror_symmetric, self.imbalance

@@ -58,7 +58,7 @@ def default_augment(kind: str, level: str = "default") -> AugmentConfig:
         raise ConfigError(f"--augment must be none, light, default or strong, got {level!r}")
     if level == "none":
         return AugmentConfig()
-    if kind == "digits":
+    if kind in ("oriented", "digits"):  # no flips: the mirror image is another thing (a '2' is not a mirrored '5')
         if level == "light":
             return AugmentConfig(rotate=8, scale=(0.95, 1.05), translate=0.08)
         if level == "strong":
@@ -80,8 +80,9 @@ class BatchTransform:
     in the schedule a batch is. It also scales the augmentation strength when `aug.ramp` is set."""
 
     def __init__(self, size, mean: Sequence[float], std: Sequence[float], aug: Optional[AugmentConfig] = None,
-                 min_size: Optional[int] = None, multiple: int = 1):
+                 min_size: Optional[int] = None, multiple: int = 1, crop_pct: float = 1.0):
         self.size = _pair(size)
+        self.crop_pct = crop_pct  # eval: the centre crop_pct of the image, resized to `size` (timm's eval crop)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.aug = aug
@@ -107,6 +108,10 @@ class BatchTransform:
         size = self.size_at(progress) if a is not None else self.size
         strength = a.strength(progress) if a is not None else 0.0
         x = x.float().div_(255.0)
+        if self.crop_pct < 1.0:
+            h, w = x.shape[-2:]
+            ch, cw = max(1, round(h * self.crop_pct)), max(1, round(w * self.crop_pct))
+            x = x[..., (h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
         geo = None
         if a is not None and a.rand_ops > 0:
             x, geo = _rand_augment(x, B, sl, a.rand_ops, a.rand_magnitude * strength, gen)
@@ -275,14 +280,16 @@ class MixUp:
     pairing each image with the batch reversed (as timm). Returns soft targets (b, K) with label smoothing."""
 
     def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
-                 smoothing: float = 0.1):
+                 smoothing: float = 0.1, ramp: float = 0.0):
         self.k, self.ma, self.ca, self.prob, self.smoothing = num_classes, mixup_alpha, cutmix_alpha, prob, smoothing
+        self.ramp = ramp  # > 0: the probability grows from 0 to `prob` over this fraction of the schedule
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, progress: float = 1.0):
         off = self.smoothing / self.k
         t = torch.full((len(y), self.k), off).scatter_(1, y.view(-1, 1), 1 - self.smoothing + off)
         u = torch.rand(3, generator=gen)
-        if u[0] >= self.prob or (self.ma <= 0 and self.ca <= 0):
+        prob = self.prob * (1.0 if self.ramp <= 0 else min(1.0, max(0.0, progress) / self.ramp))
+        if u[0] >= prob or (self.ma <= 0 and self.ca <= 0):
             return x, t
         use_cut = self.ca > 0 and (self.ma <= 0 or u[1] < 0.5)
         alpha = self.ca if use_cut else self.ma
