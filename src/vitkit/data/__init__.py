@@ -371,6 +371,11 @@ class DataOptions:
     max_train: Optional[int] = None
     max_val: Optional[int] = None
 
+    def open(self, seed: int) -> DataSource:
+        """The data set opened (loaded or scanned, split), not yet shaped for a model: see `open_data`."""
+        return open_data(self.data, data_dir=self.data_dir, download=self.download, val_split=self.val_split,
+                         seed=seed, strict=self.strict)
+
     def datasets(self, seed: int, **model_input):
         """(train, val, DatasetInfo) for these options; model_input: img_size, in_chans, mean, std (the model's)."""
         return build_datasets(self.data, augment=self.augment, data_dir=self.data_dir, download=self.download,

@@ -225,7 +225,7 @@ def decode_folder(scan: FolderScan, size: int, in_chans: int, progress: bool = T
     chunk = 512
     jobs = [(scan.files[i:i + chunk], size, in_chans, True) for i in range(0, n, chunk)]
     bar = None
-    if progress:
+    if progress and n >= _PARALLEL_MIN:  # a bar only where decoding takes noticeable time
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, unit="img", desc=f"decoding {scan.root.name}", dynamic_ncols=True, mininterval=0.5)

@@ -56,6 +56,9 @@ class TrainingDiverged(VitkitError, ValueError):
     """The loss became NaN or infinite."""
 
 
+DEFAULT_EPOCHS = 10  # the engine's schedule when a TrainConfig sets neither epochs nor time_budget
+
+
 @dataclass
 class TrainConfig:
     """Everything the engine needs; task options (model, data, loss) travel separately in `resolved`."""
@@ -64,7 +67,7 @@ class TrainConfig:
     runs_dir: str = "runs"
     overwrite: bool = False  # replace an existing run folder of the same name
     resume: Optional[str] = None  # a run folder to continue
-    epochs: int = 10  # the schedule length, unless time_budget is set
+    epochs: Optional[int] = None  # the schedule length, unless time_budget is set (neither: DEFAULT_EPOCHS)
     time_budget: Optional[float] = None  # seconds: lay the schedule over this wall-clock time instead of epochs
     max_steps: Optional[int] = None  # stop after this many optimizer steps (quick runs; the schedule is not cut)
     batch_size: int = 128  # global batch per micro-step (split over processes); effective = × accum_steps
@@ -90,7 +93,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.batch_size < 1 or self.accum_steps < 1 or self.epochs < 1 or self.eval_every < 1:
+        if self.batch_size < 1 or self.accum_steps < 1 or (self.epochs is not None and self.epochs < 1) or \
+                self.eval_every < 1:
             raise ConfigError("batch size, accumulation steps, epochs and eval_every must all be >= 1")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
@@ -368,7 +372,7 @@ class Trainer:
         spe = self._steps_per_epoch()
         self.steps_per_epoch = spe
         if not self.plan:
-            total = c.epochs * spe
+            total = (c.epochs or DEFAULT_EPOCHS) * spe
             self.plan = {"total": total, "warmup": self._warmup_steps(total, spe), "planned": c.time_budget is None}
 
     def _warmup_steps(self, total: int, spe: int) -> int:

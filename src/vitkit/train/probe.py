@@ -64,10 +64,11 @@ def _held_out_loss(model: nn.Module, held_out: Sequence[Tuple[torch.Tensor, torc
 
 def precision_agrees(make_model: Callable[[], nn.Module], batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
                      held_out: Sequence[Tuple[torch.Tensor, torch.Tensor]], precision: str, *, lr: float = 1e-3,
-                     tolerance: float = 0.05, device=None) -> Tuple[bool, Dict[str, float]]:
+                     tolerance: float = 0.25, device=None) -> Tuple[bool, Dict[str, float]]:
     """Train two copies of the same initial model on the same batches, one in fp32 and one in `precision`, and
-    compare their loss on held-out batches: agreement means |loss_p - loss_fp32| <= tolerance * loss_fp32 and
-    that training moved the fp32 loss at all (else the check proves nothing and says so)."""
+    compare their held-out loss: `precision` agrees when it gets at least (1 - tolerance) of fp32's improvement
+    of the held-out loss and lands within `tolerance` of that improvement from fp32's loss. A run in which fp32
+    itself does not improve the loss by 2% proves nothing and does not agree."""
     device = torch.device(device or "cpu")
     batches = list(batches)
     start = make_model().to(device)
@@ -86,7 +87,7 @@ def precision_agrees(make_model: Callable[[], nn.Module], batches: Iterable[Tupl
             opt.zero_grad(set_to_none=True)
         losses[prec] = _held_out_loss(net, held_out)
     ref, other = losses["fp32"], losses[precision]
+    gain = before - ref
     info = {"steps": len(batches), "loss_before": before, "loss_fp32": ref, f"loss_{precision}": other,
-            "relative_gap": abs(other - ref) / max(ref, 1e-8), "tolerance": tolerance}
-    moved = before - ref > tolerance * before
-    return bool(moved and abs(other - ref) <= tolerance * ref), info
+            "gap_of_gain": abs(other - ref) / max(gain, 1e-8), "tolerance": tolerance}
+    return bool(gain > 0.02 * before and abs(other - ref) <= tolerance * gain), info

@@ -1,0 +1,125 @@
+"""The training planner: its decisions follow from the data's profile and the measured step times (fixed here by a
+fake timer), and every choice yields to a flag; the recipe's resolution rule is flag, else plan, else default."""
+import dataclasses
+
+import pytest
+
+from vitkit.data.profile import DataProfile
+from vitkit.models import ViTConfig, count_flops
+from vitkit.tasks.plan import LADDER, epochs_needed, plan_recipe, token_layout
+from vitkit.tasks.recipe import DEFAULTS, Recipe, resolve
+
+
+def _profile(n=50_000, side=32, grey=False, asym=0.0, classes=10):
+    return DataProfile(num_train=n, num_val=n // 10, num_classes=classes, class_counts=[n // classes] * classes,
+                       native_size=(side, side), size_range=(side, side), channels=1 if grey else 3, grey=grey,
+                       mean=[0.5] if grey else [0.5] * 3, std=[0.25] if grey else [0.25] * 3, asymmetry=asym)
+
+
+class FakeTimer:
+    """Step time proportional to the candidate's FLOPs at a fixed machine rate; bf16 `bf16_speedup` times faster."""
+
+    def __init__(self, gflops_per_s=150.0, bf16_speedup=2.0, batch=128):
+        self.rate, self.bf16, self.batch, self.calls = gflops_per_s * 1e9, bf16_speedup, batch, []
+
+    def __call__(self, fields, precision):
+        self.calls.append((fields.get("embed_dim"), fields.get("depth"), precision))
+        cfg = ViTConfig.from_dict({**ViTConfig().to_dict(), **fields, "num_classes": 10})
+        sec = 3 * count_flops(cfg)["flops"] * self.batch / self.rate
+        return sec / self.bf16 if precision == "bf16" else sec
+
+
+def test_token_layout_from_the_image_size():
+    assert token_layout(32) == (32, 4, "conv")  # 8x8 tokens through two stride-2 convs
+    assert token_layout(28) == (28, 4, "conv")  # 7x7
+    assert token_layout(8) == (8, 2, "conv")  # 4x4
+    assert token_layout(64) == (64, 8, "conv")
+    assert token_layout(100) == (96, 16, "conv")  # cut to a multiple of the patch
+
+
+def test_more_budget_buys_a_bigger_model_and_smaller_data_a_smaller_one():
+    timer = FakeTimer()
+    picks = {}
+    for budget in (600, 3600, 6 * 3600):
+        p = plan_recipe(_profile(), Recipe(), budget=budget, timer=timer, precisions=("fp32",))
+        picks[budget] = (p.recipe.embed_dim, p.recipe.depth)
+        assert p.recipe.img_size == 32 and p.recipe.patch_size == 4 and p.recipe.stem == "conv"
+        # the pick is the largest measured rung that gets the epochs this data needs
+        assert p.measurements["planned_epochs"] >= epochs_needed(50_000) or picks[budget] == LADDER[0][:2]
+    order = [LADDER.index(next(r for r in LADDER if r[:2] == picks[b])) for b in (600, 3600, 6 * 3600)]
+    assert order[0] < order[1] < order[2]
+    small = plan_recipe(_profile(n=5_000), Recipe(), budget=3600, timer=timer, precisions=("fp32",))
+    assert epochs_needed(5_000) > epochs_needed(50_000)
+    # a tenth of the images: each epoch is 10x cheaper, but it needs more of them; never a smaller model for less data
+    assert LADDER.index(next(r for r in LADDER if r[:2] == (small.recipe.embed_dim, small.recipe.depth))) >= order[1]
+
+
+def test_precision_is_the_fastest_measured():
+    fast_bf16 = plan_recipe(_profile(), Recipe(), budget=3600, timer=FakeTimer(bf16_speedup=2.5),
+                            precisions=("fp32", "bf16"))
+    slow_bf16 = plan_recipe(_profile(), Recipe(), budget=3600, timer=FakeTimer(bf16_speedup=0.8),
+                            precisions=("fp32", "bf16"))
+    assert fast_bf16.recipe.precision == "bf16" and slow_bf16.recipe.precision == "fp32"
+    assert set(fast_bf16.measurements["precision_seconds"]) == {"fp32", "bf16"}
+
+
+def test_the_data_decides_channels_flips_and_test_time_flips():
+    digits = plan_recipe(_profile(side=28, grey=True, asym=0.65), Recipe(), budget=600, timer=FakeTimer())
+    photos = plan_recipe(_profile(side=32, asym=0.01), Recipe(), budget=600, timer=FakeTimer())
+    assert digits.recipe.in_chans == 1 and not digits.recipe.hflip and not digits.recipe.tta_flip
+    assert photos.recipe.in_chans == 3 and photos.recipe.hflip and photos.recipe.tta_flip
+    assert "no flips" in digits.reasons["augment"]
+    big = plan_recipe(_profile(n=5_000, side=400), Recipe(), budget=600, timer=FakeTimer())
+    assert big.recipe.img_size == 64 and big.recipe.patch_size == 8  # large photos: the budget caps the resolution
+    longer = plan_recipe(_profile(n=5_000, side=400), Recipe(), budget=2 * 3600, timer=FakeTimer())
+    assert longer.recipe.img_size == 128
+
+
+def test_augmentation_grows_with_the_epochs_the_budget_buys():
+    timer = FakeTimer(gflops_per_s=20.0)
+    levels = [plan_recipe(_profile(n=n), Recipe(), budget=3600, timer=timer) for n in (50_000, 2_000, 200)]
+    strength = {"light": 0, "default": 1, "strong": 2}
+    s = [strength[p.recipe.augment] for p in levels]
+    assert s == sorted(s) and s[0] < s[-1]
+    # so many passes that even the largest model would see the data 3x more than it needs: MixUp/CutMix, ramped in
+    lavish = plan_recipe(_profile(n=200), Recipe(), budget=20 * 3600, timer=timer)
+    assert lavish.recipe.augment == "strong" and lavish.recipe.mixup > 0 and lavish.recipe.aug_ramp
+    assert lavish.recipe.drop_path_rate > 0
+
+
+def test_flags_win_and_an_epoch_schedule_is_planned_without_measuring_models():
+    timer = FakeTimer()
+    p = plan_recipe(_profile(), Recipe(embed_dim=96, lr=5e-4, epochs=3), budget=None, timer=timer,
+                    precisions=("fp32", "bf16"))
+    final, sources = resolve(Recipe(embed_dim=96, lr=5e-4, epochs=3), p.recipe)
+    assert final.embed_dim == 96 and final.lr == 5e-4 and final.epochs == 3
+    assert sources["embed_dim"] == sources["lr"] == "flag" and sources["depth"] == "plan"
+    assert {c[2] for c in timer.calls} == {"fp32", "bf16"} and len(timer.calls) == 2  # precision only
+    named = plan_recipe(_profile(side=28, grey=True, asym=0.6), Recipe(model="vit_micro_patch7_28"), budget=300,
+                        timer=FakeTimer(), fixed_fields=ViTConfig.from_dict(
+                            {**ViTConfig().to_dict(), "embed_dim": 64, "depth": 6, "num_heads": 4, "img_size": 28,
+                             "patch_size": 7, "in_chans": 1}).to_dict())
+    assert named.recipe.embed_dim is None and named.recipe.img_size is None  # the named model keeps its layout
+    assert named.recipe.precision in ("fp32", "bf16") and "your choice" in named.reasons["model"]
+
+
+def test_fine_tuning_keeps_the_architecture_and_plans_gently():
+    init = ViTConfig(embed_dim=192, depth=12, num_heads=3, img_size=224, patch_size=16).to_dict()
+    p = plan_recipe(_profile(n=2_000, side=300), Recipe(), budget=3600, timer=FakeTimer(gflops_per_s=200),
+                    init=init)
+    r = p.recipe
+    assert r.embed_dim is None and r.depth is None  # the checkpoint's
+    assert r.layer_decay and r.lr < 1e-3 and r.mixup == 0.0 and r.img_size % 16 == 0
+    slow = plan_recipe(_profile(n=2_000, side=300), Recipe(), budget=600, timer=FakeTimer(gflops_per_s=2),
+                       init=init)
+    assert slow.recipe.img_size < r.img_size  # too slow at full size for a few epochs: a lower resolution
+
+
+def test_resolve_is_flag_then_plan_then_default():
+    user, plan = Recipe(lr=1.0), Recipe(lr=2.0, batch_size=64)
+    final, sources = resolve(user, plan)
+    assert (final.lr, final.batch_size, final.weight_decay) == (1.0, 64, DEFAULTS.weight_decay)
+    assert (sources["lr"], sources["batch_size"], sources["weight_decay"]) == ("flag", "plan", "default")
+    assert Recipe.from_dict(final.to_dict()) == final
+    with pytest.raises(ValueError, match="unknown recipe field"):
+        Recipe.from_dict({"learning_rate": 1})
