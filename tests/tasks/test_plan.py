@@ -77,12 +77,13 @@ def test_the_data_decides_channels_flips_and_test_time_flips():
 
 def test_augmentation_grows_with_the_epochs_the_budget_buys():
     timer = FakeTimer(gflops_per_s=20.0)
-    levels = [plan_recipe(_profile(n=n), Recipe(), budget=3600, timer=timer) for n in (50_000, 2_000, 200)]
+    levels = [plan_recipe(_profile(n=n), Recipe(batch_size=128), budget=3600, timer=timer)
+              for n in (50_000, 2_000, 200)]
     strength = {"light": 0, "default": 1, "strong": 2}
     s = [strength[p.recipe.augment] for p in levels]
     assert s == sorted(s) and s[0] < s[-1]
     # so many passes that even the largest model would see the data 3x more than it needs: MixUp/CutMix, ramped in
-    lavish = plan_recipe(_profile(n=200), Recipe(), budget=20 * 3600, timer=timer)
+    lavish = plan_recipe(_profile(n=200), Recipe(), budget=20 * 3600, timer=FakeTimer(gflops_per_s=20, batch=16))
     assert lavish.recipe.augment == "strong" and lavish.recipe.mixup > 0 and lavish.recipe.aug_ramp
     assert lavish.recipe.drop_path_rate > 0
 
