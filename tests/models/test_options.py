@@ -115,3 +115,21 @@ def test_patch_dropout_matches_timms_placement():
     torch.manual_seed(3)
     b = ours.forward_features(x)
     assert a.shape == b.shape == (2, 1 + 12, 32) and (a - b).abs().max().item() <= 1e-5
+
+
+def test_a_conv_stem_checkpoint_in_timm_layout_loads_and_refuses_layouts_that_cannot_hold_it(tmp_path):
+    from vitkit.errors import CheckpointError
+    from vitkit.io import load_pretrained
+
+    model = create_model(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=5, stem="conv",
+                         stem_channels=(16, 32), global_pool="avg").eval()
+    _randomize_bn(model)
+    vitkit.export(model, tmp_path / "w.safetensors", "timm")  # timm's HybridEmbed(ConvStem) keys
+    back = load_pretrained(tmp_path / "w.safetensors", num_heads=3)
+    assert back.config.stem == "conv" and back.config.stem_channels == (16, 32) and back.config.patch_size == 4
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+    for fmt, out in (("hf", tmp_path / "hf"), ("npz", tmp_path / "m.npz"), ("timm", tmp_path / "folder")):
+        with pytest.raises(CheckpointError, match="convolutional stem"):
+            vitkit.export(model, out, fmt)
