@@ -219,3 +219,46 @@ def test_profile_measures_colour_and_mirror_symmetry(tmp_path):
     assert not glyphs.mirror_symmetric and blobs.mirror_symmetric
     assert glyphs.grey and glyphs.in_chans == 1 and glyphs.native_size == (16, 16)
     assert glyphs.num_classes == 2 and glyphs.class_counts == [18, 18] and glyphs.imbalance == 1.0
+
+
+def test_progressive_sizes_and_augmentation_ramp_follow_the_schedule():
+    from vitkit.data import AugmentConfig, BatchTransform
+
+    tf = BatchTransform(32, [0.5] * 3, [0.25] * 3, AugmentConfig(rand_ops=2, erase=0.5, ramp=0.5), min_size=16,
+                        multiple=4)
+    sizes = [tf.size_at(p) for p in (0.0, 0.2, 0.4, 0.6, 0.75, 1.0)]
+    assert sizes[0] == (16, 16) and sizes[-2:] == [(32, 32), (32, 32)]
+    assert all(a[0] <= b[0] and a[0] % 4 == 0 for a, b in zip(sizes, sizes[1:]))  # growing, in whole tokens
+    x = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
+    assert tf(x, torch.Generator().manual_seed(0), progress=0.3).shape == (8, 3, 20, 20)
+    assert AugmentConfig(ramp=0.5).strength(0.0) == 0.0 and AugmentConfig(ramp=0.5).strength(0.25) == 0.5
+    assert AugmentConfig(ramp=0.5).strength(0.9) == 1.0 and AugmentConfig().strength(0.0) == 1.0
+    # at progress 0 with a ramp nothing random but the base affine applies: the same as no RandAugment at all
+    plain = BatchTransform(32, [0.5] * 3, [0.25] * 3, AugmentConfig(ramp=0.5, rand_ops=0, erase=0.0))
+    ramped = BatchTransform(32, [0.5] * 3, [0.25] * 3, AugmentConfig(ramp=0.5, rand_ops=2, erase=0.5))
+    a = plain(x.clone(), torch.Generator().manual_seed(1), progress=0.0)
+    b = ramped(x.clone(), torch.Generator().manual_seed(1), progress=0.0)
+    assert a.shape == b.shape
+    mix = MixUp(10, 0.8, 1.0, ramp=0.5)
+    y = torch.arange(8) % 10
+    _, t0 = mix(x.float(), y, torch.Generator().manual_seed(0), progress=0.0)
+    assert torch.equal(t0.argmax(1), y) and (t0.max(1).values > 0.85).all()  # no mixing at the start
+
+
+def test_batch_randaugment_ops_keep_range_and_shape_and_shard_exactly():
+    from vitkit.data import AugmentConfig, BatchTransform
+    from vitkit.data.transforms import COLOUR_OPS
+
+    x = torch.rand(16, 3, 12, 12)
+    m, sign = torch.rand(16), torch.where(torch.rand(16) < 0.5, -1.0, 1.0)
+    for op in COLOUR_OPS:
+        y = op(x.clone(), m, sign)
+        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1, op.__name__
+    full_m = torch.ones(16)
+    assert torch.allclose(COLOUR_OPS[0](x.clone(), full_m, -torch.ones(16)), x * 0.1, atol=1e-6)  # brightness
+    assert torch.equal(COLOUR_OPS[5](x.clone(), torch.zeros(16), sign), x)  # solarize at threshold 1: unchanged
+    tf = BatchTransform(12, [0.5] * 3, [0.25] * 3, AugmentConfig(rand_ops=2, hflip=True))
+    u8 = torch.randint(0, 255, (8, 3, 12, 12), dtype=torch.uint8)
+    whole = tf(u8.clone(), torch.Generator().manual_seed(5), 0, 8)
+    halves = [tf(u8[i:i + 4].clone(), torch.Generator().manual_seed(5), i, 8) for i in (0, 4)]
+    assert torch.equal(torch.cat(halves), whole)  # each process's slice is the one-process batch's

@@ -133,3 +133,21 @@ def test_a_conv_stem_checkpoint_in_timm_layout_loads_and_refuses_layouts_that_ca
     for fmt, out in (("hf", tmp_path / "hf"), ("npz", tmp_path / "m.npz"), ("timm", tmp_path / "folder")):
         with pytest.raises(CheckpointError, match="convolutional stem"):
             vitkit.export(model, out, fmt)
+
+
+def test_progressive_resolution_resamples_position_embeddings_as_set_input_size_does():
+    """Training at a lower resolution runs the same model: its position embeddings resampled on the fly exactly as
+    `set_input_size` resamples them for good (bicubic, antialiased), with or without a conv stem."""
+    import copy
+
+    for stem in ("patch", "conv"):
+        model = create_model(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=5, stem=stem,
+                             global_pool="avg").eval()
+        with torch.no_grad():
+            model.pos_embed.normal_(0, 0.5)
+        low = copy.deepcopy(model)
+        low.set_input_size(img_size=24)
+        x = torch.randn(2, 3, 24, 24)
+        with torch.no_grad():
+            assert (model(x) - low(x)).abs().max().item() <= 1e-5
+        assert low.pos_embed.shape[1] == 1 + 36 and model.pos_embed.shape[1] == 1 + 64  # stored at 32 px

@@ -124,3 +124,83 @@ def test_resolve_is_flag_then_plan_then_default():
     assert Recipe.from_dict(final.to_dict()) == final
     with pytest.raises(ValueError, match="unknown recipe field"):
         Recipe.from_dict({"learning_rate": 1})
+
+
+# ---- end to end: the whole command inside its budget, the plan recorded and repeatable ------------------------------
+def _folder(root, n=24, size=16):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, ch in (("red", 0), ("blue", 2)):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            a = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+            a[..., ch] += 150
+            Image.fromarray(a).save(root / c / f"{i}.png")
+    return f"folder:{root}"
+
+
+def test_a_budget_covers_the_whole_command_scan_and_report_included(tmp_path, monkeypatch):
+    """A fake clock that moves 5 s while the folder is scanned, 1 s per training step, 2 s per evaluation: the run
+    plans around all of it and ends — final report included — inside its 60-s budget, having used most of it."""
+    import vitkit.data as vdata
+    import vitkit.tasks.classify as classify
+    from vitkit.train import Trainer, TrainConfig
+
+    now = [0.0]
+    monkeypatch.setattr(Trainer, "clock", staticmethod(lambda: now[0]))
+    real_open, real_eval, real_loss = vdata.open_data, classify.evaluate, classify.classification_loss
+
+    def slow_open(*a, **k):
+        now[0] += 5.0
+        return real_open(*a, **k)
+
+    def slow_eval(*a, **k):
+        now[0] += 2.0
+        return real_eval(*a, **k)
+
+    def slow_loss(ls):
+        fn = real_loss(ls)
+
+        def loss_fn(m, batch):
+            now[0] += 1.0
+            return fn(m, batch)
+        return loss_fn
+
+    monkeypatch.setattr(vdata, "open_data", slow_open)
+    monkeypatch.setattr(classify, "evaluate", slow_eval)
+    monkeypatch.setattr(classify, "classification_loss", slow_loss)
+    data = _folder(tmp_path / "d")
+    task = classify.ClassifierConfig(data=data, val_split=0.25)
+    s = classify.train_classifier(task, TrainConfig(name="b", runs_dir=str(tmp_path), time_budget=60.0, quiet=True))
+    assert now[0] <= 60.0  # scan, planning, every step and evaluation and the final report: inside the budget
+    assert now[0] >= 60.0 - (s["steps"] / s["epochs"] + 2 + 3)  # and not much of it left unused
+    assert s["budget_seconds"] <= 60.0
+    cfg = __import__("json").loads((tmp_path / "b" / "config.json").read_text())
+    rec = cfg["recipe"]
+    assert rec["sources"]["time_budget"] == "default" or rec["values"]["time_budget"] == 60.0
+    assert rec["values"]["stem"] == "conv" and rec["values"]["img_size"] == 16 and rec["reasons"]["model"]
+    assert cfg["profile"]["mirror_symmetric"] is True and rec["values"]["hflip"] is True
+
+
+def test_train_cli_with_the_auto_recipe_on_a_tiny_folder_and_a_rerun_of_its_recipe(tmp_path, capsys):
+    import json
+
+    from vitkit.cli import main
+
+    data = _folder(tmp_path / "colors")
+    assert main(["train", "--data", data, "--epochs", "3", "--val-split", "0.25", "--runs-dir", str(tmp_path / "r"),
+                 "--name", "auto", "--quiet", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["eval"]["top1"] >= 90 and s["epochs"] == 3  # red vs blue noise: easy, chance is 50%
+    cfg = json.loads((tmp_path / "r" / "auto" / "config.json").read_text())
+    values, sources = cfg["recipe"]["values"], cfg["recipe"]["sources"]
+    assert sources["epochs"] == "flag" and sources["embed_dim"] == "plan" and values["precision"] in ("fp32", "bf16")
+    assert cfg["model"]["embed_dim"] == values["embed_dim"] and cfg["model"]["stem"] == values["stem"]
+    # a rerun from the folder repeats the recipe exactly (flags may still override a field)
+    assert main(["train", "--data", data, "--recipe", str(tmp_path / "r" / "auto"), "--lr", "1e-3",
+                 "--val-split", "0.25", "--runs-dir", str(tmp_path / "r"), "--name", "again", "--quiet"]) == 0
+    again = json.loads((tmp_path / "r" / "again" / "config.json").read_text())["recipe"]
+    assert again["values"] == {**values, "lr": 1e-3}
+    assert again["sources"]["embed_dim"] == "flag" and again["sources"]["lr"] == "flag"
