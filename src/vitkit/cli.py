@@ -140,10 +140,11 @@ def cmd_train(args) -> int:
                      max_steps=args.max_steps, accum_steps=args.accum_steps or 1, seed=args.seed or 0,
                      eval_every=args.eval_every or 1, device=args.device or "auto", workers=args.workers or 0,
                      quiet=args.quiet)
-    if args.quiet:  # no progress bar: one log line per epoch instead
+    if args.quiet:  # no progress bar: the plan and one log line per epoch instead
         import logging as _logging
 
-        _logging.getLogger("vitkit.train").setLevel(_logging.INFO)
+        for name in ("vitkit.train", "vitkit.tasks.classify"):
+            _logging.getLogger(name).setLevel(_logging.INFO)
     summary = train_classifier(task, tc, recipe=recipe, started=_STARTED)
 
     def outcome() -> str:

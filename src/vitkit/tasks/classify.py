@@ -252,8 +252,10 @@ def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, recipe: 
     model.pretrained_cfg = _pretrained_cfg(info, model, task.tta_flip)
     mixup = MixUp(info.num_classes, task.mixup, task.cutmix, smoothing=task.label_smoothing,
                   ramp=0.5 if task.aug_ramp else 0.0) if (task.mixup or task.cutmix) else None
-    if src.held_out_is_test and train_cfg.best_metric and "best_metric" not in user.set_fields():
+    if src.held_out_is_test and train_cfg.best_metric == "top1":
         train_cfg = dataclasses.replace(train_cfg, best_metric="")  # a test split reports; it never chooses
+    if not isinstance(train, InMemoryDataset) and train_cfg.workers == 0:  # streamed from disk: decode in workers
+        train_cfg = dataclasses.replace(train_cfg, workers=max(1, min(4, (os.cpu_count() or 2) - 1)))
     resolved = {"task": "classify", "classifier": task.to_dict(), "model": model.config.to_dict(),
                 "data": {**info.to_dict(), "held_out_is_test": src.held_out_is_test},
                 "recipe": {"values": final.to_dict(), "sources": sources,
@@ -414,8 +416,9 @@ def _print_plan(info, profile, final: Recipe, sources, planned, model, budget, s
             f"{' (a test split: reported, never used to choose)' if src.held_out_is_test else ''}, "
             f"{info.num_classes} classes, native {profile.native_size[0]}x{profile.native_size[1]} "
             f"{'grey' if profile.grey else 'colour'}; "
-            + (f"budget {budget / 60:.1f} min for the whole command ({spent:.0f} s used so far)" if budget
-               else f"{final.epochs} epochs"))
+            + (f"budget {budget / 60:.1f} min for the whole command ({spent:.0f} s used so far)"
+               + (" — the default: pass --time-budget or --epochs" if sources.get("time_budget") == "default" else "")
+               if budget else f"{final.epochs} epochs"))
     lines = [head, f"  model: {c.name or 'custom'} — {c.img_size} px, patch {c.patch_size} ({c.stem} stem), width "
                    f"{c.embed_dim}, depth {c.depth}, {c.num_heads} heads, mlp {c.mlp_ratio:g}: {n_params:.2f}M params"]
     for k, v in (planned.reasons.items() if planned is not None else []):
