@@ -68,7 +68,20 @@ def test_conv_stem_trains_saves_and_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="power of two"):
         create_model("vit_mini_patch7_28", stem="conv")
     with pytest.raises(ValueError, match="one width per stride-2 conv"):
-        create_model("vit_mini_patch4_28", stem="conv", stem_channels=(8, 16, 32))
+        create_model("vit_mini_patch4_28", stem="conv", stem_channels=(16,))
+    deeper = create_model("vit_mini_patch4_28", stem="conv", stem_channels=(8, 16, 32), depth=1)  # + a stride-1 conv
+    assert [m.conv.stride[0] for m in deeper.patch_embed.backbone] == [1, 2, 2]
+    assert deeper(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert count_params(deeper.config) == sum(p.numel() for p in deeper.parameters())
+    x = torch.randn(1, 1, 28, 28)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        with torch.no_grad():
+            deeper.patch_embed(x)
+    stem_macs = count_flops(deeper.config)["macs"] - count_flops(deeper.config.replace(stem="patch",
+                                                                                         stem_channels=()))["macs"]
+    assert fc.get_total_flops() // 2 == stem_macs + 49 * 1 * 16 * 128  # counted minus the patchify it replaced
     with pytest.raises(ValueError, match="stem must be"):
         create_model("vit_mini_patch4_28", stem="resnet")
     with pytest.raises(ValueError, match="patch size cannot change"):

@@ -32,7 +32,8 @@ class PatchEmbed(nn.Module):
         self.in_chans = in_chans
         self.dynamic_img_pad = dynamic_img_pad
         if stem == "conv":  # timm's HybridEmbed(ConvStem): convolutions down to the grid, then a 1x1 projection
-            self.backbone = ConvStem(in_chans, conv_stem_channels(self.patch_size[0], embed_dim, stem_channels))
+            chans = conv_stem_channels(self.patch_size[0], embed_dim, stem_channels)
+            self.backbone = ConvStem(in_chans, chans, conv_stem_strides(self.patch_size[0], chans))
             self.proj = nn.Conv2d(self.backbone.out_channels, embed_dim, kernel_size=1, bias=bias)
         elif stem == "patch":
             self.backbone = None
@@ -109,18 +110,25 @@ class PatchEmbed(nn.Module):
 
 
 def conv_stem_channels(patch_size: int, embed_dim: int, channels: Sequence[int] = ()) -> Tuple[int, ...]:
-    """The widths of a convolutional stem for `patch_size` (a power of two): one stride-2 conv per halving;
-    by default timm's tiers (embed_dim / 2**k, ..., embed_dim / 2, embed_dim)."""
+    """The widths of a convolutional stem for `patch_size` (a power of two): one stride-2 conv per halving, and
+    optionally stride-1 convs before them (more widths than halvings); by default timm's tiers
+    (embed_dim / 2**k, ..., embed_dim / 2, embed_dim)."""
     n = int(round(math.log2(patch_size))) if patch_size > 1 else 0
     if patch_size < 2 or 2**n != patch_size:
         raise ValueError(f"a convolutional stem needs a patch size that is a power of two (2, 4, 8, 16), got "
                          f"{patch_size}; use stem='patch' for other sizes")
     if channels:
-        if len(channels) != n:
-            raise ValueError(f"stem_channels {tuple(channels)} must give one width per stride-2 conv: {n} for patch "
-                             f"{patch_size}")
+        if len(channels) < n:
+            raise ValueError(f"stem_channels {tuple(channels)} must give at least one width per stride-2 conv: "
+                             f"{n} for patch {patch_size}")
         return tuple(int(c) for c in channels)
     return tuple(max(8, embed_dim // 2**i) for i in range(n))[::-1]
+
+
+def conv_stem_strides(patch_size: int, channels: Sequence[int]) -> Tuple[int, ...]:
+    """Strides of the stem's convs: 1 for the extra leading ones (full resolution), then 2 for each halving."""
+    n = int(round(math.log2(patch_size)))
+    return (1,) * (len(channels) - n) + (2,) * n
 
 
 class ConvNormAct(nn.Module):
@@ -140,10 +148,11 @@ class ConvStem(nn.Sequential):
     """Stacked stride-2 3x3 convolutions in place of the patchify convolution (Xiao et al. 2021, "Early
     convolutions help transformers see better"): BN+ReLU after each but the last, as timm's `ConvStem`."""
 
-    def __init__(self, in_chans: int, channels: Sequence[int]):
+    def __init__(self, in_chans: int, channels: Sequence[int], strides: Optional[Sequence[int]] = None):
         super().__init__()
-        for i, c in enumerate(channels):
-            self.add_module(str(i), ConvNormAct(in_chans if i == 0 else channels[i - 1], c, 2, i < len(channels) - 1))
+        strides = strides or (2,) * len(channels)
+        for i, (c, st) in enumerate(zip(channels, strides)):
+            self.add_module(str(i), ConvNormAct(in_chans if i == 0 else channels[i - 1], c, st, i < len(channels) - 1))
         self.out_channels = channels[-1]
 
 
