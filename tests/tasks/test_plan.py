@@ -9,6 +9,8 @@ from vitkit.models import ViTConfig, count_flops
 from vitkit.tasks.plan import LADDER, epochs_needed, plan_recipe, token_layout
 from vitkit.tasks.recipe import DEFAULTS, Recipe, resolve
 
+from ._digits import color_folder
+
 
 def _profile(n=50_000, side=32, grey=False, asym=0.0, classes=10):
     return DataProfile(num_train=n, num_val=n // 10, num_classes=classes, class_counts=[n // classes] * classes,
@@ -127,18 +129,8 @@ def test_resolve_is_flag_then_plan_then_default():
 
 
 # ---- end to end: the whole command inside its budget, the plan recorded and repeatable ------------------------------
-def _folder(root, n=24, size=16):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c, ch in (("red", 0), ("blue", 2)):
-        (root / c).mkdir(parents=True)
-        for i in range(n):
-            a = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
-            a[..., ch] += 150
-            Image.fromarray(a).save(root / c / f"{i}.png")
-    return f"folder:{root}"
+def _folder(root):
+    return color_folder(root, n=24, size=16, ext="png")
 
 
 def test_a_budget_covers_the_whole_command_scan_and_report_included(tmp_path, monkeypatch):
