@@ -196,3 +196,22 @@ def test_train_cli_with_the_auto_recipe_on_a_tiny_folder_and_a_rerun_of_its_reci
     again = json.loads((tmp_path / "r" / "again" / "config.json").read_text())["recipe"]
     assert again["values"] == {**values, "lr": 1e-3}
     assert again["sources"]["embed_dim"] == "flag" and again["sources"]["lr"] == "flag"
+
+
+def test_compile_is_measured_only_where_the_budget_can_pay_for_it():
+    calls = []
+
+    def compile_timer(fields, precision, speedup=1.5, cost=60.0):
+        calls.append(fields["embed_dim"])
+        return FakeTimer()(fields, precision) / speedup, cost
+
+    short = plan_recipe(_profile(), Recipe(), budget=600, timer=FakeTimer(), compile_timer=compile_timer)
+    assert calls == [] and short.recipe.compile is None  # 10 minutes: not worth measuring
+    long = plan_recipe(_profile(), Recipe(), budget=3600, timer=FakeTimer(), compile_timer=compile_timer)
+    assert calls == [long.recipe.embed_dim] and long.recipe.compile is True and "pays off" in long.reasons["compile"]
+    slow = plan_recipe(_profile(), Recipe(), budget=3600, timer=FakeTimer(),
+                       compile_timer=lambda f, p: compile_timer(f, p, speedup=1.02))
+    assert slow.recipe.compile is False and "not worth it" in slow.reasons["compile"]
+    fixed = plan_recipe(_profile(), Recipe(compile=False), budget=3600, timer=FakeTimer(),
+                        compile_timer=compile_timer)
+    assert fixed.recipe.compile is None and len(calls) == 2  # the user decided: nothing more measured

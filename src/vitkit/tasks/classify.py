@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -323,6 +324,15 @@ def _plan(task, user: Recipe, profile, src, budget, spent, device, pretrained) -
                                       precision=precision, steps=3, warmup=2, device=device)
         return cache[key]
 
+    def compile_timer(fields: dict, precision: str):
+        net = create_model(config=ViTConfig.from_dict({**ViTConfig().to_dict(), **fields,
+                                                       "num_classes": profile.num_classes}))
+        side = fields.get("img_size") or net.config.img_size
+        t = time.perf_counter()
+        sec = step_seconds(net, (plan_batch, net.config.in_chans, side, side), profile.num_classes,
+                           precision=precision, steps=3, warmup=2, device=device, compile=True)
+        return sec, time.perf_counter() - t - 5 * sec
+
     from .plan import _batch_for
 
     plan_batch = batch or _batch_for(profile.num_train)
@@ -332,7 +342,8 @@ def _plan(task, user: Recipe, profile, src, budget, spent, device, pretrained) -
         fixed = model_config(user, task.model_args).to_dict()
         fixed.pop("num_classes", None)
     return plan_recipe(profile, user, budget=budget, spent=spent, timer=timer, precisions=precisions, init=init,
-                       held_out_is_test=src.held_out_is_test, fixed_fields=fixed)
+                       held_out_is_test=src.held_out_is_test, fixed_fields=fixed,
+                       compile_timer=compile_timer if pretrained is None else None)
 
 
 def _bf16_useful(device) -> bool:

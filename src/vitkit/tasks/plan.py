@@ -97,17 +97,35 @@ def augmentation_for(epochs: float, profile: DataProfile) -> Dict[str, object]:
 
 
 StepTimer = Callable[[dict, str], float]  # (model fields, precision) → seconds per training step
+# torch.compile is measured only where the budget can pay for compiling (~1 min on 2 cores) and gain from it
+COMPILE_MIN_BUDGET = 1800.0
+
+
+def _plan_compile(plan, r, compile_timer, fields, prec, sec, left, batch, num_train, epochs) -> float:
+    """Measure the chosen model compiled (the compile time included); keep it if it buys more epochs."""
+    compiled, compile_secs = compile_timer(fields, prec)
+    gain = sec / max(compiled, 1e-9)
+    with_compile = _epochs_in(left - compile_secs, compiled, batch, num_train)
+    plan.measurements["compile"] = {"eager_step_s": round(sec, 4), "compiled_step_s": round(compiled, 4),
+                                    "compile_s": round(compile_secs, 1)}
+    r["compile"] = with_compile > epochs * 1.05
+    plan.reasons["compile"] = (f"torch.compile: {gain:.2f}x the eager step, {compile_secs:.0f} s to compile: "
+                               + ("pays off" if r["compile"] else "not worth it here") +
+                               f" ({with_compile:.1f} vs {epochs:.1f} epochs)")
+    return with_compile if r["compile"] else epochs
 
 
 def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], spent: float = 0.0,
                 timer: Optional[StepTimer] = None, precisions: Tuple[str, ...] = ("fp32",),
                 init: Optional[dict] = None, held_out_is_test: bool = False,
-                fixed_fields: Optional[dict] = None) -> Plan:
+                fixed_fields: Optional[dict] = None,
+                compile_timer: Optional[Callable[[dict, str], Tuple[float, float]]] = None) -> Plan:
     """Choose every recipe field the user left open. `budget`: seconds for the whole command (None: the user gave
     --epochs); `spent`: seconds already used; `timer`: measures a training step of a candidate (model fields,
     precision) → seconds; `precisions`: the candidates (the caller checks that bf16 trains as well before using
     it); `init`: a pretrained model's config dict (fine-tuning); `fixed_fields`: the model fields of an
-    architecture the user fixed (a named model), to measure precisions on."""
+    architecture the user fixed (a named model), to measure precisions on; `compile_timer`: (model fields,
+    precision) → (seconds per compiled step, seconds to compile)."""
     plan = Plan(Recipe())
     r: Dict[str, object] = {}
     why = plan.reasons
@@ -167,6 +185,10 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
         r.update(_model_fields(LADDER[i], img, patch, stem, in_chans))
         r["precision"] = prec
         plan.measurements["planned_epochs"] = round(epochs, 1)
+        if compile_timer is not None and user.compile is None and left >= COMPILE_MIN_BUDGET:
+            epochs = _plan_compile(plan, r, compile_timer, {**_model_fields(LADDER[i], img, patch, stem, in_chans),
+                                                            **user_arch}, prec, sec, left, batch, profile.num_train,
+                                   epochs)
     else:
         i = _rung_for_data(profile.num_train)
         fields = fixed_fields if fixed_arch else {**_model_fields(LADDER[i], img, patch, stem, in_chans),

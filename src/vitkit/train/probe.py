@@ -26,12 +26,16 @@ def autocast(precision: str, device: torch.device):
 
 
 def step_seconds(model: nn.Module, input_shape: Sequence[int], num_classes: int, *, precision: str = "fp32",
-                 steps: int = 3, warmup: int = 1, device=None, clock=time.perf_counter) -> float:
+                 steps: int = 3, warmup: int = 1, device=None, clock=time.perf_counter,
+                 compile: bool = False) -> float:
     """Median seconds of one optimizer step (forward, cross-entropy, backward, AdamW) on random data of
-    `input_shape`, after `warmup` unmeasured steps. The model is a copy: the caller's weights are untouched."""
+    `input_shape`, after `warmup` unmeasured steps (with `compile`, the first one compiles). The model is a copy:
+    the caller's weights are untouched."""
     device = torch.device(device or "cpu")
     net = copy.deepcopy(model).to(device).train()
     opt = build_optimizer(net, 1e-4, 0.05)
+    if compile:
+        net = torch.compile(net)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*input_shape, generator=g).to(device)
     y = torch.randint(0, max(1, num_classes), (input_shape[0],), generator=g).to(device)
