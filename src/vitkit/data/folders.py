@@ -130,7 +130,7 @@ def scan_folder(path, strict: bool = False) -> FolderScan:
             files += found
             labels += [ci] * len(found)
             split += [name] * len(found)
-    heads = _parallel(_headers, files, chunk=4096)
+    heads = _cached_headers(root, files)
     keep = [i for i, h in enumerate(heads) if h is not None]
     skipped = [files[i] for i, h in enumerate(heads) if h is None]
     if skipped and strict:
@@ -147,6 +147,33 @@ def scan_folder(path, strict: bool = False) -> FolderScan:
                 raise DataError(f"class {c!r} has no readable images{f' in {part}/' if part else ''}; add images or "
                                 "remove the folder")
     return scan
+
+
+def _cached_headers(root: Path, files: List[str]) -> List[Optional[Tuple[int, int, str]]]:
+    """Every file's header (width, height, mode), read once and cached under the listing's key (paths, sizes,
+    modification and change times), so a rescan of an unchanged folder reads no image."""
+    h = hashlib.sha256(f"headers v{CACHE_VERSION}|{root.resolve()}".encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+    path = cache_dir() / "folders" / f"{h.hexdigest()[:32]}.headers.json"
+    if path.is_file():
+        try:
+            heads = json.loads(path.read_text())
+            if len(heads) == len(files):
+                return [tuple(x) if x is not None else None for x in heads]
+        except (OSError, ValueError):
+            pass
+    heads = _parallel(_headers, files, chunk=4096)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(heads))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return heads
 
 
 def _parallel(fn, items: Sequence, chunk: int):

@@ -214,14 +214,18 @@ def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, recipe: 
     else:
         planned = None
     user = user_recipe(task, train_cfg, recipe)
+    phases: Dict[str, float] = {}  # where the time before the first step went (reported with the plan)
+    t = clock()
     src = task.open(train_cfg.seed)
     profile = src.profile()
+    phases["scan"], t = clock() - t, clock()
     pretrained = load_init(task, user) if task.init else None
     dev = resolve_device(train_cfg.device)
     budget = user.time_budget if user.time_budget is not None else \
         (None if user.epochs is not None else (train_cfg.time_budget or DEFAULT_BUDGET))
     if not train_cfg.resume:
         planned = _plan(task, user, profile, src, budget, clock() - started, dev, pretrained)
+    phases["plan"], t = clock() - t, clock()
     final, sources = resolve(user, planned.recipe if planned is not None else None)
     if budget is not None and final.time_budget is None:
         final, sources["time_budget"] = final.replace(time_budget=budget), "default"
@@ -243,8 +247,10 @@ def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, recipe: 
                                       max_val=task.max_val, min_size=int(round(prog * size)) if prog else None,
                                       multiple=cfg.patch_size, strict=task.strict, progress=not train_cfg.quiet,
                                       **norm)
+    phases["decode"], t = clock() - t, clock()
     if final.precision == "bf16" and sources.get("precision") == "plan" and not train_cfg.resume:
         final, sources, train_cfg = _check_precision(final, sources, train_cfg, cfg, train, planned, info)
+        phases["precision check"] = clock() - t
     torch.manual_seed(train_cfg.seed)
     model = build_classifier(task, info.num_classes, pretrained, final, sources)
     if model.config.in_chans != info.in_chans:
@@ -275,7 +281,7 @@ def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, recipe: 
 
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank and not train_cfg.resume:
-        _print_plan(info, profile, final, sources, planned, model, budget, clock() - started, src)
+        _print_plan(info, profile, final, sources, planned, model, budget, clock() - started, src, phases)
     step_cost = None
     if prog and isinstance(train.transform, BatchTransform):
         tf = train.transform
@@ -365,7 +371,13 @@ def _check_precision(final, sources, train_cfg, cfg, train, planned, info):
     g = torch.Generator().manual_seed(0)
     n = len(train)
     b = min(final.batch_size or 128, max(8, n // 4))
-    steps = 20
+    times = planned.measurements.get("precision_seconds") or {}
+    pair = sum(times.values()) or 1.0  # one fp32 and one bf16 step
+    steps = 20 if final.time_budget is None else int(min(20, 0.03 * final.time_budget / pair))
+    if steps < 6:  # the budget cannot pay for a check that means anything: not assumed, so fp32
+        planned.reasons["precision"] = (f"fp32: bf16 measured faster, but checking that it trains as well would take "
+                                        f"over 3% of the budget ({pair:.2f} s per pair of steps)")
+        return final.replace(precision="fp32"), sources, dataclasses.replace(train_cfg, precision="fp32")
     order = torch.randperm(n, generator=g)
     held = order[: min(512, n // 4)]
     rest = order[len(held):]
@@ -419,7 +431,7 @@ def _apply(final: Recipe, task: ClassifierConfig, train_cfg: TrainConfig):
     return dataclasses.replace(task, **t), dataclasses.replace(train_cfg, **e)
 
 
-def _print_plan(info, profile, final: Recipe, sources, planned, model, budget, spent, src) -> None:
+def _print_plan(info, profile, final: Recipe, sources, planned, model, budget, spent, src, phases=None) -> None:
     """The plan and its reasons, a few lines before the first step (stderr through logging)."""
     c = model.config
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -434,6 +446,8 @@ def _print_plan(info, profile, final: Recipe, sources, planned, model, budget, s
                    f"{c.embed_dim}, depth {c.depth}, {c.num_heads} heads, mlp {c.mlp_ratio:g}: {n_params:.2f}M params"]
     for k, v in (planned.reasons.items() if planned is not None else []):
         lines.append(f"  {k}: {v}")
+    if phases:
+        lines.append("  before training: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
     flags = sorted(k for k, v in sources.items() if v == "flag")
     if flags:
         lines.append(f"  from your flags: {', '.join(flags)}")
