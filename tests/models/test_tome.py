@@ -146,8 +146,10 @@ def test_register_tokens_are_never_merged(reg, pool):
         got = ours(x)
     assert got_tokens.shape == tokens.shape == (2, 197 + reg - 12 * 8, 192)
     assert torch.equal(got_size, size) and torch.all(got_size[:, :1 + reg] == 1)
-    torch.testing.assert_close(got_tokens[:, 1:1 + reg], tokens[:, 1:1 + reg], atol=1e-4, rtol=0)  # the registers
-    torch.testing.assert_close(got_tokens, tokens, atol=1e-4, rtol=0)
+    # realistic random weights make a residual stream of ~10-50: the tolerance is relative to its scale (fp32)
+    tol = 1e-5 * tokens.abs().max().item()
+    torch.testing.assert_close(got_tokens[:, 1:1 + reg], tokens[:, 1:1 + reg], atol=tol, rtol=0)  # the registers
+    torch.testing.assert_close(got_tokens, tokens, atol=tol, rtol=0)
     if pool == "avg":
         p = 1 + reg
         expected = ref.head(ref.fc_norm((tokens[:, p:] * size[:, p:]).sum(1) / size[:, p:].sum(1)))
