@@ -1,5 +1,6 @@
 # vitkit: `make demo` trains and evaluates the default model; `make test` runs the test suite.
-# Both create .venv on first use and install what they need into it.
+# Both create .venv on first use and install what they need into it. `make mutate` runs mutation testing of the
+# model math ([tool.mutmut] in pyproject.toml; MUTANTS='vitkit.models.vit.*' narrows it); it is not part of `make test`.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -9,7 +10,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 PINS    := -c constraints.txt
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean mutate
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +25,15 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+
+# Niced, two workers, one thread each: the machine stays usable. The table counts each file's mutants by outcome.
+MUTANTS ?=
+mutate: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 19 $(BIN)/mutmut run --max-children 2 $(MUTANTS)
+	@$(BIN)/mutmut results --all true | awk -F': ' '{ m = $$1; sub(/^ +/, "", m); sub(/\.x(_|ǁ).*/, "", m); \
+		n[m]++; c[m, $$2]++; s[$$2] = 1 } END { printf "%-28s %6s", "module", "total"; \
+		for (k in s) printf " %10s", k; print ""; for (m in n) { printf "%-28s %6d", m, n[m]; \
+		for (k in s) printf " %10d", c[m, k]; print "" } }' | sort
 
 demo: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/vitkit train --data mnist5k --name demo --overwrite
