@@ -212,7 +212,8 @@ class Attention(nn.Module):
             logits = (q * self.scale) @ k.transpose(-2, -1)
             if attn_bias is not None:
                 logits = logits + attn_bias
-            attn = logits.float().softmax(dim=-1).to(q.dtype)
+            # softmax accumulated in fp32 at least (bf16/fp16 logits), in the input's precision above that
+            attn = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(q.dtype)
             x = self.attn_drop(attn) @ v
         else:
             x = F.scaled_dot_product_attention(
