@@ -97,7 +97,8 @@ def test_flags_win_and_an_epoch_schedule_is_planned_without_measuring_models():
     final, sources = resolve(Recipe(embed_dim=96, lr=5e-4, epochs=3), p.recipe)
     assert final.embed_dim == 96 and final.lr == 5e-4 and final.epochs == 3
     assert sources["embed_dim"] == sources["lr"] == "flag" and sources["depth"] == "plan"
-    assert {c[2] for c in timer.calls} == {"fp32", "bf16"} and len(timer.calls) == 2  # precision only
+    assert timer.calls == []  # nothing measured: no budget to spend the speed on
+    assert p.recipe.precision == "fp32" and "same seed gives the same numbers" in p.reasons["precision"]
     named = plan_recipe(_profile(side=28, grey=True, asym=0.6), Recipe(model="vit_micro_patch7_28"), budget=300,
                         timer=FakeTimer(), fixed_fields=ViTConfig.from_dict(
                             {**ViTConfig().to_dict(), "embed_dim": 64, "depth": 6, "num_heads": 4, "img_size": 28,

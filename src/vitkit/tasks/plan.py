@@ -34,6 +34,8 @@ LADDER: List[Tuple[int, int, int, float]] = [
     (64, 4, 2, 2.0), (96, 6, 3, 2.0), (128, 6, 4, 2.0), (192, 6, 3, 2.0), (192, 9, 3, 2.0),
     (256, 8, 4, 2.0), (384, 8, 6, 2.0), (384, 12, 6, 4.0),
 ]
+FIXED_SCHEDULE_PRECISION = ("fp32: a fixed --epochs schedule, so the same seed gives the same numbers twice; "
+                            "bf16 is planned against a --time-budget (or set --precision bf16)")
 DEFAULT_BUDGET = 270.0  # seconds, when neither --epochs nor --time-budget is given (the demo's 4.5 minutes)
 
 
@@ -153,7 +155,7 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
                     f"patch {patch}")
     need = epochs_needed(profile.num_train)
     fixed_arch = user.model is not None
-    # the model rung and precision: measured, unless the schedule is in epochs (then by data size alone)
+    # the model rung and precision: measured, unless the schedule is in epochs (then by data size alone, in fp32)
     options = []  # (rung index, precision, seconds per step)
     user_arch = {k: v for k, v in user.set_fields().items() if k in ("embed_dim", "depth", "num_heads",
                                                                       "mlp_ratio", "global_pool", "class_token")}
@@ -198,13 +200,14 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
             why["model"] = (f"width {LADDER[i][0]}, depth {LADDER[i][1]}: sized for {profile.num_train:,} "
                             "training images (no time budget to measure against)")
         r["precision"] = "fp32"
-        if timer is not None and len(precisions) > 1 and fields:
+        if budget is None:
+            why["precision"] = FIXED_SCHEDULE_PRECISION
+        elif timer is not None and fields:
             times = {prec: timer(fields, prec) for prec in precisions}
             r["precision"] = min(times, key=times.get)
             plan.measurements["precision_seconds"] = {k: round(v, 4) for k, v in times.items()}
-            if budget is not None:
-                plan.measurements["planned_epochs"] = round(
-                    _epochs_in(budget - spent, times[r["precision"]], batch, profile.num_train), 1)
+            plan.measurements["planned_epochs"] = round(
+                _epochs_in(budget - spent, times[r["precision"]], batch, profile.num_train), 1)
         epochs = float(user.epochs) if user.epochs else float(plan.measurements.get("planned_epochs", need))
     r["epochs"] = user.epochs
     return _plan_training(profile, plan, r, epochs, batch, held_out_is_test)
@@ -214,13 +217,14 @@ def _plan_fixed(profile, user, plan, r, budget, spent, timer, precisions, held_o
     """A named model: precision measured on it, epochs from the budget, then the rest of the training plan."""
     r["precision"] = "fp32"
     epochs = float(user.epochs) if user.epochs else epochs_needed(profile.num_train)
-    if timer is not None and fixed_fields:
+    if budget is None:
+        plan.reasons["precision"] = FIXED_SCHEDULE_PRECISION
+    elif timer is not None and fixed_fields:
         times = {prec: timer(fixed_fields, prec) for prec in precisions}
         r["precision"] = min(times, key=times.get)
         plan.measurements["precision_seconds"] = {k: round(v, 4) for k, v in times.items()}
-        if budget is not None:
-            epochs = _epochs_in(budget - spent, times[r["precision"]], batch, profile.num_train)
-            plan.measurements["planned_epochs"] = round(epochs, 1)
+        epochs = _epochs_in(budget - spent, times[r["precision"]], batch, profile.num_train)
+        plan.measurements["planned_epochs"] = round(epochs, 1)
     plan.reasons["model"] = f"{user.model} (your choice)"
     r["epochs"] = user.epochs
     return _plan_training(profile, plan, r, epochs, batch, held_out_is_test)
@@ -260,7 +264,9 @@ def _plan_fine_tune(profile, user, plan, budget, spent, timer, precisions, init,
     native = min(profile.native_size)
     side = user.img_size or max(patch * 4, min(pre, (max(native, patch * 4) // patch) * patch))
     prec, epochs = "fp32", float(user.epochs or 10)
-    if budget is not None and timer is not None:
+    if budget is None:
+        why["precision"] = FIXED_SCHEDULE_PRECISION
+    elif timer is not None:
         fields = {"img_size": side}
         best = min(((p, timer(fields, p)) for p in precisions), key=lambda x: x[1])
         prec = best[0]
