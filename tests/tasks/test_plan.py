@@ -63,6 +63,7 @@ def test_precision_is_the_fastest_measured():
                             precisions=("fp32", "bf16"))
     assert fast_bf16.recipe.precision == "bf16" and slow_bf16.recipe.precision == "fp32"
     assert set(fast_bf16.measurements["precision_seconds"]) == {"fp32", "bf16"}
+    assert slow_bf16.reasons["precision"].startswith("fp32: the fastest measured (fp32 ")
 
 
 def test_the_data_decides_channels_flips_and_test_time_flips():

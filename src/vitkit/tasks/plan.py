@@ -39,6 +39,15 @@ FIXED_SCHEDULE_PRECISION = ("fp32: a fixed --epochs schedule, so the same seed g
 DEFAULT_BUDGET = 270.0  # seconds, when neither --epochs nor --time-budget is given (the demo's 4.5 minutes)
 
 
+def _precision_reason(times: Dict[str, float]) -> str:
+    """Why this precision: the measured seconds per step of each candidate (bf16 still has to pass the check)."""
+    pick = min(times, key=times.get)
+    shown = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in times.items())
+    if len(times) == 1:
+        return f"{pick}: the only candidate on this hardware ({shown} per step)"
+    return f"{pick}: the fastest measured ({shown} per step)"
+
+
 def epochs_needed(num_train: int) -> float:
     """How many passes over the training set a ViT needs before a bigger model beats more epochs of a smaller
     one: more for small data sets, which a ViT has to see many times (DeiT/CCT small-data recipes run 300+ epochs
@@ -168,6 +177,7 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
                 times = {prec: timer(fields, prec) for prec in precisions}
                 prec_pick = min(times, key=times.get)
                 plan.measurements["precision_seconds"] = {k: round(v, 4) for k, v in times.items()}
+                why["precision"] = _precision_reason(times)
             t = timer(fields, prec_pick)
             options.append((i, prec_pick, t))
             epochs = _epochs_in(left, t, batch, profile.num_train)
@@ -206,6 +216,7 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
             times = {prec: timer(fields, prec) for prec in precisions}
             r["precision"] = min(times, key=times.get)
             plan.measurements["precision_seconds"] = {k: round(v, 4) for k, v in times.items()}
+            why["precision"] = _precision_reason(times)
             plan.measurements["planned_epochs"] = round(
                 _epochs_in(budget - spent, times[r["precision"]], batch, profile.num_train), 1)
         epochs = float(user.epochs) if user.epochs else float(plan.measurements.get("planned_epochs", need))
@@ -223,6 +234,7 @@ def _plan_fixed(profile, user, plan, r, budget, spent, timer, precisions, held_o
         times = {prec: timer(fixed_fields, prec) for prec in precisions}
         r["precision"] = min(times, key=times.get)
         plan.measurements["precision_seconds"] = {k: round(v, 4) for k, v in times.items()}
+        plan.reasons["precision"] = _precision_reason(times)
         epochs = _epochs_in(budget - spent, times[r["precision"]], batch, profile.num_train)
         plan.measurements["planned_epochs"] = round(epochs, 1)
     plan.reasons["model"] = f"{user.model} (your choice)"
@@ -276,6 +288,8 @@ def _plan_fine_tune(profile, user, plan, budget, spent, timer, precisions, init,
             best = min(((p, timer({"img_size": side}, p)) for p in precisions), key=lambda x: x[1])
             prec, epochs = best[0], _epochs_in(budget - spent, best[1], batch, profile.num_train)
         plan.measurements["planned_epochs"] = round(epochs, 1)
+        why["precision"] = (f"{prec}: the fastest of {', '.join(precisions)} measured at {side} px"
+                            if len(precisions) > 1 else f"{prec}: the only candidate on this hardware")
     r.update(img_size=side, precision=prec, epochs=user.epochs)
     why["input"] = f"{side}x{side} px (pretrained at {pre}; the images' median side is {native})"
     depth = int(init.get("depth", 12))
