@@ -160,7 +160,8 @@ def _make_folder(root: Path) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None, help="folder:PATH with train/ and test/ (or val/) class folders")
-    p.add_argument("--budget", default="60m", help="wall-clock budget of each side (90s, 10m, 1h)")
+    p.add_argument("--budget", default=None, help="wall-clock budget of each side (90s, 10m, 1h; default 60m, "
+                   "40s with --quick)")
     p.add_argument("--only", choices=["vitkit", "timm"], default=None, help="run one side only")
     p.add_argument("--runs-dir", default=None, help="where vitkit's run folder goes (default: a temp folder)")
     p.add_argument("--quick", action="store_true")
@@ -168,10 +169,10 @@ def main(argv=None) -> dict:
     tmp = tempfile.TemporaryDirectory()
     if args.quick:
         args.data = args.data or _make_folder(Path(tmp.name) / "data")
-        args.budget = "40s"
+        args.budget = args.budget or "40s"
     if not args.data:
         p.error("--data folder:PATH is required (or --quick)")
-    budget = parse_duration(args.budget)
+    budget = parse_duration(args.budget or "60m")
     runs = Path(args.runs_dir or Path(tmp.name) / "runs")
     print(machine())
     print(f"data {args.data}, budget {budget:.0f} s each")

@@ -165,15 +165,20 @@ def _cached_headers(root: Path, files: List[str]) -> List[Optional[Tuple[int, in
         except (OSError, ValueError):
             pass
     heads = _parallel(_headers, files, chunk=4096)
+    _put_json(path, heads)
+    return heads
+
+
+def _put_json(path: Path, value) -> None:
+    """Cache `value` as JSON at `path` through a temp file and a rename; a failure only costs the next run time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(heads))
+            f.write(json.dumps(value))
         os.replace(tmp, path)
     except OSError:
         pass
-    return heads
 
 
 def _parallel(fn, items: Sequence, chunk: int):
@@ -297,14 +302,7 @@ def cached_json(scan: FolderScan, name: str, make, **options):
         except (OSError, ValueError):
             pass
     value = make()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(value))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    _put_json(path, value)
     return value
 
 

@@ -94,8 +94,8 @@ def _model_fields(rung: Tuple[int, int, int, float], img: int, patch: int, stem:
 
 def augmentation_for(epochs: float, profile: DataProfile) -> Dict[str, object]:
     """Augmentation strength for the number of passes the run will make: crops (and flips for mirror-symmetric
-    data) always; RandAugment-style ops from ~2x the data's epoch need; MixUp/CutMix and erasing when the run
-    makes many more passes than it needs, ramped in as training progresses."""
+    data) below the data's epoch need; batch RandAugment from ~1x it; MixUp/CutMix and erasing from ~3x, ramped in
+    over the first half of the schedule."""
     need = epochs_needed(profile.num_train)
     out: Dict[str, object] = {"hflip": profile.mirror_symmetric, "label_smoothing": 0.1}
     if epochs < need:
