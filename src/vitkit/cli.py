@@ -123,51 +123,29 @@ def _kv(text: str):
 
 @command("train", "train a ViT classifier on a dataset (run folder: runs/<name>/)")
 def cmd_train(args) -> int:
-    import dataclasses
     from pathlib import Path
 
-    from .tasks.classify import ClassifierConfig, recipe_for, train_classifier
+    from .tasks.classify import ClassifierConfig, train_classifier
+    from .tasks.recipe import Recipe
     from .train import TrainConfig, parse_duration
 
-    recipe = recipe_for(args.data)
-    if args.epochs is not None and args.time_budget is None:
-        recipe.pop("time_budget", None)  # an explicit epoch count replaces the recipe's wall-clock budget
-    if args.time_budget is not None:
-        recipe["time_budget"] = None if str(args.time_budget).lower() in ("0", "none", "off") else \
-            parse_duration(args.time_budget)
-        args.time_budget = None  # resolved into the recipe above; the raw flag must not override it
-    model_args = dict(recipe.pop("model_args", {}))
-    if args.init:  # pretrained weights bring their own architecture: the recipe's model does not apply
-        recipe.pop("model", None)
-        model_args = {}
-    elif args.model and args.model != recipe.get("model"):
-        model_args = {}  # the recipe's overrides belong to the recipe's model
-    model_args.update(dict(args.model_arg or []))
-    if args.img_size:
-        model_args["img_size"] = args.img_size
-    if args.num_heads:
-        model_args["num_heads"] = args.num_heads
-
-    def pick(obj_cls, **extra):
-        out = {}
-        for f in dataclasses.fields(obj_cls):
-            flag = getattr(args, f.name, None)
-            if flag is not None:
-                out[f.name] = flag
-            elif f.name in recipe:
-                out[f.name] = recipe[f.name]
-        out.update(extra)
-        return out
-
-    task = ClassifierConfig(**pick(ClassifierConfig, model_args=model_args))
+    recipe = _recipe_from_flags(args)
+    model_args = {k: v for k, v in dict(args.model_arg or []).items()}
+    task = ClassifierConfig(data=args.data, model=args.model, model_args=model_args, init=args.init,
+                            init_format=args.init_format, data_dir=args.data_dir, download=args.download,
+                            val_split=args.val_split, strict=args.strict, max_train=args.max_train,
+                            max_val=args.max_val)
     name = args.name or (Path(args.data[len("folder:"):]).name if args.data.startswith("folder:") else args.data)
-    tc = TrainConfig(**pick(TrainConfig, name=name, overwrite=args.overwrite, compile=args.compile,
-                            quiet=args.quiet, resume=args.resume))
-    if args.quiet:  # no progress bar: one log line per epoch instead
+    tc = TrainConfig(name=name, runs_dir=args.runs_dir, overwrite=args.overwrite, resume=args.resume,
+                     max_steps=args.max_steps, accum_steps=args.accum_steps or 1, seed=args.seed or 0,
+                     eval_every=args.eval_every or 1, device=args.device or "auto", workers=args.workers or 0,
+                     quiet=args.quiet)
+    if args.quiet:  # no progress bar: the plan and one log line per epoch instead
         import logging as _logging
 
-        _logging.getLogger("vitkit.train").setLevel(_logging.INFO)
-    summary = train_classifier(task, tc)
+        for name in ("vitkit.train", "vitkit.tasks.classify"):
+            _logging.getLogger(name).setLevel(_logging.INFO)
+    summary = train_classifier(task, tc, recipe=recipe, started=_STARTED)
 
     def outcome() -> str:
         ev = summary.get("eval", {})
@@ -177,6 +155,46 @@ def cmd_train(args) -> int:
 
     _report_run(args, summary, outcome)
     return 0
+
+
+_STARTED = None  # the command's start on Trainer's clock (set in main): a time budget covers the whole command
+
+
+def _recipe_from_flags(args):
+    """The recipe fields the command line fixed (None = let the planner choose); `--recipe RUN` starts from a
+    run's resolved recipe (a rerun), which flags then override."""
+    import json
+    from pathlib import Path
+
+    from .tasks.recipe import Recipe
+    from .train import parse_duration
+
+    base = {}
+    if args.recipe:
+        path = Path(args.recipe)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"--recipe {args.recipe!r}: no such run folder or config.json")
+        saved = json.loads(path.read_text()).get("recipe", {}).get("values")
+        if not saved:
+            raise ValueError(f"--recipe {args.recipe!r} holds no resolved recipe (a run from an older vitkit?)")
+        base = {k: v for k, v in saved.items() if v is not None}
+    flags = {f: getattr(args, f, None) for f in Recipe.__dataclass_fields__}
+    if args.time_budget is not None:
+        flags["time_budget"] = None if str(args.time_budget).lower() in ("0", "none", "off") else \
+            parse_duration(args.time_budget)
+        if flags["time_budget"] is None:
+            base.pop("time_budget", None)
+    if args.epochs is not None and args.time_budget is None:
+        base.pop("time_budget", None)  # an epoch count replaces the saved run's budget
+    if flags.get("precision") == "auto":
+        flags["precision"] = None
+    for k in ("img_size", "num_heads", "patch_size", "embed_dim", "depth", "stem", "in_chans", "mlp_ratio"):
+        v = dict(args.model_arg or []).get(k)
+        if v is not None and flags.get(k) is None:
+            flags[k] = v
+    base.update({k: v for k, v in flags.items() if v is not None})
+    return Recipe.from_dict(base)
 
 
 def _add_fast_args(p, tome: bool = True) -> tuple:
@@ -211,14 +229,34 @@ def _add_train_args(p) -> None:
     a("--init-format", default=None, choices=["vitkit", "timm", "hf", "npz", "torchvision"],
       help="format of --init when it cannot be told from the file")
     a("--img-size", type=int, default=None, help="train at this image size (with --init: resample to it)")
-    a("--num-heads", type=int, default=None, help="attention heads of an --init state dict that does not record them")
+    a("--num-heads", type=int, default=None, help="attention heads (also of an --init state dict that does not "
+      "record them)")
+    a("--patch-size", type=int, default=None, help="pixels per token side (default: planned)")
+    a("--embed-dim", type=int, default=None, help="model width (default: planned)")
+    a("--depth", type=int, default=None, help="number of blocks (default: planned)")
+    a("--stem", choices=["patch", "conv"], default=None,
+      help="patchify conv, or a convolutional stem of stride-2 3x3 convs (default: planned)")
+    a("--drop-path", dest="drop_path_rate", type=float, default=None, help="stochastic depth rate")
+    a("--patch-drop", dest="patch_drop_rate", type=float, default=None,
+      help="PatchDropout: share of patch tokens dropped while training")
+    a("--progressive", type=float, default=None, metavar="FRACTION",
+      help="progressive resizing: start at this fraction of the resolution (1 = off)")
+    a("--hflip", action=argparse.BooleanOptionalAction, default=None,
+      help="horizontal flips (default: only for data whose class means are mirror-symmetric)")
+    a("--aug-ramp", action=argparse.BooleanOptionalAction, default=None,
+      help="grow the augmentation strength over the first half of the schedule")
+    a("--tta", dest="tta_flip", action=argparse.BooleanOptionalAction, default=None,
+      help="evaluate on each image and its mirror image, averaged")
+    a("--recipe", default=None, metavar="RUN", help="rerun a run's resolved recipe (its folder or config.json); "
+      "flags still override")
     a("--name", default=None, help="run name: outputs go to RUNS_DIR/NAME (default: the dataset name)")
     a("--runs-dir", default="runs")
     a("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     a("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     a("--epochs", type=int, default=None)
     a("--time-budget", default=None, metavar="DURATION",
-      help="lay the schedule over this wall-clock time (90s, 10m, 1h); 'none' for epochs")
+      help="wall-clock time for the whole command (90s, 10m, 1h): scan, plan, train, report; 'none' for epochs "
+      "(default: 4.5 minutes unless --epochs is given)")
     a("--max-steps", type=int, default=None, help="stop after this many steps (a quick look; schedule unchanged)")
     a("--batch-size", type=int, default=None, help="global batch per step (split over processes)")
     a("--accum-steps", type=int, default=None, help="gradient accumulation: optimizer step every N batches")
@@ -227,10 +265,11 @@ def _add_train_args(p) -> None:
     a("--weight-decay", type=float, default=None)
     a("--warmup", type=float, default=None, help="warm-up: fraction of steps (<1) or epochs (>=1)")
     a("--clip-grad", type=float, default=None, help="max gradient norm (0 = off)")
-    a("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+      help="auto (default): bf16 where it measures faster and trains as well as fp32, else fp32")
     a("--ema", dest="ema_decay", type=float, default=None, metavar="DECAY", help="EMA of weights, e.g. 0.999")
     a("--layer-decay", type=float, default=None, help="layer-wise lr decay for fine-tuning, e.g. 0.75")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     a("--seed", type=int, default=None)
     a("--eval-every", type=int, default=None, help="evaluate and checkpoint every N epochs")
     a("--device", default=None, help="auto | cpu | cuda | cuda:N | mps")
@@ -825,6 +864,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    global _STARTED
+    import time
+
+    _STARTED = time.perf_counter()  # Trainer.clock's default: the budget starts when the command does
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -60,3 +60,26 @@ def test_gpu_benchmark_runs_or_says_why_not(capsys):
     assert capsys.readouterr().out.startswith("SKIPPED: no CUDA device")
     assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert gpu.peak_tflops("NVIDIA H200") == 989.0 and gpu.peak_tflops("mystery card") == 0.0
+
+
+@pytest.mark.slow
+def test_training_benchmarks_quick(capsys):
+    """loader.py, train_budget.py and ablation.py in their --quick modes: well-formed rows and the ratio line last."""
+    import ablation
+    import loader
+    import train_budget
+
+    out = loader.main(["--quick"])
+    assert all(v > 0 for v in out["rates"].values()) and out["ratio"] > 0 and len(out["rates"]) == 2
+    assert _last_line(capsys).startswith("ratio data path / in memory: ")
+
+    out = train_budget.main(["--quick", "--budget", "20s"])
+    assert set(out) == {"vitkit", "timm"} and all(0 <= r["top1"] <= 100 and r["steps"] > 0 for r in out.values())
+    assert out["vitkit"]["plan"] and out["vitkit"]["precision"] in ("fp32", "bf16")
+    assert _last_line(capsys).startswith("ratio vitkit/timm top-1: ")
+
+    out = ablation.main(["--quick", "--only", "patchify"])
+    assert list(out) == ["base (conv stem, 128 wide, 6 deep)", "test-time flip averaging (the base model)",
+                         "patchify stem instead of conv"]
+    assert all(0 <= r["top1"] <= 100 and r["steps"] > 0 for r in out.values())
+    assert _last_line(capsys).startswith("best option / base top-1 ratio: ")

@@ -389,7 +389,7 @@ def test_conv_stem_layout():
     for p in (1, 3, 6, 0):
         with pytest.raises(ValueError, match=f"power of two \\(2, 4, 8, 16\\), got {p}; use stem='patch'"):
             conv_stem_channels(p, 64)
-    with pytest.raises(ValueError, match=r"stem_channels \(8,\) must give one width per stride-2 conv: 2 for patch 4"):
+    with pytest.raises(ValueError, match=r"stem_channels \(8,\) must give at least one width per stride-2 conv: 2 for patch 4"):
         conv_stem_channels(4, 64, (8,))
     stem = ConvStem(3, (4, 6, 8))
     assert stem.out_channels == 8 and len(stem) == 3
@@ -704,8 +704,9 @@ def test_config_checks_and_round_trip():
                       (dict(patch_drop_rate=-0.5), "patch_drop_rate")]:
         with pytest.raises(ValueError, match=match):
             cfg.replace(**kw).validate()
-    with pytest.raises(ValueError, match="must give one width per stride-2 conv"):
-        cfg.replace(stem="conv", stem_channels=(8, 16)).validate()
+    with pytest.raises(ValueError, match="must give at least one width per stride-2 conv"):
+        cfg.replace(stem="conv", patch_size=4, stem_channels=(8,)).validate()
+    cfg.replace(stem="conv", stem_channels=(8, 16)).validate()  # more widths than halvings: stride-1 convs first
     for kw in (dict(in_chans=1, depth=1, num_classes=0), dict(patch_drop_rate=0.0), dict(stem="conv")):
         cfg.replace(**kw).validate()
     wide = cfg.replace(img_size=(8, 12), stem="conv", stem_channels=(8,))

@@ -68,7 +68,20 @@ def test_conv_stem_trains_saves_and_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="power of two"):
         create_model("vit_mini_patch7_28", stem="conv")
     with pytest.raises(ValueError, match="one width per stride-2 conv"):
-        create_model("vit_mini_patch4_28", stem="conv", stem_channels=(8, 16, 32))
+        create_model("vit_mini_patch4_28", stem="conv", stem_channels=(16,))
+    deeper = create_model("vit_mini_patch4_28", stem="conv", stem_channels=(8, 16, 32), depth=1)  # + a stride-1 conv
+    assert [m.conv.stride[0] for m in deeper.patch_embed.backbone] == [1, 2, 2]
+    assert deeper(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert count_params(deeper.config) == sum(p.numel() for p in deeper.parameters())
+    x = torch.randn(1, 1, 28, 28)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        with torch.no_grad():
+            deeper.patch_embed(x)
+    stem_macs = count_flops(deeper.config)["macs"] - count_flops(deeper.config.replace(stem="patch",
+                                                                                         stem_channels=()))["macs"]
+    assert fc.get_total_flops() // 2 == stem_macs + 49 * 1 * 16 * 128  # counted minus the patchify it replaced
     with pytest.raises(ValueError, match="stem must be"):
         create_model("vit_mini_patch4_28", stem="resnet")
     with pytest.raises(ValueError, match="patch size cannot change"):
@@ -115,3 +128,39 @@ def test_patch_dropout_matches_timms_placement():
     torch.manual_seed(3)
     b = ours.forward_features(x)
     assert a.shape == b.shape == (2, 1 + 12, 32) and (a - b).abs().max().item() <= 1e-5
+
+
+def test_a_conv_stem_checkpoint_in_timm_layout_loads_and_refuses_layouts_that_cannot_hold_it(tmp_path):
+    from vitkit.errors import CheckpointError
+    from vitkit.io import load_pretrained
+
+    model = create_model(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=5, stem="conv",
+                         stem_channels=(16, 32), global_pool="avg").eval()
+    _randomize_bn(model)
+    vitkit.export(model, tmp_path / "w.safetensors", "timm")  # timm's HybridEmbed(ConvStem) keys
+    back = load_pretrained(tmp_path / "w.safetensors", num_heads=3)
+    assert back.config.stem == "conv" and back.config.stem_channels == (16, 32) and back.config.patch_size == 4
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+    for fmt, out in (("hf", tmp_path / "hf"), ("npz", tmp_path / "m.npz"), ("timm", tmp_path / "folder")):
+        with pytest.raises(CheckpointError, match="convolutional stem"):
+            vitkit.export(model, out, fmt)
+
+
+def test_progressive_resolution_resamples_position_embeddings_as_set_input_size_does():
+    """Training at a lower resolution runs the same model: its position embeddings resampled on the fly exactly as
+    `set_input_size` resamples them for good (bicubic, antialiased), with or without a conv stem."""
+    import copy
+
+    for stem in ("patch", "conv"):
+        model = create_model(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=5, stem=stem,
+                             global_pool="avg").eval()
+        with torch.no_grad():
+            model.pos_embed.normal_(0, 0.5)
+        low = copy.deepcopy(model)
+        low.set_input_size(img_size=24)
+        x = torch.randn(2, 3, 24, 24)
+        with torch.no_grad():
+            assert (model(x) - low(x)).abs().max().item() <= 1e-5
+        assert low.pos_embed.shape[1] == 1 + 36 and model.pos_embed.shape[1] == 1 + 64  # stored at 32 px

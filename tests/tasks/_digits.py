@@ -1,4 +1,4 @@
-"""Real digit images for the task tests: vitkit's own mnist5k split, and PNG folders of them."""
+"""Images for the task tests: vitkit's own mnist5k split, PNG folders of its digits, and a colour folder."""
 import functools
 
 import numpy as np
@@ -32,3 +32,17 @@ def write_digits(folder, images, labels, prefix="img"):
         Image.fromarray((im[0].numpy() * 255).round().astype(np.uint8), "L").save(p)
         paths.append(p)
     return paths
+
+
+def color_folder(root, n=20, size=24, ext="jpg"):
+    """Two classes a model can tell apart (reddish vs bluish noise) in PATH/<class>/ layout; returns the spec."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, ch in (("red", 0), ("blue", 2)):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            arr = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+            arr[..., ch] += 150
+            Image.fromarray(arr).save(root / c / f"{i}.{ext}")
+    return f"folder:{root}"

@@ -12,6 +12,8 @@ import vitkit.data
 from vitkit.cli import main
 from vitkit.models.tome import apply_tome
 
+from ._digits import color_folder
+
 TINY = ["--model", "vit_mini_patch7_28", "--model-arg", "embed_dim=32", "--model-arg", "depth=2",
         "--model-arg", "num_heads=2", "--model-arg", "global_pool=avg"]
 
@@ -81,19 +83,8 @@ def test_predict_names_labels_with_probabilities(trained, tmp_path, capsys):
     assert rc == 0 and capsys.readouterr().out.count("\n") == 1
 
 
-def _color_folder(root, n=20, size=24):
-    """Two classes a model can tell apart (reddish vs bluish noise) in PATH/<class>/ layout."""
-    rng = np.random.default_rng(0)
-    for c, ch in (("red", 0), ("blue", 2)):
-        (root / c).mkdir(parents=True)
-        for i in range(n):
-            arr = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
-            arr[..., ch] += 150
-            Image.fromarray(arr).save(root / c / f"{i}.jpg")
-
-
 def test_train_on_an_image_folder_counts_corrupt_files(tmp_path, capsys):
-    _color_folder(tmp_path / "colors")
+    color_folder(tmp_path / "colors")
     (tmp_path / "colors" / "red" / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
     rc = main(["train", "--data", f"folder:{tmp_path / 'colors'}", "--model", "vit_mini_patch4_32",
                "--model-arg", "embed_dim=32", "--model-arg", "depth=1", "--model-arg", "num_heads=2",
@@ -137,7 +128,7 @@ def test_bad_inputs_are_one_line_errors_and_overwrite_nothing(trained, tmp_path,
     save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
     assert main(["eval", str(tmp_path / "foreign.safetensors"), "--data", "mnist5k"]) == 2
     assert "not a vitkit checkpoint" in _err(capsys)
-    _color_folder(tmp_path / "colors")
+    color_folder(tmp_path / "colors")
     assert main(["eval", str(trained), "--data", f"folder:{tmp_path / 'colors'}", "--out", str(tmp_path)]) == 2
     assert "10 classes" in _err(capsys)
     other = vitkit.create_model("vit_mini_patch4_28", num_classes=10)

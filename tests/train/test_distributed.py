@@ -19,6 +19,18 @@ ARGS = ["train", "--data", "mnist5k", "--max-train", "256", "--max-val", "64", "
         "--model-arg", "num_heads=2", "--lr", "1e-4", "--quiet"]
 
 
+def _without_key_bias(sd):
+    """The weights less the key third of each qkv bias: it adds q.b_k to every logit of a query's row, which the
+    softmax cancels, so its true gradient is 0 and Adam turns the rounding noise in it into steps of ~lr, differently
+    in 1 and 2 processes (measured: ~1e-5 there, ~1e-8 everywhere else)."""
+    out = dict(sd)
+    for k, v in sd.items():
+        if k.endswith("attn.qkv.bias"):
+            q, _, val = v.chunk(3)
+            out[k] = torch.cat([q, val])
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_gloo_processes_match_one(tmp_path):
@@ -30,13 +42,13 @@ def test_two_gloo_processes_match_one(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main([*ARGS, "--name", "one", "--runs-dir", str(tmp_path)]) == 0
-    a = load_file(str(tmp_path / "ddp" / "last.safetensors"))
-    b = load_file(str(tmp_path / "one" / "last.safetensors"))
+    a = _without_key_bias(load_file(str(tmp_path / "ddp" / "last.safetensors")))
+    b = _without_key_bias(load_file(str(tmp_path / "one" / "last.safetensors")))
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff <= 1e-5, diff
     # ... and 1e-5 tells runs apart: stopping after half the steps leaves the weights far from there
     assert main([*ARGS, "--name", "short", "--runs-dir", str(tmp_path), "--max-steps", "4"]) == 0
-    c = load_file(str(tmp_path / "short" / "last.safetensors"))
+    c = _without_key_bias(load_file(str(tmp_path / "short" / "last.safetensors")))
     assert max((c[k] - b[k]).abs().max().item() for k in c) > 10 * 1e-5
     cfg = (tmp_path / "ddp" / "config.json").read_text()
     assert '"world_size": 2' in cfg

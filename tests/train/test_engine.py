@@ -208,3 +208,14 @@ def test_fine_tune_from_a_run_with_layer_decay(tmp_path):
                          _tc(tmp_path, "ft", epochs=1, max_steps=2, layer_decay=0.75))
     cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert cfg["model"]["embed_dim"] == 32 and cfg["data"]["spec"] == "digits" and s["steps"] == 2
+
+
+def test_fit_steps_accounts_for_dearer_late_steps():
+    from vitkit.train.engine import fit_steps
+
+    assert fit_steps(0, 100.0, 1.0, 0.0, lambda p: 1.0) == 100
+    assert fit_steps(40, 60.0, 1.0, 0.0, lambda p: 1.0) == 100  # 60 more steps of 1 s
+    # the last half of the schedule costs twice as much: T/2 * 1 + T/2 * 2 = 100 → T = 66
+    assert fit_steps(0, 100.0, 1.0, 0.0, lambda p: 1.0 if p < 0.5 else 2.0) in (66, 67)
+    assert fit_steps(0, 100.0, 1.0, 0.25, lambda p: 1.0) == 80  # with per-step overhead
+    assert fit_steps(10, 0.0, 1.0, 0.0, lambda p: 1.0) == 10

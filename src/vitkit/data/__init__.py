@@ -13,14 +13,18 @@ augmentation of batch `step` depend on nothing else, which is what makes resume 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from .folders import FolderScan, decode_folder, scan_folder
+from .profile import DataProfile, profile_images, stratified_sample
 from .sources import (IMG_EXTENSIONS, TORCHVISION, DatasetInfo, ImageFolderDataset, InMemoryDataset, load_digits,
-                      load_folder, load_mnist5k, load_torchvision, read_image, stratified_split)
+                      load_mnist5k, load_torchvision, read_image, skip_bad_collate, stratified_split)
 from .transforms import (CIFAR_MEAN, CIFAR_STD, HALF_MEAN, MNIST_MEAN, MNIST_STD, AugmentConfig, BatchTransform,
                          MixUp, default_augment, eval_transform, folder_train_transform)
 
@@ -31,19 +35,6 @@ DATASETS = ["mnist5k", "digits", "folder:PATH", "mnist", "fashion_mnist", "cifar
 
 def list_datasets() -> List[str]:
     return list(DATASETS)
-
-
-def default_norm(info: DatasetInfo, in_chans: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """Normalisation statistics per dataset: MNIST's for digit data, CIFAR's for CIFAR, 0.5/0.5 otherwise."""
-    if info.spec in ("mnist5k", "digits", "mnist"):
-        m, s = MNIST_MEAN, MNIST_STD
-    elif info.spec in ("cifar10", "cifar100"):
-        m, s = CIFAR_MEAN, CIFAR_STD
-    else:
-        m, s = HALF_MEAN[:1], HALF_MEAN[:1]
-    if len(m) != in_chans:
-        m, s = (sum(m) / len(m),) * in_chans, (sum(s) / len(s),) * in_chans
-    return tuple(m), tuple(s)
 
 
 def _convert_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -73,55 +64,209 @@ def _limit(ds, n: Optional[int], seed: int):
     return ImageFolderDataset([ds.samples[i] for i in keep.tolist()], ds.in_chans, ds.transform)
 
 
-def build_datasets(spec: str, *, img_size=None, in_chans: Optional[int] = None, augment: str = "default",
-                   mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-                   crop_pct: float = 1.0, data_dir="data", download: bool = False, val_split: float = 0.1,
-                   seed: int = 0, strict: bool = False, max_train: Optional[int] = None,
-                   max_val: Optional[int] = None):
-    """Resolve a dataset spec into (train dataset, val dataset, DatasetInfo), with transforms attached.
+def memory_limit() -> int:
+    """Bytes a decoded folder may take in memory: $VITKIT_MEMORY_LIMIT (bytes), else 30% of the available RAM."""
+    env = os.environ.get("VITKIT_MEMORY_LIMIT")
+    if env:
+        return int(float(env))
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+        return int(0.3 * avail)
+    except (OSError, StopIteration, ValueError):
+        return 4 << 30
 
-    img_size / in_chans: what the model takes (default: the data's own; folders default to 224 and 3 channels).
-    augment: 'none' | 'light' | 'default' | 'strong' for the training transform. mean/std: normalisation
-    (default per dataset, see `default_norm`). max_train / max_val: stratified subsets, for quick runs.
-    The validation split of mnist5k and digits is fixed (seed 0) whatever `seed` is, so scores compare."""
+
+@dataclass
+class DataSource:
+    """A data set opened but not yet shaped for a model: built-in sets as uint8 tensors at their own size, folders
+    as a scan (file list and headers) with the train/validation split decided. `profile()` measures it."""
+
+    spec: str
+    info: DatasetInfo
+    train: Optional[InMemoryDataset] = None  # built-in sets
+    val: Optional[InMemoryDataset] = None
+    scan: Optional[FolderScan] = None  # folders: scan.files[train_idx] / [val_idx]
+    train_idx: Optional[np.ndarray] = None
+    val_idx: Optional[np.ndarray] = None
+    held_out_is_test: bool = False  # the held-out split is a test set: report on it, never choose by it
+    _profile: Optional[DataProfile] = None
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train) if self.train is not None else len(self.train_idx)
+
+    @property
+    def num_val(self) -> int:
+        return len(self.val) if self.val is not None else len(self.val_idx)
+
+    def train_labels(self) -> torch.Tensor:
+        if self.train is not None:
+            return self.train.labels
+        return torch.from_numpy(self.scan.labels[self.train_idx])
+
+    def profile(self, sample: int = 5000) -> DataProfile:
+        """Counts, sizes, colour, symmetry and statistics of the training split (pixels measured on up to `sample`
+        images, decoded small for folders). Computed once."""
+        if self._profile is None:
+            labels = self.train_labels()
+            idx = stratified_sample(labels, sample, seed=0)
+            k = self.info.num_classes
+            counts = torch.bincount(labels, minlength=k).tolist()
+            images = sizes = chans = None
+            if self.train is not None:
+                images, sizes, chans = self.train.images[idx], None, self.train.images.shape[1]
+            else:  # folders: a sample decoded small; the result is cached with the folder's listing
+                from .folders import cached_json
+
+                def measure():
+                    return self._profile_folder(idx, labels, k, counts).to_dict()
+
+                d = cached_json(self.scan, "profile", measure, sample=sample, train=self.train_idx.tolist())
+                self._profile = DataProfile.from_dict(d)
+            if self._profile is None:
+                self._profile = profile_images(images, labels[idx], k, num_train=self.num_train,
+                                               num_val=self.num_val, class_counts=counts, sizes=sizes,
+                                               channels=chans)
+            self.info.kind = "natural" if self._profile.mirror_symmetric else "oriented"
+        return self._profile
+
+
+    def _profile_folder(self, idx, labels, k, counts) -> DataProfile:
+        from .folders import _decode_chunk
+
+        sizes = self.scan.sizes[self.train_idx]
+        side = int(min(64, max(8, np.median(sizes.min(axis=1)))))
+        files = [self.scan.files[i] for i in self.train_idx[idx.numpy()]]
+        arr, bad = _decode_chunk((files, side, 3, True))
+        keep = [i for i in range(len(files)) if i not in set(bad)]
+        images, idx = torch.from_numpy(arr[keep]), idx[keep]
+        modes = {self.scan.modes[i] for i in self.train_idx}
+        chans = 1 if modes <= {"1", "L", "I", "I;16", "F", "LA", "La"} else 3
+        if chans == 1:
+            images = images[:, :1]
+        return profile_images(images, labels[idx], k, num_train=self.num_train, num_val=self.num_val,
+                              class_counts=counts, sizes=sizes, channels=chans)
+
+
+def open_data(spec: str, *, data_dir="data", download: bool = False, val_split: float = 0.1, seed: int = 0,
+              strict: bool = False) -> DataSource:
+    """Open a data set spec (see DATASETS) without shaping it: load built-in sets, scan folders (headers only)."""
     spec = str(spec)
     if spec.startswith("folder:"):
-        chans = in_chans or 3
-        train, val, info = load_folder(spec[len("folder:"):], val_split=val_split, seed=seed, strict=strict,
-                                       in_chans=chans)
-        size = img_size or 224
-        info.in_chans, info.img_size = chans, (size, size) if isinstance(size, int) else tuple(size)
-        m, s = (mean, std) if mean is not None else default_norm(info, chans)
-        train.transform = folder_train_transform(size, m, s, info.kind, augment)
-        val.transform = eval_transform(size, m, s, crop_pct=crop_pct)
-    else:
-        if spec == "mnist5k":
-            train, val, info = load_mnist5k()
-        elif spec == "digits":
-            train, val, info = load_digits()
-        elif spec in TORCHVISION:
-            train, val, info = load_torchvision(spec, data_dir, download)
+        scan = scan_folder(spec[len("folder:"):], strict=strict)
+        split = np.asarray(scan.split)
+        if scan.held_out_dir:
+            tr, va = np.nonzero(split == "train")[0], np.nonzero(split == "val")[0]
+            note = f"train/ and {scan.held_out_dir}/ folders"
         else:
-            import difflib
+            if not 0 < val_split < 1:
+                raise DataError(f"--val-split must be between 0 and 1, got {val_split}")
+            tr, va = (t.numpy() for t in stratified_split(torch.from_numpy(scan.labels), val_frac=val_split,
+                                                          seed=seed))
+            note = f"seeded {val_split:.0%} validation split (seed {seed})"
+        if scan.skipped:
+            log.warning("skipped %d unreadable image(s) in %s", len(scan.skipped), scan.root)
+        info = DatasetInfo(f"folder:{scan.root}", list(scan.classes), 3, (0, 0), "", len(tr), len(va),
+                           list(scan.skipped), note)
+        return DataSource(spec, info, scan=scan, train_idx=tr, val_idx=va,
+                          held_out_is_test=scan.held_out_dir == "test")
+    if spec == "mnist5k":
+        train, val, info = load_mnist5k()
+    elif spec == "digits":
+        train, val, info = load_digits()
+    elif spec in TORCHVISION:
+        train, val, info = load_torchvision(spec, data_dir, download)
+    else:
+        import difflib
 
-            close = difflib.get_close_matches(spec, [d.split(":")[0] for d in DATASETS], n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise DataError(f"unknown dataset {spec!r}{hint}; known: {', '.join(DATASETS)}")
-        chans = in_chans or info.in_chans
-        if chans != info.in_chans:
-            train.images, val.images = _convert_channels(train.images, chans), _convert_channels(val.images, chans)
-            info.in_chans = chans
-        size = img_size or info.img_size
-        m, s = (mean, std) if mean is not None else default_norm(info, chans)
-        aug = default_augment(info.kind, augment)
-        train.transform = BatchTransform(size, m, s, None if augment == "none" else aug)
-        val.transform = BatchTransform(size, m, s, None)
-        info.img_size = (size, size) if isinstance(size, int) else tuple(size)
+        close = difflib.get_close_matches(spec, [d.split(":")[0] for d in DATASETS], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise DataError(f"unknown dataset {spec!r}{hint}; known: {', '.join(DATASETS)}")
+    # every built-in set's held-out split is its test set (torchvision's test split; mnist5k's fixed 1,000)
+    return DataSource(spec, info, train=train, val=val, held_out_is_test=spec != "digits")
+
+
+def _size_pair(size) -> Tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def build_datasets(spec, *, img_size=None, in_chans: Optional[int] = None, augment: str = "default",
+                   aug: Optional[AugmentConfig] = None, mean: Optional[Sequence[float]] = None,
+                   std: Optional[Sequence[float]] = None, crop_pct: float = 1.0, data_dir="data",
+                   download: bool = False, val_split: float = 0.1, seed: int = 0, strict: bool = False,
+                   max_train: Optional[int] = None, max_val: Optional[int] = None, min_size: Optional[int] = None,
+                   multiple: int = 1, stream: Optional[bool] = None, progress: bool = True):
+    """Resolve a dataset spec (or an opened `DataSource`) into (train dataset, val dataset, DatasetInfo).
+
+    img_size / in_chans: what the model takes (default: the data's own; folders: their median size, their channels).
+    augment: 'none' | 'light' | 'default' | 'strong' for the training transform, or `aug` an explicit one.
+    mean/std: normalisation (default: measured on the training images). min_size/multiple: progressive resizing
+    (see BatchTransform). Folders whose decoded images fit in `memory_limit()` are decoded once (in parallel,
+    cached on disk) and augmented a batch at a time like the built-in sets; larger ones stream from disk through
+    DataLoader workers (`stream=True` forces that). max_train / max_val: stratified subsets, for quick runs.
+    The validation split of mnist5k and digits is fixed (seed 0) whatever `seed` is, so scores compare."""
+    src = spec if isinstance(spec, DataSource) else open_data(spec, data_dir=data_dir, download=download,
+                                                              val_split=val_split, seed=seed, strict=strict)
+    info = src.info
+    prof = src.profile()
+    chans = in_chans or prof.in_chans
+    if mean is not None:
+        m, s = list(mean), list(std)
+    else:  # measured on the training images (grey data: the one channel's statistics, repeated if needed)
+        m, s = (prof.mean * chans)[:chans] if len(prof.mean) == 1 else prof.mean, \
+            (prof.std * chans)[:chans] if len(prof.std) == 1 else prof.std
+        if len(m) != chans:
+            m, s = [sum(m) / len(m)] * chans, [sum(s) / len(s)] * chans
+    if aug is None:
+        aug = None if augment == "none" else default_augment(info.kind, augment)
+    if src.train is not None:
+        train, val = src.train, src.val
+        if chans != train.images.shape[1]:
+            train = InMemoryDataset(_convert_channels(train.images, chans), train.labels)
+            val = InMemoryDataset(_convert_channels(val.images, chans), val.labels)
+        size = _size_pair(img_size or tuple(train.images.shape[-2:]))
+    else:
+        scan = src.scan
+        native = int(np.median(scan.sizes[src.train_idx].min(axis=1)))
+        size = _size_pair(img_size or native)
+        side = max(size)
+        need = len(scan) * chans * side * side
+        if stream is None:
+            stream = need > memory_limit()
+            if stream:
+                log.info("%s decoded at %d px would take %.1f GB, over the %.1f GB memory limit: streaming from "
+                         "disk", info.spec, side, need / 1e9, memory_limit() / 1e9)
+        if stream:
+            samples = [(scan.files[i], int(scan.labels[i])) for i in range(len(scan))]
+            train = ImageFolderDataset([samples[i] for i in src.train_idx], chans)
+            val = ImageFolderDataset([samples[i] for i in src.val_idx], chans)
+            train.transform = folder_train_transform(size, m, s, info.kind, "none" if aug is None else augment)
+            val.transform = eval_transform(size, m, s, crop_pct=crop_pct)
+        else:
+            images, labels, bad = decode_folder(scan, side, chans, progress=progress)
+            if bad and strict:
+                raise DataError(f"corrupt or unreadable image {bad[0]!r} (it does not decode); fix or remove it, or "
+                                "drop --strict to skip such files with a warning")
+            if bad:
+                info.skipped = list(info.skipped) + bad
+            pos = np.full(len(scan), -1, np.int64)  # scan index → row of the decoded array (-1: did not decode)
+            kept = np.setdiff1d(np.arange(len(scan)), np.asarray([scan.files.index(f) for f in bad], np.int64)) \
+                if bad else np.arange(len(scan))
+            pos[kept] = np.arange(len(kept))
+            images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+            tr, va = pos[src.train_idx], pos[src.val_idx]
+            tr, va = torch.from_numpy(tr[tr >= 0]), torch.from_numpy(va[va >= 0])
+            train, val = InMemoryDataset(images[tr], labels[tr]), InMemoryDataset(images[va], labels[va])
+    if isinstance(train, InMemoryDataset):
+        train.transform = BatchTransform(size, m, s, aug, min_size=min_size, multiple=multiple)
+        val.transform = BatchTransform(size, m, s, None, crop_pct=crop_pct)
+    info.in_chans, info.img_size = chans, size
     train, val = _limit(train, max_train, seed), _limit(val, max_val, seed)
     info.num_train, info.num_val = len(train), len(val)
     if len(train) == 0 or len(val) == 0:
-        raise DataError(f"dataset {spec!r} has {len(train)} training and {len(val)} validation images; both must "
-                        "be non-empty")
+        raise DataError(f"dataset {info.spec!r} has {len(train)} training and {len(val)} validation images; both "
+                        "must be non-empty")
     info.mean, info.std = list(m), list(s)  # type: ignore[attr-defined]
     return train, val, info
 
@@ -154,9 +299,12 @@ class Loader:
     contiguous slice. Length = number of steps."""
 
     def __init__(self, dataset, batch_size: int, *, train: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
-                 world: int = 1, workers: int = 0, drop_last: Optional[bool] = None, mixup: Optional[MixUp] = None):
+                 world: int = 1, workers: int = 0, drop_last: Optional[bool] = None, mixup: Optional[MixUp] = None,
+                 start_step: int = 0, total_steps: Optional[int] = None, accum_steps: int = 1):
         self.ds, self.bs, self.train, self.seed, self.epoch = dataset, batch_size, train, seed, epoch
         self.rank, self.world, self.workers, self.mixup = rank, world, workers, mixup
+        # where each batch falls in the schedule (0 → 1), for progressive resizing and growing augmentation
+        self.start_step, self.total_steps, self.accum_steps = start_step, total_steps, max(1, accum_steps)
         drop_last = train if drop_last is None else drop_last
         if train and len(dataset) < batch_size:
             drop_last = False  # tiny datasets: one short batch rather than none
@@ -171,26 +319,36 @@ class Loader:
         else:
             yield from self._iter_files()
 
+    def progress(self, batch: int) -> float:
+        """The schedule position (0 to 1) of this epoch's batch `batch`; 1.0 when no schedule is given."""
+        if not self.total_steps:
+            return 1.0
+        return min(1.0, (self.start_step + batch // self.accum_steps) / self.total_steps)
+
     def _iter_memory(self):
         ds = self.ds
         for step, idx in enumerate(self.batches):
             gen = torch.Generator().manual_seed(_step_seed(self.seed, self.epoch, step))
             lo, local = _shard(idx, self.rank, self.world)
             x = ds.images[local]
-            x = ds.transform(x, gen, lo, len(idx)) if ds.transform is not None else x.float().div(255)
+            p = self.progress(step)
+            x = ds.transform(x, gen, lo, len(idx), progress=p) if ds.transform is not None else x.float().div(255)
             y = ds.labels[local]
             if self.mixup is not None:
-                x, y = self.mixup(x, y, gen)
+                x, y = self.mixup(x, y, gen, progress=p)
             yield x, y
 
     def _iter_files(self):
         local = [_shard(idx, self.rank, self.world)[1].tolist() for idx in self.batches]
         g = torch.Generator().manual_seed(_step_seed(self.seed, self.epoch, -2))
         dl = torch.utils.data.DataLoader(self.ds, batch_sampler=local, num_workers=self.workers, generator=g,
-                                         persistent_workers=False)
+                                         persistent_workers=False, collate_fn=skip_bad_collate)
         for step, (x, y) in enumerate(dl):
+            if len(y) == 0:  # every file of this batch failed to decode
+                continue
             if self.mixup is not None:
-                x, y = self.mixup(x, y, torch.Generator().manual_seed(_step_seed(self.seed, self.epoch, step)))
+                x, y = self.mixup(x, y, torch.Generator().manual_seed(_step_seed(self.seed, self.epoch, step)),
+                                  progress=self.progress(step))
             yield x, y
 
 
@@ -213,6 +371,11 @@ class DataOptions:
     max_train: Optional[int] = None
     max_val: Optional[int] = None
 
+    def open(self, seed: int) -> DataSource:
+        """The data set opened (loaded or scanned, split), not yet shaped for a model: see `open_data`."""
+        return open_data(self.data, data_dir=self.data_dir, download=self.download, val_split=self.val_split,
+                         seed=seed, strict=self.strict)
+
     def datasets(self, seed: int, **model_input):
         """(train, val, DatasetInfo) for these options; model_input: img_size, in_chans, mean, std (the model's)."""
         return build_datasets(self.data, augment=self.augment, data_dir=self.data_dir, download=self.download,
@@ -221,7 +384,8 @@ class DataOptions:
 
 
 __all__ = [
-    "DataOptions", "build_datasets", "make_loader", "Loader", "list_datasets", "DatasetInfo", "InMemoryDataset",
+    "DataOptions", "build_datasets", "open_data", "DataSource", "DataProfile", "memory_limit", "make_loader", "Loader",
+    "list_datasets", "DatasetInfo", "InMemoryDataset",
     "ImageFolderDataset", "BatchTransform", "AugmentConfig", "MixUp", "default_augment", "eval_transform",
     "folder_train_transform", "read_image", "stratified_split", "IMG_EXTENSIONS", "DATASETS",
 ]

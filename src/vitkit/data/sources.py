@@ -64,17 +64,34 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return torch.tensor([y for _, y in self.samples], dtype=torch.long)
 
     def __getitem__(self, i):
+        """(image, label), or None for a file that does not decode (logged; `skip_bad_collate` drops it), so that
+        one bad file found mid-epoch costs one sample, not the run."""
         path, y = self.samples[i]
-        img = read_image(path, self.in_chans)
+        try:
+            img = read_image(path, self.in_chans)
+        except DataError as e:
+            log.warning("skipping an image that does not decode: %s", e)
+            return None
         return (self.transform(img) if self.transform is not None else img), y
 
 
-def read_image(path, in_chans: int = 3):
-    """A PIL image in 'L' (1 channel) or 'RGB' (3 channels), or a DataError that names the file."""
+def skip_bad_collate(batch):
+    """DataLoader collate that leaves out the samples a dataset returned as None (undecodable files)."""
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.utils.data.default_collate(batch)
+
+
+def read_image(path, in_chans: int = 3, draft_size: Optional[int] = None):
+    """A PIL image in 'L' (1 channel) or 'RGB' (3 channels), or a DataError that names the file. `draft_size`:
+    let a JPEG decode at a reduced scale no smaller than this (much faster when only a small image is needed)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            if draft_size:
+                im.draft("L" if in_chans == 1 else "RGB", (draft_size, draft_size))
             im.load()
             if in_chans == 1:
                 return im.convert("L")
@@ -97,7 +114,7 @@ class DatasetInfo:
     class_names: List[str]
     in_chans: int
     img_size: Tuple[int, int]
-    kind: str  # 'digits' (no flips), 'natural'
+    kind: str  # 'natural' (mirror-symmetric: flips keep the label) or 'oriented' (no flips); measured
     num_train: int = 0
     num_val: int = 0
     skipped: List[str] = field(default_factory=list)  # unreadable files left out (folders)
@@ -150,7 +167,7 @@ def load_mnist5k(seed: int = 0) -> Tuple[InMemoryDataset, InMemoryDataset, Datas
     images = torch.from_numpy(arr[:, :-1].astype(np.uint8)).reshape(-1, 1, 28, 28)
     labels = torch.from_numpy(arr[:, -1].astype(np.int64))
     tr, va = stratified_split(labels, n_val_per_class=100, seed=seed)
-    info = DatasetInfo("mnist5k", [str(i) for i in range(10)], 1, (28, 28), "digits", len(tr), len(va))
+    info = DatasetInfo("mnist5k", [str(i) for i in range(10)], 1, (28, 28), "", len(tr), len(va))
     return InMemoryDataset(images[tr], labels[tr]), InMemoryDataset(images[va], labels[va]), info
 
 
@@ -162,17 +179,17 @@ def load_digits(seed: int = 0) -> Tuple[InMemoryDataset, InMemoryDataset, Datase
     images = torch.from_numpy(np.clip(d.images * 16, 0, 255).astype(np.uint8)).reshape(-1, 1, 8, 8)
     labels = torch.from_numpy(d.target.astype(np.int64))
     tr, va = stratified_split(labels, val_frac=0.2, seed=seed)
-    info = DatasetInfo("digits", [str(i) for i in range(10)], 1, (8, 8), "digits", len(tr), len(va))
+    info = DatasetInfo("digits", [str(i) for i in range(10)], 1, (8, 8), "", len(tr), len(va))
     return InMemoryDataset(images[tr], labels[tr]), InMemoryDataset(images[va], labels[va]), info
 
 
 # ---- torchvision datasets -------------------------------------------------------------------------------------
 TORCHVISION = {
-    # name: (torchvision class, channels, size, kind)
-    "mnist": ("MNIST", 1, 28, "digits"),
-    "fashion_mnist": ("FashionMNIST", 1, 28, "natural"),
-    "cifar10": ("CIFAR10", 3, 32, "natural"),
-    "cifar100": ("CIFAR100", 3, 32, "natural"),
+    # name: (torchvision class, channels, size); what the images are like is measured (`vitkit.data.profile`)
+    "mnist": ("MNIST", 1, 28),
+    "fashion_mnist": ("FashionMNIST", 1, 28),
+    "cifar10": ("CIFAR10", 3, 32),
+    "cifar100": ("CIFAR100", 3, 32),
 }
 
 
@@ -180,7 +197,7 @@ def load_torchvision(name: str, data_dir, download: bool = False):
     """A torchvision dataset read from `data_dir` (downloaded there first when `download`), as in-memory tensors."""
     import torchvision.datasets as tvd
 
-    cls_name, chans, size, kind = TORCHVISION[name]
+    cls_name, chans, size = TORCHVISION[name]
     cls = getattr(tvd, cls_name)
     root = Path(data_dir)
     out = []
@@ -198,84 +215,5 @@ def load_torchvision(name: str, data_dir, download: bool = False):
             data = data.permute(0, 3, 1, 2)
         out.append(InMemoryDataset(data.contiguous().to(torch.uint8), torch.as_tensor(ds.targets)))
         classes = list(ds.classes)
-    info = DatasetInfo(name, [str(c) for c in classes], chans, (size, size), kind, len(out[0]), len(out[1]))
+    info = DatasetInfo(name, [str(c) for c in classes], chans, (size, size), "", len(out[0]), len(out[1]))
     return out[0], out[1], info
-
-
-# ---- image folders --------------------------------------------------------------------------------------------
-def _list_classes(root: Path) -> List[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _scan(root: Path, classes: Sequence[str], strict: bool, skipped: List[str]) -> List[Tuple[str, int]]:
-    """(file, class index) for every readable image under root/<class>/; unreadable ones go to `skipped`."""
-    from PIL import Image
-
-    samples = []
-    for ci, c in enumerate(classes):
-        d = root / c
-        if not d.is_dir():
-            raise DataError(f"class folder {str(d)!r} is missing: {str(root)!r} must hold the same class folders as "
-                            f"the training split ({', '.join(classes)})")
-        files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
-        n_ok = 0
-        for p in files:
-            if p.suffix.lower() not in IMG_EXTENSIONS:
-                continue
-            try:
-                with Image.open(p) as im:
-                    im.verify()  # reads the whole file structure; catches truncated and foreign files
-                with Image.open(p) as im:
-                    im.load()  # decodes the pixels; catches truncated image data that verify lets through
-            except Exception as e:
-                if strict:
-                    raise DataError(f"corrupt or unreadable image {str(p)!r} ({type(e).__name__}: {e}); fix or "
-                                    "remove it, or drop --strict to skip such files with a warning") from None
-                log.warning("skipping unreadable image %s (%s)", p, type(e).__name__)
-                skipped.append(str(p))
-                continue
-            samples.append((str(p), ci))
-            n_ok += 1
-        if n_ok == 0:
-            raise DataError(f"class folder {str(d)!r} has no readable images ({len(files)} files); add images or "
-                            "remove the folder")
-    return samples
-
-
-def load_folder(path, *, val_split: float = 0.1, seed: int = 0, strict: bool = False, in_chans: int = 3):
-    """An image-folder tree: `PATH/train/<class>/*` and `PATH/val/<class>/*` (or `test/`), or `PATH/<class>/*`
-    split by a seeded stratified `val_split`. Corrupt files are skipped and counted (`strict` stops instead)."""
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist; check the path in --data folder:PATH")
-    if not root.is_dir():
-        raise DataError(f"{str(root)!r} is not a folder; --data folder:PATH wants PATH/<class>/* or "
-                        "PATH/train/<class>/* + PATH/val/<class>/*")
-    skipped: List[str] = []
-    split_dirs = [root / "train", next((root / n for n in ("val", "valid", "validation", "test")
-                                        if (root / n).is_dir()), None)]
-    if split_dirs[0].is_dir() and split_dirs[1] is not None:
-        classes = _list_classes(split_dirs[0])
-        if not classes:
-            raise DataError(f"{str(split_dirs[0])!r} has no class folders; put images in train/<class>/")
-        train = _scan(split_dirs[0], classes, strict, skipped)
-        val = _scan(split_dirs[1], classes, strict, skipped)
-        note = f"train/ and {split_dirs[1].name}/ folders"
-    else:
-        classes = _list_classes(root)
-        if not classes:
-            raise DataError(f"{str(root)!r} has no class folders; put the images in PATH/<class>/ (one folder per "
-                            "class) or PATH/train/<class>/ and PATH/val/<class>/")
-        if len(classes) < 2:
-            raise DataError(f"{str(root)!r} has one class folder ({classes[0]}); a classifier needs at least two")
-        if not 0 < val_split < 1:
-            raise DataError(f"--val-split must be between 0 and 1, got {val_split}")
-        samples = _scan(root, classes, strict, skipped)
-        labels = torch.tensor([y for _, y in samples])
-        tr, va = stratified_split(labels, val_frac=val_split, seed=seed)
-        train, val = [samples[i] for i in tr.tolist()], [samples[i] for i in va.tolist()]
-        note = f"seeded {val_split:.0%} validation split (seed {seed})"
-    if skipped:
-        log.warning("skipped %d unreadable image(s) in %s", len(skipped), root)
-    info = DatasetInfo(f"folder:{root}", classes, in_chans, (0, 0), "natural", len(train), len(val), skipped, note)
-    return ImageFolderDataset(train, in_chans), ImageFolderDataset(val, in_chans), info

@@ -32,16 +32,24 @@ def _uniform(gen, n, lo, hi):
 
 @dataclass
 class AugmentConfig:
-    """Random affine per image (rotation, scale, translation, shear, flip), then optional TrivialAugment and
-    random erasing. Digits: no flips. `level='none'` turns all of it off."""
+    """Random affine per image (rotation, scale, translation, shear, flip), then optional RandAugment-style colour
+    and geometry ops and random erasing. Digits: no flips. `level='none'` turns all of it off."""
 
     rotate: float = 0.0  # degrees, ±
     scale: Tuple[float, float] = (1.0, 1.0)
     translate: float = 0.0  # fraction of the size, ±
     shear: float = 0.0  # degrees, ±
     hflip: bool = False
-    trivial_augment: bool = False
+    trivial_augment: bool = False  # per-image TrivialAugmentWide (file datasets); batches use `rand_ops` instead
     erase: float = 0.0  # probability of random erasing
+    rand_ops: int = 0  # batch RandAugment: ops per image (1 = TrivialAugment-like, 2 = RandAugment); 0 = off
+    rand_magnitude: float = 1.0  # the largest op strength, in [0, 1]; each image draws its own in [0, this]
+    ramp: float = 0.0  # > 0: the strength of rand ops, erasing and MixUp/CutMix grows linearly from 0 to full
+    #                    over this fraction of the schedule (weak augmentation while the model is still weak)
+
+    def strength(self, progress: float) -> float:
+        """How much of the configured augmentation applies at `progress` (0 = start, 1 = end of training)."""
+        return 1.0 if self.ramp <= 0 else float(min(1.0, max(0.0, progress) / self.ramp))
 
 
 def default_augment(kind: str, level: str = "default") -> AugmentConfig:
@@ -50,7 +58,7 @@ def default_augment(kind: str, level: str = "default") -> AugmentConfig:
         raise ConfigError(f"--augment must be none, light, default or strong, got {level!r}")
     if level == "none":
         return AugmentConfig()
-    if kind == "digits":
+    if kind in ("oriented", "digits"):  # no flips: the mirror image is another thing (a '2' is not a mirrored '5')
         if level == "light":
             return AugmentConfig(rotate=8, scale=(0.95, 1.05), translate=0.08)
         if level == "strong":
@@ -59,54 +67,181 @@ def default_augment(kind: str, level: str = "default") -> AugmentConfig:
     if level == "light":
         return AugmentConfig(translate=0.125, hflip=True)
     if level == "strong":
-        return AugmentConfig(translate=0.125, scale=(0.8, 1.2), hflip=True, trivial_augment=True, erase=0.25)
-    return AugmentConfig(translate=0.125, scale=(0.9, 1.1), hflip=True, trivial_augment=True)
+        return AugmentConfig(translate=0.125, scale=(0.8, 1.2), hflip=True, trivial_augment=True, erase=0.25,
+                             rand_ops=2)
+    return AugmentConfig(translate=0.125, scale=(0.9, 1.1), hflip=True, trivial_augment=True, rand_ops=1)
 
 
 class BatchTransform:
-    """uint8 batch (b, C, H, W) → normalised float (b, C, S, S), augmented when `aug` is given (train)."""
+    """uint8 batch (b, C, H, W) → normalised float (b, C, S, S), augmented when `aug` is given (train).
 
-    def __init__(self, size, mean: Sequence[float], std: Sequence[float], aug: Optional[AugmentConfig] = None):
+    `min_size` (progressive resolution): the output side grows from `min_size` to `size` over the first 3/4 of the
+    schedule (in steps of `multiple`, e.g. the patch size), then stays at `size`; `progress` in [0, 1] says where
+    in the schedule a batch is. It also scales the augmentation strength when `aug.ramp` is set."""
+
+    def __init__(self, size, mean: Sequence[float], std: Sequence[float], aug: Optional[AugmentConfig] = None,
+                 min_size: Optional[int] = None, multiple: int = 1, crop_pct: float = 1.0):
         self.size = _pair(size)
+        self.crop_pct = crop_pct  # eval: the centre crop_pct of the image, resized to `size` (timm's eval crop)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.aug = aug
+        self.min_size, self.multiple = min_size, max(1, int(multiple))
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator, lo: int = 0, B: Optional[int] = None) -> torch.Tensor:
+    def size_at(self, progress: float) -> Tuple[int, int]:
+        """The output size at `progress`: `size`, or during progressive resizing a smaller multiple of `multiple`."""
+        if not self.min_size or self.min_size >= min(self.size):
+            return self.size
+        t = min(1.0, max(0.0, progress) / PROGRESSIVE_END)
+        side = self.min_size + t * (min(self.size) - self.min_size)
+        side = max(self.multiple, int(side // self.multiple) * self.multiple)
+        scale = side / min(self.size)
+        return (int(round(self.size[0] * scale / self.multiple)) * self.multiple,
+                int(round(self.size[1] * scale / self.multiple)) * self.multiple)
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, lo: int = 0, B: Optional[int] = None,
+                 progress: float = 1.0) -> torch.Tensor:
         b = x.shape[0]
         B = b if B is None else B
         sl = slice(lo, lo + b)
         a = self.aug
-        if a is not None and a.trivial_augment:
-            seeds = torch.randint(0, 2**62, (B,), generator=gen)[sl]
-            x = _trivial_augment(x, seeds)
+        size = self.size_at(progress) if a is not None else self.size
+        strength = a.strength(progress) if a is not None else 0.0
         x = x.float().div_(255.0)
-        if a is not None and (a.rotate or a.translate or a.shear or a.hflip or a.scale != (1.0, 1.0)):
-            theta = _affine_params(B, a, gen)[sl]
-            grid = F.affine_grid(theta, [b, x.shape[1], *self.size], align_corners=False)
+        if self.crop_pct < 1.0:
+            h, w = x.shape[-2:]
+            ch, cw = max(1, round(h * self.crop_pct)), max(1, round(w * self.crop_pct))
+            x = x[..., (h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
+        geo = None
+        if a is not None and a.rand_ops > 0:
+            x, geo = _rand_augment(x, B, sl, a.rand_ops, a.rand_magnitude * strength, gen)
+        if a is not None and (a.rotate or a.translate or a.shear or a.hflip or a.scale != (1.0, 1.0) or geo is not None):
+            theta = _affine_params(B, a, gen, geo)[sl]
+            grid = F.affine_grid(theta, [b, x.shape[1], *size], align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        elif tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        elif tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         x = (x - self.mean) / self.std
         if a is not None and a.erase > 0:
-            x = _random_erase(x, B, sl, a.erase, gen)
+            x = _random_erase(x, B, sl, a.erase * strength, gen)
         return x
 
 
-def _affine_params(B: int, a: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """(B, 2, 3) inverse-affine matrices for affine_grid (output → input coordinates, in [-1, 1])."""
+PROGRESSIVE_END = 0.75  # progressive resizing reaches the full size at this point of the schedule
+
+
+# ---- batch RandAugment ------------------------------------------------------------------------------------------
+# Colour ops on float images in [0, 1], each (x (n, C, H, W), m (n,) strength in [0, 1], sign (n,) ±1) → x. The
+# geometric ops (rotate, shear, translate) join the random affine instead of resampling the image twice.
+def _blend(x, other, factor):
+    return (other + (x - other) * factor.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def _grey(x):
+    if x.shape[1] == 1:
+        return x
+    return (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+
+
+def _op_brightness(x, m, sign):
+    return _blend(x, torch.zeros_like(x), 1 + 0.9 * m * sign)
+
+
+def _op_contrast(x, m, sign):
+    return _blend(x, _grey(x).mean(dim=(1, 2, 3), keepdim=True).expand_as(x), 1 + 0.9 * m * sign)
+
+
+def _op_color(x, m, sign):
+    return _blend(x, _grey(x), 1 + 0.9 * m * sign)
+
+
+def _op_sharpness(x, m, sign):
+    k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13  # PIL's SMOOTH filter
+    c = x.shape[1]
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.view(1, 1, 3, 3).repeat(c, 1, 1, 1), groups=c)
+    return _blend(x, blurred, 1 + 0.9 * m * sign)
+
+
+def _op_posterize(x, m, sign):
+    shift = (4 * m).round().view(-1, 1, 1, 1)  # drop up to 4 of the 8 bits
+    q = torch.pow(2.0, shift)
+    return torch.floor(x * 255 / q) * q / 255
+
+
+def _op_solarize(x, m, sign):
+    thr = (1 - m).view(-1, 1, 1, 1)
+    return torch.where(x >= thr, 1 - x, x)
+
+
+def _op_autocontrast(x, m, sign):
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    scale = torch.where(hi > lo, 1 / (hi - lo).clamp(min=1e-6), torch.ones_like(hi))
+    return torch.where(hi > lo, (x - lo) * scale, x).clamp_(0, 1)
+
+
+def _op_equalize(x, m, sign):
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.equalize((x * 255).round().to(torch.uint8)).float() / 255
+
+
+COLOUR_OPS = (_op_brightness, _op_contrast, _op_color, _op_sharpness, _op_posterize, _op_solarize,
+              _op_autocontrast, _op_equalize)
+GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+_ALL_OPS = len(COLOUR_OPS) + len(GEOMETRIC_OPS) + 1  # + identity
+
+
+def _rand_augment(x: torch.Tensor, B: int, sl: slice, num_ops: int, magnitude: float, gen: torch.Generator):
+    """Each image takes `num_ops` ops drawn uniformly (with identity) and a strength uniform in [0, magnitude]
+    (TrivialAugment's random magnitude). Draws are made for the global batch B and sliced (exact under DDP).
+    Returns the colour-augmented batch and the geometric parameters for the affine (or None)."""
+    picks = torch.randint(0, _ALL_OPS, (B, num_ops), generator=gen)
+    mags = torch.rand(B, num_ops, generator=gen) * magnitude
+    signs = (torch.randint(0, 2, (B, num_ops), generator=gen) * 2 - 1).float()
+    if magnitude <= 0:
+        return x, None
+    lp, lm, ls = picks[sl], mags[sl], signs[sl]
+    for j in range(num_ops):
+        for k, op in enumerate(COLOUR_OPS):
+            idx = torch.nonzero(lp[:, j] == k).flatten()
+            if len(idx):
+                x[idx] = op(x[idx], lm[idx, j], ls[idx, j])
+    geo = torch.zeros(B, len(GEOMETRIC_OPS))  # for the whole global batch: the affine is drawn for all B too
+    for j in range(num_ops):
+        for g in range(len(GEOMETRIC_OPS)):
+            on = picks[:, j] == len(COLOUR_OPS) + g
+            geo[:, g] += torch.where(on, mags[:, j] * signs[:, j], torch.zeros(()))
+    return x, geo
+
+
+def _affine_params(B: int, a: AugmentConfig, gen: torch.Generator, geo: Optional[torch.Tensor] = None) \
+        -> torch.Tensor:
+    """(B, 2, 3) inverse-affine matrices for affine_grid (output → input coordinates, in [-1, 1]). `geo` (B, 5):
+    RandAugment's signed rotate/shear-x/shear-y/translate-x/translate-y strengths, added to the random affine;
+    strength 1 is 30°, a shear of 0.3 and a shift of 30% of the size (RandAugment's ranges)."""
     ang = torch.deg2rad(_uniform(gen, B, -a.rotate, a.rotate))
     sc = _uniform(gen, B, *a.scale)
     sh = torch.deg2rad(_uniform(gen, B, -a.shear, a.shear))
     tx = _uniform(gen, B, -a.translate, a.translate) * 2
     ty = _uniform(gen, B, -a.translate, a.translate) * 2
     flip = (torch.rand(B, generator=gen) < 0.5).float() * 2 - 1 if a.hflip else torch.ones(B)
+    shy = torch.zeros(B)
+    if geo is not None:
+        ang = ang + torch.deg2rad(30 * geo[:, 0])
+        sh = sh + torch.atan(0.3 * geo[:, 1])
+        shy = torch.atan(0.3 * geo[:, 2])
+        tx = tx + 0.6 * geo[:, 3]
+        ty = ty + 0.6 * geo[:, 4]
     cos, sin = torch.cos(ang), torch.sin(ang)
-    # A = R(ang) · Shear(sh) · S(sc) · Flip, mapped output → input so it is the inverse: divide by the scale.
+    # A = R(ang) · ShearX(sh) · S(sc) · Flip, mapped output → input so it is the inverse: divide by the scale;
+    # a vertical shear (RandAugment's shear_y) multiplies from the left: [[1, 0], [tan(shy), 1]] · A.
     m00 = cos * flip / sc
     m01 = (-sin + cos * torch.tan(sh)) / sc
     m10 = sin * flip / sc
     m11 = (cos + sin * torch.tan(sh)) / sc
+    t = torch.tan(shy)
+    m10, m11 = m10 + t * m00, m11 + t * m01
     return torch.stack([torch.stack([m00, m01, tx], 1), torch.stack([m10, m11, ty], 1)], 1)
 
 
@@ -145,14 +280,16 @@ class MixUp:
     pairing each image with the batch reversed (as timm). Returns soft targets (b, K) with label smoothing."""
 
     def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
-                 smoothing: float = 0.1):
+                 smoothing: float = 0.1, ramp: float = 0.0):
         self.k, self.ma, self.ca, self.prob, self.smoothing = num_classes, mixup_alpha, cutmix_alpha, prob, smoothing
+        self.ramp = ramp  # > 0: the probability grows from 0 to `prob` over this fraction of the schedule
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, progress: float = 1.0):
         off = self.smoothing / self.k
         t = torch.full((len(y), self.k), off).scatter_(1, y.view(-1, 1), 1 - self.smoothing + off)
         u = torch.rand(3, generator=gen)
-        if u[0] >= self.prob or (self.ma <= 0 and self.ca <= 0):
+        prob = self.prob * (1.0 if self.ramp <= 0 else min(1.0, max(0.0, progress) / self.ramp))
+        if u[0] >= prob or (self.ma <= 0 and self.ca <= 0):
             return x, t
         use_cut = self.ca > 0 and (self.ma <= 0 or u[1] < 0.5)
         alpha = self.ca if use_cut else self.ma

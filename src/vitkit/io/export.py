@@ -174,7 +174,8 @@ def export_hf(model, folder: Path, overwrite: bool = False) -> None:
         "register tokens": lambda c: c.reg_tokens == 0, "LayerScale": lambda c: not c.init_values,
         "QK-norm": lambda c: not c.qk_norm, "no class token": lambda c: c.class_token,
         "average pooling": lambda c: model.global_pool == "token", "pos-embed without class slot":
-        lambda c: not c.no_embed_class, "a pre-norm": lambda c: not c.pre_norm})
+        lambda c: not c.no_embed_class, "a pre-norm": lambda c: not c.pre_norm,
+        "a convolutional stem": lambda c: c.stem == "patch"})
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     h, w = model.patch_embed.img_size
     if h != w:
@@ -209,9 +210,13 @@ def export_timm(model, path: Path, overwrite: bool = False) -> None:
         atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         return
     c = model.config
+    if c.stem != "patch":
+        raise CheckpointError("a timm hub folder names a model timm builds from arguments, and timm builds a "
+                              "convolutional stem only through HybridEmbed(ConvStem); export the weights as a "
+                              ".safetensors or .pth file instead (the keys are timm's HybridEmbed layout)")
     keys = ("img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
             "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token", "reg_tokens", "no_embed_class",
-            "pre_norm", "fc_norm")
+            "pre_norm", "fc_norm", "patch_drop_rate")
     args = {k: v for k, v in c.to_dict().items() if k in keys}
     if distilled:
         args.pop("reg_tokens")
@@ -233,7 +238,8 @@ def export_npz(model, path: Path, big_vision: bool = False) -> None:
         "register tokens": lambda c: c.reg_tokens == 0, "LayerScale": lambda c: not c.init_values,
         "QK-norm": lambda c: not c.qk_norm, "a pre-norm": lambda c: not c.pre_norm,
         "an fc_norm after pooling": lambda c: not isinstance(model.fc_norm, torch.nn.LayerNorm),
-        "average pooling together with a class token": lambda c: not (c.class_token and model.global_pool == "avg")})
+        "average pooling together with a class token": lambda c: not (c.class_token and model.global_pool == "avg"),
+        "a convolutional stem": lambda c: c.stem == "patch"})
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     arrays = convert.to_npz(state, c.num_heads, c.depth, big_vision=big_vision or c.no_embed_class)
 

@@ -47,6 +47,17 @@ def infer_config(state: Dict[str, torch.Tensor], *, model: Optional[str] = None,
         raise CheckpointError(f"{source}: patch_embed.proj.weight has shape {tuple(w.shape)}; expected a conv "
                               "kernel (D, C, p, p)")
     embed_dim, in_chans, ph, pw = (int(s) for s in w.shape)
+    stem, stem_channels = "patch", ()
+    convs = sorted({int(m.group(1)) for k in state if (m := re.match(r"patch_embed\.backbone\.(\d+)\.conv\.weight$", k))})
+    if convs:  # timm's HybridEmbed(ConvStem) with stride-2 3x3 convs: the patch is 2**(number of convs)
+        if any(tuple(state[f"patch_embed.backbone.{i}.conv.weight"].shape[-2:]) != (3, 3) for i in convs) or \
+                convs != list(range(len(convs))) or (ph, pw) != (1, 1):
+            raise CheckpointError(f"{source}: its convolutional backbone is not a stem of 3x3 convs with a 1x1 "
+                                  "projection; vitkit reads only that kind of hybrid ViT")
+        stem, stem_channels = "conv", tuple(int(state[f"patch_embed.backbone.{i}.conv.weight"].shape[0])
+                                           for i in convs)
+        in_chans = int(state["patch_embed.backbone.0.conv.weight"].shape[1])
+        ph = pw = 2 ** len(convs)
     if ph != pw:
         raise CheckpointError(f"{source}: non-square patches {ph}x{pw} are not supported")
     depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
@@ -98,7 +109,7 @@ def infer_config(state: Dict[str, torch.Tensor], *, model: Optional[str] = None,
         init_values=1e-5 if "blocks.0.ls1.gamma" in state else None,  # the value is overwritten by the weights
         class_token=class_token, reg_tokens=reg_tokens, no_embed_class=bool(no_embed_class),
         pre_norm="norm_pre.weight" in state, fc_norm=fc_norm if fc_norm != (global_pool == "avg") else None,
-        norm_eps=float(hints.get("norm_eps", 1e-6)),
+        norm_eps=float(hints.get("norm_eps", 1e-6)), stem=stem, stem_channels=stem_channels,
     )
 
     # num_heads: the argument, then QK-norm's head_dim, then the format's record, then a registered config.

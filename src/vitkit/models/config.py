@@ -47,7 +47,7 @@ class ViTConfig:
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing with depth up to this rate
     patch_drop_rate: float = 0.0  # PatchDropout: share of patch tokens dropped at random while training
     stem: str = "patch"  # 'patch' (one conv, kernel = stride = patch) or 'conv' (stacked stride-2 3x3 convs)
-    stem_channels: Tuple[int, ...] = ()  # conv stem widths, one per stride-2 conv; () → timm's tiers
+    stem_channels: Tuple[int, ...] = ()  # conv stem widths: extra leading ones are stride-1 convs; () → timm's
     weight_init: str = "xavier"
     name: str = ""  # the registry name this config came from, if any
 
@@ -175,9 +175,12 @@ def count_flops(cfg: ViTConfig, img_size: Optional[IntOrPair] = None) -> Dict[st
     if cfg.stem == "conv":  # each 3x3 conv at its output resolution, then the 1x1 projection
         from .vit import conv_stem_channels
 
+        from .vit import conv_stem_strides
+
         patch, c_in, hh, ww = 0, cfg.in_chans, h, w
-        for c in conv_stem_channels(cfg.patch_size, d, cfg.stem_channels):
-            hh, ww = -(-hh // 2), -(-ww // 2)
+        chans = conv_stem_channels(cfg.patch_size, d, cfg.stem_channels)
+        for c, st in zip(chans, conv_stem_strides(cfg.patch_size, chans)):
+            hh, ww = -(-hh // st), -(-ww // st)
             patch += hh * ww * c_in * 9 * c
             c_in = c
         patch += n_patches * c_in * d

@@ -18,6 +18,9 @@ from .config import ViTConfig
 from .layers import feature_take_indices, resample_abs_pos_embed, resample_patch_embed, to_2tuple
 
 
+EXPLICIT_TRAIN_TOKENS = 256  # CPU training uses the explicit softmax(QK^T/sqrt(d))V up to this many tokens
+
+
 class PatchEmbed(nn.Module):
     """Image (B, C, H, W) → patch tokens (B, H/p, W/p, D) by a conv whose kernel and stride are the patch size."""
 
@@ -29,7 +32,8 @@ class PatchEmbed(nn.Module):
         self.in_chans = in_chans
         self.dynamic_img_pad = dynamic_img_pad
         if stem == "conv":  # timm's HybridEmbed(ConvStem): convolutions down to the grid, then a 1x1 projection
-            self.backbone = ConvStem(in_chans, conv_stem_channels(self.patch_size[0], embed_dim, stem_channels))
+            chans = conv_stem_channels(self.patch_size[0], embed_dim, stem_channels)
+            self.backbone = ConvStem(in_chans, chans, conv_stem_strides(self.patch_size[0], chans))
             self.proj = nn.Conv2d(self.backbone.out_channels, embed_dim, kernel_size=1, bias=bias)
         elif stem == "patch":
             self.backbone = None
@@ -78,6 +82,11 @@ class PatchEmbed(nn.Module):
             ph, pw = self.patch_size
             x = F.pad(x, (0, (pw - x.shape[3] % pw) % pw, 0, (ph - x.shape[2] % ph) % ph))
         if self.backbone is not None:
+            if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+                # oneDNN's bf16 convolution backward runs ~9x slower than fp32 on CPUs (measured); the stem's few
+                # FLOPs run in fp32, the transformer blocks stay in the autocast dtype
+                with torch.autocast("cpu", enabled=False):
+                    return self.proj(self.backbone(x.float())).permute(0, 2, 3, 1)
             x = self.backbone(x)
         return self.proj(x).permute(0, 2, 3, 1)  # (B, H', W', D)
 
@@ -101,18 +110,25 @@ class PatchEmbed(nn.Module):
 
 
 def conv_stem_channels(patch_size: int, embed_dim: int, channels: Sequence[int] = ()) -> Tuple[int, ...]:
-    """The widths of a convolutional stem for `patch_size` (a power of two): one stride-2 conv per halving;
-    by default timm's tiers (embed_dim / 2**k, ..., embed_dim / 2, embed_dim)."""
+    """The widths of a convolutional stem for `patch_size` (a power of two): one stride-2 conv per halving, and
+    optionally stride-1 convs before them (more widths than halvings); by default timm's tiers
+    (embed_dim / 2**k, ..., embed_dim / 2, embed_dim)."""
     n = int(round(math.log2(patch_size))) if patch_size > 1 else 0
     if patch_size < 2 or 2**n != patch_size:
         raise ValueError(f"a convolutional stem needs a patch size that is a power of two (2, 4, 8, 16), got "
                          f"{patch_size}; use stem='patch' for other sizes")
     if channels:
-        if len(channels) != n:
-            raise ValueError(f"stem_channels {tuple(channels)} must give one width per stride-2 conv: {n} for patch "
-                             f"{patch_size}")
+        if len(channels) < n:
+            raise ValueError(f"stem_channels {tuple(channels)} must give at least one width per stride-2 conv: "
+                             f"{n} for patch {patch_size}")
         return tuple(int(c) for c in channels)
     return tuple(max(8, embed_dim // 2**i) for i in range(n))[::-1]
+
+
+def conv_stem_strides(patch_size: int, channels: Sequence[int]) -> Tuple[int, ...]:
+    """Strides of the stem's convs: 1 for the extra leading ones (full resolution), then 2 for each halving."""
+    n = int(round(math.log2(patch_size)))
+    return (1,) * (len(channels) - n) + (2,) * n
 
 
 class ConvNormAct(nn.Module):
@@ -132,10 +148,11 @@ class ConvStem(nn.Sequential):
     """Stacked stride-2 3x3 convolutions in place of the patchify convolution (Xiao et al. 2021, "Early
     convolutions help transformers see better"): BN+ReLU after each but the last, as timm's `ConvStem`."""
 
-    def __init__(self, in_chans: int, channels: Sequence[int]):
+    def __init__(self, in_chans: int, channels: Sequence[int], strides: Optional[Sequence[int]] = None):
         super().__init__()
-        for i, c in enumerate(channels):
-            self.add_module(str(i), ConvNormAct(in_chans if i == 0 else channels[i - 1], c, 2, i < len(channels) - 1))
+        strides = strides or (2,) * len(channels)
+        for i, (c, st) in enumerate(zip(channels, strides)):
+            self.add_module(str(i), ConvNormAct(in_chans if i == 0 else channels[i - 1], c, st, i < len(channels) - 1))
         self.out_channels = channels[-1]
 
 
@@ -189,11 +206,14 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         attn = None
-        if return_attention:
+        if return_attention or (N <= EXPLICIT_TRAIN_TOKENS and x.device.type == "cpu" and torch.is_grad_enabled()):
+            # The explicit path: asked for the weights, or training on a CPU with a short sequence, where it runs
+            # 1.1-4x faster than the fused kernels' backward (fp32 and bf16, measured) and its N x N matrix is small.
             logits = (q * self.scale) @ k.transpose(-2, -1)
             if attn_bias is not None:
                 logits = logits + attn_bias
-            attn = logits.softmax(dim=-1)
+            # softmax accumulated in fp32 at least (bf16/fp16 logits), in the input's precision above that
+            attn = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(q.dtype)
             x = self.attn_drop(attn) @ v
         else:
             x = F.scaled_dot_product_attention(

@@ -6,9 +6,12 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -16,41 +19,24 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..data import IMG_EXTENSIONS, DataOptions, MixUp, build_datasets, eval_transform, make_loader, read_image
+from ..data import (IMG_EXTENSIONS, BatchTransform, DataOptions, InMemoryDataset, MixUp, build_datasets,
+                    eval_transform, make_loader, read_image)
 from ..errors import CheckpointError, ConfigError, DataError
-from ..models import create_model, get_config
+from ..models import ViTConfig, create_model, get_config
 from ..train import Trainer, TrainConfig, resolve_device, resume_configs
+from .plan import DEFAULT_BUDGET, Plan, plan_recipe
+from .recipe import MODEL_FIELDS, Recipe, resolve
 
 log = logging.getLogger(__name__)
 
-# The recipe per dataset: model, schedule and regularisation that fit the data and a CPU. Flags override them.
-# mnist5k is the demo: sized and scheduled so that `make demo` trains in under 5 minutes on 2 CPU cores.
-RECIPES: Dict[str, dict] = {
-    # mnist5k's 1,000 held-out digits are its test set, so they must not pick the checkpoint: best = last.
-    "mnist5k": dict(model="vit_micro_patch7_28", time_budget=270.0, batch_size=64, lr=3e-3, weight_decay=0.05,
-                    warmup=0.05, label_smoothing=0.1, augment="default", ema_decay=0.995, best_metric=""),
-    "digits": dict(model="vit_mini_patch7_28", epochs=60, batch_size=128, lr=2e-3, label_smoothing=0.1,
-                   augment="light", model_args={"img_size": 8, "patch_size": 2, "global_pool": "avg"}),
-    "mnist": dict(model="vit_mini_patch7_28", epochs=10, batch_size=256, lr=2e-3, label_smoothing=0.1,
-                  augment="default", model_args={"global_pool": "avg"}),
-    "fashion_mnist": dict(model="vit_mini_patch7_28", epochs=20, batch_size=256, lr=2e-3, label_smoothing=0.1,
-                          augment="default", model_args={"global_pool": "avg"}),
-    "cifar10": dict(model="vit_mini_patch4_32", epochs=100, batch_size=256, lr=1e-3, label_smoothing=0.1,
-                    augment="default", mixup=0.8, cutmix=1.0, model_args={"global_pool": "avg",
-                                                                             "drop_path_rate": 0.1}),
-    "cifar100": dict(model="vit_mini_patch4_32", epochs=100, batch_size=256, lr=1e-3, label_smoothing=0.1,
-                     augment="default", mixup=0.8, cutmix=1.0, model_args={"global_pool": "avg",
-                                                                              "drop_path_rate": 0.1}),
-    "folder": dict(model="vit_tiny_patch16_224", epochs=30, batch_size=64, lr=5e-4, label_smoothing=0.1,
-                   augment="default"),
-}
 
 
 @dataclass
 class ClassifierConfig(DataOptions):
-    """The task half of a classifier run (the engine half is `TrainConfig`); the data fields are `DataOptions`'."""
+    """The task half of a classifier run (the engine half is `TrainConfig`; the choices that shape the result are
+    a `Recipe`); the data fields are `DataOptions`'."""
 
-    model: Optional[str] = None  # registered name; None → the dataset's recipe
+    model: Optional[str] = None  # registered name; None → the planner's (or the pretrained) architecture
     model_args: Dict = field(default_factory=dict)  # ViTConfig overrides, e.g. {"drop_path_rate": 0.1}
     init: Optional[str] = None  # pretrained weights (vitkit checkpoint, or what vitkit.io.load_pretrained reads)
     init_format: Optional[str] = None
@@ -58,28 +44,70 @@ class ClassifierConfig(DataOptions):
     mixup: float = 0.0  # MixUp alpha (0 = off)
     cutmix: float = 0.0  # CutMix alpha (0 = off)
     eval_batch_size: int = 500
+    hflip: Optional[bool] = None  # horizontal flips in augmentation (None: only for mirror-symmetric data)
+    aug_ramp: bool = False  # augmentation strength grows over the schedule
+    progressive: float = 1.0  # progressive resizing: start at this fraction of the resolution
+    tta_flip: bool = False  # evaluate on the image and its mirror image, averaged
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def recipe_for(data: str) -> dict:
-    return dict(RECIPES.get("folder" if data.startswith("folder:") else data, RECIPES["folder"]))
+# Recipe fields that live in ClassifierConfig and TrainConfig (the rest are model fields)
+_TASK_FIELDS = ("label_smoothing", "mixup", "cutmix", "augment", "hflip", "aug_ramp", "progressive", "tta_flip")
+_TRAIN_FIELDS = ("epochs", "time_budget", "batch_size", "lr", "min_lr", "weight_decay", "warmup", "clip_grad",
+                 "ema_decay", "layer_decay", "precision", "compile")
 
 
-def load_init(task: ClassifierConfig):
+def user_recipe(task: ClassifierConfig, train_cfg: TrainConfig, recipe: Optional[Recipe] = None) -> Recipe:
+    """The choices a caller made: `recipe`'s set fields, plus every task/engine field given a value other than its
+    dataclass default (so `TrainConfig(lr=3e-4)` counts as a choice; to fix a value equal to a default, put it in
+    `recipe`), plus the model name and `model_args`."""
+    chosen: Dict[str, object] = {}
+    for obj, names in ((task, _TASK_FIELDS), (train_cfg, _TRAIN_FIELDS)):
+        defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+        for n in names:
+            v = getattr(obj, n)
+            if v is not None and v != defaults.get(n):
+                chosen[n] = v
+    if task.model:
+        chosen["model"] = task.model
+    for k, v in task.model_args.items():
+        if k in Recipe.__dataclass_fields__ and k not in ("model",):
+            chosen[k] = v
+    chosen.update((recipe or Recipe()).set_fields())
+    return Recipe(**chosen)
+
+
+def load_init(task: ClassifierConfig, recipe: Optional[Recipe] = None):
     """The pretrained model of `task.init`, any format `load_pretrained` reads, resampled to a requested
     `img_size`/`patch_size` (the head is replaced later, once the data has told the class count)."""
     from ..io import load_pretrained
 
-    args = task.model_args
+    args = {**task.model_args, **{k: v for k, v in (recipe.set_fields() if recipe else {}).items()
+                                  if k in ("num_heads", "img_size", "patch_size")}}
     return load_pretrained(task.init, fmt=task.init_format, model=task.model, num_heads=args.get("num_heads"),
                            img_size=args.get("img_size"), patch_size=args.get("patch_size"))
 
 
-def build_classifier(task: ClassifierConfig, num_classes: int, pretrained=None):
+def model_config(recipe: Recipe, model_args: Optional[dict] = None,
+                 sources: Optional[Dict[str, str]] = None) -> ViTConfig:
+    """The ViT a resolved recipe describes: the named model (or vitkit's defaults) with the recipe's model fields
+    that a flag or the plan chose (`sources`; all set fields when None), then `model_args` on top (options the
+    recipe does not carry, e.g. qk_norm)."""
+    base = get_config(recipe.model) if recipe.model else ViTConfig()
+    over = {k: getattr(recipe, k) for k in MODEL_FIELDS if getattr(recipe, k) is not None
+            and (sources is None or sources.get(k) != "default" or not recipe.model)}
+    over.update(model_args or {})
+    if over.get("global_pool", base.global_pool) == "token":
+        over["class_token"] = True
+    return base.replace(**over)
+
+
+def build_classifier(task: ClassifierConfig, num_classes: int, pretrained=None, recipe: Optional[Recipe] = None,
+                     sources: Optional[Dict[str, str]] = None):
     """The model a run trains: pretrained weights (`init`, loaded by `load_init`) with a new head for the data,
-    or a fresh registered config."""
+    or a fresh model from the recipe (a registered config, or the planner's architecture)."""
     args = dict(task.model_args)
     if task.init:
         from ..io import adapt_model
@@ -87,12 +115,22 @@ def build_classifier(task: ClassifierConfig, num_classes: int, pretrained=None):
         model = pretrained if pretrained is not None else load_init(task)
         for k in ("img_size", "patch_size", "num_heads"):
             args.pop(k, None)
-        model = adapt_model(model, num_classes=num_classes, global_pool=args.pop("global_pool", None))
+        gp = args.pop("global_pool", None)
+        dpr = recipe.drop_path_rate if recipe is not None else None
+        model = adapt_model(model, img_size=recipe.img_size if recipe is not None else None, num_classes=num_classes,
+                            global_pool=gp)
+        if dpr:  # stochastic depth for fine-tuning, on the pretrained blocks
+            from ..models.vit import DropPath
+
+            rates = torch.linspace(0, dpr, len(model.blocks)).tolist()
+            for blk, r in zip(model.blocks, rates):
+                blk.drop_path1 = blk.drop_path2 = DropPath(r) if r > 0 else torch.nn.Identity()
+            model.config = model.config.replace(drop_path_rate=dpr)
         if args:
             log.warning("ignoring model options %s with --init (the pretrained architecture is kept)", sorted(args))
         return model.train()
-    cfg = get_config(task.model or "vit_mini_patch7_28")
-    return create_model(config=cfg, num_classes=num_classes, **args)
+    cfg = model_config(recipe or Recipe(model=task.model or "vit_mini_patch7_28"), args, sources)
+    return create_model(config=cfg.replace(num_classes=num_classes))
 
 
 def classification_loss(label_smoothing: float = 0.0) -> Callable:
@@ -113,9 +151,11 @@ def classification_loss(label_smoothing: float = 0.0) -> Callable:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, *, batch_size: int = 500, device=None, full: bool = False) -> dict:
+def evaluate(model, dataset, *, batch_size: int = 500, device=None, full: bool = False,
+             tta_flip: bool = False) -> dict:
     """val_loss, top1, top5 (in %) of `model` on `dataset`; with `full`, also per-class accuracy and the confusion
-    matrix (rows = true class, columns = predicted)."""
+    matrix (rows = true class, columns = predicted). `tta_flip`: scores from the average of the class
+    probabilities of each image and its mirror image."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -124,7 +164,7 @@ def evaluate(model, dataset, *, batch_size: int = 500, device=None, full: bool =
     loss_sum, n, top5 = 0.0, 0, 0
     for x, y in make_loader(dataset, batch_size, train=False):
         x, y = x.to(device), y.to(device)
-        logits = model(x).float()
+        logits = classify_logits(model, x, tta_flip)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         pred = logits.argmax(-1)
         top5 += (logits.topk(min(5, k), -1).indices == y[:, None]).any(-1).sum().item()
@@ -139,75 +179,296 @@ def evaluate(model, dataset, *, batch_size: int = 500, device=None, full: bool =
     return out
 
 
-def _pretrained_cfg(info, model) -> dict:
+def classify_logits(model, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
+    """Logits (B, K) in fp32; with `tta_flip`, log of the mean class probabilities of x and its mirror image."""
+    logits = model(x).float()
+    if tta_flip:
+        probs = (logits.softmax(-1) + model(x.flip(-1)).float().softmax(-1)) / 2
+        logits = probs.clamp(min=1e-12).log()
+    return logits
+
+
+def _pretrained_cfg(info, model, tta_flip: bool = False) -> dict:
     c = model.config
     size = c.img_size if isinstance(c.img_size, (tuple, list)) else (c.img_size, c.img_size)
     return {"class_names": list(info.class_names), "mean": list(info.mean), "std": list(info.std),
-            "input_size": [c.in_chans, int(size[0]), int(size[1])], "interpolation": "bilinear", "crop_pct": 1.0,
-            "dataset": info.spec}
+            "input_size": [c.in_chans, int(size[0]), int(size[1])], "interpolation": "bicubic", "crop_pct": 1.0,
+            "dataset": info.spec, "tta_flip": bool(tta_flip)}
 
 
-def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, on_epoch_end: Optional[Callable] = None) \
-        -> dict:
-    """Train a ViT classifier on `task.data` with the engine; writes the run folder and returns the summary."""
+def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, recipe: Optional[Recipe] = None,
+                     on_epoch_end: Optional[Callable] = None, started: Optional[float] = None) -> dict:
+    """Train a ViT classifier on `task.data` with the engine; writes the run folder and returns the summary.
+
+    The recipe is resolved field by field: the caller's choice (`recipe`, or a task/engine field set to a
+    non-default value), else the planner's (`vitkit.tasks.plan`, from the data's profile and steps measured on
+    this machine), else the default. A time budget covers everything from `started` (default: now): scanning,
+    planning, training and the final report."""
+    clock = Trainer.clock
+    started = clock() if started is None else started
     torch.manual_seed(train_cfg.seed)  # the same initial weights in every process and every repeat
     if train_cfg.resume:
         task, train_cfg = resume_configs(train_cfg, "classify", "classifier", ClassifierConfig, "a classifier run")
-    # the data decides the class count; the model decides image size, channels (and, pretrained, normalisation)
-    pretrained = load_init(task) if task.init else None
-    norm = {}
-    if pretrained is not None:
-        c, pcfg = pretrained.config, getattr(pretrained, "pretrained_cfg", None) or {}
-        probe = (c.in_chans, c.img_size if isinstance(c.img_size, int) else c.img_size[0])
-        if pcfg.get("mean") and pcfg.get("std"):
-            norm = {"mean": tuple(pcfg["mean"]), "std": tuple(pcfg["std"])}
+        saved = json.loads((Path(train_cfg.resume) / "config.json").read_text()).get("recipe", {})
+        recipe, planned = Recipe.from_dict(saved.get("values", {})) if saved else user_recipe(task, train_cfg), None
     else:
-        probe = _model_input(task)
-    train, val, info = task.datasets(train_cfg.seed, img_size=probe[1], in_chans=probe[0], **norm)
+        planned = None
+    user = user_recipe(task, train_cfg, recipe)
+    phases: Dict[str, float] = {}  # where the time before the first step went (reported with the plan)
+    t = clock()
+    src = task.open(train_cfg.seed)
+    profile = src.profile()
+    phases["scan"], t = clock() - t, clock()
+    pretrained = load_init(task, user) if task.init else None
+    dev = resolve_device(train_cfg.device)
+    budget = user.time_budget if user.time_budget is not None else \
+        (None if user.epochs is not None else (train_cfg.time_budget or DEFAULT_BUDGET))
+    if not train_cfg.resume:
+        planned = _plan(task, user, profile, src, budget, clock() - started, dev, pretrained)
+    phases["plan"], t = clock() - t, clock()
+    final, sources = resolve(user, planned.recipe if planned is not None else None)
+    if budget is not None and final.time_budget is None:
+        final, sources["time_budget"] = final.replace(time_budget=budget), "default"
+    task, train_cfg = _apply(final, task, train_cfg)
+    # the data, shaped for the model; the model
+    cfg = pretrained.config if pretrained is not None else model_config(final, task.model_args, sources)
+    if pretrained is not None and final.img_size:
+        cfg = cfg.replace(img_size=final.img_size)
+    norm = {}
+    pcfg = getattr(pretrained, "pretrained_cfg", None) or {}
+    if pcfg.get("mean") and pcfg.get("std"):
+        norm = {"mean": tuple(pcfg["mean"]), "std": tuple(pcfg["std"])}
+    size = cfg.img_size if isinstance(cfg.img_size, int) else min(cfg.img_size)
+    prog = final.progressive if final.progressive and final.progressive < 1 else None
+    hflip = profile.mirror_symmetric if task.hflip is None else task.hflip
+    aug = _augment_config(task.augment, src.info.kind or ("natural" if hflip else "oriented"), hflip, final)
+    train, val, info = build_datasets(src, img_size=cfg.img_size, in_chans=cfg.in_chans, aug=aug,
+                                      augment=task.augment, seed=train_cfg.seed, max_train=task.max_train,
+                                      max_val=task.max_val, min_size=int(round(prog * size)) if prog else None,
+                                      multiple=cfg.patch_size, strict=task.strict, progress=not train_cfg.quiet,
+                                      **norm)
+    phases["decode"], t = clock() - t, clock()
+    if final.precision == "bf16" and sources.get("precision") == "plan" and not train_cfg.resume:
+        final, sources, train_cfg = _check_precision(final, sources, train_cfg, cfg, train, planned, info)
+        phases["precision check"] = clock() - t
     torch.manual_seed(train_cfg.seed)
-    model = build_classifier(task, info.num_classes, pretrained)
+    model = build_classifier(task, info.num_classes, pretrained, final, sources)
     if model.config.in_chans != info.in_chans:
         raise ConfigError(f"the model takes {model.config.in_chans} channels but the data was built with "
                           f"{info.in_chans}")
-    model.pretrained_cfg = _pretrained_cfg(info, model)
-    mixup = MixUp(info.num_classes, task.mixup, task.cutmix, smoothing=task.label_smoothing) \
-        if (task.mixup or task.cutmix) else None
+    model.pretrained_cfg = _pretrained_cfg(info, model, task.tta_flip)
+    mixup = MixUp(info.num_classes, task.mixup, task.cutmix, smoothing=task.label_smoothing,
+                  ramp=0.5 if task.aug_ramp else 0.0) if (task.mixup or task.cutmix) else None
+    if src.held_out_is_test and train_cfg.best_metric == "top1":
+        train_cfg = dataclasses.replace(train_cfg, best_metric="")  # a test split reports; it never chooses
+    if not isinstance(train, InMemoryDataset) and train_cfg.workers == 0:  # streamed from disk: decode in workers
+        train_cfg = dataclasses.replace(train_cfg, workers=max(1, min(4, (os.cpu_count() or 2) - 1)))
     resolved = {"task": "classify", "classifier": task.to_dict(), "model": model.config.to_dict(),
-                "data": info.to_dict()}
+                "data": {**info.to_dict(), "held_out_is_test": src.held_out_is_test},
+                "recipe": {"values": final.to_dict(), "sources": sources,
+                           "reasons": planned.reasons if planned is not None else {},
+                           "measurements": planned.measurements if planned is not None else {}},
+                "profile": profile.to_dict()}
+    last_eval: Dict[str, dict] = {}
 
     def eval_fn(m):
-        return evaluate(m, val, batch_size=task.eval_batch_size)
+        ev = evaluate(m, val, batch_size=task.eval_batch_size, full=True, tta_flip=task.tta_flip)
+        last_eval["ev"] = ev
+        return {k: ev[k] for k in ("val_loss", "top1", "top5")}
 
     def end_fn(trainer, summary):
-        return _final_report(trainer, val, info, task)
+        return _final_report(trainer, val, info, task, last_eval.get("ev"))
 
-    say = log.info if os.environ.get("RANK", "0") == "0" else log.debug  # once, not once per process
-    say("data %s: %d train / %d val images, %d classes%s; model %s (%.2fM params)", info.spec, len(train),
-             len(val), info.num_classes, f", {len(info.skipped)} unreadable skipped" if info.skipped else "",
-             model.config.name or "custom", sum(p.numel() for p in model.parameters()) / 1e6)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank and not train_cfg.resume:
+        _print_plan(info, profile, final, sources, planned, model, budget, clock() - started, src, phases)
+    step_cost = None
+    if prog and isinstance(train.transform, BatchTransform):
+        tf = train.transform
+        step_cost = lambda p: 0.2 + 0.8 * (min(tf.size_at(p)) / size) ** 2  # noqa: E731 - tokens grow with area
     trainer = Trainer(model, train, train_cfg, classification_loss(task.label_smoothing), eval_fn,
                       resolved=resolved, end_fn=end_fn, on_epoch_end=on_epoch_end,
-                      loader_kwargs={"mixup": mixup} if mixup else None)
+                      loader_kwargs={"mixup": mixup} if mixup else None, time_spent=clock() - started,
+                      reserve=_report_seconds(planned, final, len(val)), step_cost=step_cost)
     return trainer.fit()
 
 
-def _model_input(task: ClassifierConfig):
-    """(channels, img_size) a fresh model will take, before it is built (so the data can be shaped for it)."""
-    cfg = get_config(task.model or "vit_mini_patch7_28")
-    return task.model_args.get("in_chans", cfg.in_chans), task.model_args.get("img_size", cfg.img_size)
+def _report_seconds(planned: Optional[Plan], final: Recipe, n_val: int) -> float:
+    """Seconds the final report needs after training: plots and files, plus an fp32 evaluation of the best
+    checkpoint when training evaluated in another precision (a forward is ~1/3 of a training step)."""
+    secs = 3.0
+    times = (planned.measurements.get("precision_seconds") or {}) if planned is not None else {}
+    if final.precision != "fp32" and times:
+        per_img = times.get("fp32", 2.5 * min(times.values())) / max(1, final.batch_size or 128)
+        secs += n_val * per_img / 3
+    return secs
 
 
-def _final_report(trainer, val, info, task: ClassifierConfig) -> dict:
-    """After training: evaluate the best checkpoint in full; learning curves and confusion matrix as PNG."""
+def _plan(task, user: Recipe, profile, src, budget, spent, device, pretrained) -> Plan:
+    """Run the planner with a timer that measures a real training step of each candidate on this machine."""
+    from ..train.probe import step_seconds
+
+    batch = user.batch_size or None
+    precisions = ("fp32", "bf16") if _bf16_useful(device) else ("fp32",)
+    if user.precision:
+        precisions = (user.precision,)
+    cache: Dict[tuple, float] = {}
+
+    def timer(fields: dict, precision: str) -> float:
+        key = (json.dumps(fields, sort_keys=True), precision)
+        if key not in cache:
+            if pretrained is not None:
+                net = copy.deepcopy(pretrained)
+                net.set_input_size(img_size=fields["img_size"])
+                net.reset_classifier(profile.num_classes)
+            else:
+                net = create_model(config=ViTConfig.from_dict({**ViTConfig().to_dict(), **fields,
+                                                               "num_classes": profile.num_classes}))
+            b = plan_batch or 128
+            side = fields.get("img_size") or net.config.img_size
+            cache[key] = step_seconds(net, (b, net.config.in_chans, side, side), profile.num_classes,
+                                      precision=precision, steps=3, warmup=2, device=device)
+        return cache[key]
+
+    def compile_timer(fields: dict, precision: str):
+        net = create_model(config=ViTConfig.from_dict({**ViTConfig().to_dict(), **fields,
+                                                       "num_classes": profile.num_classes}))
+        side = fields.get("img_size") or net.config.img_size
+        t = time.perf_counter()
+        sec = step_seconds(net, (plan_batch, net.config.in_chans, side, side), profile.num_classes,
+                           precision=precision, steps=3, warmup=2, device=device, compile=True)
+        return sec, time.perf_counter() - t - 5 * sec
+
+    from .plan import _batch_for
+
+    plan_batch = batch or _batch_for(profile.num_train)
+    init = pretrained.config.to_dict() if pretrained is not None else None
+    fixed = None
+    if user.model is not None and pretrained is None:
+        fixed = model_config(user, task.model_args).to_dict()
+        fixed.pop("num_classes", None)
+    return plan_recipe(profile, user, budget=budget, spent=spent, timer=timer, precisions=precisions, init=init,
+                       held_out_is_test=src.held_out_is_test, fixed_fields=fixed,
+                       compile_timer=compile_timer if pretrained is None else None)
+
+
+def _bf16_useful(device) -> bool:
+    """bf16 autocast is a candidate where the hardware does bf16 matmuls natively (the planner still measures)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _check_precision(final, sources, train_cfg, cfg, train, planned, info):
+    """bf16 was measured faster; keep it only if a paired run shows it trains as well as fp32 on held-out images."""
+    from ..train.probe import precision_agrees
+
+    g = torch.Generator().manual_seed(0)
+    n = len(train)
+    b = min(final.batch_size or 128, max(8, n // 4))
+    times = planned.measurements.get("precision_seconds") or {}
+    pair = sum(times.values()) or 1.0  # one fp32 and one bf16 step
+    steps = 20 if final.time_budget is None else int(min(20, 0.03 * final.time_budget / pair))
+    if steps < 6:  # the budget cannot pay for a check that means anything: not assumed, so fp32
+        planned.reasons["precision"] = (f"fp32: bf16 measured faster, but checking that it trains as well would take "
+                                        f"over 3% of the budget ({pair:.2f} s per pair of steps)")
+        return final.replace(precision="fp32"), sources, dataclasses.replace(train_cfg, precision="fp32")
+    order = torch.randperm(n, generator=g)
+    held = order[: min(512, n // 4)]
+    rest = order[len(held):]
+    batches = []
+    for i in range(steps):
+        idx = rest[torch.arange(i * b, (i + 1) * b) % len(rest)]
+        x = train.transform(train.images[idx], torch.Generator().manual_seed(i), progress=1.0) \
+            if isinstance(train, InMemoryDataset) else torch.stack([train[j][0] for j in idx.tolist()])
+        y = train.labels[idx] if isinstance(train, InMemoryDataset) else torch.tensor([train[j][1] for j in idx.tolist()])
+        batches.append((x, y))
+    ev = BatchTransform(train.transform.size, train.transform.mean.flatten().tolist(),
+                        train.transform.std.flatten().tolist()) if isinstance(train, InMemoryDataset) else None
+    held_batches = []
+    for i in range(0, len(held), 256):
+        idx = held[i:i + 256]
+        x = ev(train.images[idx], None) if ev is not None else torch.stack([train[j][0] for j in idx.tolist()])
+        held_batches.append((x, train.labels[idx] if ev is not None else torch.tensor([train[j][1] for j in idx.tolist()])))
+    ok, stats = precision_agrees(lambda: create_model(config=cfg.replace(num_classes=info.num_classes)), batches,
+                                 held_batches, "bf16", lr=final.lr or 1e-3)
+    planned.measurements["bf16_check"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}
+    if ok:
+        planned.reasons["precision"] = (f"bf16 autocast: faster here, and after {stats['steps']} paired steps from "
+                                        f"the same start its held-out loss is {stats['loss_bf16']:.3f} vs fp32's "
+                                        f"{stats['loss_fp32']:.3f} (from {stats['loss_before']:.3f})")
+        return final, sources, train_cfg
+    planned.reasons["precision"] = (f"fp32: bf16 was faster, but after {stats['steps']} paired steps its held-out loss "
+                                    f"is {stats['loss_bf16']:.3f} vs fp32's {stats['loss_fp32']:.3f} (from "
+                                    f"{stats['loss_before']:.3f}): not within {100 * stats['tolerance']:.0f}% of "
+                                    "fp32's progress, or too little progress to tell")
+    final = final.replace(precision="fp32")
+    return final, sources, dataclasses.replace(train_cfg, precision="fp32")
+
+
+def _augment_config(level: str, kind: str, hflip: bool, final: Recipe):
+    """The batch augmentation of a resolved recipe: the level's affine and RandAugment settings, flips as decided,
+    ramped in over the first half of the schedule when `aug_ramp`."""
+    from ..data import default_augment
+
+    if level == "none":
+        return None
+    aug = default_augment(kind, level)
+    return dataclasses.replace(aug, hflip=bool(hflip), ramp=0.5 if final.aug_ramp else 0.0)
+
+
+def _apply(final: Recipe, task: ClassifierConfig, train_cfg: TrainConfig):
+    """Write a resolved recipe's values into the task and engine configs."""
+    t = {k: getattr(final, k) for k in _TASK_FIELDS if getattr(final, k) is not None}
+    e = {k: getattr(final, k) for k in _TRAIN_FIELDS if getattr(final, k) is not None or k in ("epochs",)}
+    if e.get("time_budget") is not None and final.epochs is None:
+        e["epochs"] = None
+    return dataclasses.replace(task, **t), dataclasses.replace(train_cfg, **e)
+
+
+def _print_plan(info, profile, final: Recipe, sources, planned, model, budget, spent, src, phases=None) -> None:
+    """The plan and its reasons, a few lines before the first step (stderr through logging)."""
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    head = (f"plan for {info.spec}: {info.num_train:,} train / {info.num_val:,} held-out images"
+            f"{' (a test split: reported, never used to choose)' if src.held_out_is_test else ''}, "
+            f"{info.num_classes} classes, native {profile.native_size[0]}x{profile.native_size[1]} "
+            f"{'grey' if profile.grey else 'colour'}; "
+            + (f"budget {budget / 60:.1f} min for the whole command ({spent:.0f} s used so far)"
+               + (" — the default: pass --time-budget or --epochs" if sources.get("time_budget") == "default" else "")
+               if budget else f"{final.epochs} epochs"))
+    lines = [head, f"  model: {c.name or 'custom'} — {c.img_size} px, patch {c.patch_size} ({c.stem} stem), width "
+                   f"{c.embed_dim}, depth {c.depth}, {c.num_heads} heads, mlp {c.mlp_ratio:g}: {n_params:.2f}M params"]
+    for k, v in (planned.reasons.items() if planned is not None else []):
+        lines.append(f"  {k}: {v}")
+    if phases:
+        lines.append("  before training: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
+    flags = sorted(k for k, v in sources.items() if v == "flag")
+    if flags:
+        lines.append(f"  from your flags: {', '.join(flags)}")
+    log.info("\n".join(lines))
+
+
+def _final_report(trainer, val, info, task: ClassifierConfig, last: Optional[dict] = None) -> dict:
+    """After training: the best checkpoint evaluated in full (the last evaluation's, when the best is the last
+    epoch); learning curves and confusion matrix as PNG."""
     from ..io import load
 
     run = trainer.run.path
-    best = load(run / "best.safetensors").to(trainer.device)
-    ev = evaluate(best, val, batch_size=task.eval_batch_size, full=True)
+    if last is not None and trainer.best_epoch == trainer.epoch and trainer.cfg.precision == "fp32":
+        ev = last  # the same weights, already evaluated as `vitkit eval` would (fp32)
+    else:
+        best = load(run / "best.safetensors").to(trainer.device)
+        ev = evaluate(best, val, batch_size=task.eval_batch_size, full=True, tta_flip=task.tta_flip)
     plot_learning_curves(trainer.history, run / "curves.png")
     plot_confusion(ev["confusion"], info.class_names, run / "confusion.png", title=f"{run.name}: top-1 "
                    f"{ev['top1']:.2f}%")
-    md = ["## Best checkpoint on the validation set", "",
+    md = ["## Best checkpoint on the held-out images", "",
           f"- top-1 **{ev['top1']:.2f}%**, top-5 {ev['top5']:.2f}%, loss {ev['val_loss']:.4f} "
           f"on {ev['num_images']} images ({info.spec})",
           "- per class: " + ", ".join(f"{n} {a:.1f}%" for n, a in zip(info.class_names, ev["per_class"])),
@@ -321,7 +582,7 @@ def evaluate_checkpoint(path, data: str, *, out_dir=None, batch_size: int = 500,
                               f"{info.num_classes}; evaluate it on the data it was trained for")
     if [str(n) for n in names] != [str(n) for n in info.class_names]:
         log.warning("class names differ between the checkpoint and %s; scoring by class index", data)
-    ev = evaluate(model, val, batch_size=batch_size, device=dev, full=True)
+    ev = evaluate(model, val, batch_size=batch_size, device=dev, full=True, tta_flip=bool(pcfg.get("tta_flip")))
     out = Path(out_dir) if out_dir else (p if p.is_dir() else p.parent)
     out.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": str(path), "data": info.spec, "num_images": ev["num_images"],
@@ -384,7 +645,7 @@ def predict(checkpoint, paths: Sequence, *, topk: int = 5, batch_size: int = 64,
                 results[j] = {"path": str(files[j]), "error": str(e)}
         if not xs:
             continue
-        probs = model(torch.stack(xs).to(dev)).float().softmax(-1)
+        probs = classify_logits(model, torch.stack(xs).to(dev), bool(pcfg.get("tta_flip"))).softmax(-1)
         p, idx = probs.topk(k, -1)
         for j, pr, ix in zip(ok, p.tolist(), idx.tolist()):
             results[j] = {"path": str(files[j]), "label": names[ix[0]], "prob": round(pr[0], 5),

@@ -56,6 +56,9 @@ class TrainingDiverged(VitkitError, ValueError):
     """The loss became NaN or infinite."""
 
 
+DEFAULT_EPOCHS = 10  # the engine's schedule when a TrainConfig sets neither epochs nor time_budget
+
+
 @dataclass
 class TrainConfig:
     """Everything the engine needs; task options (model, data, loss) travel separately in `resolved`."""
@@ -64,7 +67,7 @@ class TrainConfig:
     runs_dir: str = "runs"
     overwrite: bool = False  # replace an existing run folder of the same name
     resume: Optional[str] = None  # a run folder to continue
-    epochs: int = 10  # the schedule length, unless time_budget is set
+    epochs: Optional[int] = None  # the schedule length, unless time_budget is set (neither: DEFAULT_EPOCHS)
     time_budget: Optional[float] = None  # seconds: lay the schedule over this wall-clock time instead of epochs
     max_steps: Optional[int] = None  # stop after this many optimizer steps (quick runs; the schedule is not cut)
     batch_size: int = 128  # global batch per micro-step (split over processes); effective = × accum_steps
@@ -90,7 +93,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.batch_size < 1 or self.accum_steps < 1 or self.epochs < 1 or self.eval_every < 1:
+        if self.batch_size < 1 or self.accum_steps < 1 or (self.epochs is not None and self.epochs < 1) or \
+                self.eval_every < 1:
             raise ConfigError("batch size, accumulation steps, epochs and eval_every must all be >= 1")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
@@ -303,7 +307,8 @@ class Trainer:
     def __init__(self, model: nn.Module, train_data, cfg: TrainConfig, loss_fn: LossFn, eval_fn: Optional[EvalFn]
                  = None, *, resolved: Optional[dict] = None, end_fn: Optional[Callable] = None,
                  on_epoch_end: Optional[Callable] = None, loader_kwargs: Optional[dict] = None,
-                 dist_info: Optional[DistInfo] = None):
+                 dist_info: Optional[DistInfo] = None, time_spent: float = 0.0, reserve: float = 0.0,
+                 step_cost: Optional[Callable[[float], float]] = None):
         cfg.validate()
         self.cfg, self.loss_fn, self.eval_fn, self.end_fn = cfg, loss_fn, eval_fn, end_fn
         self.on_epoch_end = on_epoch_end
@@ -323,6 +328,11 @@ class Trainer:
         self.plan: Dict[str, Any] = {}  # total and warm-up steps; planned from throughput under a time budget
         self.finished = False
         self.run: Optional[RunDir] = None
+        # Under a time budget that covers a whole command: seconds the caller spent before fit (scanning, planning)
+        # and seconds it needs after (its final report); and the relative cost of a step at a point of the
+        # schedule (progressive resizing makes late steps dearer), so the plan fits what the steps will cost.
+        self.time_spent, self.reserve = float(time_spent), float(reserve)
+        self.step_cost = step_cost or (lambda progress: 1.0)
 
     # ---- set-up ---------------------------------------------------------------------------------------------
     def _loader(self, epoch: int):
@@ -332,6 +342,7 @@ class Trainer:
 
         return make_loader(self.train_data, self.cfg.batch_size, train=True, seed=self.cfg.seed, epoch=epoch,
                            rank=self.dist.rank, world=self.dist.world, workers=self.cfg.workers,
+                           start_step=self.step, total_steps=self.plan.get("total"), accum_steps=self.cfg.accum_steps,
                            **self.loader_kwargs)
 
     def _steps_per_epoch(self) -> int:
@@ -361,7 +372,7 @@ class Trainer:
         spe = self._steps_per_epoch()
         self.steps_per_epoch = spe
         if not self.plan:
-            total = c.epochs * spe
+            total = (c.epochs or DEFAULT_EPOCHS) * spe
             self.plan = {"total": total, "warmup": self._warmup_steps(total, spe), "planned": c.time_budget is None}
 
     def _warmup_steps(self, total: int, spe: int) -> int:
@@ -378,7 +389,7 @@ class Trainer:
         s = {"step": self.step, "epoch": self.epoch, "model": self.model.state_dict(),
              "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
              "rng_cpu": torch.get_rng_state(), "best": self.best, "best_epoch": self.best_epoch,
-             "elapsed": self.elapsed + (self.clock() - self._t0), "plan": dict(self.plan),
+             "elapsed": self._spent(), "plan": dict(self.plan),
              "finished": self.finished, "history": self.history}
         if self.device.type == "cuda":
             s["rng_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -426,15 +437,17 @@ class Trainer:
         self.history = list(s["history"])
 
     # ---- time budget ----------------------------------------------------------------------------------------
+    def _spent(self) -> float:
+        """Budget seconds used so far: before fit (the caller's), in earlier processes (resume), and in this one."""
+        return self.elapsed + self.time_spent + (self.clock() - self._t0)
+
     def _replan(self, sec_per_step: float, eval_secs: float) -> None:
-        """Set the total step count so that training, the evaluations and the checkpoints fit in the budget."""
+        """Set the total step count so that training, the evaluations, the checkpoints and the caller's reserve fit
+        in the budget. `sec_per_step` is the current cost of a step at unit `step_cost`."""
         c = self.cfg
-        spent = self.elapsed + (self.clock() - self._t0)
-        left = c.time_budget - spent
-        per_epoch_extra = eval_secs / max(1, c.eval_every)
-        per_step = sec_per_step + per_epoch_extra / self.steps_per_epoch
-        more = max(0, int((left - eval_secs) / per_step))  # keep one evaluation's time for the final one
-        total = self.step + more
+        left = c.time_budget - self._spent() - self.reserve - eval_secs  # keep one evaluation for the final one
+        per_step_extra = eval_secs / max(1, c.eval_every) / self.steps_per_epoch
+        total = fit_steps(self.step, max(0.0, left), sec_per_step, per_step_extra, self.step_cost)
         if not self.plan.get("planned"):
             self.plan["warmup"] = self._warmup_steps(total, self.steps_per_epoch)
             self.plan["planned"] = True
@@ -525,7 +538,7 @@ class Trainer:
                     self.ema.update(self.model)
                 self.step += 1
                 now = self.clock()
-                step_times.append(now - t_step)
+                step_times.append((now - t_step) / self.step_cost(self._progress(self.step - 1)))
                 t_step = now
                 if self._bar is not None:
                     self._bar.set_description(f"epoch {ep + 1}", refresh=False)
@@ -554,8 +567,8 @@ class Trainer:
                 row["eval_seconds"] = self.clock() - t_ev  # evaluation plus checkpoint
                 eval_secs = row["eval_seconds"]
             if budget and not final and step_times:
-                self._replan(_median(step_times[2:] or step_times), eval_secs if self.history else
-                             self._guess_eval_secs(step_times))
+                recent = step_times[2:][-50:] or step_times  # the machine's current speed, per unit step cost
+                self._replan(_median(recent), eval_secs if self.history else self._guess_eval_secs(step_times))
                 self.plan = _broadcast_obj(self.plan, self.dist)
                 if self._bar is not None:
                     self._bar.total = self.plan["total"]
@@ -574,13 +587,16 @@ class Trainer:
         if self.dist.is_main:
             if not self.plan.get("planned") and len(step_times) >= 5:
                 self._replan(_median(step_times[2:]), eval_secs or self._guess_eval_secs(step_times))
-            spent = self.elapsed + (self.clock() - self._t0)
-            stop = spent + (eval_secs or self._guess_eval_secs(step_times)) >= c.time_budget
+            stop = self._spent() + (eval_secs or self._guess_eval_secs(step_times)) + self.reserve >= c.time_budget
         if self.dist.world > 1:
             self.plan, stop = _broadcast_obj((self.plan, stop), self.dist)
         if self._bar is not None and self._bar.total != self.plan["total"]:
             self._bar.total = self.plan["total"]
         return stop
+
+    def _progress(self, step: int) -> float:
+        """Where `step` sits in the schedule, 0 to 1."""
+        return step / max(1, self.plan.get("total") or 1)
 
     def _guess_eval_secs(self, step_times: List[float]) -> float:
         """Before the first evaluation: forward-only ≈ a third of a training step per image, plus a save."""
@@ -645,12 +661,14 @@ class Trainer:
 
     def _finish(self) -> dict:
         total_secs = self.elapsed + (self.clock() - self._t0)
+        budget_secs = self._spent()
         last = self.history[-1] if self.history else {}
         summary = {"name": self.cfg.name, "run_dir": str(self.run.path) if self.run else None,
                    "epochs": self.epoch, "steps": self.step, "planned_steps": self.plan.get("total"),
                    "train_seconds": round(total_secs, 2), "best_metric": self.cfg.best_metric,
                    "best": self.best, "best_epoch": self.best_epoch, "final": last,
-                   "time_budget": self.cfg.time_budget, "world_size": self.dist.world}
+                   "time_budget": self.cfg.time_budget, "budget_seconds": round(budget_secs, 2),
+                   "world_size": self.dist.world}
         if self.dist.is_main:
             if self.end_fn is not None:
                 extra = self.end_fn(self, summary) or {}
@@ -684,6 +702,29 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def fit_steps(step: int, seconds: float, sec_per_step: float, per_step_extra: float,
+              step_cost: Callable[[float], float]) -> int:
+    """The largest total T >= step such that steps step..T-1, each costing sec_per_step * step_cost(s / T) plus
+    per_step_extra, fit in `seconds` (the cost of a step depends on where it falls in a schedule of length T)."""
+    def need(total: int) -> float:
+        if total <= step:
+            return 0.0
+        n = total - step
+        stride = max(1, n // 256)  # sample the cost curve: it changes a handful of times (progressive resizing)
+        samples = [step_cost(s / total) for s in range(step, total, stride)]
+        return n * (sec_per_step * sum(samples) / len(samples) + per_step_extra)
+
+    unit = sec_per_step * min(step_cost(p / 10) for p in range(11)) + per_step_extra
+    lo, hi = step, step + int(seconds / max(unit, 1e-9)) + 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if need(mid) <= seconds:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _median(xs: List[float]) -> float:

@@ -1,0 +1,108 @@
+"""A classifier's training recipe as typed data, and the one rule that decides each choice: flag, else plan, else
+default.
+
+    user = Recipe(lr=1e-3)                      # what the user fixed (CLI flags or Python), None = not fixed
+    plan = Recipe(embed_dim=192, depth=6, ...)  # what the planner derived from the data and the clock
+    final, sources = resolve(user, plan)        # every field set; sources[name] = 'flag' | 'plan' | 'default'
+
+Every field a planner may choose is here, so a rerun from a run's `config.json` repeats the run exactly
+(`Recipe.from_dict(saved["recipe"]["values"])`), and every one can be overridden by a flag of the same name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Dict, Optional, Tuple
+
+from ..errors import ConfigError
+
+# Model fields the recipe carries (ViTConfig names) and what they default to when neither flag nor plan sets them.
+MODEL_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "stem",
+                "global_pool", "class_token", "drop_path_rate", "patch_drop_rate")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every choice that shapes a classifier run's result. None means 'not chosen here'."""
+
+    # the model: a registered name as the base, and/or explicit architecture fields (ViTConfig names)
+    model: Optional[str] = None
+    img_size: Optional[int] = None  # the final training (and evaluation) resolution
+    patch_size: Optional[int] = None
+    in_chans: Optional[int] = None
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    stem: Optional[str] = None  # 'patch' | 'conv'
+    global_pool: Optional[str] = None
+    class_token: Optional[bool] = None
+    drop_path_rate: Optional[float] = None
+    patch_drop_rate: Optional[float] = None
+    # the schedule and the optimiser
+    epochs: Optional[int] = None
+    time_budget: Optional[float] = None  # seconds of wall-clock for the whole command
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    min_lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    warmup: Optional[float] = None
+    clip_grad: Optional[float] = None
+    ema_decay: Optional[float] = None
+    layer_decay: Optional[float] = None
+    precision: Optional[str] = None  # fp32 | bf16 | fp16 ('auto' as a flag: the planner measures)
+    compile: Optional[bool] = None
+    # data and regularisation
+    augment: Optional[str] = None  # none | light | default | strong
+    hflip: Optional[bool] = None
+    label_smoothing: Optional[float] = None
+    mixup: Optional[float] = None
+    cutmix: Optional[float] = None
+    aug_ramp: Optional[bool] = None  # batch-level augmentation strength grows over the schedule
+    progressive: Optional[float] = None  # start at this fraction of img_size, reach it for the last part; 1 = off
+    tta_flip: Optional[bool] = None  # average the logits of the image and its mirror image at evaluation
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown recipe field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def set_fields(self) -> Dict[str, object]:
+        """The fields that are chosen (not None)."""
+        return {k: v for k, v in self.to_dict().items() if v is not None}
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+
+# What a field is when neither a flag nor the plan chose it (the planner normally chooses all of them).
+DEFAULTS = Recipe(
+    img_size=None, patch_size=None, in_chans=None, embed_dim=None, depth=None, num_heads=None, mlp_ratio=None,
+    stem="patch", global_pool=None, class_token=None, drop_path_rate=0.0, patch_drop_rate=0.0,
+    epochs=None, time_budget=None, batch_size=128, lr=1e-3, min_lr=1e-5, weight_decay=0.05, warmup=0.05,
+    clip_grad=1.0, ema_decay=0.0, layer_decay=None, precision="fp32", compile=False,
+    augment="default", hflip=None, label_smoothing=0.1, mixup=0.0, cutmix=0.0, aug_ramp=False, progressive=1.0,
+    tta_flip=False,
+)
+
+
+def resolve(user: Recipe, plan: Optional[Recipe] = None, defaults: Recipe = DEFAULTS) -> Tuple[Recipe, Dict[str, str]]:
+    """Each field: the user's value if set, else the plan's, else the default. Returns the merged recipe and, per
+    field that ends up set, where it came from ('flag', 'plan' or 'default')."""
+    plan = plan or Recipe()
+    out, sources = {}, {}
+    for f in fields(Recipe):
+        for where, r in (("flag", user), ("plan", plan), ("default", defaults)):
+            v = getattr(r, f.name)
+            if v is not None:
+                out[f.name], sources[f.name] = v, where
+                break
+        else:
+            out[f.name] = None
+    return Recipe(**out), sources
