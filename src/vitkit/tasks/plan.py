@@ -39,13 +39,17 @@ FIXED_SCHEDULE_PRECISION = ("fp32: a fixed --epochs schedule, so the same seed g
 DEFAULT_BUDGET = 270.0  # seconds, when neither --epochs nor --time-budget is given (the demo's 4.5 minutes)
 
 
-def _precision_reason(times: Dict[str, float]) -> str:
-    """Why this precision: the measured seconds per step of each candidate (bf16 still has to pass the check)."""
+def _measure_precision(plan: "Plan", timer: "StepTimer", fields: dict, precisions: Tuple[str, ...]) \
+        -> Tuple[str, Dict[str, float]]:
+    """Time a step of `fields` in each candidate precision; record the times and why the fastest is picked (bf16
+    still has to pass the caller's check). Returns (the fastest, seconds per step of each)."""
+    times = {prec: timer(fields, prec) for prec in precisions}
     pick = min(times, key=times.get)
+    plan.measurements["precision_seconds"] = {k: round(v, 4) for k, v in times.items()}
     shown = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in times.items())
-    if len(times) == 1:
-        return f"{pick}: the only candidate on this hardware ({shown} per step)"
-    return f"{pick}: the fastest measured ({shown} per step)"
+    plan.reasons["precision"] = (f"{pick}: the only candidate on this hardware ({shown} per step)" if len(times) == 1
+                                 else f"{pick}: the fastest measured ({shown} per step)")
+    return pick, times
 
 
 def epochs_needed(num_train: int) -> float:
@@ -174,10 +178,7 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
         for i, rung in enumerate(LADDER):
             fields = {**_model_fields(rung, img, patch, stem, in_chans), **user_arch}
             if prec_pick is None:  # the precisions compared on the first rung; the rest measured in the winner
-                times = {prec: timer(fields, prec) for prec in precisions}
-                prec_pick = min(times, key=times.get)
-                plan.measurements["precision_seconds"] = {k: round(v, 4) for k, v in times.items()}
-                why["precision"] = _precision_reason(times)
+                prec_pick, _ = _measure_precision(plan, timer, fields, precisions)
             t = timer(fields, prec_pick)
             options.append((i, prec_pick, t))
             epochs = _epochs_in(left, t, batch, profile.num_train)
@@ -213,10 +214,7 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
         if budget is None:
             why["precision"] = FIXED_SCHEDULE_PRECISION
         elif timer is not None and fields:
-            times = {prec: timer(fields, prec) for prec in precisions}
-            r["precision"] = min(times, key=times.get)
-            plan.measurements["precision_seconds"] = {k: round(v, 4) for k, v in times.items()}
-            why["precision"] = _precision_reason(times)
+            r["precision"], times = _measure_precision(plan, timer, fields, precisions)
             plan.measurements["planned_epochs"] = round(
                 _epochs_in(budget - spent, times[r["precision"]], batch, profile.num_train), 1)
         epochs = float(user.epochs) if user.epochs else float(plan.measurements.get("planned_epochs", need))
@@ -231,10 +229,7 @@ def _plan_fixed(profile, user, plan, r, budget, spent, timer, precisions, held_o
     if budget is None:
         plan.reasons["precision"] = FIXED_SCHEDULE_PRECISION
     elif timer is not None and fixed_fields:
-        times = {prec: timer(fixed_fields, prec) for prec in precisions}
-        r["precision"] = min(times, key=times.get)
-        plan.measurements["precision_seconds"] = {k: round(v, 4) for k, v in times.items()}
-        plan.reasons["precision"] = _precision_reason(times)
+        r["precision"], times = _measure_precision(plan, timer, fixed_fields, precisions)
         epochs = _epochs_in(budget - spent, times[r["precision"]], batch, profile.num_train)
         plan.measurements["planned_epochs"] = round(epochs, 1)
     plan.reasons["model"] = f"{user.model} (your choice)"
