@@ -206,10 +206,10 @@ def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, recipe: 
     planning, training and the final report."""
     clock = Trainer.clock
     started = clock() if started is None else started
-    if train_cfg.resume:
-        task, train_cfg, recipe = _resume(task, train_cfg, recipe)
     # the run folder is claimed (locked) before the data is read: a name clash is reported at once
     with claim_run(train_cfg, is_main=os.environ.get("RANK", "0") == "0") as run:
+        if train_cfg.resume:
+            task, train_cfg, recipe = _resume(task, train_cfg, recipe)
         return _train(task, train_cfg, recipe, on_epoch_end, started, run)
 
 

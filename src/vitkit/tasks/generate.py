@@ -99,9 +99,9 @@ def denoising_loss(model, dataset, objective, batch_size: int = 250, seed: int =
 
 def train_generator(task: GeneratorConfig, train_cfg: TrainConfig) -> dict:
     """Train a class-conditional DiT on `task.data` with the engine; writes the run folder, returns the summary."""
-    if train_cfg.resume:
-        task, train_cfg = resume_configs(train_cfg, "generate", "generator", GeneratorConfig, "a train-gen run")
     with claim_run(train_cfg, is_main=os.environ.get("RANK", "0") == "0") as run:  # before the data is read
+        if train_cfg.resume:
+            task, train_cfg = resume_configs(train_cfg, "generate", "generator", GeneratorConfig, "a train-gen run")
         return _train_generator(task, train_cfg, run)
 
 

@@ -96,9 +96,9 @@ def masked_loss(model, dataset, batch_size: int = 250, seed: int = 0) -> float:
 def pretrain_mae(task: MAETaskConfig, train_cfg: TrainConfig, *, on_epoch_end=None) -> dict:
     """MAE pretraining on `task.data`'s training images (no labels) with the engine; returns the summary.
     `on_epoch_end(trainer, row)` is the engine's per-epoch hook."""
-    if train_cfg.resume:
-        task, train_cfg = resume_configs(train_cfg, "mae", "mae", MAETaskConfig, "an MAE pretraining run")
     with claim_run(train_cfg, is_main=os.environ.get("RANK", "0") == "0") as run:  # before the data is read
+        if train_cfg.resume:
+            task, train_cfg = resume_configs(train_cfg, "mae", "mae", MAETaskConfig, "an MAE pretraining run")
         return _pretrain(task, train_cfg, on_epoch_end, run)
 
 

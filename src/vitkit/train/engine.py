@@ -274,7 +274,8 @@ class RunDir:
     @staticmethod
     def _lock(path: Path, busy: str) -> Optional[int]:
         """Take `path/.lock` (making the folder); `busy` (with {pid}) is the RunExistsError if another process
-        holds it. No lock where fcntl is missing (Windows): run folders are not guarded there."""
+        holds it. No lock where fcntl is missing (Windows): run folders are not guarded there. The owner writes its
+        pid in once its checks pass (`_own`), so a refused claim leaves the file as it was."""
         if fcntl is None:
             path.mkdir(parents=True, exist_ok=True)
             return None
@@ -296,8 +297,6 @@ class RunDir:
             except FileNotFoundError:
                 same = False
             if same:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 return fd
             os.close(fd)
         raise RunExistsError(busy.format(pid="?"))
@@ -338,6 +337,7 @@ class RunDir:
         if names and not overwrite:
             log.warning("replacing %s: its run ended before its first checkpoint", path)
         run.replace = bool(names)
+        run._own()
         return run
 
     @classmethod
@@ -346,7 +346,14 @@ class RunDir:
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"cannot resume {str(path)!r}: no such run folder")
-        return cls(path, cls._lock(path, f"cannot resume {str(path)!r}: process {{pid}} is running it now"))
+        run = cls(path, cls._lock(path, f"cannot resume {str(path)!r}: process {{pid}} is running it now"))
+        run._own()
+        return run
+
+    def _own(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
     def start(self) -> None:
         """Called before the run writes its first file: clear what an earlier run left here (under the lock)."""
@@ -557,8 +564,9 @@ class Trainer:
     def _load_state(self, path: Path) -> None:
         f = path / "last.state.pt"
         if not f.is_file():
-            raise ConfigError(f"cannot resume {str(path)!r}: it has no last.state.pt (the run never finished an "
-                              "epoch, or is not a vitkit run); start it again with --overwrite")
+            raise ConfigError(f"cannot resume {str(path)!r}: it has no last.state.pt (the run stopped before its "
+                              "first checkpoint, or is not a vitkit run); run the same command again without --resume "
+                              "(a run folder without a checkpoint is replaced)")
         try:
             s = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -988,6 +996,10 @@ def resume_configs(train_cfg: TrainConfig, task: str, section: str, task_cls, wh
         what_is = ("it never finished its first epoch and its folder has no config.json"
                    if path.is_dir() else "no such run folder")
         raise ConfigError(f"cannot resume {str(path)!r}: {what_is}; start the run again without --resume")
+    if not (path / "last.state.pt").is_file():
+        raise ConfigError(f"cannot resume {str(path)!r}: it has no last.state.pt (the run stopped before its first "
+                          "checkpoint); run the same command again without --resume (a run folder without a "
+                          "checkpoint is replaced)")
     saved = json.loads(cfg_file.read_text())
     if saved.get("task") != task:
         raise ConfigError(f"{str(path)!r} is a {saved.get('task')!r} run, not {what}")
