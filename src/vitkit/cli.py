@@ -871,8 +871,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# what a command line may give with --resume: these are applied (and recorded in the run's config.json history)
-_RESUME_FLAGS = {"resume", "quiet", "json", "epochs", "time_budget", "max_steps", "eval_every", "workers", "device"}
+# what a command line may give with --resume: these are applied (and recorded in the run's config.json history);
+# `pretrain --method` names the task, which resume_configs checks against the run's
+_RESUME_FLAGS = {"resume", "quiet", "json", "epochs", "time_budget", "max_steps", "eval_every", "workers", "device",
+                 "method"}
 
 
 def _check_resume_flags(args, argv: List[str]) -> None:

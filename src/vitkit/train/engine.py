@@ -25,6 +25,9 @@ evaluated epoch), `last.safetensors` / `best.safetensors` (weights — the EMA w
 time-budget plan; plain tensors and dicts for `torch.load(weights_only=True)`), `report.json`, `report.md`.
 Every file is written atomically, so a kill at any moment leaves the last good checkpoint. Checkpoints are taken
 at epoch ends; `resume` continues from the last one and, on the CPU, ends bit-identical to an uninterrupted run.
+`.lock` holds the pid of the process that owns the folder, under an OS lock (`claim_run`). A resume may change only
+RESUMABLE fields; a new `epochs`/`time_budget` lays the cosine over the new total from the current step (so a
+finished run trains on), and `config.json`'s `history` records each resume.
 """
 from __future__ import annotations
 
@@ -610,7 +613,7 @@ class Trainer:
         elif "epochs" in changed or "time_budget" in changed:  # a new epoch count, or epochs instead of a budget
             total = (c.epochs or DEFAULT_EPOCHS) * self.steps_per_epoch
             if total <= self.step:
-                raise ConfigError(f"--epochs {c.epochs} is not more than what {done}; give more")
+                raise ConfigError(f"--epochs {c.epochs} is too few: {done} already; give more")
             self.plan.update(total=total, planned=True)
             self.plan.pop("epochs", None)
             self.finished = False
