@@ -257,7 +257,8 @@ def _add_train_args(p) -> None:
       "flags still override")
     a("--name", default=None, help="run name: outputs go to RUNS_DIR/NAME (default: the dataset name)")
     a("--runs-dir", default="runs")
-    a("--overwrite", action="store_true", help="replace an existing run folder of the same name (never one a running process owns)")
+    a("--overwrite", action="store_true",
+      help="replace an existing run folder of the same name (never one a running process owns)")
     a("--resume", default=None, metavar="RUN_DIR", help=_RESUME_HELP)
     a("--epochs", type=int, default=None, help="train this many epochs (with --resume: a new length for the run)")
     a("--time-budget", default=None, metavar="DURATION",
@@ -674,7 +675,8 @@ def _add_engine_args(p, data_help: str) -> None:
     a("--data", default="mnist5k", help=data_help)
     a("--name", default=None, help="run name: outputs go to RUNS_DIR/NAME")
     a("--runs-dir", default=None)
-    a("--overwrite", action="store_true", help="replace an existing run folder of the same name (never one a running process owns)")
+    a("--overwrite", action="store_true",
+      help="replace an existing run folder of the same name (never one a running process owns)")
     a("--resume", default=None, metavar="RUN_DIR", help=_RESUME_HELP)
     a("--epochs", type=int, default=None, help="train this many epochs (with --resume: a new length for the run)")
     a("--time-budget", default=None, metavar="DURATION", help="lay the schedule over this wall-clock time (10m; "

@@ -20,9 +20,9 @@ from vitkit.tasks.classify import ClassifierConfig, train_classifier
 from vitkit.train import Trainer, TrainConfig, TrainingDiverged, claim_run, lr_at, read_metrics
 
 TINY = {"embed_dim": 32, "depth": 1, "num_heads": 2, "global_pool": "avg"}
-CLI_TINY = ["train", "--data", "mnist5k", "--max-train", "128", "--max-val", "32", "--epochs", "2", "--batch-size", "64",
-            "--model", "vit_mini_patch7_28", "--model-arg", "embed_dim=32", "--model-arg", "depth=1",
-            "--model-arg", "num_heads=2", "--quiet"]
+CLI_TINY = ["train", "--data", "mnist5k", "--max-train", "128", "--max-val", "32", "--epochs", "2",
+            "--batch-size", "64", "--model", "vit_mini_patch7_28", "--model-arg", "embed_dim=32",
+            "--model-arg", "depth=1", "--model-arg", "num_heads=2", "--quiet"]
 
 
 def _task(**kw):
@@ -75,7 +75,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_removes_its_folder(tmp_pat
 
 
 # ---- item 1, in one process: the lock and the order of the checks ------------------------------------------------
-def test_name_clashes_are_found_before_the_data_is_read_and_a_locked_run_is_never_touched(tmp_path):
+def test_name_clashes_are_found_before_the_data_is_read_and_a_locked_run_is_never_touched(tmp_path, capsys):
     train_classifier(_task(), _tc(tmp_path, "done", epochs=1))
     before = _snapshot(tmp_path / "done")
     nowhere = _task(data=f"folder:{tmp_path / 'no_such_folder'}")  # reading it would fail: it is never read
@@ -97,6 +97,10 @@ def test_name_clashes_are_found_before_the_data_is_read_and_a_locked_run_is_neve
         with pytest.raises(RunExistsError, match=f"process {os.getpid()} is running it"):
             with claim_run(TrainConfig(resume=str(held.path))):
                 pass
+        for cmd in ("pretrain", "train-gen"):  # the other training commands share the engine's claim
+            assert main([cmd, "--data", f"folder:{tmp_path / 'no_such_folder'}", "--name", "live", "--runs-dir",
+                         str(tmp_path), "--overwrite", "--quiet"]) == 2
+            assert f"in use by process {os.getpid()}" in _err(capsys)
         assert held.path.is_dir()
     with claim_run(TrainConfig(resume=str(tmp_path / "done"))):  # released: free again
         pass

@@ -319,7 +319,7 @@ class RunDir:
 
         if foreign(_leftovers(path)):
             raise RunExistsError(f"{str(path)!r} holds files but no config.json, so it does not look like a vitkit "
-                                 "run: refusing to " + ("delete" if overwrite else "use") + " it; choose another --name")
+                                 f"run: refusing to {'delete' if overwrite else 'use'} it; choose another --name")
         busy = (f"--overwrite refused: run {str(path)!r} is in use by process {{pid}} (still running); stop it first "
                 "or choose another --name" if overwrite else
                 f"run {str(path)!r} is in use by process {{pid}} (still running); wait for it to end or choose "
