@@ -16,6 +16,7 @@ import vitkit
 from vitkit.cli import main
 from vitkit.data import build_datasets
 from vitkit.errors import ConfigError, DataError, RunExistsError
+from vitkit.io.checkpoint import read_metadata
 from vitkit.tasks.classify import ClassifierConfig, train_classifier
 from vitkit.train import Trainer, TrainConfig, TrainingDiverged, claim_run, lr_at, read_metrics
 
@@ -210,8 +211,13 @@ def _assert_whole_run(folder, seed, epochs=2):
     """The folder is one run's, all of it: its config, every epoch's metrics, loadable weights, the report."""
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["train"]["seed"] == seed
-    assert [r["epoch"] for r in read_metrics(folder / "metrics.csv")] == list(range(1, epochs + 1))
-    assert json.loads((folder / "report.json").read_text())["epochs"] == epochs
+    rows = read_metrics(folder / "metrics.csv")
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+    report = json.loads((folder / "report.json").read_text())
+    assert report["epochs"] == epochs
+    assert report["final"]["train_loss"] == pytest.approx(rows[-1]["train_loss"], rel=1e-5)
+    saved = json.loads(read_metadata(folder / "last.safetensors")["metrics"])  # the weights are this run's too
+    assert saved["train_loss"] == pytest.approx(rows[-1]["train_loss"], rel=1e-5)
     assert all(torch.isfinite(p).all() for p in vitkit.load(folder / "best.safetensors").parameters())
     assert not (folder / "old_only.txt").exists() and not list(folder.glob(".*.tmp"))
 
@@ -301,3 +307,19 @@ def test_a_killed_owner_leaves_no_stale_lock(tmp_path, checkpointed):
         assert (run / "last.state.pt").is_file()
     train_classifier(_task(), _tc(tmp_path, "race", seed=1, overwrite=checkpointed))
     _assert_whole_run(run, seed=1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_processes_started_together(tmp_path):
+    """Two `vitkit train` with one name started at once, the second with --overwrite: whichever claims the name
+    first trains (each claims it on start, seconds before either could end), the other is refused naming it;
+    never two runs in one folder (before the lock: both exited 0, one run deleted under the other)."""
+    procs = {seed: _spawn([*CLI_TINY, "--name", "race", "--runs-dir", str(tmp_path), "--seed", str(seed), *extra])
+             for seed, extra in ((1, []), (2, ["--overwrite"]))}
+    out = {seed: (p.communicate(timeout=180)[1], p.returncode) for seed, p in procs.items()}
+    winners = [seed for seed, (_, rc) in out.items() if rc == 0]
+    assert len(winners) == 1, out
+    loser = 3 - winners[0]
+    assert out[loser][1] == 2 and f"in use by process {procs[winners[0]].pid}" in out[loser][0], out
+    _assert_whole_run(tmp_path / "race", seed=winners[0])

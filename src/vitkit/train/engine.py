@@ -293,6 +293,11 @@ class RunDir:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 pid = _pid_in(fd)
+                for _ in range(20):  # an owner that has just locked writes its pid once its checks pass
+                    if pid != "?":
+                        break
+                    time.sleep(0.025)
+                    pid = _pid_in(fd)
                 os.close(fd)
                 raise RunExistsError(busy.format(pid=pid)) from None
             try:  # the owner before us may have removed the folder (and this lock file) before we locked it
