@@ -266,7 +266,7 @@ def test_a_live_process_keeps_its_run_against_this_one(tmp_path, first_overwrite
     if first_overwrite:
         _old_run(run)
     p = _spawn([*CLI_TINY, "--name", "race", "--runs-dir", str(tmp_path), "--seed", "2",
-                *(["--overwrite"] if first_overwrite else [])], pause="last.state.pt:4")
+                *(["--overwrite"] if first_overwrite else [])], pause="last.state.pt:2")
     try:
         _wait_paused(p, run, ".last.state.pt.*.tmp")
         for overwrite in (False, True):
