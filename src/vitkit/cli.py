@@ -138,7 +138,7 @@ def cmd_train(args) -> int:
     name = args.name or (Path(args.data[len("folder:"):]).name if args.data.startswith("folder:") else args.data)
     tc = TrainConfig(name=name, runs_dir=args.runs_dir, overwrite=args.overwrite, resume=args.resume,
                      max_steps=args.max_steps, accum_steps=args.accum_steps or 1, seed=args.seed or 0,
-                     eval_every=args.eval_every or 1, device=args.device or "auto", workers=args.workers or 0,
+                     eval_every=args.eval_every, device=args.device or "auto", workers=args.workers or 0,
                      quiet=args.quiet)
     if args.quiet:  # no progress bar: the plan and one log line per epoch instead
         import logging as _logging
@@ -279,7 +279,8 @@ def _add_train_args(p) -> None:
     a("--layer-decay", type=float, default=None, help="layer-wise lr decay for fine-tuning, e.g. 0.75")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     a("--seed", type=int, default=None)
-    a("--eval-every", type=int, default=None, help="evaluate and checkpoint every N epochs")
+    a("--eval-every", type=int, default=None, help="evaluate every N epochs and at the end (default: every epoch, "
+      "or under --time-budget as often as keeps evaluation near 3%% of the training time)")
     a("--device", default=None, help="auto | cpu | cuda | cuda:N | mps")
     a("--workers", type=int, default=None, help="DataLoader workers for image folders")
     a("--label-smoothing", type=float, default=None)

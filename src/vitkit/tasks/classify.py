@@ -516,12 +516,13 @@ def plot_learning_curves(history: List[dict], path) -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     ep = [r["epoch"] for r in history]
     a.plot(ep, [r.get("train_loss") for r in history], label="train loss")
-    if any("val_loss" in r for r in history):
-        a.plot(ep, [r.get("val_loss") for r in history], label="val loss")
+    evaluated = [r for r in history if "val_loss" in r or "top1" in r]  # every epoch, or every --eval-every
+    if any("val_loss" in r for r in evaluated):
+        a.plot([r["epoch"] for r in evaluated], [r.get("val_loss") for r in evaluated], label="val loss", marker=".")
     a.set_xlabel("epoch")
     a.legend()
-    if any("top1" in r for r in history):
-        b.plot(ep, [r.get("top1") for r in history], label="val top-1 %")
+    if any("top1" in r for r in evaluated):
+        b.plot([r["epoch"] for r in evaluated], [r.get("top1") for r in evaluated], label="val top-1 %", marker=".")
         b.set_xlabel("epoch")
         b.legend()
     fig.tight_layout()

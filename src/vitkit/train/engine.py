@@ -20,7 +20,7 @@ savable by `vitkit.save` (its class registered with `vitkit.io.register_model_ty
 `to_dict()`); `model.pretrained_cfg` (class names, preprocessing) travels into every checkpoint.
 
 Run folder files: `config.json` (everything resolved, enough to repeat the run), `metrics.csv` (one row per
-evaluated epoch), `last.safetensors` / `best.safetensors` (weights — the EMA weights when EMA is on — through
+epoch; held-out columns on evaluated epochs), `last.safetensors` / `best.safetensors` (weights — the EMA weights when EMA is on — through
 `vitkit.save`), `last.state.pt` (training state: raw weights, optimizer, scaler, EMA, RNG, step, epoch, the
 time-budget plan; plain tensors and dicts for `torch.load(weights_only=True)`), `report.json`, `report.md`.
 Every file is written atomically, so a kill at any moment leaves the last good checkpoint. Checkpoints are taken
@@ -65,6 +65,7 @@ class TrainingDiverged(VitkitError, ValueError):
 
 
 DEFAULT_EPOCHS = 10  # the engine's schedule when a TrainConfig sets neither epochs nor time_budget
+EVAL_SHARE = 0.03  # under a time budget, evaluations get about this share of the training time (eval_every=None)
 # What `--resume` may change (applied, and recorded in config.json's history); every other option is the run's own.
 RESUMABLE = ("epochs", "time_budget", "max_steps", "eval_every", "workers", "device", "quiet")
 
@@ -93,7 +94,8 @@ class TrainConfig:
     layer_decay: Optional[float] = None  # layer-wise lr decay (fine-tuning), e.g. 0.75
     compile: bool = False
     seed: int = 0
-    eval_every: int = 1  # evaluate (and checkpoint) every N epochs, and always at the end
+    eval_every: Optional[int] = None  # evaluate every N epochs and at the end (a checkpoint every epoch); None:
+    # every epoch, or under a time budget as often as keeps evaluation near EVAL_SHARE of the training time
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     workers: int = 0  # DataLoader workers for file-based data
     quiet: bool = False  # no progress bar
@@ -104,7 +106,7 @@ class TrainConfig:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.batch_size < 1 or self.accum_steps < 1 or (self.epochs is not None and self.epochs < 1) or \
-                self.eval_every < 1:
+                (self.eval_every is not None and self.eval_every < 1):
             raise ConfigError("batch size, accumulation steps, epochs and eval_every must all be >= 1")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
@@ -492,6 +494,7 @@ class Trainer:
         # schedule (progressive resizing makes late steps dearer), so the plan fits what the steps will cost.
         self.time_spent, self.reserve = float(time_spent), float(reserve)
         self.step_cost = step_cost or (lambda progress: 1.0)
+        self._save_secs = 0.0  # the last checkpoint's cost: the budget keeps room for one per epoch
 
     # ---- set-up ---------------------------------------------------------------------------------------------
     def _loader(self, epoch: int):
@@ -657,7 +660,7 @@ class Trainer:
         in the budget. `sec_per_step` is the current cost of a step at unit `step_cost`."""
         c = self.cfg
         left = c.time_budget - self._spent() - self.reserve - eval_secs  # keep one evaluation for the final one
-        per_step_extra = eval_secs / max(1, c.eval_every) / self.steps_per_epoch
+        per_step_extra = (eval_secs / self._eval_every() + self._save_secs) / self.steps_per_epoch
         total = fit_steps(self.step, max(0.0, left), sec_per_step, per_step_extra, self.step_cost)
         if not self.plan.get("planned"):
             if not self.plan.pop("keep_warmup", False):  # a resumed run given a budget is past its warm-up
@@ -711,7 +714,7 @@ class Trainer:
     def _loop(self) -> dict:
         c = self.cfg
         budget = c.time_budget is not None
-        eval_secs = self.history[-1].get("eval_seconds", 0.0) if self.history else 0.0
+        eval_secs = next((r["eval_seconds"] for r in reversed(self.history) if "eval_seconds" in r), 0.0)
         self._bar = None
         if self.dist.is_main and not c.quiet:
             from tqdm.auto import tqdm
@@ -778,14 +781,16 @@ class Trainer:
             row.update({f"train_{k}": v / max(1, n_batches) for k, v in sums.items() if k != "loss"})
             row.update({"lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1),
                         "img_per_s": n_img / max(1e-9, train_secs), "seconds": train_secs})
-            if final or self.epoch % c.eval_every == 0:
+            evaluate = final or self.epoch % self._eval_every() == 0
+            if evaluate:
                 t_ev = self.clock()
                 row.update(self._evaluate())
-                eval_secs = self.clock() - t_ev
-                row["eval_seconds"] = eval_secs
-                self._end_epoch(row, final)
-                row["eval_seconds"] = self.clock() - t_ev  # evaluation plus checkpoint
-                eval_secs = row["eval_seconds"]
+                eval_secs = row["eval_seconds"] = self.clock() - t_ev
+                if budget and c.eval_every is None and "eval_every" not in self.plan:
+                    self._plan_eval_every(eval_secs, train_secs)
+            t_save = self.clock()
+            self._end_epoch(row, final, evaluated=evaluate)  # a checkpoint every epoch, evaluated or not
+            self._save_secs = self.clock() - t_save
             if budget and not final and step_times:
                 recent = step_times[2:][-50:] or step_times  # the machine's current speed, per unit step cost
                 self._replan(_median(recent), eval_secs if self.history else self._guess_eval_secs(step_times))
@@ -799,6 +804,20 @@ class Trainer:
                 break
         return self._finish()
 
+    def _eval_every(self) -> int:
+        """Epochs between evaluations: the flag's, else the one planned under a time budget, else 1."""
+        return self.cfg.eval_every or self.plan.get("eval_every") or 1
+
+    def _plan_eval_every(self, eval_secs: float, epoch_secs: float) -> None:
+        """After the first evaluation under a budget: evaluate every N epochs so that evaluating costs about
+        EVAL_SHARE of the training time (a held-out pass can cost a seventh of an epoch: that is a seventh of the
+        budget not spent training). Saved in the plan, so a resumed run keeps the cadence."""
+        n = max(1, math.ceil(eval_secs / max(1e-9, EVAL_SHARE * epoch_secs)))
+        self.plan["eval_every"] = n
+        if n > 1:
+            log.info("evaluating every %d epochs and at the end: an evaluation takes %.1f s, an epoch %.1f s "
+                     "(--eval-every sets it)", n, eval_secs, epoch_secs)
+
     def _budget_step(self, step_times: List[float], eval_secs: float) -> bool:
         """After each step under a time budget: plan the schedule once the throughput is known (after 5 steps,
         ignoring the first two), and stop when the budget is spent. Rank 0 decides for all."""
@@ -807,7 +826,8 @@ class Trainer:
         if self.dist.is_main:
             if not self.plan.get("planned") and len(step_times) >= 5:
                 self._replan(_median(step_times[2:]), eval_secs or self._guess_eval_secs(step_times))
-            stop = self._spent() + (eval_secs or self._guess_eval_secs(step_times)) + self.reserve >= c.time_budget
+            stop = self._spent() + (eval_secs or self._guess_eval_secs(step_times)) + self._save_secs + self.reserve \
+                >= c.time_budget
         if self.dist.world > 1:
             self.plan, stop = _broadcast_obj((self.plan, stop), self.dist)
         if self._bar is not None and self._bar.total != self.plan["total"]:
@@ -851,8 +871,9 @@ class Trainer:
         self.model.train()
         return {k: (float(v) if isinstance(v, (int, float)) or torch.is_tensor(v) else v) for k, v in out.items()}
 
-    def _end_epoch(self, row: dict, final: bool) -> None:
-        """Rank 0: record the row, decide best, write metrics and checkpoints. Everyone waits for it."""
+    def _end_epoch(self, row: dict, final: bool, evaluated: bool = True) -> None:
+        """Rank 0: record the row, decide best (on evaluated epochs), write metrics and checkpoints. Everyone
+        waits for it."""
         if self.dist.is_main:
             self.history.append(row)
             metric = self.cfg.best_metric
@@ -861,7 +882,7 @@ class Trainer:
                                                                  else val < self.best))
             if better:
                 self.best, self.best_epoch = float(val), self.epoch
-            if not metric or (val is None and self.best is None):
+            if evaluated and (not metric or (val is None and self.best is None)):
                 better = True  # no selection: best.safetensors is the latest evaluated checkpoint
                 self.best_epoch = self.epoch
             self.finished = final
