@@ -334,7 +334,8 @@ class VisionTransformer(nn.Module):
         self.patch_drop = PatchDropout(cfg.patch_drop_rate, self.num_prefix_tokens) if cfg.patch_drop_rate > 0 \
             else nn.Identity()
         self.norm_pre = norm_layer(dim) if cfg.pre_norm else nn.Identity()
-        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
+        # on the CPU whatever the default device: the model also builds under torch.device("meta") (shape checks)
+        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu")]
         self.blocks = nn.Sequential(*[
             Block(dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.qk_norm, cfg.proj_drop_rate,
                   cfg.attn_drop_rate, cfg.init_values, dpr[i], norm_layer)
