@@ -146,3 +146,31 @@ def test_pointing_rollout_peaks_inside_the_digit(tmp_path):
     hits = pointing.in_box(peaks, boxes).mean()
     swapped = pointing.in_box([(c, r) for r, c in peaks], boxes).mean()
     assert hits - swapped > 0.3, (hits, swapped)
+
+
+def test_explain_outputs_never_collide_and_others_are_not_replaced(tmp_path, capsys, digits_model):
+    """a/x.png and b/x.png keep their relative paths (both kept, not one lost); an output another image made is
+    refused without --overwrite; re-explaining the same image replaces its own files."""
+    _, (xte, yte) = mnist5k()
+    from PIL import Image
+
+    for name, i in (("a", 0), ("b", 1), ("c", 2)):
+        (tmp_path / name).mkdir()
+        Image.fromarray((xte[i, 0].numpy() * 255).astype(np.uint8), "L").save(tmp_path / name / "x.png")
+    out = tmp_path / "maps"
+    a, b, c = (str(tmp_path / n / "x.png") for n in "abc")
+    assert main(["explain", str(digits_model), a, b, "--out", str(out)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [Path(r["png"]) for r in rows] == [out / "a" / "x.png", out / "b" / "x.png"]
+    assert [json.loads(Path(r["scores"]).read_text())["image"] for r in rows] == [a, b]
+    assert main(["explain", str(digits_model), a, "--out", str(out)]) == 0  # alone: maps/x.png, owned by a
+    capsys.readouterr()
+    before = (out / "x.json").read_text()
+    assert main(["explain", str(digits_model), c, "--out", str(out)]) == 2  # c/x.png would replace a's
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "a/x.png" in err and len(err.strip().splitlines()) == 1
+    assert (out / "x.json").read_text() == before
+    assert main(["explain", str(digits_model), a, "--out", str(out)]) == 0  # its own files: replaced quietly
+    assert main(["explain", str(digits_model), c, "--out", str(out), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "x.json").read_text())["image"] == c

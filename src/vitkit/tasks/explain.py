@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -148,8 +148,54 @@ def upsample(grid_map: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:
     return (m / m.max().clamp(min=1e-12)).numpy()
 
 
-def save_figure(path, image: np.ndarray, expl: Explanation, i: int = 0, title: str = "") -> Path:
-    """A PNG: the image, the map laid over it, the map itself, then the last block's per-head maps."""
+def output_stems(images: Sequence, out) -> List[Path]:
+    """Where each image's outputs go (without suffix): its path relative to the images' common folder, under `out`,
+    so a/x.png and b/x.png never share a name; files differing only by extension keep it (x.jpg → x.jpg.png)."""
+    import os
+
+    files = [Path(p).resolve() for p in images]
+    if not files:
+        return []
+    common = Path(os.path.commonpath([str(f.parent) for f in files]))
+    rel = [f.relative_to(common) for f in files]
+    stems = [r.with_suffix("") for r in rel]
+    owners: dict = {}
+    for f, s in zip(files, stems):
+        owners.setdefault(s, set()).add(f)
+    return [Path(out) / (r if len(owners[s]) > 1 else s) for r, s in zip(rel, stems)]
+
+
+def figure_source(png) -> Optional[str]:
+    """The image a figure from `save_figure` was made from (its PNG 'Source' text), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(png) as im:
+            return im.text.get("Source")
+    except Exception:  # noqa: BLE001 - not a readable PNG: nobody we know owns it
+        return None
+
+
+def check_outputs(images: Sequence, stems: Sequence[Path], suffix: str, overwrite: bool = False) -> None:
+    """Refuse, before anything is computed, to replace an output that another image made (or one of unknown
+    origin), unless `overwrite`: re-explaining the same image replaces its own files."""
+    if overwrite:
+        return
+    for img, stem in zip(images, stems):
+        png, scores = Path(f"{stem}.png"), Path(f"{stem}{suffix}")
+        if not png.exists() and not scores.exists():
+            continue
+        owner = figure_source(png) if png.exists() else None
+        if owner != str(Path(img).resolve()):
+            taken = png if png.exists() else scores
+            raise FileExistsError(f"{str(taken)!r} exists and belongs to {owner or 'something else'}, not to "
+                                  f"{str(img)!r}; pass --overwrite to replace it, or choose another --out")
+
+
+def save_figure(path, image: np.ndarray, expl: Explanation, i: int = 0, title: str = "",
+                source: Optional[str] = None) -> Path:
+    """A PNG: the image, the map laid over it, the map itself, then the last block's per-head maps. `source` (the
+    image's path) is recorded in the PNG's text, so a later run knows whose file it is."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,10 +232,12 @@ def save_figure(path, image: np.ndarray, expl: Explanation, i: int = 0, title: s
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    meta = {"Source": str(source)} if source else None
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png", metadata=meta))
     plt.close(fig)
     return path
 
 
 __all__ = ["METHODS", "HEAD_FUSIONS", "fuse_heads", "attention_rollout", "last_layer_attention", "explain",
-           "Explanation", "map_meaning", "reads_class_token", "upsample", "save_figure"]
+           "Explanation", "map_meaning", "reads_class_token", "upsample", "save_figure", "output_stems", "check_outputs",
+           "figure_source"]

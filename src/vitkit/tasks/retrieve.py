@@ -10,9 +10,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -38,6 +40,36 @@ def _faiss():
     import faiss
 
     return faiss
+
+
+@contextlib.contextmanager
+def writer_lock(target):
+    """Hold an exclusive lock on `target` (an embeddings file or an index folder) while it is read, changed and
+    written back. A second writer waits its turn (it logs the pid it waits for), so neither loses the other's work;
+    the lock is an fcntl.flock on `.<name>.lock` beside the target, which the OS drops when its process dies, so a
+    killed writer never leaves it stuck. (Where fcntl does not exist, e.g. Windows, writers are not serialised.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    target = Path(target)
+    lock = target.absolute().parent / f".{target.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            log.warning("%s is being written by another vitkit process (pid %s); waiting for it to finish",
+                        target, holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 # ---- embeddings ------------------------------------------------------------------------------------------------
@@ -227,14 +259,32 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
         from ..models.fast import optimize
 
         model = optimize(model)
-    old = None
     out = Path(out)
+    with writer_lock(out):  # read, embed and write back as one step: a concurrent embed waits, nothing is lost
+        return _embed_into(out, model, manifest, folder, files, pool, layer, batch_size, overwrite, progress, strict)
+
+
+def _embed_into(out: Path, model, manifest: dict, folder: Path, files: List[Path], pool: str, layer: Optional[int],
+                batch_size: int, overwrite: bool, progress: bool, strict: bool) -> Dict:
+    """embed_folder's work under the lock: reuse what `out` holds for this model and folder, embed the rest."""
+    old = None
     if out.exists():
-        old = Embeddings.load(out)
-        if not same_model(old.model, manifest):
+        try:
+            old = Embeddings.load(out)
+        except DataError:
+            if not overwrite:
+                raise DataError(f"{str(out)!r} exists and is not a vitkit embeddings file; pass --overwrite to "
+                                "replace it, or pick another --out") from None
+        if old is not None and not same_model(old.model, manifest):
             if not overwrite:
                 raise CheckpointError(f"{str(out)!r} holds embeddings of {_describe(old.model)}, not of "
                                       f"{_describe(manifest)}; pass --overwrite to replace them, or pick another --out")
+            old = None
+        root = str(folder.resolve())
+        if old is not None and old.root is not None and old.root != root:
+            if not overwrite:
+                raise FileExistsError(f"{str(out)!r} holds the embeddings of folder {old.root!r}, not of {root!r}; "
+                                      "pass --overwrite to replace them, or pick another --out")
             old = None
     have = {p: (k, i) for i, (p, k) in enumerate(zip(old.paths, old.keys))} if old is not None else {}
     paths = [str(p.resolve()) for p in files]
@@ -580,5 +630,5 @@ def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: 
 
 
 __all__ = ["POOLS", "INDEX_KINDS", "embed_images", "embed_paths", "embed_folder", "Embeddings", "Index",
-           "build_index", "model_manifest", "check_same_model", "recall_at_k", "map_at_r", "knn_classify",
+           "build_index", "model_manifest", "writer_lock", "check_same_model", "recall_at_k", "map_at_r", "knn_classify",
            "retrieval_report", "save_grid", "default_pool", "embed_dataset", "evaluate_retrieval"]
