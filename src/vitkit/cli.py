@@ -583,7 +583,7 @@ def cmd_explain(args) -> int:
 
     from .io import load
     from .io.checkpoint import atomic_write
-    from .tasks.explain import check_outputs, explain, output_stems, save_figure
+    from .tasks.explain import check_outputs, check_tokens, explain, output_stems, save_figure
     from .tasks.images import denormalize, load_batch, native_size, open_image, preprocessing
 
     import numpy as np
@@ -602,8 +602,9 @@ def cmd_explain(args) -> int:
             size = native_size(open_image(path, model.config.in_chans), model.patch_embed.patch_size[0])
         elif args.size != "model":
             size = args.size
+        check_tokens(model, size or tuple(pcfg["input_size"][1:]), args.max_tokens)  # before the image grows
         x = load_batch([path], model, size=size)
-        e = explain(model, x, args.method, args.head_fusion, args.discard_ratio)
+        e = explain(model, x, args.method, args.head_fusion, args.discard_ratio, max_tokens=args.max_tokens)
         prob = e.logits.softmax(-1)[0] if e.logits.ndim == 2 and e.logits.shape[-1] > 1 else None
         pred = int(prob.argmax()) if prob is not None else None
         label = names[pred] if names and pred is not None and pred < len(names) else pred
@@ -642,6 +643,8 @@ cmd_explain.add_arguments = lambda p: (
     p.add_argument("--out", default="explain", help="folder for the PNGs and scores"),
     p.add_argument("--format", choices=["json", "npy"], default="json", help="patch-grid scores as JSON or .npy"),
     p.add_argument("--overwrite", action="store_true", help="replace outputs in --out that other images made"),
+    p.add_argument("--max-tokens", type=int, default=4096, metavar="N",
+                   help="refuse inputs above N tokens (attention-map memory grows with tokens²; 0: no cap)"),
 )
 
 

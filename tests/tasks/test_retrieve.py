@@ -416,3 +416,25 @@ def test_two_processes_adding_to_one_index_lose_nothing(tmp_path, order):
     assert sorted(index.paths) == sorted([f"/img/{i}.png" for i in range(5)] + [f"/img/{100 + i}.png" for i in
                                          range(3)] + [f"/img/{200 + i}.png" for i in range(4)])
     assert len(index) == 12
+
+
+def test_search_grid_draws_downscaled_images(tmp_path, monkeypatch):
+    """An 1800x1200 query and neighbour reach matplotlib as thumbnails, not at their own size."""
+    import matplotlib.axes
+    from PIL import Image
+
+    from vitkit.tasks.retrieve import save_grid
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (1200, 1800, 3), dtype=np.uint8)).save(tmp_path / "q.png")
+    Image.fromarray(rng.integers(0, 256, (1800, 900, 3), dtype=np.uint8)).save(tmp_path / "n.jpg")
+    shapes = []
+    real = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda self, X, *a, **k: shapes.append(np.asarray(X).shape) or real(self, X, *a, **k))
+    res = [[{"rank": 1, "path": str(tmp_path / "n.jpg"), "score": 0.9, "label": None},
+            {"rank": 2, "path": str(tmp_path / "gone.png"), "score": 0.5, "label": None}]]
+    save_grid(tmp_path / "g.png", [str(tmp_path / "q.png")], res, channels=3)
+    assert len(shapes) == 2 and max(max(s[:2]) for s in shapes) <= 320
+    assert shapes[0][:2] == (213, 320) and shapes[1][:2] == (320, 160)  # aspect kept
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 POOLS = ("cls", "mean", "prelogits")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 EMBEDDINGS_FORMAT = "vitkit-embeddings"
+GRID_DPI = 100  # the search grid's resolution; its thumbnails are downscaled to twice what it shows
 INDEX_FORMAT = "vitkit-index"
 
 
@@ -596,13 +597,22 @@ def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, lay
 # ---- the picture -------------------------------------------------------------------------------------------------
 def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: Optional[Sequence] = None,
               channels: int = 3, thumb: float = 1.6) -> Path:
-    """A PNG with one row per query: the query image, then its neighbours with score and label."""
+    """A PNG with one row per query: the query image, then its neighbours with score and label. Every image is
+    downscaled to its thumbnail before it is drawn, so memory does not follow the images' own size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .images import open_image
+    from ..data import read_image
+
+    side = int(thumb * GRID_DPI * 2)  # pixels per thumbnail, twice what the figure shows
+
+    def small(p):
+        """The image read at a reduced JPEG scale where possible and shrunk to `side`: never drawn full size."""
+        im = read_image(p, channels, draft_size=side)
+        im.thumbnail((side, side))
+        return np.asarray(im)
 
     cols = 1 + max((len(r) for r in results), default=0)
     fig, axes = plt.subplots(len(queries), cols, figsize=(thumb * cols, thumb * 1.3 * len(queries)), squeeze=False)
@@ -610,25 +620,25 @@ def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: 
     for row, (q, res) in enumerate(zip(queries, results)):
         for ax in axes[row]:
             ax.axis("off")
-        axes[row][0].imshow(np.asarray(open_image(q, channels)), cmap=cmap)
+        axes[row][0].imshow(small(q), cmap=cmap)
         ql = query_labels[row] if query_labels is not None else None
         axes[row][0].set_title("query" + (f"\n{ql}" if ql is not None else f"\n{Path(q).name[:14]}"), fontsize=8)
         for j, r in enumerate(res):
             ax = axes[row][j + 1]
             try:
-                ax.imshow(np.asarray(open_image(r["path"], channels)), cmap=cmap)
-            except (DataError, TypeError):
+                ax.imshow(small(r["path"]), cmap=cmap)
+            except (DataError, FileNotFoundError, TypeError):
                 ax.text(0.5, 0.5, "(image gone)", ha="center", va="center", fontsize=7)
             lab = f"\n{r['label']}" if r.get("label") is not None else ""
             ax.set_title(f"#{r['rank']} {r['score']:.3f}{lab}", fontsize=8,
                          color="green" if ql is not None and r.get("label") == ql else "black")
     fig.tight_layout()
     path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=GRID_DPI, format="png"))
     plt.close(fig)
     return path
 
 
 __all__ = ["POOLS", "INDEX_KINDS", "embed_images", "embed_paths", "embed_folder", "Embeddings", "Index",
-           "build_index", "model_manifest", "writer_lock", "check_same_model", "recall_at_k", "map_at_r", "knn_classify",
-           "retrieval_report", "save_grid", "default_pool", "embed_dataset", "evaluate_retrieval"]
+           "build_index", "model_manifest", "writer_lock", "check_same_model", "recall_at_k", "map_at_r",
+           "knn_classify", "retrieval_report", "save_grid", "default_pool", "embed_dataset", "evaluate_retrieval"]
