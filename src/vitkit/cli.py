@@ -582,7 +582,7 @@ def cmd_explain(args) -> int:
     from pathlib import Path
 
     from .io import load
-    from .io.checkpoint import atomic_write
+    from .io.checkpoint import atomic_write, check_finite_outputs
     from .tasks.explain import check_outputs, check_tokens, explain, output_stems, save_figure
     from .tasks.images import denormalize, load_batch, native_size, open_image, preprocessing
 
@@ -605,6 +605,7 @@ def cmd_explain(args) -> int:
         check_tokens(model, size or tuple(pcfg["input_size"][1:]), args.max_tokens)  # before the image grows
         x = load_batch([path], model, size=size)
         e = explain(model, x, args.method, args.head_fusion, args.discard_ratio, max_tokens=args.max_tokens)
+        check_finite_outputs(e.logits, str(args.checkpoint), [path])
         prob = e.logits.softmax(-1)[0] if e.logits.ndim == 2 and e.logits.shape[-1] > 1 else None
         pred = int(prob.argmax()) if prob is not None else None
         label = names[pred] if names and pred is not None and pred < len(names) else pred

@@ -93,7 +93,8 @@ def test_nan_weights_are_an_error_naming_the_file_and_tensor(tmp_path, capsys):
 
 
 def test_non_finite_outputs_are_an_error_naming_the_checkpoint(tmp_path):
-    """Finite weights that overflow (1e30 head) give inf logits: predict refuses instead of printing nan."""
+    """Finite weights that overflow give inf logits or NaN embeddings: predict and embed refuse instead of
+    printing nan or storing it."""
     from PIL import Image
 
     from vitkit.tasks.classify import predict
@@ -106,6 +107,16 @@ def test_non_finite_outputs_are_an_error_naming_the_checkpoint(tmp_path):
     Image.fromarray((torch.rand(28, 28) * 255).byte().numpy()).save(tmp_path / "x.png")
     with pytest.raises(CheckpointError, match=r"hot\.safetensors gives NaN or infinite outputs for .*x\.png"):
         predict(path, [tmp_path / "x.png"])
+    from vitkit.tasks.retrieve import embed_folder
+
+    with torch.no_grad():
+        model.norm.weight.fill_(3e38)  # features overflow to inf: the normalised embeddings would be NaN
+    path = vitkit.save(model, tmp_path / "hot2.safetensors")
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray((torch.rand(28, 28) * 255).byte().numpy()).save(tmp_path / "imgs" / "y.png")
+    with pytest.raises(CheckpointError, match=r"hot2\.safetensors gives NaN or infinite outputs for .*y\.png"):
+        embed_folder(path, tmp_path / "imgs", tmp_path / "e.safetensors", progress=False)
+    assert not (tmp_path / "e.safetensors").exists()
 
 
 def test_forged_config_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):

@@ -216,26 +216,32 @@ def _file_key(p: Path) -> list:
 
 
 def embed_paths(model, paths: Sequence, pool: str, layer: Optional[int], batch_size: int = 64,
-                progress: bool = True, strict: bool = True) -> Tuple[np.ndarray, List[Tuple[int, str]]]:
+                progress: bool = True, strict: bool = True,
+                source: str = "the model") -> Tuple[np.ndarray, List[Tuple[int, str]]]:
     """Image files → (N, D) float32 embeddings, batched, with a progress bar (images/s and ETA). Unreadable files
     stop the run when `strict`, else they are left out: returns the embeddings of the readable files in order and
-    the (position, reason) of the others."""
+    the (position, reason) of the others. NaN or infinite embeddings are a CheckpointError naming `source`."""
     from tqdm import tqdm
+
+    from ..io.checkpoint import check_finite_outputs
 
     tf = eval_transform(preprocessing(model))
     out, bad = [], []
     with tqdm(total=len(paths), desc="embed", unit="img", disable=not progress, leave=False) as bar:
         for i in range(0, len(paths), batch_size):
-            xs = []
+            xs, ok = [], []
             for j, p in enumerate(paths[i: i + batch_size]):
                 try:
                     xs.append(tf(open_image(p, model.config.in_chans)))
+                    ok.append(p)
                 except DataError as e:
                     if strict:
                         raise
                     bad.append((i + j, str(e)))
             if xs:
-                out.append(embed_images(model, torch.stack(xs), pool, layer).numpy())
+                vecs = embed_images(model, torch.stack(xs), pool, layer)
+                check_finite_outputs(vecs, source, ok)
+                out.append(vecs.numpy())
             bar.update(len(paths[i: i + batch_size]))
     return (np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)), bad
 
@@ -298,7 +304,8 @@ def _embed_into(out: Path, model, manifest: dict, folder: Path, files: List[Path
             vectors[i] = old.vectors[have[p][1]]
     bad: List[Tuple[int, str]] = []
     if todo:
-        new, bad_local = embed_paths(model, [files[i] for i in todo], pool, layer, batch_size, progress, strict)
+        new, bad_local = embed_paths(model, [files[i] for i in todo], pool, layer, batch_size, progress, strict,
+                                     source=str(manifest.get("checkpoint") or "the model"))
         bad = [(todo[j], why) for j, why in bad_local]
         bad_set = {j for j, _ in bad_local}
         vectors[[i for j, i in enumerate(todo) if j not in bad_set]] = new
