@@ -121,6 +121,17 @@ def oriented_size(im):
     return w, h
 
 
+def image_text(path) -> dict:
+    """An image file's text metadata (PNG tEXt/iTXt chunks), without decoding its pixels; {} if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return dict(getattr(im, "text", None) or {})
+    except Exception:  # noqa: BLE001 - a missing or foreign file simply has no text we know
+        return {}
+
+
 def read_image(path, in_chans: int = 3, draft_size: Optional[int] = None):
     """An image file → a PIL image in 'L' (1 channel) or 'RGB' (3 channels) by the module's policy (orientation,
     bit depth, palette, colour space, transparency), or a DataError that names the file. `draft_size`: let a JPEG
@@ -148,4 +159,4 @@ def read_image(path, in_chans: int = 3, draft_size: Optional[int] = None):
         raise DataError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from None
 
 
-__all__ = ["POLICY_VERSION", "read_image", "to_model_mode", "oriented_size"]
+__all__ = ["POLICY_VERSION", "read_image", "to_model_mode", "oriented_size", "image_text"]

@@ -220,13 +220,9 @@ def output_stems(images: Sequence, out) -> List[Path]:
 
 def figure_source(png) -> Optional[str]:
     """The image a figure from `save_figure` was made from (its PNG 'Source' text), or None."""
-    from PIL import Image
+    from ..data.images import image_text
 
-    try:
-        with Image.open(png) as im:
-            return im.text.get("Source")
-    except Exception:  # noqa: BLE001 - not a readable PNG: nobody we know owns it
-        return None
+    return image_text(png).get("Source")
 
 
 def check_outputs(images: Sequence, stems: Sequence[Path], suffix: str, overwrite: bool = False) -> None:
