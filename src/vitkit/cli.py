@@ -459,29 +459,33 @@ cmd_embed.add_arguments = lambda p: (
 def cmd_index(args) -> int:
     from pathlib import Path
 
-    from .tasks.retrieve import Embeddings, Index, build_index
+    from .tasks.retrieve import Embeddings, Index, build_index, writer_lock
 
     if args.action == "build":
         out = Path(args.out)
-        if (out / "manifest.json").exists() and not args.overwrite:
-            raise FileExistsError(f"index {str(out)!r} exists; pass --overwrite to replace it, or `vitkit index add` "
-                                  "to append to it")
-        emb = Embeddings.load(args.embeddings)
-        params = {"nprobe": args.nprobe, "M": args.M, "ef_search": args.ef_search, "nlist": args.nlist}
-        index = build_index(emb, args.kind, **params)
-        index.save(out)
+        with writer_lock(out):  # one writer at a time per index folder; the other waits (see writer_lock)
+            if (out / "manifest.json").exists() and not args.overwrite:
+                raise FileExistsError(f"index {str(out)!r} exists; pass --overwrite to replace it, or `vitkit index "
+                                      "add` to append to it")
+            emb = Embeddings.load(args.embeddings)
+            params = {"nprobe": args.nprobe, "M": args.M, "ef_search": args.ef_search, "nlist": args.nlist}
+            index = build_index(emb, args.kind, **params)
+            index.save(out)
         _print_json({"index": str(out), "kind": index.kind, "count": len(index), "dim": index.dim,
                      "params": index.params})
         return 0
-    index = Index.load(args.index)
-    emb = Embeddings.load(args.embeddings)
-    have = set(index.paths)
-    new = [i for i, p in enumerate(emb.paths) if p not in have]
-    if new:
-        index.add(emb.vectors[new], [emb.paths[i] for i in new], [emb.labels[i] for i in new], model=emb.model)
-    else:
-        index.add(emb.vectors[:0], [], [], model=emb.model)  # still refuses another model's embeddings
-    index.save(args.index)
+    if not (Path(args.index) / "manifest.json").is_file():
+        Index.load(args.index)  # its clear "not a vitkit index" error, before a lock file is made beside it
+    with writer_lock(Path(args.index)):  # load, add and save as one step: a concurrent add waits, nothing is lost
+        index = Index.load(args.index)
+        emb = Embeddings.load(args.embeddings)
+        have = set(index.paths)
+        new = [i for i, p in enumerate(emb.paths) if p not in have]
+        if new:
+            index.add(emb.vectors[new], [emb.paths[i] for i in new], [emb.labels[i] for i in new], model=emb.model)
+        else:
+            index.add(emb.vectors[:0], [], [], model=emb.model)  # still refuses another model's embeddings
+        index.save(args.index)
     _print_json({"index": args.index, "added": len(new), "skipped_already_indexed": len(emb) - len(new),
                  "count": len(index)})
     return 0
@@ -587,42 +591,46 @@ def cmd_explain(args) -> int:
     from pathlib import Path
 
     from .io import load
-    from .io.checkpoint import atomic_write
-    from .tasks.explain import explain, save_figure
+    from .io.checkpoint import atomic_write, check_finite_outputs
+    from .tasks.explain import check_outputs, check_tokens, explain, output_stems, save_figure
     from .tasks.images import denormalize, load_batch, native_size, open_image, preprocessing
 
     import numpy as np
 
+    out = Path(args.out)
+    stems = output_stems(args.images, out)  # relative paths kept: a/x.png and b/x.png never share a name
+    check_outputs(args.images, stems, "." + args.format, args.overwrite)
     model = load(args.checkpoint)
     pcfg = preprocessing(model)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = (pcfg.get("class_names") or None)
     rows = []
-    for path in args.images:
+    for path, stem in zip(args.images, stems):
         size = None
         if args.size == "native":
             size = native_size(open_image(path, model.config.in_chans), model.patch_embed.patch_size[0])
         elif args.size != "model":
             size = args.size
+        check_tokens(model, size or tuple(pcfg["input_size"][1:]), args.max_tokens)  # before the image grows
         x = load_batch([path], model, size=size)
-        e = explain(model, x, args.method, args.head_fusion, args.discard_ratio)
+        e = explain(model, x, args.method, args.head_fusion, args.discard_ratio, max_tokens=args.max_tokens)
+        check_finite_outputs(e.logits, str(args.checkpoint), [path])
         prob = e.logits.softmax(-1)[0] if e.logits.ndim == 2 and e.logits.shape[-1] > 1 else None
         pred = int(prob.argmax()) if prob is not None else None
         label = names[pred] if names and pred is not None and pred < len(names) else pred
-        stem = out / Path(path).stem
-        png = save_figure(stem.with_suffix(".png"), denormalize(x[0], pcfg), e, 0,
-                          title=f"{Path(path).name}: predicted {label}" if label is not None else Path(path).name)
+        png = save_figure(Path(f"{stem}.png"), denormalize(x[0], pcfg), e, 0,
+                          title=f"{Path(path).name}: predicted {label}" if label is not None else Path(path).name,
+                          source=str(Path(path).resolve()))
         scores = e.map[0].numpy()
         if args.format == "npy":
-            spath = stem.with_suffix(".npy")
+            spath = Path(f"{stem}.npy")
             def _write_npy(tmp, arr=scores):
                 with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to the temp name
                     np.save(f, arr)
 
             atomic_write(spath, _write_npy)
         else:
-            spath = stem.with_suffix(".json")
+            spath = Path(f"{stem}.json")
             doc = {"image": str(path), "method": e.method, **e.params, "grid": list(e.grid),
                    "input_size": list(x.shape[-2:]), "meaning": e.meaning, "predicted": label,
                    "map": scores.round(6).tolist(), "heads": e.heads[0].numpy().round(6).tolist()}
@@ -644,6 +652,9 @@ cmd_explain.add_arguments = lambda p: (
                    help="input size: 'model' (the checkpoint's), 'native' (the image's own, cut to the patch) or HxW"),
     p.add_argument("--out", default="explain", help="folder for the PNGs and scores"),
     p.add_argument("--format", choices=["json", "npy"], default="json", help="patch-grid scores as JSON or .npy"),
+    p.add_argument("--overwrite", action="store_true", help="replace outputs in --out that other images made"),
+    p.add_argument("--max-tokens", type=int, default=4096, metavar="N",
+                   help="refuse inputs above N tokens (attention-map memory grows with tokens²; 0: no cap)"),
 )
 
 

@@ -146,3 +146,97 @@ def test_pointing_rollout_peaks_inside_the_digit(tmp_path):
     hits = pointing.in_box(peaks, boxes).mean()
     swapped = pointing.in_box([(c, r) for r, c in peaks], boxes).mean()
     assert hits - swapped > 0.3, (hits, swapped)
+
+
+def test_explain_outputs_never_collide_and_others_are_not_replaced(tmp_path, capsys, digits_model):
+    """a/x.png and b/x.png keep their relative paths (both kept, not one lost); an output another image made is
+    refused without --overwrite; re-explaining the same image replaces its own files."""
+    _, (xte, yte) = mnist5k()
+    from PIL import Image
+
+    for name, i in (("a", 0), ("b", 1), ("c", 2)):
+        (tmp_path / name).mkdir()
+        Image.fromarray((xte[i, 0].numpy() * 255).astype(np.uint8), "L").save(tmp_path / name / "x.png")
+    out = tmp_path / "maps"
+    a, b, c = (str(tmp_path / n / "x.png") for n in "abc")
+    assert main(["explain", str(digits_model), a, b, "--out", str(out)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [Path(r["png"]) for r in rows] == [out / "a" / "x.png", out / "b" / "x.png"]
+    assert [json.loads(Path(r["scores"]).read_text())["image"] for r in rows] == [a, b]
+    assert main(["explain", str(digits_model), a, "--out", str(out)]) == 0  # alone: maps/x.png, owned by a
+    capsys.readouterr()
+    before = (out / "x.json").read_text()
+    assert main(["explain", str(digits_model), c, "--out", str(out)]) == 2  # c/x.png would replace a's
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "a/x.png" in err and len(err.strip().splitlines()) == 1
+    assert (out / "x.json").read_text() == before
+    assert main(["explain", str(digits_model), a, "--out", str(out)]) == 0  # its own files: replaced quietly
+    assert main(["explain", str(digits_model), c, "--out", str(out), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "x.json").read_text())["image"] == c
+
+
+def test_explicit_attention_is_computed_in_bounded_blocks_and_matches(monkeypatch):
+    """With a small block budget the explicit path hands over (B, heads, rows, N) blocks no bigger than the budget,
+    and the logits, the attention and the maps equal the one-block computation."""
+    import vitkit.models.vit as vit
+
+    torch.manual_seed(0)
+    model = vitkit.create_model("vit_mini_patch7_28", reg_tokens=1, depth=3).eval()
+    x = torch.randn(2, 1, 42, 35)  # 6 x 5 patches + 2 prefix tokens = 32 tokens
+    with torch.no_grad():
+        ref_logits, ref_attns = model(x, return_attention=True)
+    ref = {m: explain(model, x, m, "max", 0.5) for m in ("rollout", "attention")}
+    heads, N = 4, 32
+    budget = 2 * heads * 5 * N  # five query rows per block
+    monkeypatch.setattr(vit, "ATTN_BLOCK_ELEMENTS", budget)
+    seen = []
+    with torch.no_grad():
+        logits = model.forward_attention(x, lambda i, p, r0: seen.append((i, tuple(p.shape), r0)))
+        _, attns = model(x, return_attention=True)
+    assert max(s[1][2] for s in seen) == 5 and all(2 * heads * s[1][2] * N <= budget for s in seen)
+    assert [s[2] for s in seen if s[0] == 0] == [0, 5, 10, 15, 20, 25, 30]
+    torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-5)
+    for a, b in zip(attns, ref_attns):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for m, e in ref.items():
+        got = explain(model, x, m, "max", 0.5)
+        torch.testing.assert_close(got.map, e.map, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got.heads, e.heads, atol=1e-6, rtol=1e-5)
+    avg = vitkit.create_model("vit_mini_patch7_28", class_token=False, global_pool="avg", depth=2).eval()
+    with torch.no_grad():
+        _, a = avg(x, return_attention=True)
+    torch.testing.assert_close(explain(avg, x, "attention").heads.reshape(2, 4, -1), a[-1].mean(dim=2))
+
+
+def test_explain_refuses_inputs_above_the_token_cap(tmp_path, capsys, digits_model):
+    """A native-size image far above the cap is refused with one line naming the cap and the flag, before it is
+    preprocessed; the flag lifts it."""
+    from PIL import Image
+
+    from vitkit.tasks.explain import check_tokens
+
+    model = vitkit.create_model("vit_mini_patch7_28")
+    with pytest.raises(ConfigError, match=r"65 tokens, above the attention-map cap of 64.*--max-tokens 65"):
+        explain(model, torch.randn(1, 1, 56, 56), max_tokens=64)
+    check_tokens(model, (56, 56), 65)
+    Image.new("L", (700, 700), 128).save(tmp_path / "big.png")  # 100 x 100 patches of 7: 10,001 tokens
+    calls = []
+    import vitkit.tasks.images as images
+
+    real = images.load_batch
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(images, "load_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        code = main(["explain", str(digits_model), str(tmp_path / "big.png"), "--size", "native",
+                     "--out", str(tmp_path / "maps")])
+    finally:
+        monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == 2 and calls == [] and len(err.strip().splitlines()) == 1
+    assert "10001 tokens" in err and "cap of 4096" in err and "--max-tokens 10001" in err
+    Image.new("L", (70, 70), 128).save(tmp_path / "mid.png")  # 101 tokens: allowed with a raised cap only
+    assert main(["explain", str(digits_model), str(tmp_path / "mid.png"), "--size", "native", "--max-tokens", "100",
+                 "--out", str(tmp_path / "maps")]) == 2
+    assert main(["explain", str(digits_model), str(tmp_path / "mid.png"), "--size", "native", "--max-tokens", "101",
+                 "--out", str(tmp_path / "maps")]) == 0

@@ -352,3 +352,89 @@ def test_retrieval_benchmark_quick_mode(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith(f"IVF (nlist 128, nprobe {best['value']}) vs exact on 20,000 x 384: "), last
     assert f"recall@10 {best['recall@10']:.3f}" in last
+
+
+def test_embed_refuses_to_drop_another_folders_embeddings(tmp_path, capsys, digits_model):
+    """`embed B --out file-of-A` used to replace A's vectors by B's without a word; now it is refused."""
+    _, (xte, yte) = mnist5k()
+    write_digits(tmp_path / "A", xte[:6], yte[:6])
+    write_digits(tmp_path / "B", xte[6:10], yte[6:10])
+    out = tmp_path / "emb.safetensors"
+    code, _, err = _run(capsys, ["embed", str(digits_model), str(tmp_path / "A"), "--out", str(out), "--quiet"])
+    assert code == 0, err
+    code, _, err = _run(capsys, ["embed", str(digits_model), str(tmp_path / "B"), "--out", str(out), "--quiet"])
+    assert code == 2 and "--overwrite" in err and str((tmp_path / "A").resolve()) in err
+    assert len(err.strip().splitlines()) == 1 and len(Embeddings.load(out)) == 6
+    code, _, err = _run(capsys, ["embed", str(digits_model), str(tmp_path / "B"), "--out", str(out), "--quiet",
+                                 "--overwrite"])
+    assert code == 0 and len(Embeddings.load(out)) == 4
+    (tmp_path / "other.safetensors").write_bytes(b"not embeddings")
+    code, _, err = _run(capsys, ["embed", str(digits_model), str(tmp_path / "A"), "--out",
+                                 str(tmp_path / "other.safetensors"), "--quiet"])
+    assert code == 2 and "--overwrite" in err and (tmp_path / "other.safetensors").read_bytes() == b"not embeddings"
+
+
+def _emb_file(path, start, n, dim=8):
+    model = {"checkpoint": None, "sha256": "same", "pool": "cls", "layer": None, "input_size": [1, 28, 28]}
+    vecs = np.random.default_rng(start).standard_normal((n, dim)).astype(np.float32)
+    Embeddings(vecs, [f"/img/{start + i}.png" for i in range(n)], [None] * n, [[0, 0]] * n, model).save(path)
+    return path
+
+
+@pytest.mark.parametrize("order", ["e1 first", "e2 first"])
+def test_two_processes_adding_to_one_index_lose_nothing(tmp_path, order):
+    """Two `vitkit index add` processes race on one index folder: the first is held inside its write (a test
+    hook pauses it between writing and renaming the manifest) while the second starts. The second waits for the
+    first's lock (naming its pid) and then adds to the updated index: every vector of both ends up in it."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    ix = tmp_path / "ix"
+    build_index(Embeddings.load(_emb_file(tmp_path / "base.st", 0, 5))).save(ix)
+    e1, e2 = _emb_file(tmp_path / "e1.st", 100, 3), _emb_file(tmp_path / "e2.st", 200, 4)
+    first, second = (e1, e2) if order == "e1 first" else (e2, e1)
+    env = dict(os.environ, PYTHONPATH=str(root / "src"))
+    env.pop("VITKIT_TEST_PAUSE_WRITE", None)
+    cmd = [sys.executable, "-m", "vitkit", "index", "add", str(ix)]
+    a = subprocess.Popen(cmd + [str(first)], env=dict(env, VITKIT_TEST_PAUSE_WRITE="manifest.json:8"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)
+    deadline = time.time() + 120
+    while not list(ix.glob(".manifest.json.*.tmp")):  # the first is inside its write now
+        assert a.poll() is None and time.time() < deadline, a.communicate()
+        time.sleep(0.05)
+    b = subprocess.Popen(cmd + [str(second)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=root)
+    out_a, err_a = a.communicate(timeout=180)
+    out_b, err_b = b.communicate(timeout=180)
+    assert a.returncode == 0 and b.returncode == 0, (err_a, err_b)
+    assert f"pid {a.pid}" in err_b  # the second said whom it waited for
+    index = Index.load(ix)
+    assert sorted(index.paths) == sorted([f"/img/{i}.png" for i in range(5)] + [f"/img/{100 + i}.png" for i in
+                                         range(3)] + [f"/img/{200 + i}.png" for i in range(4)])
+    assert len(index) == 12
+
+
+def test_search_grid_draws_downscaled_images(tmp_path, monkeypatch):
+    """An 1800x1200 query and neighbour reach matplotlib as thumbnails, not at their own size."""
+    import matplotlib.axes
+    from PIL import Image
+
+    from vitkit.tasks.retrieve import save_grid
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (1200, 1800, 3), dtype=np.uint8)).save(tmp_path / "q.png")
+    Image.fromarray(rng.integers(0, 256, (1800, 900, 3), dtype=np.uint8)).save(tmp_path / "n.jpg")
+    shapes = []
+    real = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda self, X, *a, **k: shapes.append(np.asarray(X).shape) or real(self, X, *a, **k))
+    res = [[{"rank": 1, "path": str(tmp_path / "n.jpg"), "score": 0.9, "label": None},
+            {"rank": 2, "path": str(tmp_path / "gone.png"), "score": 0.5, "label": None}]]
+    save_grid(tmp_path / "g.png", [str(tmp_path / "q.png")], res, channels=3)
+    assert len(shapes) == 2 and max(max(s[:2]) for s in shapes) <= 320
+    assert shapes[0][:2] == (213, 320) and shapes[1][:2] == (320, 160)  # aspect kept
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"

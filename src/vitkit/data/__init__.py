@@ -24,7 +24,8 @@ from ..errors import ConfigError, DataError
 from .folders import FolderScan, decode_folder, scan_folder
 from .profile import DataProfile, profile_images, stratified_sample
 from .sources import (IMG_EXTENSIONS, TORCHVISION, DatasetInfo, ImageFolderDataset, InMemoryDataset, load_digits,
-                      load_mnist5k, load_torchvision, read_image, skip_bad_collate, stratified_split)
+                      load_mnist5k, load_torchvision, skip_bad_collate, stratified_split)
+from .images import read_image, to_model_mode
 from .transforms import (CIFAR_MEAN, CIFAR_STD, HALF_MEAN, MNIST_MEAN, MNIST_STD, AugmentConfig, BatchTransform,
                          MixUp, default_augment, eval_transform, folder_train_transform)
 
@@ -387,5 +388,5 @@ __all__ = [
     "DataOptions", "build_datasets", "open_data", "DataSource", "DataProfile", "memory_limit", "make_loader", "Loader",
     "list_datasets", "DatasetInfo", "InMemoryDataset",
     "ImageFolderDataset", "BatchTransform", "AugmentConfig", "MixUp", "default_augment", "eval_transform",
-    "folder_train_transform", "read_image", "stratified_split", "IMG_EXTENSIONS", "DATASETS",
+    "folder_train_transform", "read_image", "to_model_mode", "stratified_split", "IMG_EXTENSIONS", "DATASETS",
 ]

@@ -4,7 +4,8 @@ the images, made once in parallel and cached on disk under a key of the folder's
     scan = scan_folder("~/photos")                      # classes, files, header sizes and modes; nothing decoded
     images, labels, bad = decode_folder(scan, size=32, in_chans=3)   # (N, C, 32, 32) uint8, cached
 
-The cache key covers every file's path, size, modification and change times and the decoding options, so a changed,
+The cache key covers every file's path, size, modification and change times, the decoding options and the
+image-reading policy's version (`vitkit.data.images.POLICY_VERSION`), so a changed policy or a changed,
 added or removed file makes a new key: a cached copy is never served for a folder that has changed since. The cache
 lives in `$VITKIT_CACHE` (default `~/.cache/vitkit`), one `.npy` + `.json` pair per (folder state, options).
 """
@@ -23,11 +24,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DataError
+from . import images as _images
+from .images import oriented_size
 
 log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 CACHE_VERSION = 1
+
+
+def _cache_tag() -> str:
+    """The cache format's version and the image-reading policy's: a changed decoding never serves stale pixels."""
+    return f"{CACHE_VERSION}.{_images.POLICY_VERSION}"
 _PARALLEL_MIN = 2000  # below this many files, decoding in this process is faster than starting workers
 
 
@@ -57,7 +65,7 @@ class FolderScan:
 
     def listing_key(self, **options) -> str:
         """A key that changes when any file changes (path, size, mtime, ctime) or any decoding option does."""
-        h = hashlib.sha256(f"v{CACHE_VERSION}|{self.root.resolve()}|{json.dumps(options, sort_keys=True)}".encode())
+        h = hashlib.sha256(f"v{_cache_tag()}|{self.root.resolve()}|{json.dumps(options, sort_keys=True)}".encode())
         for f in self.files:
             st = os.stat(f)
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
@@ -86,7 +94,7 @@ def _headers(files: Sequence[str]) -> List[Optional[Tuple[int, int, str]]]:
     for f in files:
         try:
             with Image.open(f) as im:
-                out.append((im.size[0], im.size[1], im.mode))
+                out.append((*oriented_size(im), im.mode))
         except Exception:  # noqa: BLE001 - any unreadable header: the file is skipped and counted
             out.append(None)
     return out
@@ -152,7 +160,7 @@ def scan_folder(path, strict: bool = False) -> FolderScan:
 def _cached_headers(root: Path, files: List[str]) -> List[Optional[Tuple[int, int, str]]]:
     """Every file's header (width, height, mode), read once and cached under the listing's key (paths, sizes,
     modification and change times), so a rescan of an unchanged folder reads no image."""
-    h = hashlib.sha256(f"headers v{CACHE_VERSION}|{root.resolve()}".encode())
+    h = hashlib.sha256(f"headers v{_cache_tag()}|{root.resolve()}".encode())
     for f in files:
         st = os.stat(f)
         h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
@@ -208,7 +216,7 @@ def _decode_chunk(args) -> Tuple[np.ndarray, List[int]]:
     """Decode files to (n, C, S, S) uint8 (shorter side resized to S, centre-cropped); indices of failures."""
     files, size, in_chans = args[:3]
     draft = len(args) > 3 and args[3]  # JPEGs may decode at a reduced scale (>= size): much faster for thumbnails
-    from .sources import read_image
+    from .images import read_image
 
     out = np.zeros((len(files), in_chans, size, size), np.uint8)
     bad = []

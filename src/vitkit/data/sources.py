@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .images import read_image
 
 log = logging.getLogger(__name__)
 
@@ -81,29 +82,6 @@ def skip_bad_collate(batch):
     if not batch:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
     return torch.utils.data.default_collate(batch)
-
-
-def read_image(path, in_chans: int = 3, draft_size: Optional[int] = None):
-    """A PIL image in 'L' (1 channel) or 'RGB' (3 channels), or a DataError that names the file. `draft_size`:
-    let a JPEG decode at a reduced scale no smaller than this (much faster when only a small image is needed)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            if draft_size:
-                im.draft("L" if in_chans == 1 else "RGB", (draft_size, draft_size))
-            im.load()
-            if in_chans == 1:
-                return im.convert("L")
-            if in_chans == 3:
-                return im.convert("RGB")
-            raise DataError(f"images can be read as 1 or 3 channels, the model wants {in_chans}")
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {str(path)!r} does not exist; check the path") from None
-    except Exception as e:
-        raise DataError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from None
 
 
 @dataclass

@@ -6,6 +6,7 @@ Metadata keys (all JSON strings): `format` = "vitkit", `version`, `model_type` (
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -150,6 +151,7 @@ def load(path, map_location="cpu") -> nn.Module:
         pcfg = json.loads(meta.get("pretrained_cfg", "{}"))
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{str(path)!r} has damaged vitkit metadata ({e}); re-save it") from None
+    check_shapes(path, model_cls, config)  # before a byte of the model is allocated
     model = model_cls(config)
     try:
         state = load_file(str(path), device=str(map_location))
@@ -159,6 +161,71 @@ def load(path, map_location="cpu") -> nn.Module:
     load_state_dict_checked(model, state, source=str(path))
     model.pretrained_cfg = pcfg
     return model.eval()
+
+
+@contextlib.contextmanager
+def _no_init():
+    """torch.nn.init's fillers as no-ops while a model is built on the meta device (as transformers'
+    `no_init_weights` does): random init of meta tensors would import torch's reference ops, a second of nothing."""
+    import torch
+
+    names = [n for n in ("uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_", "xavier_uniform_",
+                         "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "eye_", "dirac_")
+             if hasattr(torch.nn.init, n)]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
+def check_shapes(path, model_cls: Type[nn.Module], config) -> None:
+    """Refuse a checkpoint whose config does not describe its own tensors, by building the model on the meta device
+    (no memory) and comparing shapes with the file's header: a forged or damaged config (embed_dim=2**20) fails here
+    in a moment instead of allocating terabytes."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with torch.device("meta"), _no_init():
+            expected = {k: tuple(v.shape) for k, v in model_cls(config).state_dict().items()}
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{str(path)!r} has a config that builds no model ({str(e).splitlines()[0]}); "
+                              "re-save the checkpoint from its model") from None
+    with safe_open(str(path), framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    bad = [f"{k} {found[k]} vs config {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+    missing = [k for k in expected if k not in found]
+    if bad or missing:
+        what = f"shape mismatch for {', '.join(bad[:3])}" if bad else f"missing tensors {', '.join(missing[:3])}"
+        raise CheckpointError(f"{str(path)!r}: its config does not match its own tensors ({what}); the file is "
+                              "damaged or was edited: re-save it from its model")
+
+
+def check_finite(state: dict, source: str) -> None:
+    """Refuse weights with NaN or infinite values (a diverged or damaged checkpoint), naming the file and tensors."""
+    import torch
+
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{source} has NaN or infinite weights in {', '.join(bad[:5])}"
+                              f"{f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''}; it would predict nothing "
+                              "meaningful: use an earlier checkpoint or retrain")
+
+
+def check_finite_outputs(out, source: str, inputs) -> None:
+    """Refuse model outputs (B, ...) with NaN or infinite values, naming the checkpoint and the first input."""
+    import torch
+
+    bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        rows = [str(inputs[i]) for i in torch.nonzero(bad).flatten().tolist()]
+        raise CheckpointError(f"{source} gives NaN or infinite outputs for {rows[0]!r}"
+                              f"{f' (+{len(rows) - 1} more)' if len(rows) > 1 else ''}; its weights overflow at this "
+                              "precision or are damaged: use another checkpoint, or fp32")
 
 
 def load_state_dict_checked(model: nn.Module, state: dict, source: str = "checkpoint", strict: bool = True):
@@ -176,6 +243,7 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str = "checkp
         raise CheckpointError(f"{source} does not match the model: shape mismatch for {_few(bad_shape)}; "
                               "build the model the checkpoint was saved from, or load with vitkit.load_pretrained "
                               "to resample")
+    check_finite(state, source)
     if strict and (missing or unexpected):
         parts = []
         if missing:

@@ -127,6 +127,9 @@ class ToMeVisionTransformer(VisionTransformer):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features_sizes(x)[0]
 
+    def forward_attention(self, x: torch.Tensor, sink):
+        raise ValueError("attention maps are not defined with token merging; call remove_tome(model) first")
+
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         if return_attention:
             raise ValueError("attention maps are not defined with token merging; call remove_tome(model) first")

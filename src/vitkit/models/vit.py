@@ -7,7 +7,7 @@ follow timm's `VisionTransformer`, so a timm state dict loads with strict=True a
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,12 @@ from .layers import feature_take_indices, resample_abs_pos_embed, resample_patch
 
 
 EXPLICIT_TRAIN_TOKENS = 256  # CPU training uses the explicit softmax(QK^T/sqrt(d))V up to this many tokens
+# The explicit path computes its (B, heads, rows, N) probabilities in blocks of query rows of at most this many
+# elements (64 MB in fp32), so what it holds at once does not grow with tokens² (softmax is per row: exact).
+ATTN_BLOCK_ELEMENTS = 1 << 24
+
+# sink(probs, row0): receives each block of attention probabilities (B, heads, rows, N) for query rows row0.. .
+AttentionSink = Callable[[torch.Tensor, int], None]
 
 
 class PatchEmbed(nn.Module):
@@ -198,23 +204,39 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
-        self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None, return_attention: bool = False
+        self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None, return_attention: bool = False,
+        sink: Optional[AttentionSink] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """x: (B, N, D). attn_bias: additive logits bias broadcastable to (B, heads, N, N) (e.g. ToMe's log-size).
-        With return_attention, runs the explicit softmax path and also returns the (B, heads, N, N) probabilities."""
+        With return_attention, runs the explicit softmax path and also returns the (B, heads, N, N) probabilities;
+        with `sink`, hands them block by block of query rows to sink(probs, row0) instead, holding none whole."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         attn = None
-        if return_attention or (N <= EXPLICIT_TRAIN_TOKENS and x.device.type == "cpu" and torch.is_grad_enabled()):
+        if return_attention or sink is not None or \
+                (N <= EXPLICIT_TRAIN_TOKENS and x.device.type == "cpu" and torch.is_grad_enabled()):
             # The explicit path: asked for the weights, or training on a CPU with a short sequence, where it runs
             # 1.1-4x faster than the fused kernels' backward (fp32 and bf16, measured) and its N x N matrix is small.
-            logits = (q * self.scale) @ k.transpose(-2, -1)
-            if attn_bias is not None:
-                logits = logits + attn_bias
-            # softmax accumulated in fp32 at least (bf16/fp16 logits), in the input's precision above that
-            attn = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(q.dtype)
-            x = self.attn_drop(attn) @ v
+            # in blocks of query rows without autograd (with it, backward keeps every block anyway: one block)
+            rows = N if torch.is_grad_enabled() else max(1, ATTN_BLOCK_ELEMENTS // max(1, B * self.num_heads * N))
+            outs, blocks = [], []
+            for r0 in range(0, N, rows):
+                logits = (q[:, :, r0:r0 + rows] * self.scale) @ k.transpose(-2, -1)
+                if attn_bias is not None:
+                    per_row = attn_bias.ndim >= 2 and attn_bias.shape[-2] != 1
+                    logits = logits + (attn_bias[..., r0:r0 + rows, :] if per_row else attn_bias)
+                # softmax accumulated in fp32 at least (bf16/fp16 logits), in the input's precision above that
+                p = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(q.dtype)
+                del logits
+                outs.append(self.attn_drop(p) @ v)
+                if sink is not None:
+                    sink(p, r0)
+                if return_attention:
+                    blocks.append(p)
+            x = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            if return_attention:
+                attn = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
         else:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop.p if self.training else 0.0
@@ -289,9 +311,13 @@ class Block(nn.Module):
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
-    def forward_with_attention(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The same block through the explicit softmax path; also returns (B, heads, N, N) attention."""
-        y, attn = self.attn(self.norm1(x), return_attention=True)
+    def forward_with_attention(self, x: torch.Tensor, sink: Optional[AttentionSink] = None):
+        """The same block through the explicit softmax path; also returns (B, heads, N, N) attention, or, with a
+        `sink`, hands it over block by block of query rows and returns None in its place."""
+        if sink is None:
+            y, attn = self.attn(self.norm1(x), return_attention=True)
+        else:
+            y, attn = self.attn(self.norm1(x), sink=sink), None
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, attn
@@ -334,7 +360,8 @@ class VisionTransformer(nn.Module):
         self.patch_drop = PatchDropout(cfg.patch_drop_rate, self.num_prefix_tokens) if cfg.patch_drop_rate > 0 \
             else nn.Identity()
         self.norm_pre = norm_layer(dim) if cfg.pre_norm else nn.Identity()
-        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
+        # on the CPU whatever the default device: the model also builds under torch.device("meta") (shape checks)
+        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu")]
         self.blocks = nn.Sequential(*[
             Block(dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.qk_norm, cfg.proj_drop_rate,
                   cfg.attn_drop_rate, cfg.init_values, dpr[i], norm_layer)
@@ -488,6 +515,15 @@ class VisionTransformer(nn.Module):
             x, a = blk.forward_with_attention(x)
             attns.append(a)
         return self.forward_head(self.norm(x)), attns
+
+    def forward_attention(self, x: torch.Tensor, sink: Callable[[int, torch.Tensor, int], None]) -> torch.Tensor:
+        """Images (B, C, H, W) → logits, handing every block's attention probabilities to sink(block, probs (B,
+        heads, rows, N), row0) block by block of query rows: attention maps in memory that grows with N, not
+        depth · heads · N²."""
+        x = self.embed(x)
+        for i, blk in enumerate(self.blocks):
+            x, _ = blk.forward_with_attention(x, sink=lambda p, r0, i=i: sink(i, p, r0))
+        return self.forward_head(self.norm(x))
 
     def forward_intermediates(
         self,

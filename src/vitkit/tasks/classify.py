@@ -645,7 +645,9 @@ def collect_images(paths: Sequence) -> List[Path]:
 def predict(checkpoint, paths: Sequence, *, topk: int = 5, batch_size: int = 64, device="auto",
             strict: bool = False, fast: bool = False, tome: int = 0) -> List[dict]:
     """Top-k labels (by name) with probabilities for each image; images are batched. Unreadable images are
-    reported with an 'error' entry (or raise with `strict`)."""
+    reported with an 'error' entry (or raise with `strict`); NaN or infinite outputs are a CheckpointError."""
+    from ..io.checkpoint import check_finite_outputs
+
     dev = resolve_device(device)
     model, names = load_classifier(checkpoint, dev, fast=fast, tome=tome)
     pcfg = model.pretrained_cfg or {}
@@ -669,8 +671,9 @@ def predict(checkpoint, paths: Sequence, *, topk: int = 5, batch_size: int = 64,
                 results[j] = {"path": str(files[j]), "error": str(e)}
         if not xs:
             continue
-        probs = classify_logits(model, torch.stack(xs).to(dev), bool(pcfg.get("tta_flip"))).softmax(-1)
-        p, idx = probs.topk(k, -1)
+        logits = classify_logits(model, torch.stack(xs).to(dev), bool(pcfg.get("tta_flip")))
+        check_finite_outputs(logits, str(checkpoint), [files[j] for j in ok])
+        p, idx = logits.softmax(-1).topk(k, -1)
         for j, pr, ix in zip(ok, p.tolist(), idx.tolist()):
             results[j] = {"path": str(files[j]), "label": names[ix[0]], "prob": round(pr[0], 5),
                           "topk": [{"label": names[t], "prob": round(q, 5)} for t, q in zip(ix, pr)]}

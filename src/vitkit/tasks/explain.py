@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from ..errors import ConfigError
 
 METHODS = ("rollout", "attention")
 HEAD_FUSIONS = ("mean", "max", "min")
+# Attention maps of inputs above this many tokens are refused unless asked (`--max-tokens`): the rollout holds a few
+# (N, N) fp32 matrices, 4096 tokens (a 1024x1024 image at patch 16) → about 270 MB.
+DEFAULT_MAX_TOKENS = 4096
 
 
 def fuse_heads(attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
@@ -38,6 +41,23 @@ def fuse_heads(attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
     raise ConfigError(f"head fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
 
 
+def _rollout_step(a: torch.Tensor, result, discard_ratio: float) -> torch.Tensor:
+    """One block of the rollout: its head-fused (B, N, N) attention, weakest links dropped, identity added for the
+    residual path, rows re-normalised, multiplied onto the flow so far."""
+    B, N, _ = a.shape
+    if discard_ratio > 0:
+        flat = a.reshape(B, N * N).clone()
+        k = int(N * N * discard_ratio)
+        _, low = flat.topk(k, dim=-1, largest=False)
+        keep_first = torch.zeros_like(flat, dtype=torch.bool)
+        keep_first[:, 0] = True
+        drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, low, True) & ~keep_first
+        a = flat.masked_fill(drop, 0.0).reshape(B, N, N)
+    a = 0.5 * a + 0.5 * torch.eye(N, dtype=a.dtype, device=a.device)
+    a = a / a.sum(dim=-1, keepdim=True)
+    return a if result is None else a @ result
+
+
 def attention_rollout(attns: Sequence[torch.Tensor], head_fusion: str = "mean",
                       discard_ratio: float = 0.0) -> torch.Tensor:
     """Per-block attention probabilities [(B, heads, N, N)] → the rolled-out (B, N, N) token-to-token flow.
@@ -47,19 +67,7 @@ def attention_rollout(attns: Sequence[torch.Tensor], head_fusion: str = "mean",
         raise ConfigError(f"discard ratio must be in [0, 1), got {discard_ratio}")
     result = None
     for attn in attns:
-        a = fuse_heads(attn.float(), head_fusion)
-        B, N, _ = a.shape
-        if discard_ratio > 0:
-            flat = a.reshape(B, N * N).clone()
-            k = int(N * N * discard_ratio)
-            _, low = flat.topk(k, dim=-1, largest=False)
-            keep_first = torch.zeros_like(flat, dtype=torch.bool)
-            keep_first[:, 0] = True
-            drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, low, True) & ~keep_first
-            a = flat.masked_fill(drop, 0.0).reshape(B, N, N)
-        a = 0.5 * a + 0.5 * torch.eye(N, dtype=a.dtype, device=a.device)
-        a = a / a.sum(dim=-1, keepdim=True)
-        result = a if result is None else a @ result
+        result = _rollout_step(fuse_heads(attn.float(), head_fusion), result, discard_ratio)
     return result
 
 
@@ -119,21 +127,66 @@ class Explanation:
         return [(int(i) // gw, int(i) % gw) for i in flat]
 
 
+def token_count(model, size: Tuple[int, int]) -> int:
+    """Tokens the model sees for an (H, W) input: its patches plus the class/register tokens."""
+    gh, gw = model.patch_embed.dynamic_feat_size(tuple(size))
+    return gh * gw + model.num_prefix_tokens
+
+
+def check_tokens(model, size: Tuple[int, int], max_tokens: Optional[int] = DEFAULT_MAX_TOKENS) -> None:
+    """Refuse an input whose attention maps would take more than `max_tokens` tokens (memory grows with tokens²),
+    before the image is even preprocessed; None or 0 lifts the cap."""
+    n = token_count(model, size)
+    if max_tokens and n > max_tokens:
+        gb = 4 * 4 * n * n / 1e9  # the rollout's few (N, N) fp32 matrices
+        raise ConfigError(f"an input of {size[0]}x{size[1]} pixels is {n} tokens, above the attention-map cap of "
+                          f"{max_tokens} (their memory grows with tokens², about {gb:.1f} GB here); pass --max-tokens "
+                          f"{n} to allow it, or a smaller --size")
+
+
 @torch.no_grad()
 def explain(model, x: torch.Tensor, method: str = "rollout", head_fusion: str = "mean",
-            discard_ratio: float = 0.0) -> Explanation:
-    """Images (B, C, H, W) at any size the model accepts → attention maps over their patch grid."""
+            discard_ratio: float = 0.0, max_tokens: Optional[int] = DEFAULT_MAX_TOKENS) -> Explanation:
+    """Images (B, C, H, W) at any size the model accepts → attention maps over their patch grid. The attention
+    is consumed block by block as the model computes it (`forward_attention`): memory holds a few (B, N, N)
+    matrices, never every block's (B, heads, N, N); inputs above `max_tokens` tokens are refused."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    if head_fusion not in HEAD_FUSIONS:
+        raise ConfigError(f"head fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ConfigError(f"discard ratio must be in [0, 1), got {discard_ratio}")
+    check_tokens(model, x.shape[-2:], max_tokens)
     model.eval()
-    logits, attns = model(x, return_attention=True)
     gh, gw = model.patch_embed.dynamic_feat_size(x.shape[-2:])
-    npt, cls = model.num_prefix_tokens, reads_class_token(model)
-    heads = last_layer_attention(attns, npt, cls)
-    if method == "rollout":
-        m = _readout_row(attention_rollout(attns, head_fusion, discard_ratio), npt, cls)
-    else:
-        m = heads.mean(dim=1)
+    npt, cls, last = model.num_prefix_tokens, reads_class_token(model), len(model.blocks) - 1
+    state = {"fused": None, "flow": None, "heads": None}
+
+    def sink(block: int, p: torch.Tensor, r0: int) -> None:
+        B, H, rows, N = p.shape
+        if method == "rollout":
+            if r0 == 0:
+                state["fused"] = torch.empty(B, N, N, dtype=torch.float32, device=p.device)
+            state["fused"][:, r0:r0 + rows] = fuse_heads(p.float(), head_fusion)
+            if r0 + rows == N:
+                state["flow"] = _rollout_step(state["fused"], state["flow"], discard_ratio)
+                state["fused"] = None
+        if block == last:  # the last block's map per head: the class token's row, or the mean of the patch rows
+            if cls:
+                if r0 == 0:
+                    state["heads"] = p[:, :, 0, npt:].float().clone()
+            else:
+                if r0 == 0:
+                    state["heads"] = torch.zeros(B, H, N - npt, dtype=torch.float32, device=p.device)
+                lo = max(r0, npt) - r0
+                if lo < rows:
+                    state["heads"] += p[:, :, lo:, npt:].float().sum(dim=2)
+                if r0 + rows == N:
+                    state["heads"] /= N - npt
+
+    logits = model.forward_attention(x, sink)
+    heads = state["heads"]
+    m = _readout_row(state["flow"], npt, cls) if method == "rollout" else heads.mean(dim=1)
     B = x.shape[0]
     return Explanation(m.reshape(B, gh, gw), heads.reshape(B, heads.shape[1], gh, gw), logits, (gh, gw), method,
                        map_meaning(model, method),
@@ -148,8 +201,50 @@ def upsample(grid_map: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:
     return (m / m.max().clamp(min=1e-12)).numpy()
 
 
-def save_figure(path, image: np.ndarray, expl: Explanation, i: int = 0, title: str = "") -> Path:
-    """A PNG: the image, the map laid over it, the map itself, then the last block's per-head maps."""
+def output_stems(images: Sequence, out) -> List[Path]:
+    """Where each image's outputs go (without suffix): its path relative to the images' common folder, under `out`,
+    so a/x.png and b/x.png never share a name; files differing only by extension keep it (x.jpg → x.jpg.png)."""
+    import os
+
+    files = [Path(p).resolve() for p in images]
+    if not files:
+        return []
+    common = Path(os.path.commonpath([str(f.parent) for f in files]))
+    rel = [f.relative_to(common) for f in files]
+    stems = [r.with_suffix("") for r in rel]
+    owners: dict = {}
+    for f, s in zip(files, stems):
+        owners.setdefault(s, set()).add(f)
+    return [Path(out) / (r if len(owners[s]) > 1 else s) for r, s in zip(rel, stems)]
+
+
+def figure_source(png) -> Optional[str]:
+    """The image a figure from `save_figure` was made from (its PNG 'Source' text), or None."""
+    from ..data.images import image_text
+
+    return image_text(png).get("Source")
+
+
+def check_outputs(images: Sequence, stems: Sequence[Path], suffix: str, overwrite: bool = False) -> None:
+    """Refuse, before anything is computed, to replace an output that another image made (or one of unknown
+    origin), unless `overwrite`: re-explaining the same image replaces its own files."""
+    if overwrite:
+        return
+    for img, stem in zip(images, stems):
+        png, scores = Path(f"{stem}.png"), Path(f"{stem}{suffix}")
+        if not png.exists() and not scores.exists():
+            continue
+        owner = figure_source(png) if png.exists() else None
+        if owner != str(Path(img).resolve()):
+            taken = png if png.exists() else scores
+            raise FileExistsError(f"{str(taken)!r} exists and belongs to {owner or 'something else'}, not to "
+                                  f"{str(img)!r}; pass --overwrite to replace it, or choose another --out")
+
+
+def save_figure(path, image: np.ndarray, expl: Explanation, i: int = 0, title: str = "",
+                source: Optional[str] = None) -> Path:
+    """A PNG: the image, the map laid over it, the map itself, then the last block's per-head maps. `source` (the
+    image's path) is recorded in the PNG's text, so a later run knows whose file it is."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,10 +281,12 @@ def save_figure(path, image: np.ndarray, expl: Explanation, i: int = 0, title: s
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    meta = {"Source": str(source)} if source else None
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png", metadata=meta))
     plt.close(fig)
     return path
 
 
-__all__ = ["METHODS", "HEAD_FUSIONS", "fuse_heads", "attention_rollout", "last_layer_attention", "explain",
-           "Explanation", "map_meaning", "reads_class_token", "upsample", "save_figure"]
+__all__ = ["METHODS", "HEAD_FUSIONS", "DEFAULT_MAX_TOKENS", "token_count", "check_tokens", "fuse_heads", "attention_rollout", "last_layer_attention", "explain",
+           "Explanation", "map_meaning", "reads_class_token", "upsample", "save_figure", "output_stems",
+           "check_outputs", "figure_source"]

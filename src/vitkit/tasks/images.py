@@ -38,7 +38,8 @@ def label_of(path: Path, root: Path) -> Optional[str]:
 
 
 def open_image(path, channels: int = 3):
-    """A PIL image in the model's channel mode ('L' for 1 channel, 'RGB' for 3), or a DataError naming the file."""
+    """A PIL image in the model's channel mode ('L' for 1 channel, 'RGB' for 3) by vitkit.data's one reading
+    policy, or a DataError naming the file."""
     return read_image(path, channels)
 
 

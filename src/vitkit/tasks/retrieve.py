@@ -10,9 +10,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 POOLS = ("cls", "mean", "prelogits")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 EMBEDDINGS_FORMAT = "vitkit-embeddings"
+GRID_DPI = 100  # the search grid's resolution; its thumbnails are downscaled to twice what it shows
 INDEX_FORMAT = "vitkit-index"
 
 
@@ -38,6 +41,36 @@ def _faiss():
     import faiss
 
     return faiss
+
+
+@contextlib.contextmanager
+def writer_lock(target):
+    """Hold an exclusive lock on `target` (an embeddings file or an index folder) while it is read, changed and
+    written back. A second writer waits its turn (it logs the pid it waits for), so neither loses the other's work;
+    the lock is an fcntl.flock on `.<name>.lock` beside the target, which the OS drops when its process dies, so a
+    killed writer never leaves it stuck. (Where fcntl does not exist, e.g. Windows, writers are not serialised.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    target = Path(target)
+    lock = target.absolute().parent / f".{target.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            log.warning("%s is being written by another vitkit process (pid %s); waiting for it to finish",
+                        target, holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 # ---- embeddings ------------------------------------------------------------------------------------------------
@@ -183,26 +216,32 @@ def _file_key(p: Path) -> list:
 
 
 def embed_paths(model, paths: Sequence, pool: str, layer: Optional[int], batch_size: int = 64,
-                progress: bool = True, strict: bool = True) -> Tuple[np.ndarray, List[Tuple[int, str]]]:
+                progress: bool = True, strict: bool = True,
+                source: str = "the model") -> Tuple[np.ndarray, List[Tuple[int, str]]]:
     """Image files → (N, D) float32 embeddings, batched, with a progress bar (images/s and ETA). Unreadable files
     stop the run when `strict`, else they are left out: returns the embeddings of the readable files in order and
-    the (position, reason) of the others."""
+    the (position, reason) of the others. NaN or infinite embeddings are a CheckpointError naming `source`."""
     from tqdm import tqdm
+
+    from ..io.checkpoint import check_finite_outputs
 
     tf = eval_transform(preprocessing(model))
     out, bad = [], []
     with tqdm(total=len(paths), desc="embed", unit="img", disable=not progress, leave=False) as bar:
         for i in range(0, len(paths), batch_size):
-            xs = []
+            xs, ok = [], []
             for j, p in enumerate(paths[i: i + batch_size]):
                 try:
                     xs.append(tf(open_image(p, model.config.in_chans)))
+                    ok.append(p)
                 except DataError as e:
                     if strict:
                         raise
                     bad.append((i + j, str(e)))
             if xs:
-                out.append(embed_images(model, torch.stack(xs), pool, layer).numpy())
+                vecs = embed_images(model, torch.stack(xs), pool, layer)
+                check_finite_outputs(vecs, source, ok)
+                out.append(vecs.numpy())
             bar.update(len(paths[i: i + batch_size]))
     return (np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)), bad
 
@@ -227,14 +266,32 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
         from ..models.fast import optimize
 
         model = optimize(model)
-    old = None
     out = Path(out)
+    with writer_lock(out):  # read, embed and write back as one step: a concurrent embed waits, nothing is lost
+        return _embed_into(out, model, manifest, folder, files, pool, layer, batch_size, overwrite, progress, strict)
+
+
+def _embed_into(out: Path, model, manifest: dict, folder: Path, files: List[Path], pool: str, layer: Optional[int],
+                batch_size: int, overwrite: bool, progress: bool, strict: bool) -> Dict:
+    """embed_folder's work under the lock: reuse what `out` holds for this model and folder, embed the rest."""
+    old = None
     if out.exists():
-        old = Embeddings.load(out)
-        if not same_model(old.model, manifest):
+        try:
+            old = Embeddings.load(out)
+        except DataError:
+            if not overwrite:
+                raise DataError(f"{str(out)!r} exists and is not a vitkit embeddings file; pass --overwrite to "
+                                "replace it, or pick another --out") from None
+        if old is not None and not same_model(old.model, manifest):
             if not overwrite:
                 raise CheckpointError(f"{str(out)!r} holds embeddings of {_describe(old.model)}, not of "
                                       f"{_describe(manifest)}; pass --overwrite to replace them, or pick another --out")
+            old = None
+        root = str(folder.resolve())
+        if old is not None and old.root is not None and old.root != root:
+            if not overwrite:
+                raise FileExistsError(f"{str(out)!r} holds the embeddings of folder {old.root!r}, not of {root!r}; "
+                                      "pass --overwrite to replace them, or pick another --out")
             old = None
     have = {p: (k, i) for i, (p, k) in enumerate(zip(old.paths, old.keys))} if old is not None else {}
     paths = [str(p.resolve()) for p in files]
@@ -247,7 +304,8 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
             vectors[i] = old.vectors[have[p][1]]
     bad: List[Tuple[int, str]] = []
     if todo:
-        new, bad_local = embed_paths(model, [files[i] for i in todo], pool, layer, batch_size, progress, strict)
+        new, bad_local = embed_paths(model, [files[i] for i in todo], pool, layer, batch_size, progress, strict,
+                                     source=str(manifest.get("checkpoint") or "the model"))
         bad = [(todo[j], why) for j, why in bad_local]
         bad_set = {j for j, _ in bad_local}
         vectors[[i for j, i in enumerate(todo) if j not in bad_set]] = new
@@ -546,13 +604,22 @@ def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, lay
 # ---- the picture -------------------------------------------------------------------------------------------------
 def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: Optional[Sequence] = None,
               channels: int = 3, thumb: float = 1.6) -> Path:
-    """A PNG with one row per query: the query image, then its neighbours with score and label."""
+    """A PNG with one row per query: the query image, then its neighbours with score and label. Every image is
+    downscaled to its thumbnail before it is drawn, so memory does not follow the images' own size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .images import open_image
+    from ..data import read_image
+
+    side = int(thumb * GRID_DPI * 2)  # pixels per thumbnail, twice what the figure shows
+
+    def small(p):
+        """The image read at a reduced JPEG scale where possible and shrunk to `side`: never drawn full size."""
+        im = read_image(p, channels, draft_size=side)
+        im.thumbnail((side, side))
+        return np.asarray(im)
 
     cols = 1 + max((len(r) for r in results), default=0)
     fig, axes = plt.subplots(len(queries), cols, figsize=(thumb * cols, thumb * 1.3 * len(queries)), squeeze=False)
@@ -560,25 +627,25 @@ def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: 
     for row, (q, res) in enumerate(zip(queries, results)):
         for ax in axes[row]:
             ax.axis("off")
-        axes[row][0].imshow(np.asarray(open_image(q, channels)), cmap=cmap)
+        axes[row][0].imshow(small(q), cmap=cmap)
         ql = query_labels[row] if query_labels is not None else None
         axes[row][0].set_title("query" + (f"\n{ql}" if ql is not None else f"\n{Path(q).name[:14]}"), fontsize=8)
         for j, r in enumerate(res):
             ax = axes[row][j + 1]
             try:
-                ax.imshow(np.asarray(open_image(r["path"], channels)), cmap=cmap)
-            except (DataError, TypeError):
+                ax.imshow(small(r["path"]), cmap=cmap)
+            except (DataError, FileNotFoundError, TypeError):
                 ax.text(0.5, 0.5, "(image gone)", ha="center", va="center", fontsize=7)
             lab = f"\n{r['label']}" if r.get("label") is not None else ""
             ax.set_title(f"#{r['rank']} {r['score']:.3f}{lab}", fontsize=8,
                          color="green" if ql is not None and r.get("label") == ql else "black")
     fig.tight_layout()
     path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=GRID_DPI, format="png"))
     plt.close(fig)
     return path
 
 
 __all__ = ["POOLS", "INDEX_KINDS", "embed_images", "embed_paths", "embed_folder", "Embeddings", "Index",
-           "build_index", "model_manifest", "check_same_model", "recall_at_k", "map_at_r", "knn_classify",
-           "retrieval_report", "save_grid", "default_pool", "embed_dataset", "evaluate_retrieval"]
+           "build_index", "model_manifest", "writer_lock", "check_same_model", "recall_at_k", "map_at_r",
+           "knn_classify", "retrieval_report", "save_grid", "default_pool", "embed_dataset", "evaluate_retrieval"]
