@@ -399,8 +399,10 @@ def test_two_processes_adding_to_one_index_lose_nothing(tmp_path, order):
     first, second = (e1, e2) if order == "e1 first" else (e2, e1)
     env = dict(os.environ, PYTHONPATH=str(root / "src"))
     env.pop("VITKIT_TEST_PAUSE_WRITE", None)
+    go = tmp_path / "go"  # the first is held inside its write until the second has said whom it waits for
     cmd = [sys.executable, "-m", "vitkit", "index", "add", str(ix)]
-    a = subprocess.Popen(cmd + [str(first)], env=dict(env, VITKIT_TEST_PAUSE_WRITE="manifest.json:8"),
+    a = subprocess.Popen(cmd + [str(first)], env=dict(env, VITKIT_TEST_PAUSE_WRITE="manifest.json:120",
+                                                      VITKIT_TEST_PAUSE_UNTIL=str(go)),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)
     deadline = time.time() + 120
     while not list(ix.glob(".manifest.json.*.tmp")):  # the first is inside its write now
@@ -408,8 +410,15 @@ def test_two_processes_adding_to_one_index_lose_nothing(tmp_path, order):
         time.sleep(0.05)
     b = subprocess.Popen(cmd + [str(second)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          cwd=root)
+    waited = ""
+    while "another vitkit process" not in waited:
+        line = b.stderr.readline()  # blocks until the second logs (it waits on the lock right after)
+        assert line, f"the second process ended without waiting: {waited}"
+        waited += line
+    go.touch()
     out_a, err_a = a.communicate(timeout=180)
     out_b, err_b = b.communicate(timeout=180)
+    err_b = waited + err_b
     assert a.returncode == 0 and b.returncode == 0, (err_a, err_b)
     assert f"pid {a.pid}" in err_b  # the second said whom it waited for
     index = Index.load(ix)

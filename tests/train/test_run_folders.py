@@ -185,18 +185,21 @@ def test_resume_extends_a_finished_run_and_records_it(cut_run, capsys):
 
 
 # ---- item 1, two processes racing on one run name ----------------------------------------------------------------
-def _env(pause=None):
+def _env(pause=None, until=None):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("VITKIT_TEST_PAUSE_WRITE", None)
+    env.pop("VITKIT_TEST_PAUSE_UNTIL", None)
     if pause:
         env["VITKIT_TEST_PAUSE_WRITE"] = pause
+    if until:  # the pause ends when the test creates this file: held exactly as long as the test needs
+        env["VITKIT_TEST_PAUSE_UNTIL"] = str(until)
     src = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "src"))
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
-def _spawn(args, pause=None):
-    return subprocess.Popen([sys.executable, "-m", "vitkit", *args], env=_env(pause), stdout=subprocess.DEVNULL,
+def _spawn(args, pause=None, until=None):
+    return subprocess.Popen([sys.executable, "-m", "vitkit", *args], env=_env(pause, until), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -265,8 +268,9 @@ def test_a_live_process_keeps_its_run_against_this_one(tmp_path, first_overwrite
     run = tmp_path / "race"
     if first_overwrite:
         _old_run(run)
+    go = tmp_path / "go"
     p = _spawn([*CLI_TINY, "--name", "race", "--runs-dir", str(tmp_path), "--seed", "2",
-                *(["--overwrite"] if first_overwrite else [])], pause="last.state.pt:2")
+                *(["--overwrite"] if first_overwrite else [])], pause="last.state.pt:120", until=go)
     try:
         _wait_paused(p, run, ".last.state.pt.*.tmp")
         for overwrite in (False, True):
@@ -274,6 +278,7 @@ def test_a_live_process_keeps_its_run_against_this_one(tmp_path, first_overwrite
                 train_classifier(_task(), _tc(tmp_path, "race", seed=1, overwrite=overwrite))
         with pytest.raises(RunExistsError, match=f"process {p.pid} is running it"):
             train_classifier(_task(), TrainConfig(resume=str(run), quiet=True))
+        go.touch()  # let the other process finish its write
         _, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
@@ -315,8 +320,14 @@ def test_two_processes_started_together(tmp_path):
     """Two `vitkit train` with one name started at once, the second with --overwrite: whichever claims the name
     first trains (each claims it on start, seconds before either could end), the other is refused naming it;
     never two runs in one folder (before the lock: both exited 0, one run deleted under the other)."""
-    procs = {seed: _spawn([*CLI_TINY, "--name", "race", "--runs-dir", str(tmp_path), "--seed", str(seed), *extra])
+    go = tmp_path / "go"  # the winner is held inside its first checkpoint until the loser has been refused
+    procs = {seed: _spawn([*CLI_TINY, "--name", "race", "--runs-dir", str(tmp_path), "--seed", str(seed), *extra],
+                          pause="last.state.pt:120", until=go)
              for seed, extra in ((1, []), (2, ["--overwrite"]))}
+    deadline = time.time() + 120
+    while all(p.poll() is None for p in procs.values()) and time.time() < deadline:
+        time.sleep(0.05)
+    go.touch()
     out = {seed: (p.communicate(timeout=180)[1], p.returncode) for seed, p in procs.items()}
     winners = [seed for seed, (_, rc) in out.items() if rc == 0]
     assert len(winners) == 1, out

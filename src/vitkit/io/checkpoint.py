@@ -50,7 +50,9 @@ def default_pretrained_cfg(model: nn.Module) -> dict:
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temp file in the same folder, then rename: a kill at any moment leaves the old file whole.
     Test hook: VITKIT_TEST_PAUSE_WRITE=<file-name glob>:<seconds> sleeps between a matching temp file's last byte
-    and its rename, so a test can kill a process inside a write; unset (always, outside tests) it does nothing."""
+    and its rename, so a test can kill a process inside a write (VITKIT_TEST_PAUSE_UNTIL=<file> ends the pause as
+    soon as that file exists, so a race test holds a writer exactly as long as it needs, whatever the machine's
+    speed); unset (always, outside tests) it does nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -61,7 +63,9 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         if pause:
             pattern, _, seconds = pause.rpartition(":")
             if fnmatch.fnmatch(path.name, pattern):
-                time.sleep(float(seconds))
+                until, end = os.environ.get("VITKIT_TEST_PAUSE_UNTIL"), time.monotonic() + float(seconds)
+                while time.monotonic() < end and not (until and os.path.exists(until)):
+                    time.sleep(min(0.02, max(0.0, end - time.monotonic())))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
