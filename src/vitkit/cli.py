@@ -110,6 +110,13 @@ cmd_summary.add_arguments = lambda p: (
 
 
 # ---- vitkit train | eval | predict ---------------------------------------------------------------------------
+def _run_name(text: str) -> str:
+    """--name: a plain folder name (the run folder is RUNS_DIR/NAME)."""
+    if not text.strip() or "/" in text or "\\" in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"expected a plain folder name (not empty, no '/'), got {text!r}")
+    return text
+
+
 def _kv(text: str):
     """KEY=VALUE with VALUE read as JSON when it parses (numbers, true/false, lists), else as a string."""
     if "=" not in text:
@@ -169,6 +176,11 @@ def _recipe_from_flags(args):
     from .tasks.recipe import Recipe
     from .train import parse_duration
 
+    from .errors import ConfigError
+
+    if args.val_split is not None and not str(args.data).startswith("folder:"):
+        raise ConfigError(f"val_split applies to folder:PATH data only; {args.data} has a fixed held-out split",
+                          field="val_split")
     base = {}
     if args.recipe:
         path = Path(args.recipe)
@@ -210,8 +222,8 @@ def _add_fast_args(p, tome: bool = True) -> tuple:
 def _add_data_args(p, train: bool) -> None:
     p.add_argument("--data-dir", default="data", help="where torchvision datasets live (default: ./data)")
     p.add_argument("--download", action="store_true", help="download a torchvision dataset (needs a network)")
-    p.add_argument("--val-split", type=float, default=0.1 if train else None,
-                   help="held-out fraction for PATH/<class>/* folders" + ("" if train else " (default: the run's)"))
+    p.add_argument("--val-split", type=float, default=None,
+                   help="held-out fraction for PATH/<class>/* folders (default: " + ("0.1)" if train else "the run's)"))
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping")
     p.add_argument("--max-val", type=int, default=None, help="evaluate on a stratified subset of this size")
     if train:
@@ -249,7 +261,7 @@ def _add_train_args(p) -> None:
       help="evaluate on each image and its mirror image, averaged")
     a("--recipe", default=None, metavar="RUN", help="rerun a run's resolved recipe (its folder or config.json); "
       "flags still override")
-    a("--name", default=None, help="run name: outputs go to RUNS_DIR/NAME (default: the dataset name)")
+    a("--name", type=_run_name, default=None, help="run name: outputs go to RUNS_DIR/NAME (default: the dataset name)")
     a("--runs-dir", default="runs")
     a("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     a("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
@@ -300,7 +312,7 @@ def cmd_eval(args) -> int:
     res = evaluate_checkpoint(args.checkpoint, data, out_dir=args.out, batch_size=args.batch_size,
                               device=args.device, data_dir=args.data_dir, download=args.download,
                               val_split=args.val_split, seed=args.seed, strict=args.strict, max_val=args.max_val,
-                              fast=args.fast, tome=args.tome)
+                              fast=args.fast, tome=args.tome, class_map=args.class_map)
     if args.json:
         _print_json(res)
     else:
@@ -314,6 +326,9 @@ def cmd_eval(args) -> int:
 cmd_eval.add_arguments = lambda p: (
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder (uses best.safetensors) or a file"),
     p.add_argument("--data", default=None, help="dataset spec (default: the one the checkpoint was trained on)"),
+    p.add_argument("--class-map", default=None, metavar="FOLDER=CLASS,...|JSON",
+                   help="classes are matched by name; map data classes named otherwise to the checkpoint's, as "
+                   "pairs or a JSON file {\"FOLDER\": \"CLASS\"}"),
     p.add_argument("--out", default=None, help="folder for eval.json and eval_confusion.png (default: the run's)"),
     p.add_argument("--batch-size", type=int, default=500),
     p.add_argument("--device", default="auto"),
@@ -665,7 +680,7 @@ def _engine_config(args, recipe: dict, name: str):
 def _add_engine_args(p, data_help: str) -> None:
     a = p.add_argument
     a("--data", default="mnist5k", help=data_help)
-    a("--name", default=None, help="run name: outputs go to RUNS_DIR/NAME")
+    a("--name", type=_run_name, default=None, help="run name: outputs go to RUNS_DIR/NAME")
     a("--runs-dir", default=None)
     a("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     a("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
@@ -847,8 +862,48 @@ cmd_generate.add_arguments = lambda p: (
 
 
 # ---- the entry point -----------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with vitkit's error format: one line `vitkit: error: ...` naming the flag, exit code 2."""
+
+    def error(self, message: str):
+        msg = " ".join(str(message).split())
+        print(f"vitkit: error: {msg} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _flag_names(parser: argparse.ArgumentParser) -> Dict[str, str]:
+    """dest → its long option string, over a (sub)command's parser and the sub-parsers under it."""
+    out: Dict[str, str] = {}
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for p in a.choices.values():
+                out.update({k: v for k, v in _flag_names(p).items() if k not in out})
+        elif a.option_strings and a.dest not in out:
+            out[a.dest] = max(a.option_strings, key=len)
+    return out
+
+
+# config fields whose flag's dest has another name
+_FIELD_DEST = {"class_dropout_prob": "class_dropout", "decoder_embed_dim": "decoder_dim",
+               "decoder_num_heads": "decoder_heads", "tome_r": "tome", "init_format": "init_format"}
+
+
+def _flag_for(parser: argparse.ArgumentParser, args, field: str) -> str:
+    """The flag that sets config field `field` in this command: `--model-arg FIELD` when it came from there,
+    else the flag of the same (or mapped) name; the field's own name when no flag sets it."""
+    model_args = dict(getattr(args, "model_arg", None) or [])
+    flags: Dict[str, str] = {}
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction) and getattr(args, "command", None) in a.choices:
+            flags = _flag_names(a.choices[args.command])
+    dest = _FIELD_DEST.get(field, field)
+    if field in model_args and getattr(args, dest, None) is None:
+        return f"--model-arg {field}"
+    return flags.get(dest, field)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitkit", description="Vision Transformers: train, evaluate, use.")
+    parser = _Parser(prog="vitkit", description="Vision Transformers: train, evaluate, use.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     from . import __version__
 
@@ -869,7 +924,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     _STARTED = time.perf_counter()  # Trainer.clock's default: the budget starts when the command does
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a flag error (printed as one line), --help or --version: an exit code, no exit
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
@@ -888,6 +946,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.debug:
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
+        field = getattr(e, "field", "")
+        if field and msg.startswith(field):  # a config field's error: name the flag that set it
+            msg = _flag_for(parser, args, field) + msg[len(field):]
         print(f"vitkit: error: {msg}", file=sys.stderr)
         return 2
 

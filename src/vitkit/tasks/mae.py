@@ -51,6 +51,16 @@ class MAETaskConfig(DataOptions):
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
 
+    def __post_init__(self) -> None:
+        from .. import validate as v
+        from ..models.config import ViTConfig
+
+        super().__post_init__()
+        ViTConfig.check_fields(dict(self.model_args))
+        for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+            v.integer(getattr(self, k), k, lo=1, optional=True)
+        v.number(self.mask_ratio, "mask_ratio", lo=0, hi=1, hi_open=True)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

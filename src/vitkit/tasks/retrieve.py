@@ -213,7 +213,11 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
     """Embed every image under `folder` into the embeddings file `out`. When `out` exists (same model), only the
     new or changed files (by path, mtime and size) are embedded; removed files are dropped. Unreadable images are
     skipped with a warning (`strict`: stop at the first). Returns counts."""
+    from .. import validate as v
     from ..io import load
+
+    v.integer(batch_size, "batch_size", lo=1)
+    v.integer(layer, "layer", optional=True)
 
     folder = Path(folder)
     files = list_images(folder)
@@ -282,6 +286,12 @@ class Index:
 
         if kind not in INDEX_KINDS:
             raise ConfigError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+        from .. import validate as v
+
+        v.integer(nlist, "nlist", lo=1, optional=True)
+        v.integer(M, "M", lo=2)
+        for name, val in (("nprobe", nprobe), ("ef_search", ef_search), ("ef_construction", ef_construction)):
+            v.integer(val, name, lo=1)
         self.dim, self.kind, self.model = int(dim), kind, model
         self.params = {"nlist": nlist, "nprobe": int(nprobe), "M": int(M), "ef_search": int(ef_search),
                        "ef_construction": int(ef_construction)}
@@ -342,7 +352,11 @@ class Index:
         return self
 
     def search(self, queries, k: int = 10) -> Tuple[np.ndarray, np.ndarray]:
-        """(Q, D) queries → (scores (Q, k), ids (Q, k)), best first; id -1 where fewer than k entries exist."""
+        """(Q, D) queries → (scores (Q, k'), ids (Q, k')) with k' = min(k, entries), best first; id -1 where an
+        approximate index finds fewer."""
+        from .. import validate as v
+
+        k = v.integer(k, "k", lo=1)
         if len(self) == 0:
             raise DataError("the index is empty; add embeddings before searching")
         q = np.ascontiguousarray(torch.as_tensor(queries).float().numpy() if torch.is_tensor(queries) else queries,
@@ -353,7 +367,7 @@ class Index:
             raise DataError(f"queries have dimension {q.shape[1]}, the index {self.dim}; they come from another "
                             "model or layer than this index's")
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        return self.index.search(q, int(k))
+        return self.index.search(q, min(k, len(self)))  # no more columns than entries (a huge k costs nothing)
 
     def neighbours(self, queries, k: int = 10) -> List[List[dict]]:
         """Per query, the k nearest entries as {rank, id, path, label, score}."""
@@ -408,6 +422,10 @@ class Index:
         return self
 
     def set_search_params(self, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> None:
+        from .. import validate as v
+
+        v.integer(nprobe, "nprobe", lo=1, optional=True)
+        v.integer(ef_search, "ef_search", lo=1, optional=True)
         if nprobe is not None and self.kind == "ivf":
             self.params["nprobe"] = int(nprobe)
             self.index.nprobe = int(nprobe)
