@@ -112,8 +112,9 @@ cmd_summary.add_arguments = lambda p: (
 # ---- vitkit train | eval | predict ---------------------------------------------------------------------------
 def _run_name(text: str) -> str:
     """--name: a plain folder name (the run folder is RUNS_DIR/NAME)."""
-    if not text.strip() or "/" in text or "\\" in text or text in (".", ".."):
-        raise argparse.ArgumentTypeError(f"expected a plain folder name (not empty, no '/'), got {text!r}")
+    if not text.strip() or "/" in text or "\\" in text or text in (".", "..") or len(text.encode()) > 255:
+        raise argparse.ArgumentTypeError(f"expected a plain folder name (not empty, no '/', at most 255 bytes), got "
+                                         f"{text[:40]!r}{'...' if len(text) > 40 else ''}")
     return text
 
 
@@ -519,8 +520,12 @@ def cmd_search(args) -> int:
 
     from .io import load
     from .tasks.images import load_batch
+    from . import validate as v
     from .tasks.retrieve import Index, check_same_model, embed_images, model_manifest, save_grid
 
+    v.integer(args.k, "k", lo=1)  # before the (possibly long) loads; Index.search checks it for Python callers
+    v.integer(args.nprobe, "nprobe", lo=1, optional=True)
+    v.integer(args.ef_search, "ef_search", lo=1, optional=True)
     index = Index.load(args.index)
     if args.nprobe or args.ef_search:
         index.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
@@ -897,9 +902,11 @@ def _flag_for(parser: argparse.ArgumentParser, args, field: str) -> str:
         if isinstance(a, argparse._SubParsersAction) and getattr(args, "command", None) in a.choices:
             flags = _flag_names(a.choices[args.command])
     dest = _FIELD_DEST.get(field, field)
-    if field in model_args and getattr(args, dest, None) is None:
+    if getattr(args, dest, None) is not None and dest in flags:  # a flag the command has, and a value it holds
+        return flags[dest]
+    if field in model_args:
         return f"--model-arg {field}"
-    return flags.get(dest, field)
+    return field
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -941,8 +948,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:  # OSError: paths the user gave (missing, too long, read-only)
         if args.debug:
             raise
         msg = " ".join(str(e).split()) or type(e).__name__

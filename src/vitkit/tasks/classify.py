@@ -564,6 +564,10 @@ def load_classifier(path, device="cpu", fast: bool = False, tome: int = 0):
     if model.num_classes <= 0:
         raise CheckpointError(f"{str(path)!r} holds a model without a classification head; it cannot classify")
     names = (model.pretrained_cfg or {}).get("class_names") or [str(i) for i in range(model.num_classes)]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, (str, int)) for n in names):
+        raise CheckpointError(f"{str(path)!r} records its class names as {type(names).__name__} {str(names)[:60]!r}, "
+                              "not a list of names; the checkpoint is damaged: re-save it with vitkit.save")
+    names = [str(n) for n in names]
     if len(names) != model.num_classes:
         raise CheckpointError(f"{str(path)!r} names {len(names)} classes but its head has {model.num_classes}")
     if fast or tome:

@@ -292,6 +292,7 @@ class Index:
         v.integer(M, "M", lo=2)
         for name, val in (("nprobe", nprobe), ("ef_search", ef_search), ("ef_construction", ef_construction)):
             v.integer(val, name, lo=1)
+        v.integer(dim, "dim", lo=1)
         self.dim, self.kind, self.model = int(dim), kind, model
         self.params = {"nlist": nlist, "nprobe": int(nprobe), "M": int(M), "ef_search": int(ef_search),
                        "ef_construction": int(ef_construction)}
@@ -405,17 +406,27 @@ class Index:
                             "index.faiss); build one with `vitkit index build`")
         try:
             m = json.loads(mpath.read_text())
-            assert m.get("format") == INDEX_FORMAT
-        except Exception:
-            raise DataError(f"{str(mpath)!r} is not a vitkit index manifest; rebuild the index") from None
-        p = m["params"]
-        self = cls(m["dim"], m["kind"], m["model"], p.get("nlist"), p["nprobe"], p["M"], p["ef_search"],
-                   p["ef_construction"])
+            assert isinstance(m, dict) and m.get("format") == INDEX_FORMAT
+            p, paths, labels = m["params"], m["paths"], m["labels"]
+            assert isinstance(p, dict) and isinstance(paths, list) and isinstance(labels, list)
+            assert len(paths) == len(labels) and (m["model"] is None or isinstance(m["model"], dict))
+            self = cls(m["dim"], m["kind"], m["model"], p.get("nlist"), p["nprobe"], p["M"], p["ef_search"],
+                       p["ef_construction"])
+        except Exception as e:
+            why = f" ({e})" if isinstance(e, ConfigError) else ""
+            raise DataError(f"{str(mpath)!r} is not a vitkit index manifest{why}; rebuild the index") from None
         try:
             self.index = faiss.read_index(str(ipath))
         except Exception as e:
             raise DataError(f"{str(ipath)!r} cannot be read ({str(e).splitlines()[0]}); rebuild the index") from None
-        self.paths, self.labels = list(m["paths"]), list(m["labels"])
+        want = {"flat": faiss.IndexFlat, "hnsw": faiss.IndexHNSW, "ivf": faiss.IndexIVF}[self.kind]
+        if not isinstance(self.index, want):
+            raise DataError(f"{str(path)!r}: index.faiss is a {type(self.index).__name__}, not the {self.kind} index "
+                            "the manifest names; the folder was damaged: rebuild the index")
+        if self.index.d != self.dim:  # searching with the wrong width would read past the vectors
+            raise DataError(f"{str(path)!r}: index.faiss holds {self.index.d}-dimensional vectors but the manifest "
+                            f"says {self.dim}; the folder was damaged: rebuild the index")
+        self.paths, self.labels = paths, labels
         if self.index.ntotal != len(self.paths) or self.index.ntotal != m["count"]:
             raise DataError(f"{str(path)!r}: index.faiss holds {self.index.ntotal} vectors but the manifest lists "
                             f"{len(self.paths)}; the folder was damaged (interrupted write?): rebuild the index")

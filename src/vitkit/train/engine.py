@@ -98,8 +98,9 @@ class TrainConfig:
         from .. import validate as v
 
         if not isinstance(self.name, str) or not self.name.strip() or "/" in self.name or "\\" in self.name \
-                or self.name in (".", ".."):
-            raise ConfigError(f"name must be a plain folder name (not empty, no '/'), got {self.name!r}",
+                or self.name in (".", "..") or len(self.name.encode()) > 255:
+            raise ConfigError(f"name must be a plain folder name (not empty, no '/', at most 255 bytes), got "
+                              f"{self.name[:40]!r}{'...' if len(self.name) > 40 else ''}",
                               field="name")
         v.integer(self.epochs, "epochs", lo=1, optional=True)
         v.number(self.time_budget, "time_budget", lo=0, lo_open=True, optional=True)
@@ -376,7 +377,11 @@ class Trainer:
                            **self.loader_kwargs)
 
     def _steps_per_epoch(self) -> int:
-        return max(1, len(self._loader(0)) // self.cfg.accum_steps)
+        n = len(self._loader(0))
+        if n < self.cfg.accum_steps:  # no optimizer step would ever happen: epochs would pass without training
+            raise ConfigError(f"accum_steps {self.cfg.accum_steps} is more than the {n} batch(es) of an epoch; lower "
+                              "it, or the batch size", field="accum_steps")
+        return max(1, n // self.cfg.accum_steps)
 
     def _autocast(self):
         c = self.cfg
