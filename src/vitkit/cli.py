@@ -145,9 +145,9 @@ def cmd_train(args) -> int:
                             max_val=args.max_val)
     name = args.name or (Path(args.data[len("folder:"):]).name if args.data.startswith("folder:") else args.data)
     tc = TrainConfig(name=name, runs_dir=args.runs_dir, overwrite=args.overwrite, resume=args.resume,
-                     max_steps=args.max_steps, accum_steps=args.accum_steps or 1, seed=args.seed or 0,
-                     eval_every=args.eval_every or 1, device=args.device or "auto", workers=args.workers or 0,
-                     quiet=args.quiet)
+                     max_steps=args.max_steps, quiet=args.quiet,
+                     **{k: getattr(args, k) for k in ("accum_steps", "seed", "eval_every", "device", "workers")
+                        if getattr(args, k) is not None})  # a 0 given is checked, not read as "unset"
     if args.quiet:  # no progress bar: the plan and one log line per epoch instead
         import logging as _logging
 
