@@ -79,7 +79,7 @@ def cmd_summary(args) -> int:
     from .models import count_flops, create_model
 
     overrides = {}
-    if args.img_size:
+    if args.img_size is not None:
         overrides["img_size"] = args.img_size
     if args.num_classes is not None:
         overrides["num_classes"] = args.num_classes
@@ -812,6 +812,11 @@ def cmd_generate(args) -> int:
     from .models.dit import DiT
     from .tasks.generate import check_classes, sample, save_grid, score_samples
 
+    from . import validate as v
+
+    v.integer(args.n, "n", lo=1)
+    v.integer(args.steps, "steps", lo=1)
+    v.number(args.cfg, "cfg")
     model = load(args.checkpoint)
     if not isinstance(model, DiT):
         raise ValueError(f"{args.checkpoint!r} holds a {type(model).__name__}, not a DiT; generate needs a "

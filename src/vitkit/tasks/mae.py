@@ -171,6 +171,9 @@ def reconstruct(checkpoint, images, out, *, mask_ratio: Optional[float] = None, 
     from ..io import load
     from .classify import collect_images
 
+    from .. import validate as v
+
+    v.number(mask_ratio, "mask_ratio", lo=0, hi=1, hi_open=True, optional=True)
     model = load(checkpoint)
     if not isinstance(model, MaskedAutoencoderViT):
         raise CheckpointError(f"{str(checkpoint)!r} holds a {type(model).__name__}, not an MAE; reconstruct needs a "

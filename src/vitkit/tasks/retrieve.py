@@ -550,8 +550,13 @@ def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, lay
     """Recall@1/5/10, mAP@R and DINO's weighted k-NN accuracy of a checkpoint's embeddings on a labelled dataset:
     the held-out split is the queries, the training split the database; images are preprocessed as the
     checkpoint says (no augmentation)."""
+    from .. import validate as v
     from ..data import build_datasets
     from ..io import load
+
+    v.integer(batch_size, "batch_size", lo=1)
+    v.integer(knn_k, "knn_k", lo=1)
+    v.number(temperature, "temperature", lo=0, lo_open=True)
 
     if model is None:
         model = load(checkpoint)
