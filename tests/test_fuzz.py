@@ -1,7 +1,8 @@
 """Fuzzing the command line, in-process: random flag values for train / predict / embed / search / export, and
 random bytes, truncations and mutated headers for images, checkpoints and indexes. Every run must end in exit 0
 with a sound result, or exit 2 with one `vitkit: error:` line (predict: 1 with a per-image error row) — never a
-traceback, never a hang. Seeded, and small enough for a few tens of seconds."""
+traceback, never a hang. Seeded (VITKIT_FUZZ_SEED picks another draw of flags when exploring), and small enough for
+a few tens of seconds; each run's argv goes to the real stderr, so a hang names its command."""
 import json
 import os
 import random

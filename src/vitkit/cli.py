@@ -473,8 +473,12 @@ def cmd_index(args) -> int:
         if (out / "manifest.json").exists() and not args.overwrite:
             raise FileExistsError(f"index {str(out)!r} exists; pass --overwrite to replace it, or `vitkit index add` "
                                   "to append to it")
-        emb = Embeddings.load(args.embeddings)
+        from . import validate as v
+
         params = {"nprobe": args.nprobe, "M": args.M, "ef_search": args.ef_search, "nlist": args.nlist}
+        for k, lo in (("nprobe", 1), ("M", 2), ("ef_search", 1), ("nlist", 1)):  # before the load (Index rechecks)
+            v.integer(params[k], k, lo=lo, optional=k == "nlist")
+        emb = Embeddings.load(args.embeddings)
         index = build_index(emb, args.kind, **params)
         index.save(out)
         _print_json({"index": str(out), "kind": index.kind, "count": len(index), "dim": index.dim,

@@ -338,3 +338,23 @@ def test_a_wrong_init_format_hint_names_trains_own_flag(tmp_path, capsys):
                  "--runs-dir", str(tmp_path / "runs")]) == 2
     err = _err(capsys)
     assert "timm layout" in err and "--init-format" in err
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["summary", "vit_mini_patch7_28", "--img-size", "0"], "--img-size must be >= 1, got 0"),
+    (["summary", "vit_mini_patch7_28", "--num-classes", "-3"], "--num-classes must be >= 0"),
+    (["eval-retrieval", "CKPT", "--data", "mnist5k", "--knn-k", "0"], "--knn-k must be >= 1"),
+    (["eval-retrieval", "CKPT", "--data", "mnist5k", "--temperature", "0"], "--temperature must be > 0"),
+    (["train-gen", "--class-dropout", "2", "--runs-dir", "RUNS"], "--class-dropout must be in [0, 1)"),
+    (["train-gen", "--sample-steps", "0", "--runs-dir", "RUNS"], "--sample-steps must be >= 1"),
+    (["pretrain", "--mask-ratio", "1.5", "--runs-dir", "RUNS"], "--mask-ratio must be in [0, 1)"),
+    (["pretrain", "--model-arg", "embed_dim=x", "--runs-dir", "RUNS"], "--model-arg embed_dim must be a whole"),
+    (["generate", "CKPT", "-n", "0"], "-n must be >= 1"), (["generate", "CKPT", "--steps", "0"], "--steps must be"),
+    (["reconstruct", "CKPT", "IMG", "--mask-ratio", "2"], "--mask-ratio must be in [0, 1)"),
+    (["index", "build", "CKPT", "--out", "RUNS", "--M", "1"], "--M must be >= 2")])
+def test_other_commands_name_the_flag(argv, said, tmp_path, capsys):
+    """The same one-line, flag-naming errors from the other commands, before any file is read."""
+    subs = {"CKPT": str(tmp_path / "none.safetensors"), "IMG": str(tmp_path / "none.png"), "RUNS": str(tmp_path / "r")}
+    assert main([subs.get(a, a) for a in argv]) == 2
+    assert said in _err(capsys)
+    assert not (tmp_path / "r").exists()
