@@ -174,10 +174,9 @@ def _recipe_from_flags(args):
     import json
     from pathlib import Path
 
+    from .errors import ConfigError
     from .tasks.recipe import Recipe
     from .train import parse_duration
-
-    from .errors import ConfigError
 
     if args.val_split is not None and not str(args.data).startswith("folder:"):
         raise ConfigError(f"val_split applies to folder:PATH data only; {args.data} has a fixed held-out split",
@@ -899,7 +898,7 @@ def _flag_names(parser: argparse.ArgumentParser) -> Dict[str, str]:
 
 # config fields whose flag's dest has another name
 _FIELD_DEST = {"class_dropout_prob": "class_dropout", "decoder_embed_dim": "decoder_dim",
-               "decoder_num_heads": "decoder_heads", "tome_r": "tome", "init_format": "init_format"}
+               "decoder_num_heads": "decoder_heads", "tome_r": "tome"}
 
 
 def _flag_for(parser: argparse.ArgumentParser, args, field: str) -> str:

@@ -50,7 +50,7 @@ def choice(value, field: str, choices: Iterable, *, optional: bool = False):
         return None
     if isinstance(value, bool) or value not in choices:
         names = [repr(c) for c in choices]
-        _fail(field, f"must be {names[0]} or {names[1]}" if len(names) == 2 else f"must be one of {', '.join(names)}",
+        _fail(field, f"must be {', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else f"must be {names[0]}",
               value)
     return value
 

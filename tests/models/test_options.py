@@ -171,7 +171,7 @@ def test_progressive_resolution_resamples_position_embeddings_as_set_input_size_
     ({"embed_dim": -8}, "embed_dim must be >= 1, got -8"), ({"depth": 2.5}, "depth must be a whole number"),
     ({"num_heads": True}, "num_heads must be a whole number"), ({"mlp_ratio": 0}, "mlp_ratio must be > 0"),
     ({"img_size": [28, 28, 3]}, "img_size must be one size or a pair"), ({"img_size": 0}, "img_size must be >= 1"),
-    ({"qk_norm": "yes"}, "qk_norm must be true or false"), ({"global_pool": "max"}, "global_pool must be one of"),
+    ({"qk_norm": "yes"}, "qk_norm must be true or false"), ({"global_pool": "max"}, "global_pool must be 'token', 'avg' or ''"),
     ({"stem": "vgg"}, "stem must be 'patch' or 'conv'"), ({"attn_drop_rate": float("nan")}, "attn_drop_rate"),
     ({"stem_channels": [8, -1]}, "stem_channels must be >= 1"), ({"reg_tokens": -1}, "reg_tokens must be >= 0"),
     ({"dpeth": 3}, r"unknown model option\(s\) \['dpeth'\]")])

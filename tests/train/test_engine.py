@@ -100,7 +100,7 @@ def test_nan_advice_names_only_changes_not_made_already(tmp_path):
     ("lr", 0.0, "lr must be > 0"), ("lr", float("nan"), "lr must be a number"), ("min_lr", -1, "min_lr"),
     ("warmup", -1, "warmup must be >= 0"), ("clip_grad", -1, "clip_grad must be >= 0"),
     ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"), ("layer_decay", 0, r"layer_decay must be in \(0, 1\]"),
-    ("precision", "fp64", "precision must be one of 'fp32', 'bf16', 'fp16'"), ("name", "", "name must be a plain"),
+    ("precision", "fp64", "precision must be 'fp32', 'bf16' or 'fp16'"), ("name", "", "name must be a plain"),
     ("name", "a/b", "name must be a plain"), ("name", "x" * 300, "at most 255 bytes"),
     ("seed", -1, "seed must be between 0 and"), ("device", "banana", "device must be auto, cpu, cuda"),
     ("workers", -1, "workers must be >= 0"), ("time_budget", 0, "time_budget must be > 0"),

@@ -409,7 +409,7 @@ class Index:
             assert isinstance(m, dict) and m.get("format") == INDEX_FORMAT
             p, paths, labels = m["params"], m["paths"], m["labels"]
             assert isinstance(p, dict) and isinstance(paths, list) and isinstance(labels, list)
-            assert len(paths) == len(labels) and (m["model"] is None or isinstance(m["model"], dict))
+            assert m["model"] is None or isinstance(m["model"], dict)
             self = cls(m["dim"], m["kind"], m["model"], p.get("nlist"), p["nprobe"], p["M"], p["ef_search"],
                        p["ef_construction"])
         except Exception as e:
@@ -427,7 +427,7 @@ class Index:
             raise DataError(f"{str(path)!r}: index.faiss holds {self.index.d}-dimensional vectors but the manifest "
                             f"says {self.dim}; the folder was damaged: rebuild the index")
         self.paths, self.labels = paths, labels
-        if self.index.ntotal != len(self.paths) or self.index.ntotal != m["count"]:
+        if self.index.ntotal != len(self.paths) or self.index.ntotal != m["count"] or len(labels) != len(paths):
             raise DataError(f"{str(path)!r}: index.faiss holds {self.index.ntotal} vectors but the manifest lists "
                             f"{len(self.paths)}; the folder was damaged (interrupted write?): rebuild the index")
         return self
