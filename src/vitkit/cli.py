@@ -230,6 +230,12 @@ def _add_data_args(p, train: bool) -> None:
         p.add_argument("--max-train", type=int, default=None, help="train on a stratified subset of this size")
 
 
+_RESUME_HELP = ("continue a run from its last checkpoint, with the options it was started with; only --epochs, "
+                "--time-budget, --max-steps, --eval-every, --workers and --device may be given (a finished run "
+                "trains on with a larger --epochs or --time-budget: the cosine is laid over the new total from "
+                "the current step); each resume is recorded in config.json's history")
+
+
 def _add_train_args(p) -> None:
     a = p.add_argument
     a("--data", default="mnist5k", help="mnist5k (default, embedded) | digits | folder:PATH | mnist | fashion_mnist "
@@ -263,12 +269,14 @@ def _add_train_args(p) -> None:
       "flags still override")
     a("--name", type=_run_name, default=None, help="run name: outputs go to RUNS_DIR/NAME (default: the dataset name)")
     a("--runs-dir", default="runs")
-    a("--overwrite", action="store_true", help="replace an existing run folder of the same name")
-    a("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    a("--epochs", type=int, default=None)
+    a("--overwrite", action="store_true",
+      help="replace an existing run folder of the same name (never one a running process owns)")
+    a("--resume", default=None, metavar="RUN_DIR", help=_RESUME_HELP)
+    a("--epochs", type=int, default=None, help="train this many epochs (with --resume: a new length for the run)")
     a("--time-budget", default=None, metavar="DURATION",
       help="wall-clock time for the whole command (90s, 10m, 1h): scan, plan, train, report; 'none' for epochs "
-      "(default: 4.5 minutes unless --epochs is given)")
+      "(default: 4.5 minutes unless --epochs is given; with --resume: the run's new total, time already used "
+      "included)")
     a("--max-steps", type=int, default=None, help="stop after this many steps (a quick look; schedule unchanged)")
     a("--batch-size", type=int, default=None, help="global batch per step (split over processes)")
     a("--accum-steps", type=int, default=None, help="gradient accumulation: optimizer step every N batches")
@@ -283,7 +291,8 @@ def _add_train_args(p) -> None:
     a("--layer-decay", type=float, default=None, help="layer-wise lr decay for fine-tuning, e.g. 0.75")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     a("--seed", type=int, default=None)
-    a("--eval-every", type=int, default=None, help="evaluate and checkpoint every N epochs")
+    a("--eval-every", type=int, default=None, help="evaluate every N epochs and at the end (default: every epoch, "
+      "or under --time-budget as often as keeps evaluation near 3%% of the training time)")
     a("--device", default=None, help="auto | cpu | cuda | cuda:N | mps")
     a("--workers", type=int, default=None, help="DataLoader workers for image folders")
     a("--label-smoothing", type=float, default=None)
@@ -668,7 +677,7 @@ def _engine_config(args, recipe: dict, name: str):
 
     from .train import TrainConfig, parse_duration
 
-    recipe = dict(recipe)
+    recipe = dict(recipe) if not args.resume else {}  # a resumed run keeps its own values (resume_configs)
     if args.epochs is not None and args.time_budget is None:
         recipe.pop("time_budget", None)
     if args.time_budget is not None:
@@ -690,10 +699,12 @@ def _add_engine_args(p, data_help: str) -> None:
     a("--data", default="mnist5k", help=data_help)
     a("--name", type=_run_name, default=None, help="run name: outputs go to RUNS_DIR/NAME")
     a("--runs-dir", default=None)
-    a("--overwrite", action="store_true", help="replace an existing run folder of the same name")
-    a("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    a("--epochs", type=int, default=None)
-    a("--time-budget", default=None, metavar="DURATION", help="lay the schedule over this wall-clock time (10m)")
+    a("--overwrite", action="store_true",
+      help="replace an existing run folder of the same name (never one a running process owns)")
+    a("--resume", default=None, metavar="RUN_DIR", help=_RESUME_HELP)
+    a("--epochs", type=int, default=None, help="train this many epochs (with --resume: a new length for the run)")
+    a("--time-budget", default=None, metavar="DURATION", help="lay the schedule over this wall-clock time (10m; "
+      "with --resume: the run's new total, time already used included)")
     a("--max-steps", type=int, default=None, help="stop after this many steps (a quick look)")
     a("--batch-size", type=int, default=None)
     a("--lr", type=float, default=None)
@@ -933,6 +944,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what a command line may give with --resume: these are applied (and recorded in the run's config.json history);
+# `pretrain --method` names the task, which resume_configs checks against the run's
+_RESUME_FLAGS = {"resume", "quiet", "json", "epochs", "time_budget", "max_steps", "eval_every", "workers", "device",
+                 "method"}
+
+
+def _check_resume_flags(args, argv: List[str]) -> None:
+    """Refuse, in one line, every option given with --resume that cannot change on resume. The command line is
+    parsed again with every default suppressed, so a flag counts when given, even at its default value."""
+    from .train import refuse_on_resume
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    flags = {}
+    for a in sub._actions:
+        a.default = argparse.SUPPRESS
+        if a.option_strings:
+            flags[a.dest] = max(a.option_strings, key=len)
+    given = vars(parser.parse_args(argv))
+    refuse_on_resume(args.resume, [flags[d] for d in given if d in flags and d not in _RESUME_FLAGS])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     global _STARTED
     import time
@@ -949,6 +982,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if not getattr(args, "quiet", False) else logging.WARNING,
                         format="%(message)s")
     try:
+        if getattr(args, "resume", None):
+            _check_resume_flags(args, sys.argv[1:] if argv is None else argv)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("vitkit: interrupted", file=sys.stderr)

@@ -203,12 +203,17 @@ def test_engine_trains_another_model_type_with_its_own_loss(tmp_path):
     assert isinstance(back, TinyAE)
 
 
-@pytest.mark.parametrize("step_s,eval_s,steps,epochs,seconds", [
+@pytest.mark.parametrize("every,step_s,eval_s,steps,epochs,seconds,evals", [
     # the plan: (budget - the final evaluation) / (a step + an evaluation spread over an epoch's 8 steps) steps:
-    (1.0, 3.0, 70, 9, 97.0),   # (100 - 3) / (1 + 3/8) = 70.5; it ends at 70 x 1 s + 9 evaluations x 3 s
-    (1.0, 12.0, 35, 5, 95.0),  # evaluations far slower than the first guess: re-planned after the first one
+    (1, 1.0, 3.0, 70, 9, 97.0, 9),    # (100 - 3) / (1 + 3/8) = 70.5; it ends at 70 x 1 s + 9 evaluations x 3 s
+    (1, 1.0, 12.0, 35, 5, 95.0, 5),   # evaluations far slower than the first guess: re-planned after the first one
+    # the default under a budget: after epoch 1 (8 s + 3 s), every ceil(3 / (0.03 x 8)) = 13 epochs, so only the
+    # final one is left: first 8 + (100 - 11 - 3) / (1 + 3/13/8) = 91 steps, then re-planned each epoch as the
+    # evaluations that no longer fall in the schedule hand their time back: 93 x 1 s + 2 evaluations x 3 s
+    (None, 1.0, 3.0, 93, 12, 99.0, 2),
 ])
-def test_time_budget_lays_the_schedule_over_the_clock(tmp_path, step_s, eval_s, steps, epochs, seconds):
+def test_time_budget_lays_the_schedule_over_the_clock(tmp_path, every, step_s, eval_s, steps, epochs, seconds,
+                                                      evals):
     """A fake clock that moves only in the loss (a step) and the evaluation: the plan is exact arithmetic."""
     vitkit.io.register_model_type("tiny_ae", AEConfig, TinyAE)
     now = [0.0]
@@ -222,7 +227,8 @@ def test_time_budget_lays_the_schedule_over_the_clock(tmp_path, step_s, eval_s, 
         now[0] += eval_s
         return {"val_loss": 1.0}
 
-    cfg = _tc(tmp_path, "budget", epochs=1000, time_budget=100.0, batch_size=4, lr=1e-2, best_metric="")
+    cfg = _tc(tmp_path, "budget", epochs=1000, time_budget=100.0, batch_size=4, lr=1e-2, best_metric="",
+              eval_every=every)
     trainer = Trainer(TinyAE(), lambda epoch, rank, world: batches, cfg, loss_fn, eval_fn)
     trainer.clock = lambda: now[0]
     s = trainer.fit()
@@ -230,7 +236,8 @@ def test_time_budget_lays_the_schedule_over_the_clock(tmp_path, step_s, eval_s, 
     assert s["train_seconds"] == seconds <= 100.0  # the final evaluation ends inside the budget...
     assert 100.0 - seconds < 8 * step_s + eval_s  # ...with less than an epoch of it left unused
     rows = read_metrics(tmp_path / "budget" / "metrics.csv")
-    assert len(rows) == epochs and rows[-1]["eval_seconds"] == eval_s
+    assert len(rows) == epochs and rows[-1]["eval_seconds"] == eval_s  # a row (and a checkpoint) every epoch
+    assert sum(r["val_loss"] != "" for r in rows) == evals and rows[0]["val_loss"] == 1
     # the cosine was laid over the budget: still high a third of the way in, at the floor by the end
     assert next(r for r in rows if r["step"] >= steps / 3)["lr"] > 0.5e-2 and rows[-1]["lr"] < 1e-4
 
@@ -261,3 +268,24 @@ def test_fit_steps_accounts_for_dearer_late_steps():
     assert fit_steps(0, 100.0, 1.0, 0.0, lambda p: 1.0 if p < 0.5 else 2.0) in (66, 67)
     assert fit_steps(0, 100.0, 1.0, 0.25, lambda p: 1.0) == 80  # with per-step overhead
     assert fit_steps(10, 0.0, 1.0, 0.0, lambda p: 1.0) == 10
+
+
+def test_eval_every_skips_evaluations_but_not_checkpoints(tmp_path):
+    """--eval-every 2 over 3 epochs: held-out numbers at epochs 2 and 3 (the end), a checkpoint after each epoch."""
+    vitkit.io.register_model_type("tiny_ae", AEConfig, TinyAE)
+    batches = [torch.randn(4, 1, 28, 28) for _ in range(2)]
+    evals, saved = [], []
+
+    def eval_fn(m):
+        evals.append(1)
+        return {"val_loss": float(len(evals))}
+
+    def on_epoch_end(trainer, row):
+        saved.append(torch.load(tmp_path / "ev" / "last.state.pt", weights_only=True)["epoch"])
+
+    cfg = _tc(tmp_path, "ev", epochs=3, batch_size=4, eval_every=2, best_metric="val_loss", best_mode="min")
+    s = Trainer(TinyAE(), lambda e, r, w: batches, cfg, lambda m, x: (nn.functional.mse_loss(m(x), x), {}),
+                eval_fn, on_epoch_end=on_epoch_end).fit()
+    rows = read_metrics(tmp_path / "ev" / "metrics.csv")
+    assert [r["val_loss"] for r in rows] == ["", 1, 2] and saved == [1, 2, 3]
+    assert (s["best"], s["best_epoch"]) == (1.0, 2)  # chosen among evaluated epochs only

@@ -23,7 +23,7 @@ from ..data import (IMG_EXTENSIONS, BatchTransform, DataOptions, InMemoryDataset
                     eval_transform, make_loader, read_image)
 from ..errors import CheckpointError, ConfigError, DataError
 from ..models import ViTConfig, create_model, get_config
-from ..train import Trainer, TrainConfig, resolve_device, resume_configs
+from ..train import Trainer, TrainConfig, claim_run, resolve_device, resume_configs
 from .plan import DEFAULT_BUDGET, Plan, plan_recipe
 from .recipe import MODEL_FIELDS, Recipe, resolve
 
@@ -227,13 +227,36 @@ def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, recipe: 
     planning, training and the final report."""
     clock = Trainer.clock
     started = clock() if started is None else started
+    # the run folder is claimed (locked) before the data is read: a name clash is reported at once
+    with claim_run(train_cfg, is_main=os.environ.get("RANK", "0") == "0") as run:
+        if train_cfg.resume:
+            task, train_cfg, recipe = _resume(task, train_cfg, recipe)
+        return _train(task, train_cfg, recipe, on_epoch_end, started, run)
+
+
+def _resume(task: ClassifierConfig, train_cfg: TrainConfig, recipe: Optional[Recipe]):
+    """The configs and recipe a run folder was started with, for --resume; of the caller's choices only
+    --epochs / --time-budget (and the engine's resume-safe fields) may differ, the rest is refused."""
+    path = Path(train_cfg.resume)
+    saved_file = path / "config.json"
+    saved = json.loads(saved_file.read_text()).get("recipe", {}) if saved_file.is_file() else {}
+    values = dict(saved.get("values") or {})
+    requested = {k: v for k, v in (recipe.set_fields() if recipe is not None else {}).items()
+                 if v != values.get(k)}
+    task, train_cfg = resume_configs(train_cfg, "classify", "classifier", ClassifierConfig, "a classifier run",
+                                     new_task=task, requested=requested)
+    if not values:
+        return task, train_cfg, user_recipe(task, train_cfg)
+    values.update(epochs=train_cfg.epochs, time_budget=train_cfg.time_budget)  # what the resume may change
+    return task, train_cfg, Recipe.from_dict(values)
+
+
+def _train(task: ClassifierConfig, train_cfg: TrainConfig, recipe: Optional[Recipe], on_epoch_end, started,
+           run) -> dict:
+    """train_classifier once its run folder is claimed."""
+    clock = Trainer.clock
     torch.manual_seed(train_cfg.seed)  # the same initial weights in every process and every repeat
-    if train_cfg.resume:
-        task, train_cfg = resume_configs(train_cfg, "classify", "classifier", ClassifierConfig, "a classifier run")
-        saved = json.loads((Path(train_cfg.resume) / "config.json").read_text()).get("recipe", {})
-        recipe, planned = Recipe.from_dict(saved.get("values", {})) if saved else user_recipe(task, train_cfg), None
-    else:
-        planned = None
+    planned = None
     user = user_recipe(task, train_cfg, recipe)
     phases: Dict[str, float] = {}  # where the time before the first step went (reported with the plan)
     t = clock()
@@ -310,7 +333,7 @@ def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, recipe: 
     trainer = Trainer(model, train, train_cfg, classification_loss(task.label_smoothing), eval_fn,
                       resolved=resolved, end_fn=end_fn, on_epoch_end=on_epoch_end,
                       loader_kwargs={"mixup": mixup} if mixup else None, time_spent=clock() - started,
-                      reserve=_report_seconds(planned, final, len(val)), step_cost=step_cost)
+                      reserve=_report_seconds(planned, final, len(val)), step_cost=step_cost, run=run)
     return trainer.fit()
 
 
@@ -514,12 +537,13 @@ def plot_learning_curves(history: List[dict], path) -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     ep = [r["epoch"] for r in history]
     a.plot(ep, [r.get("train_loss") for r in history], label="train loss")
-    if any("val_loss" in r for r in history):
-        a.plot(ep, [r.get("val_loss") for r in history], label="val loss")
+    evaluated = [r for r in history if "val_loss" in r or "top1" in r]  # every epoch, or every --eval-every
+    if any("val_loss" in r for r in evaluated):
+        a.plot([r["epoch"] for r in evaluated], [r.get("val_loss") for r in evaluated], label="val loss", marker=".")
     a.set_xlabel("epoch")
     a.legend()
-    if any("top1" in r for r in history):
-        b.plot(ep, [r.get("top1") for r in history], label="val top-1 %")
+    if any("top1" in r for r in evaluated):
+        b.plot([r["epoch"] for r in evaluated], [r.get("top1") for r in evaluated], label="val top-1 %", marker=".")
         b.set_xlabel("epoch")
         b.legend()
     fig.tight_layout()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -25,7 +26,7 @@ from ..data import DataOptions, build_datasets, make_loader
 from ..errors import CheckpointError, ConfigError
 from ..models.diffusion import get_objective
 from ..models.dit import OBJECTIVES, DiT, DiTConfig
-from ..train import Trainer, TrainConfig, resume_configs
+from ..train import Trainer, TrainConfig, claim_run, resume_configs
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,15 @@ def denoising_loss(model, dataset, objective, batch_size: int = 250, seed: int =
 
 def train_generator(task: GeneratorConfig, train_cfg: TrainConfig) -> dict:
     """Train a class-conditional DiT on `task.data` with the engine; writes the run folder, returns the summary."""
+    with claim_run(train_cfg, is_main=os.environ.get("RANK", "0") == "0") as run:  # before the data is read
+        if train_cfg.resume:
+            task, train_cfg = resume_configs(train_cfg, "generate", "generator", GeneratorConfig, "a train-gen run")
+        return _train_generator(task, train_cfg, run)
+
+
+def _train_generator(task: GeneratorConfig, train_cfg: TrainConfig, run) -> dict:
+    """train_generator once its run folder is claimed."""
     torch.manual_seed(train_cfg.seed)
-    if train_cfg.resume:
-        task, train_cfg = resume_configs(train_cfg, "generate", "generator", GeneratorConfig, "a train-gen run")
     train, val, info = task.datasets(train_cfg.seed, img_size=task.img_size)
     # a diffusion model works on images scaled to [-1, 1] (mean = std = 0.5), not on the dataset's statistics
     for ds in (train, val):
@@ -141,7 +148,8 @@ def train_generator(task: GeneratorConfig, train_cfg: TrainConfig) -> dict:
 
     log.info("data %s: %d train images, %d classes; DiT %s objective, %.2fM params", info.spec, len(train),
              info.num_classes, task.objective, sum(p.numel() for p in model.parameters()) / 1e6)
-    trainer = Trainer(model, train, train_cfg, generation_loss(objective), eval_fn, resolved=resolved, end_fn=end_fn)
+    trainer = Trainer(model, train, train_cfg, generation_loss(objective), eval_fn, resolved=resolved, end_fn=end_fn,
+                      run=run)
     return trainer.fit()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
@@ -21,7 +22,7 @@ from ..data import DataOptions, make_loader
 from ..errors import CheckpointError, ConfigError
 from ..models import get_config
 from ..models.mae import MaskedAutoencoderViT, mae_config_for
-from ..train import Trainer, TrainConfig, resume_configs
+from ..train import Trainer, TrainConfig, claim_run, resume_configs
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,14 @@ def masked_loss(model, dataset, batch_size: int = 250, seed: int = 0) -> float:
 def pretrain_mae(task: MAETaskConfig, train_cfg: TrainConfig, *, on_epoch_end=None) -> dict:
     """MAE pretraining on `task.data`'s training images (no labels) with the engine; returns the summary.
     `on_epoch_end(trainer, row)` is the engine's per-epoch hook."""
-    torch.manual_seed(train_cfg.seed)
-    if train_cfg.resume:
-        task, train_cfg = resume_configs(train_cfg, "mae", "mae", MAETaskConfig, "an MAE pretraining run")
+    with claim_run(train_cfg, is_main=os.environ.get("RANK", "0") == "0") as run:  # before the data is read
+        if train_cfg.resume:
+            task, train_cfg = resume_configs(train_cfg, "mae", "mae", MAETaskConfig, "an MAE pretraining run")
+        return _pretrain(task, train_cfg, on_epoch_end, run)
+
+
+def _pretrain(task: MAETaskConfig, train_cfg: TrainConfig, on_epoch_end, run) -> dict:
+    """pretrain_mae once its run folder is claimed."""
     torch.manual_seed(train_cfg.seed)
     model = build_mae(task)
     c = model.config
@@ -138,7 +144,7 @@ def pretrain_mae(task: MAETaskConfig, train_cfg: TrainConfig, *, on_epoch_end=No
              sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("decoder", "mask"))) / 1e6,
              c.decoder_depth, c.decoder_embed_dim, c.mask_ratio)
     trainer = Trainer(model, train, train_cfg, mae_loss, eval_fn, resolved=resolved, end_fn=end_fn,
-                      on_epoch_end=on_epoch_end)
+                      on_epoch_end=on_epoch_end, run=run)
     return trainer.fit()
 
 

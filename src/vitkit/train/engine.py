@@ -20,11 +20,14 @@ savable by `vitkit.save` (its class registered with `vitkit.io.register_model_ty
 `to_dict()`); `model.pretrained_cfg` (class names, preprocessing) travels into every checkpoint.
 
 Run folder files: `config.json` (everything resolved, enough to repeat the run), `metrics.csv` (one row per
-evaluated epoch), `last.safetensors` / `best.safetensors` (weights — the EMA weights when EMA is on — through
+epoch; held-out columns on evaluated epochs), `last.safetensors` / `best.safetensors` (weights — the EMA weights when EMA is on — through
 `vitkit.save`), `last.state.pt` (training state: raw weights, optimizer, scaler, EMA, RNG, step, epoch, the
 time-budget plan; plain tensors and dicts for `torch.load(weights_only=True)`), `report.json`, `report.md`.
 Every file is written atomically, so a kill at any moment leaves the last good checkpoint. Checkpoints are taken
 at epoch ends; `resume` continues from the last one and, on the CPU, ends bit-identical to an uninterrupted run.
+`.lock` holds the pid of the process that owns the folder, under an OS lock (`claim_run`). A resume may change only
+RESUMABLE fields; a new `epochs`/`time_budget` lays the cosine over the new total from the current step (so a
+finished run trains on), and `config.json`'s `history` records each resume.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -49,6 +52,11 @@ from ..errors import ConfigError, RunExistsError, VitkitError
 from ..io.checkpoint import atomic_write
 from .optim import build_optimizer, lr_at, set_lr
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so run folders are not locked there
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 
@@ -57,6 +65,9 @@ class TrainingDiverged(VitkitError, ValueError):
 
 
 DEFAULT_EPOCHS = 10  # the engine's schedule when a TrainConfig sets neither epochs nor time_budget
+EVAL_SHARE = 0.03  # under a time budget, evaluations get about this share of the training time (eval_every=None)
+# What `--resume` may change (applied, and recorded in config.json's history); every other option is the run's own.
+RESUMABLE = ("epochs", "time_budget", "max_steps", "eval_every", "workers", "device", "quiet")
 
 
 @dataclass
@@ -83,7 +94,8 @@ class TrainConfig:
     layer_decay: Optional[float] = None  # layer-wise lr decay (fine-tuning), e.g. 0.75
     compile: bool = False
     seed: int = 0
-    eval_every: int = 1  # evaluate (and checkpoint) every N epochs, and always at the end
+    eval_every: Optional[int] = None  # evaluate every N epochs and at the end (a checkpoint every epoch); None:
+    # every epoch, or under a time budget as often as keeps evaluation near EVAL_SHARE of the training time
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     workers: int = 0  # DataLoader workers for file-based data
     quiet: bool = False  # no progress bar
@@ -115,7 +127,7 @@ class TrainConfig:
         v.number(self.ema_decay, "ema_decay", lo=0, hi=1, hi_open=True)
         v.number(self.layer_decay, "layer_decay", lo=0, hi=1, lo_open=True, optional=True)
         v.integer(self.seed, "seed", lo=0, hi=2**32 - 1)
-        v.integer(self.eval_every, "eval_every", lo=1)
+        v.integer(self.eval_every, "eval_every", lo=1, optional=True)
         v.integer(self.workers, "workers", lo=0)
         v.choice(self.best_mode, "best_mode", ("max", "min"))
         check_device(self.device)
@@ -259,28 +271,160 @@ class EMA:
 
 
 # ---- run folder -----------------------------------------------------------------------------------------------
-class RunDir:
-    """`runs/<name>/`: created fresh (refusing to overwrite unless asked), or reopened to resume."""
+LOCK_FILE = ".lock"  # in every run folder: the pid of the process that owns it, flock'ed while it runs
 
-    def __init__(self, path: Path):
+
+def _pid_in(fd: int) -> str:
+    try:
+        return os.pread(fd, 32, 0).decode().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def _leftovers(path: Path) -> List[str]:
+    """The entries of a run folder other than its lock file."""
+    return sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE) if path.is_dir() else []
+
+
+def _is_tmp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")  # atomic_write's half-written files
+
+
+def _only_unfinished(names: List[str]) -> bool:
+    """What a run that died before its first checkpoint leaves: config.json (or not even that) and temp files."""
+    return all(n == "config.json" or _is_tmp(n) for n in names)
+
+
+class RunDir:
+    """`runs/<name>/`: created fresh (refusing to overwrite unless asked), or reopened to resume; in both cases
+    owned by one process at a time through an OS lock on `.lock` (flock: it dies with the process, so a killed run
+    leaves no stale lock). Use through `claim_run`, which also releases it."""
+
+    def __init__(self, path: Path, lock_fd: Optional[int] = None):
         self.path = Path(path)
+        self._fd = lock_fd
+        self.created = False  # this process made the folder
+        self.replace = False  # old contents to delete at `start` (--overwrite, or a run that never checkpointed)
+        self.started = False  # `start` ran: everything in the folder is this run's
+
+    @staticmethod
+    def _lock(path: Path, busy: str) -> Optional[int]:
+        """Take `path/.lock` (making the folder); `busy` (with {pid}) is the RunExistsError if another process
+        holds it. No lock where fcntl is missing (Windows): run folders are not guarded there. The owner writes its
+        pid in once its checks pass (`_own`), so a refused claim leaves the file as it was."""
+        if fcntl is None:
+            path.mkdir(parents=True, exist_ok=True)
+            return None
+        for _ in range(20):
+            path.mkdir(parents=True, exist_ok=True)
+            lock = path / LOCK_FILE
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the folder was removed under us by its previous owner: again
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pid = _pid_in(fd)
+                for _ in range(20):  # an owner that has just locked writes its pid once its checks pass
+                    if pid != "?":
+                        break
+                    time.sleep(0.025)
+                    pid = _pid_in(fd)
+                os.close(fd)
+                raise RunExistsError(busy.format(pid=pid)) from None
+            try:  # the owner before us may have removed the folder (and this lock file) before we locked it
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+        raise RunExistsError(busy.format(pid="?"))
 
     @classmethod
     def create(cls, runs_dir, name: str, overwrite: bool) -> "RunDir":
+        """A new run's folder, locked. An existing run is replaced only with `overwrite`, and only at `start` (so
+        a run that fails before then leaves it as it was); a run that died before its first checkpoint (nothing
+        but config.json) is replaced without asking; a live run, or a folder that is not a run, never."""
         path = Path(runs_dir) / name
-        if path.exists():
-            if not path.is_dir():
-                raise RunExistsError(f"{str(path)!r} exists and is not a run folder; choose another --name")
-            if any(path.iterdir()):
-                if not overwrite:
-                    raise RunExistsError(f"run folder {str(path)!r} exists already; pass --overwrite to replace it, "
-                                         f"--resume {path} to continue it, or choose another --name")
-                if not (path / "config.json").is_file():
-                    raise RunExistsError(f"{str(path)!r} holds files but no config.json, so it does not look like a "
-                                         "vitkit run: refusing to delete it; choose another --name")
-                shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-        return cls(path)
+        if path.exists() and not path.is_dir():
+            raise RunExistsError(f"{str(path)!r} exists and is not a run folder; choose another --name")
+        existed = path.is_dir()
+
+        def foreign(names):
+            return "config.json" not in names and not all(_is_tmp(n) for n in names)
+
+        if foreign(_leftovers(path)):
+            raise RunExistsError(f"{str(path)!r} holds files but no config.json, so it does not look like a vitkit "
+                                 f"run: refusing to {'delete' if overwrite else 'use'} it; choose another --name")
+        busy = (f"--overwrite refused: run {str(path)!r} is in use by process {{pid}} (still running); stop it first "
+                "or choose another --name" if overwrite else
+                f"run {str(path)!r} is in use by process {{pid}} (still running); wait for it to end or choose "
+                "another --name")
+        run = cls(path, cls._lock(path, busy))
+        run.created = not existed
+        names = _leftovers(path)  # again, now that no other process can change it
+        try:
+            if foreign(names):
+                raise RunExistsError(f"{str(path)!r} holds files but no config.json, so it does not look like a "
+                                     "vitkit run: refusing to delete it; choose another --name")
+            if names and not overwrite and not _only_unfinished(names):
+                raise RunExistsError(f"run folder {str(path)!r} exists already; pass --overwrite to replace it, "
+                                     f"--resume {path} to continue it, or choose another --name")
+        except BaseException:
+            run.release()
+            raise
+        if names and not overwrite:
+            log.warning("replacing %s: its run ended before its first checkpoint", path)
+        run.replace = bool(names)
+        run._own()
+        return run
+
+    @classmethod
+    def reopen(cls, path) -> "RunDir":
+        """An existing run's folder, locked, to resume it."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ConfigError(f"cannot resume {str(path)!r}: no such run folder")
+        run = cls(path, cls._lock(path, f"cannot resume {str(path)!r}: process {{pid}} is running it now"))
+        run._own()
+        return run
+
+    def _own(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def start(self) -> None:
+        """Called before the run writes its first file: clear what an earlier run left here (under the lock)."""
+        if self.replace:
+            for p in self.path.iterdir():
+                if p.name == LOCK_FILE:
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+            self.replace = False
+        self.started = True
+
+    def has_checkpoint(self) -> bool:
+        return (self.path / "last.state.pt").is_file() or (self.path / "last.safetensors").is_file()
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def close(self, failed: bool) -> None:
+        """Release the lock; after a failure before the first checkpoint, first remove the folder if this run made
+        or replaced it (it holds nothing worth keeping, and its name stays free)."""
+        try:
+            if failed and (self.created or self.started) and not self.has_checkpoint():
+                shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self.release()
 
     def write_json(self, name: str, obj) -> Path:
         text = json.dumps(obj, indent=2, default=str) + "\n"
@@ -301,6 +445,23 @@ class RunDir:
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
         return self.write_text("metrics.csv", buf.getvalue())
+
+
+@contextmanager
+def claim_run(cfg: TrainConfig, is_main: bool = True):
+    """The locked run folder of `cfg` (its `resume` folder, or `runs_dir/name`) for the life of the block; None
+    on ranks other than 0. Tasks claim it before they read any data, so a name clash is reported at once. If the
+    block fails before the first checkpoint, a folder this run made or replaced is removed."""
+    if not is_main:
+        yield None
+        return
+    run = RunDir.reopen(cfg.resume) if cfg.resume else RunDir.create(cfg.runs_dir, cfg.name, cfg.overwrite)
+    ok = False
+    try:
+        yield run
+        ok = True
+    finally:
+        run.close(failed=not ok)
 
 
 def read_metrics(path) -> List[dict]:
@@ -339,7 +500,7 @@ class Trainer:
                  = None, *, resolved: Optional[dict] = None, end_fn: Optional[Callable] = None,
                  on_epoch_end: Optional[Callable] = None, loader_kwargs: Optional[dict] = None,
                  dist_info: Optional[DistInfo] = None, time_spent: float = 0.0, reserve: float = 0.0,
-                 step_cost: Optional[Callable[[float], float]] = None):
+                 step_cost: Optional[Callable[[float], float]] = None, run: Optional[RunDir] = None):
         cfg.validate()
         self.cfg, self.loss_fn, self.eval_fn, self.end_fn = cfg, loss_fn, eval_fn, end_fn
         self.on_epoch_end = on_epoch_end
@@ -358,12 +519,13 @@ class Trainer:
         self.elapsed = 0.0  # training seconds spent before this process started (resume)
         self.plan: Dict[str, Any] = {}  # total and warm-up steps; planned from throughput under a time budget
         self.finished = False
-        self.run: Optional[RunDir] = None
+        self.run = run  # the caller's claimed folder (claim_run), else fit claims one
         # Under a time budget that covers a whole command: seconds the caller spent before fit (scanning, planning)
         # and seconds it needs after (its final report); and the relative cost of a step at a point of the
         # schedule (progressive resizing makes late steps dearer), so the plan fits what the steps will cost.
         self.time_spent, self.reserve = float(time_spent), float(reserve)
         self.step_cost = step_cost or (lambda progress: 1.0)
+        self._save_secs = 0.0  # the last checkpoint's cost: the budget keeps room for one per epoch
 
     # ---- set-up ---------------------------------------------------------------------------------------------
     def _loader(self, epoch: int):
@@ -448,8 +610,9 @@ class Trainer:
     def _load_state(self, path: Path) -> None:
         f = path / "last.state.pt"
         if not f.is_file():
-            raise ConfigError(f"cannot resume {str(path)!r}: it has no last.state.pt (the run never finished an "
-                              "epoch, or is not a vitkit run); start it again with --overwrite")
+            raise ConfigError(f"cannot resume {str(path)!r}: it has no last.state.pt (the run stopped before its "
+                              "first checkpoint, or is not a vitkit run); run the same command again without --resume "
+                              "(a run folder without a checkpoint is replaced)")
         try:
             s = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -471,6 +634,57 @@ class Trainer:
         self.elapsed, self.plan, self.finished = float(s["elapsed"]), dict(s["plan"]), bool(s["finished"])
         self.history = list(s["history"])
 
+    def _resume_changes(self, path: Path) -> Dict[str, list]:
+        """The resume-safe fields this resume changes against the run's config.json ({field: [old, new]}), with
+        the schedule re-laid for a new --epochs or --time-budget (a cosine over the new total, from this step on);
+        a finished run resumes only when its schedule grows."""
+        c = self.cfg
+        f = path / "config.json"
+        saved = json.loads(f.read_text()).get("train") if f.is_file() else None
+        old = TrainConfig.from_dict(saved) if saved else c
+        changed = {k: [getattr(old, k), getattr(c, k)] for k in RESUMABLE
+                   if k != "quiet" and getattr(old, k) != getattr(c, k)}
+        done = f"run {str(path)!r} has trained {self.step / self.steps_per_epoch:.3g} epochs ({self.step} steps)"
+        if "time_budget" in changed and c.time_budget is not None:
+            if c.time_budget <= self.elapsed + self.time_spent:
+                raise ConfigError(f"--time-budget {c.time_budget:.0f}s is too short: {done} in "
+                                  f"{self.elapsed:.0f} s, and the budget counts the whole run; give more")
+            per_step = self.elapsed / max(1, self.step)  # until this process has measured its own steps
+            self.plan.update(total=self.step + max(1, int((c.time_budget - self.elapsed) / max(per_step, 1e-9))),
+                             planned=False, keep_warmup=True)
+            self.finished = False
+        elif "epochs" in changed or "time_budget" in changed:  # a new epoch count, or epochs instead of a budget
+            total = (c.epochs or DEFAULT_EPOCHS) * self.steps_per_epoch
+            if total <= self.step:
+                raise ConfigError(f"--epochs {c.epochs} is too few: {done} already; give more")
+            self.plan.update(total=total, planned=True)
+            self.plan.pop("epochs", None)
+            self.finished = False
+        if self.finished:
+            raise ConfigError(f"run {str(path)!r} has finished already ({self.epoch} epochs, {self.step} steps); to "
+                              "train it further, resume it with a larger --epochs or --time-budget")
+        return changed
+
+    def _record_resume(self, changed: Dict[str, list]) -> None:
+        """config.json: the changed values written in (it describes the run as it now goes on), and one `history`
+        entry for this resume: when, at which epoch and step, and what changed."""
+        f = self.run.path / "config.json"
+        if not f.is_file():
+            return
+        saved = json.loads(f.read_text())
+        for k, (_, new) in changed.items():
+            saved.setdefault("train", {})[k] = new
+            values = (saved.get("recipe") or {}).get("values")
+            if isinstance(values, dict) and k in values:
+                values[k] = new
+        from datetime import datetime, timezone
+
+        saved.setdefault("history", []).append({
+            "resumed": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pid": os.getpid(),
+            "epoch": self.epoch, "step": self.step,
+            "changed": {k: {"from": old, "to": new} for k, (old, new) in changed.items()}})
+        self.run.write_json("config.json", saved)
+
     # ---- time budget ----------------------------------------------------------------------------------------
     def _spent(self) -> float:
         """Budget seconds used so far: before fit (the caller's), in earlier processes (resume), and in this one."""
@@ -481,10 +695,11 @@ class Trainer:
         in the budget. `sec_per_step` is the current cost of a step at unit `step_cost`."""
         c = self.cfg
         left = c.time_budget - self._spent() - self.reserve - eval_secs  # keep one evaluation for the final one
-        per_step_extra = eval_secs / max(1, c.eval_every) / self.steps_per_epoch
+        per_step_extra = (eval_secs / self._eval_every() + self._save_secs) / self.steps_per_epoch
         total = fit_steps(self.step, max(0.0, left), sec_per_step, per_step_extra, self.step_cost)
         if not self.plan.get("planned"):
-            self.plan["warmup"] = self._warmup_steps(total, self.steps_per_epoch)
+            if not self.plan.pop("keep_warmup", False):  # a resumed run given a budget is past its warm-up
+                self.plan["warmup"] = self._warmup_steps(total, self.steps_per_epoch)
             self.plan["planned"] = True
         self.plan["total"] = max(total, self.step + 1)
         self.plan["epochs"] = round(self.plan["total"] / self.steps_per_epoch, 2)
@@ -493,29 +708,37 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the end of the schedule (or budget), evaluating and checkpointing each epoch; return the
         summary that also goes to report.json (rank 0; other ranks get the same dict without file outputs)."""
+        if self.run is not None or not self.dist.is_main:
+            return self._fit()
+        with claim_run(self.cfg) as run:
+            self.run = run
+            return self._fit()
+
+    def _fit(self) -> dict:
         c = self.cfg
         self._t0 = self.clock()
         self._prepare()
         if self.dist.is_main:
             if c.resume:
-                self.run = RunDir(Path(c.resume))
                 ours = ("last.safetensors", "last.state.pt", "best.safetensors", "metrics.csv", "config.json")
                 for tmp in self.run.path.glob(".*.tmp"):  # half-written files of a process that was killed
                     if any(tmp.name.startswith(f".{n}.") for n in ours):
                         tmp.unlink()
             else:
-                self.run = RunDir.create(c.runs_dir, c.name, c.overwrite)
+                self.run.start()
+        changed = {}
         if c.resume:
             if not Path(c.resume).is_dir():
                 raise ConfigError(f"cannot resume {c.resume!r}: no such run folder")
             self._load_state(Path(c.resume))
-            if self.finished:
-                raise ConfigError(f"run {c.resume!r} has finished already ({self.epoch} epochs); nothing to resume")
+            changed = self._resume_changes(Path(c.resume))
             log.info("resuming %s at epoch %d, step %d", c.resume, self.epoch, self.step)
         self._t0 = self.clock()
         if self.dist.is_main and not c.resume:
             self.run.write_json("config.json", {"train": c.to_dict(), **self.resolved,
                                                 "world_size": self.dist.world, "torch": torch.__version__})
+        elif self.dist.is_main:
+            self._record_resume(changed)
         _barrier(self.dist)
         try:
             return self._loop()
@@ -526,7 +749,7 @@ class Trainer:
     def _loop(self) -> dict:
         c = self.cfg
         budget = c.time_budget is not None
-        eval_secs = self.history[-1].get("eval_seconds", 0.0) if self.history else 0.0
+        eval_secs = next((r["eval_seconds"] for r in reversed(self.history) if "eval_seconds" in r), 0.0)
         self._bar = None
         if self.dist.is_main and not c.quiet:
             from tqdm.auto import tqdm
@@ -593,14 +816,16 @@ class Trainer:
             row.update({f"train_{k}": v / max(1, n_batches) for k, v in sums.items() if k != "loss"})
             row.update({"lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1),
                         "img_per_s": n_img / max(1e-9, train_secs), "seconds": train_secs})
-            if final or self.epoch % c.eval_every == 0:
+            evaluate = final or self.epoch % self._eval_every() == 0
+            if evaluate:
                 t_ev = self.clock()
                 row.update(self._evaluate())
-                eval_secs = self.clock() - t_ev
-                row["eval_seconds"] = eval_secs
-                self._end_epoch(row, final)
-                row["eval_seconds"] = self.clock() - t_ev  # evaluation plus checkpoint
-                eval_secs = row["eval_seconds"]
+                eval_secs = row["eval_seconds"] = self.clock() - t_ev
+                if budget and c.eval_every is None and "eval_every" not in self.plan:
+                    self._plan_eval_every(eval_secs, train_secs)
+            t_save = self.clock()
+            self._end_epoch(row, final, evaluated=evaluate)  # a checkpoint every epoch, evaluated or not
+            self._save_secs = self.clock() - t_save
             if budget and not final and step_times:
                 recent = step_times[2:][-50:] or step_times  # the machine's current speed, per unit step cost
                 self._replan(_median(recent), eval_secs if self.history else self._guess_eval_secs(step_times))
@@ -614,6 +839,20 @@ class Trainer:
                 break
         return self._finish()
 
+    def _eval_every(self) -> int:
+        """Epochs between evaluations: the flag's, else the one planned under a time budget, else 1."""
+        return self.cfg.eval_every or self.plan.get("eval_every") or 1
+
+    def _plan_eval_every(self, eval_secs: float, epoch_secs: float) -> None:
+        """After the first evaluation under a budget: evaluate every N epochs so that evaluating costs about
+        EVAL_SHARE of the training time (a held-out pass can cost a seventh of an epoch: that is a seventh of the
+        budget not spent training). Saved in the plan, so a resumed run keeps the cadence."""
+        n = max(1, math.ceil(eval_secs / max(1e-9, EVAL_SHARE * epoch_secs)))
+        self.plan["eval_every"] = n
+        if n > 1:
+            log.info("evaluating every %d epochs and at the end: an evaluation takes %.1f s, an epoch %.1f s "
+                     "(--eval-every sets it)", n, eval_secs, epoch_secs)
+
     def _budget_step(self, step_times: List[float], eval_secs: float) -> bool:
         """After each step under a time budget: plan the schedule once the throughput is known (after 5 steps,
         ignoring the first two), and stop when the budget is spent. Rank 0 decides for all."""
@@ -622,7 +861,8 @@ class Trainer:
         if self.dist.is_main:
             if not self.plan.get("planned") and len(step_times) >= 5:
                 self._replan(_median(step_times[2:]), eval_secs or self._guess_eval_secs(step_times))
-            stop = self._spent() + (eval_secs or self._guess_eval_secs(step_times)) + self.reserve >= c.time_budget
+            stop = self._spent() + (eval_secs or self._guess_eval_secs(step_times)) + self._save_secs + self.reserve \
+                >= c.time_budget
         if self.dist.world > 1:
             self.plan, stop = _broadcast_obj((self.plan, stop), self.dist)
         if self._bar is not None and self._bar.total != self.plan["total"]:
@@ -670,8 +910,9 @@ class Trainer:
         self.model.train()
         return {k: (float(v) if isinstance(v, (int, float)) or torch.is_tensor(v) else v) for k, v in out.items()}
 
-    def _end_epoch(self, row: dict, final: bool) -> None:
-        """Rank 0: record the row, decide best, write metrics and checkpoints. Everyone waits for it."""
+    def _end_epoch(self, row: dict, final: bool, evaluated: bool = True) -> None:
+        """Rank 0: record the row, decide best (on evaluated epochs), write metrics and checkpoints. Everyone
+        waits for it."""
         if self.dist.is_main:
             self.history.append(row)
             metric = self.cfg.best_metric
@@ -680,7 +921,7 @@ class Trainer:
                                                                  else val < self.best))
             if better:
                 self.best, self.best_epoch = float(val), self.epoch
-            if not metric or (val is None and self.best is None):
+            if evaluated and (not metric or (val is None and self.best is None)):
                 better = True  # no selection: best.safetensors is the latest evaluated checkpoint
                 self.best_epoch = self.epoch
             self.finished = final
@@ -791,19 +1032,65 @@ def _batch_len(batch) -> int:
     return 1
 
 
-def resume_configs(train_cfg: TrainConfig, task: str, section: str, task_cls, what: str):
-    """The (task config, TrainConfig) a run folder `train_cfg.resume` was started with, for `--resume`: read from
-    its config.json, refusing a folder of another task (`task`, e.g. 'classify'; `what` names it in the error).
-    Only resume-safe fields (quiet, device, workers) come from the new command line."""
+_FLAGS = {"ema_decay": "--ema", "drop_path_rate": "--drop-path", "patch_drop_rate": "--patch-drop",
+          "tta_flip": "--tta", "model_args": "--model-arg", "class_dropout_prob": "--class-dropout",
+          "decoder_embed_dim": "--decoder-dim", "decoder_depth": "--decoder-depth",
+          "decoder_num_heads": "--decoder-heads"}
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a config field (`lr` → `--lr`, `ema_decay` → `--ema`)."""
+    return _FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def refuse_on_resume(path, names) -> None:
+    """The one-line error for options that cannot change when a run resumes (`names`: flags or field names)."""
+    names = sorted({n if n.startswith("--") else flag_name(n) for n in names})
+    if names:
+        raise ConfigError(f"--resume {path}: {', '.join(names)} cannot change when a run resumes (it goes on with "
+                          "the options it was started with; only --epochs, --time-budget, --max-steps, "
+                          "--eval-every, --workers and --device can); drop them, or start a new run")
+
+
+def resume_configs(train_cfg: TrainConfig, task: str, section: str, task_cls, what: str, *, new_task=None,
+                   requested: Optional[dict] = None):
+    """The (task config, TrainConfig) to resume the run folder `train_cfg.resume` with: the ones in its
+    config.json, refusing a folder of another task (`task`, e.g. 'classify'; `what` names it in the error).
+    What the caller asks for (`train_cfg`'s and `new_task`'s fields set to a value other than the default and the
+    run's, plus `requested` {field: value}) is applied when resume-safe (RESUMABLE) and refused otherwise."""
     path = Path(train_cfg.resume)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise ConfigError(f"cannot resume {str(path)!r}: no config.json there (is it a vitkit run folder?)")
+        what_is = ("it never finished its first epoch and its folder has no config.json"
+                   if path.is_dir() else "no such run folder")
+        raise ConfigError(f"cannot resume {str(path)!r}: {what_is}; start the run again without --resume")
+    if not (path / "last.state.pt").is_file():
+        raise ConfigError(f"cannot resume {str(path)!r}: it has no last.state.pt (the run stopped before its first "
+                          "checkpoint); run the same command again without --resume (a run folder without a "
+                          "checkpoint is replaced)")
     saved = json.loads(cfg_file.read_text())
     if saved.get("task") != task:
         raise ConfigError(f"{str(path)!r} is a {saved.get('task')!r} run, not {what}")
     task_cfg = task_cls(**saved[section])
     tc = TrainConfig.from_dict(saved["train"])
+    asked: Dict[str, Any] = {}
+    for obj, old, default in ((train_cfg, tc, TrainConfig()), (new_task, task_cfg, task_cls() if new_task else None)):
+        if obj is None:
+            continue
+        for f in fields(obj):
+            v = getattr(obj, f.name)
+            if f.name not in ("name", "runs_dir", "resume", "overwrite") and v != getattr(default, f.name) and \
+                    v != getattr(old, f.name, v):
+                asked[f.name] = v
+    asked.update(requested or {})
+    refuse_on_resume(path, [k for k in asked if k not in RESUMABLE] + (["--overwrite"] if train_cfg.overwrite else []))
+    for k in RESUMABLE:
+        if k in asked:
+            setattr(tc, k, asked[k])
+    if "epochs" in asked and "time_budget" not in asked:
+        tc.time_budget = None  # an epoch count replaces the run's budget
+    if "time_budget" in asked and "epochs" not in asked:
+        tc.epochs = None
     tc.resume, tc.quiet, tc.device, tc.workers = str(path), train_cfg.quiet, train_cfg.device, train_cfg.workers
-    tc.name, tc.runs_dir = path.name, str(path.parent)
+    tc.name, tc.runs_dir, tc.overwrite = path.name, str(path.parent), False
     return task_cfg, tc
