@@ -79,7 +79,7 @@ def cmd_summary(args) -> int:
     from .models import count_flops, create_model
 
     overrides = {}
-    if args.img_size:
+    if args.img_size is not None:
         overrides["img_size"] = args.img_size
     if args.num_classes is not None:
         overrides["num_classes"] = args.num_classes
@@ -110,6 +110,14 @@ cmd_summary.add_arguments = lambda p: (
 
 
 # ---- vitkit train | eval | predict ---------------------------------------------------------------------------
+def _run_name(text: str) -> str:
+    """--name: a plain folder name (the run folder is RUNS_DIR/NAME)."""
+    if not text.strip() or "/" in text or "\\" in text or text in (".", "..") or len(text.encode()) > 255:
+        raise argparse.ArgumentTypeError(f"expected a plain folder name (not empty, no '/', at most 255 bytes), got "
+                                         f"{text[:40]!r}{'...' if len(text) > 40 else ''}")
+    return text
+
+
 def _kv(text: str):
     """KEY=VALUE with VALUE read as JSON when it parses (numbers, true/false, lists), else as a string."""
     if "=" not in text:
@@ -137,9 +145,9 @@ def cmd_train(args) -> int:
                             max_val=args.max_val)
     name = args.name or (Path(args.data[len("folder:"):]).name if args.data.startswith("folder:") else args.data)
     tc = TrainConfig(name=name, runs_dir=args.runs_dir, overwrite=args.overwrite, resume=args.resume,
-                     max_steps=args.max_steps, accum_steps=args.accum_steps or 1, seed=args.seed or 0,
-                     eval_every=args.eval_every, device=args.device or "auto", workers=args.workers or 0,
-                     quiet=args.quiet)
+                     max_steps=args.max_steps, quiet=args.quiet,
+                     **{k: getattr(args, k) for k in ("accum_steps", "seed", "eval_every", "device", "workers")
+                        if getattr(args, k) is not None})  # a 0 given is checked, not read as "unset"
     if args.quiet:  # no progress bar: the plan and one log line per epoch instead
         import logging as _logging
 
@@ -166,9 +174,13 @@ def _recipe_from_flags(args):
     import json
     from pathlib import Path
 
+    from .errors import ConfigError
     from .tasks.recipe import Recipe
     from .train import parse_duration
 
+    if args.val_split is not None and not str(args.data).startswith("folder:"):
+        raise ConfigError(f"val_split applies to folder:PATH data only; {args.data} has a fixed held-out split",
+                          field="val_split")
     base = {}
     if args.recipe:
         path = Path(args.recipe)
@@ -210,8 +222,8 @@ def _add_fast_args(p, tome: bool = True) -> tuple:
 def _add_data_args(p, train: bool) -> None:
     p.add_argument("--data-dir", default="data", help="where torchvision datasets live (default: ./data)")
     p.add_argument("--download", action="store_true", help="download a torchvision dataset (needs a network)")
-    p.add_argument("--val-split", type=float, default=0.1 if train else None,
-                   help="held-out fraction for PATH/<class>/* folders" + ("" if train else " (default: the run's)"))
+    p.add_argument("--val-split", type=float, default=None,
+                   help="held-out fraction for PATH/<class>/* folders (default: " + ("0.1)" if train else "the run's)"))
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping")
     p.add_argument("--max-val", type=int, default=None, help="evaluate on a stratified subset of this size")
     if train:
@@ -255,7 +267,7 @@ def _add_train_args(p) -> None:
       help="evaluate on each image and its mirror image, averaged")
     a("--recipe", default=None, metavar="RUN", help="rerun a run's resolved recipe (its folder or config.json); "
       "flags still override")
-    a("--name", default=None, help="run name: outputs go to RUNS_DIR/NAME (default: the dataset name)")
+    a("--name", type=_run_name, default=None, help="run name: outputs go to RUNS_DIR/NAME (default: the dataset name)")
     a("--runs-dir", default="runs")
     a("--overwrite", action="store_true",
       help="replace an existing run folder of the same name (never one a running process owns)")
@@ -309,7 +321,7 @@ def cmd_eval(args) -> int:
     res = evaluate_checkpoint(args.checkpoint, data, out_dir=args.out, batch_size=args.batch_size,
                               device=args.device, data_dir=args.data_dir, download=args.download,
                               val_split=args.val_split, seed=args.seed, strict=args.strict, max_val=args.max_val,
-                              fast=args.fast, tome=args.tome)
+                              fast=args.fast, tome=args.tome, class_map=args.class_map)
     if args.json:
         _print_json(res)
     else:
@@ -323,6 +335,9 @@ def cmd_eval(args) -> int:
 cmd_eval.add_arguments = lambda p: (
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder (uses best.safetensors) or a file"),
     p.add_argument("--data", default=None, help="dataset spec (default: the one the checkpoint was trained on)"),
+    p.add_argument("--class-map", default=None, metavar="FOLDER=CLASS,...|JSON",
+                   help="classes are matched by name; map data classes named otherwise to the checkpoint's, as "
+                   "pairs or a JSON file {\"FOLDER\": \"CLASS\"}"),
     p.add_argument("--out", default=None, help="folder for eval.json and eval_confusion.png (default: the run's)"),
     p.add_argument("--batch-size", type=int, default=500),
     p.add_argument("--device", default="auto"),
@@ -463,12 +478,16 @@ def cmd_index(args) -> int:
 
     if args.action == "build":
         out = Path(args.out)
+        from . import validate as v
+
+        params = {"nprobe": args.nprobe, "M": args.M, "ef_search": args.ef_search, "nlist": args.nlist}
+        for k, lo in (("nprobe", 1), ("M", 2), ("ef_search", 1), ("nlist", 1)):  # before the load (Index rechecks)
+            v.integer(params[k], k, lo=lo, optional=k == "nlist")
         with writer_lock(out):  # one writer at a time per index folder; the other waits (see writer_lock)
             if (out / "manifest.json").exists() and not args.overwrite:
                 raise FileExistsError(f"index {str(out)!r} exists; pass --overwrite to replace it, or `vitkit index "
                                       "add` to append to it")
             emb = Embeddings.load(args.embeddings)
-            params = {"nprobe": args.nprobe, "M": args.M, "ef_search": args.ef_search, "nlist": args.nlist}
             index = build_index(emb, args.kind, **params)
             index.save(out)
         _print_json({"index": str(out), "kind": index.kind, "count": len(index), "dim": index.dim,
@@ -517,8 +536,12 @@ def cmd_search(args) -> int:
 
     from .io import load
     from .tasks.images import load_batch
+    from . import validate as v
     from .tasks.retrieve import Index, check_same_model, embed_images, model_manifest, save_grid
 
+    v.integer(args.k, "k", lo=1)  # before the (possibly long) loads; Index.search checks it for Python callers
+    v.integer(args.nprobe, "nprobe", lo=1, optional=True)
+    v.integer(args.ef_search, "ef_search", lo=1, optional=True)
     index = Index.load(args.index)
     if args.nprobe or args.ef_search:
         index.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
@@ -685,7 +708,7 @@ def _engine_config(args, recipe: dict, name: str):
 def _add_engine_args(p, data_help: str) -> None:
     a = p.add_argument
     a("--data", default="mnist5k", help=data_help)
-    a("--name", default=None, help="run name: outputs go to RUNS_DIR/NAME")
+    a("--name", type=_run_name, default=None, help="run name: outputs go to RUNS_DIR/NAME")
     a("--runs-dir", default=None)
     a("--overwrite", action="store_true",
       help="replace an existing run folder of the same name (never one a running process owns)")
@@ -814,6 +837,11 @@ def cmd_generate(args) -> int:
     from .models.dit import DiT
     from .tasks.generate import check_classes, sample, save_grid, score_samples
 
+    from . import validate as v
+
+    v.integer(args.n, "n", lo=1)
+    v.integer(args.steps, "steps", lo=1)
+    v.number(args.cfg, "cfg")
     model = load(args.checkpoint)
     if not isinstance(model, DiT):
         raise ValueError(f"{args.checkpoint!r} holds a {type(model).__name__}, not a DiT; generate needs a "
@@ -869,8 +897,50 @@ cmd_generate.add_arguments = lambda p: (
 
 
 # ---- the entry point -----------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with vitkit's error format: one line `vitkit: error: ...` naming the flag, exit code 2."""
+
+    def error(self, message: str):
+        msg = " ".join(str(message).split())
+        print(f"vitkit: error: {msg} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _flag_names(parser: argparse.ArgumentParser) -> Dict[str, str]:
+    """dest → its long option string, over a (sub)command's parser and the sub-parsers under it."""
+    out: Dict[str, str] = {}
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for p in a.choices.values():
+                out.update({k: v for k, v in _flag_names(p).items() if k not in out})
+        elif a.option_strings and a.dest not in out:
+            out[a.dest] = max(a.option_strings, key=len)
+    return out
+
+
+# config fields whose flag's dest has another name
+_FIELD_DEST = {"class_dropout_prob": "class_dropout", "decoder_embed_dim": "decoder_dim",
+               "decoder_num_heads": "decoder_heads", "tome_r": "tome"}
+
+
+def _flag_for(parser: argparse.ArgumentParser, args, field: str) -> str:
+    """The flag that sets config field `field` in this command: `--model-arg FIELD` when it came from there,
+    else the flag of the same (or mapped) name; the field's own name when no flag sets it."""
+    model_args = dict(getattr(args, "model_arg", None) or [])
+    flags: Dict[str, str] = {}
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction) and getattr(args, "command", None) in a.choices:
+            flags = _flag_names(a.choices[args.command])
+    dest = _FIELD_DEST.get(field, field)
+    if getattr(args, dest, None) is not None and dest in flags:  # a flag the command has, and a value it holds
+        return flags[dest]
+    if field in model_args:
+        return f"--model-arg {field}"
+    return field
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitkit", description="Vision Transformers: train, evaluate, use.")
+    parser = _Parser(prog="vitkit", description="Vision Transformers: train, evaluate, use.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     from . import __version__
 
@@ -913,7 +983,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     _STARTED = time.perf_counter()  # Trainer.clock's default: the budget starts when the command does
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a flag error (printed as one line), --help or --version: an exit code, no exit
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
@@ -929,11 +1002,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:  # OSError: paths the user gave (missing, too long, read-only)
         if args.debug:
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
+        field = getattr(e, "field", "")
+        if field and msg.startswith(field):  # a config field's error: name the flag that set it
+            msg = _flag_for(parser, args, field) + msg[len(field):]
         print(f"vitkit: error: {msg}", file=sys.stderr)
         return 2
 

@@ -10,7 +10,12 @@ class VitkitError(Exception):
 
 
 class ConfigError(VitkitError, ValueError):
-    """A bad option, flag or configuration value."""
+    """A bad option, flag or configuration value. `field` names the option (a config field name) when the message
+    starts with it, so the CLI can name the flag that set it instead."""
+
+    def __init__(self, message: str = "", field: str = ""):
+        super().__init__(message)
+        self.field = field
 
 
 class DataError(VitkitError, ValueError):

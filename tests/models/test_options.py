@@ -164,3 +164,42 @@ def test_progressive_resolution_resamples_position_embeddings_as_set_input_size_
         with torch.no_grad():
             assert (model(x) - low(x)).abs().max().item() <= 1e-5
         assert low.pos_embed.shape[1] == 1 + 36 and model.pos_embed.shape[1] == 1 + 64  # stored at 32 px
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"drop_path_rate": "banana"}, r"drop_path_rate must be a number in \[0, 1\), got 'banana'"),
+    ({"embed_dim": -8}, "embed_dim must be >= 1, got -8"), ({"depth": 2.5}, "depth must be a whole number"),
+    ({"num_heads": True}, "num_heads must be a whole number"), ({"mlp_ratio": 0}, "mlp_ratio must be > 0"),
+    ({"img_size": [28, 28, 3]}, "img_size must be one size or a pair"), ({"img_size": 0}, "img_size must be >= 1"),
+    ({"qk_norm": "yes"}, "qk_norm must be true or false"), ({"global_pool": "max"}, "global_pool must be 'token', 'avg' or ''"),
+    ({"stem": "vgg"}, "stem must be 'patch' or 'conv'"), ({"attn_drop_rate": float("nan")}, "attn_drop_rate"),
+    ({"stem_channels": [8, -1]}, "stem_channels must be >= 1"), ({"reg_tokens": -1}, "reg_tokens must be >= 0"),
+    ({"dpeth": 3}, r"unknown model option\(s\) \['dpeth'\]")])
+def test_model_options_are_checked_one_by_one(options, match):
+    """Each model option alone (ViTConfig.check_fields): a ConfigError naming it, from the config, the model
+    factory and the recipe alike, before anything is built."""
+    from vitkit.tasks.recipe import MODEL_FIELDS, Recipe
+
+    with pytest.raises(vitkit.ConfigError, match=match):
+        vitkit.models.ViTConfig.check_fields(options)
+    with pytest.raises(vitkit.ConfigError, match=match):
+        create_model("vit_mini_patch7_28", **options)
+    if set(options) <= set(MODEL_FIELDS):
+        with pytest.raises(vitkit.ConfigError, match=match):
+            Recipe(**options)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--model-arg", "drop_path_rate=banana"], "--model-arg drop_path_rate must be a number"),
+    (["--model-arg", "embed_dim=-8"], "--model-arg embed_dim must be >= 1, got -8"),
+    (["--embed-dim", "-8"], "--embed-dim must be >= 1, got -8"), (["--drop-path", "1.5"], "--drop-path must be"),
+    (["--model-arg", "depth=1.5"], "--model-arg depth must be a whole number"),
+    (["--model-arg", "nope=1"], "unknown model option(s) ['nope']"),
+    (["--model-arg", "noequals"], "argument --model-arg: expected KEY=VALUE")])
+def test_model_option_flags_are_one_line_errors_naming_the_flag(argv, flag, tmp_path, capsys):
+    from vitkit.cli import main
+
+    assert main(["train", "--runs-dir", str(tmp_path), "--epochs", "1", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vitkit: error: ") and "\n" not in err and flag in err, err
+    assert not any(tmp_path.iterdir())  # refused before any run folder

@@ -210,3 +210,151 @@ def test_fast_and_tome_flags(trained, tmp_path, capsys):
     assert abs(res["top1"] - top1) <= 1.0 + 1e-6, (res["top1"], top1)  # one borderline digit may tip
     plain_loss = F.cross_entropy(plain, y).item()
     assert 1e-4 < abs(loss - plain_loss) < 0.05 * plain_loss, (loss, plain_loss)
+
+
+def _digit_folder(root, classes: dict, n_val=15):
+    """PATH/train/<name>/ (one digit each) and PATH/val/<name>/ (n_val held-out mnist5k digits of that class):
+    `classes` maps each folder name to the digit its images show. Returns {name: [val files]}."""
+    _, val, _ = vitkit.data.build_datasets("mnist5k")
+    out = {}
+    for name, digit in classes.items():
+        idx = torch.nonzero(val.labels == digit).flatten()[: n_val + 1].tolist()
+        for part, ids in (("train", idx[:1]), ("val", idx[1:])):
+            (root / part / name).mkdir(parents=True, exist_ok=True)
+            for i in ids:
+                Image.fromarray(val.images[i, 0].numpy()).save(root / part / name / f"{i}.png")
+        out[name] = sorted((root / "val" / name).iterdir())
+    return out
+
+
+def test_eval_matches_classes_by_name_on_a_subset_and_through_a_class_map(trained, tmp_path, capsys):
+    """A folder of two of the checkpoint's ten classes is scored with the checkpoint's indices; folders named
+    otherwise are an error listing them, unless --class-map maps them; a same-count folder of other names (scored
+    by position before, without a word) is refused."""
+    files = _digit_folder(tmp_path / "sub", {"3": 3, "7": 7})
+    assert main(["eval", str(trained), "--data", f"folder:{tmp_path / 'sub'}", "--out", str(tmp_path / "o1"),
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    conf = np.asarray(res["confusion"])
+    assert conf.shape == (10, 10) and res["num_images"] == 30 and set(res["per_class"]) == {"3", "7"}
+    assert conf[3].sum() == 15 and conf[7].sum() == 15 and conf.sum() == 30  # rows by the checkpoint's index
+    preds = vitkit.tasks.classify.predict(trained, files["3"] + files["7"], topk=1)
+    right = sum(p["label"] == ("3" if i < 15 else "7") for i, p in enumerate(preds))
+    assert res["top1"] == pytest.approx(100 * right / 30, abs=1e-3)  # the same answers as predict gives
+
+    # the same images under other names: refused with the names listed, then scored the same through a map
+    _digit_folder(tmp_path / "named", {"seven": 7, "three": 3})
+    spec = f"folder:{tmp_path / 'named'}"
+    assert main(["eval", str(trained), "--data", spec, "--out", str(tmp_path / "o2")]) == 2
+    err = _err(capsys)
+    assert "'seven', 'three'" in err and "--class-map" in err
+    (tmp_path / "map.json").write_text(json.dumps({"seven": "7", "three": "3"}))
+    for mapping in ("three=3,seven=7", str(tmp_path / "map.json")):
+        assert main(["eval", str(trained), "--data", spec, "--class-map", mapping, "--out", str(tmp_path / "o3"),
+                     "--json"]) == 0
+        mapped = json.loads(capsys.readouterr().out)
+        assert mapped["top1"] == res["top1"] and mapped["confusion"] == res["confusion"]
+        assert mapped["data_classes"] == {"seven": "7", "three": "3"}
+    assert main(["eval", str(trained), "--data", spec, "--class-map", "three=3,eight=8"]) == 2
+    assert "'eight'" in _err(capsys)
+
+    # one class the checkpoint does not know among known ones; ten classes of ten other names
+    _digit_folder(tmp_path / "sub", {"cat": 1}, n_val=2)
+    assert main(["eval", str(trained), "--data", f"folder:{tmp_path / 'sub'}"]) == 2
+    assert "1 class(es) the checkpoint does not know: 'cat';" in _err(capsys)
+    _digit_folder(tmp_path / "ten", {f"d{i}": i for i in range(10)}, n_val=1)
+    assert main(["eval", str(trained), "--data", f"folder:{tmp_path / 'ten'}", "--out", str(tmp_path / "o4")]) == 2
+    assert "10 class(es) the checkpoint does not know: 'd0', 'd1'" in _err(capsys)
+
+
+def test_match_classes_and_class_maps():
+    from vitkit.tasks.classify import match_classes, parse_class_map
+
+    names = ["cat", "dog", "fox"]
+    assert match_classes(["fox", "cat"], names) == [2, 0]
+    assert match_classes(["a", "b"], names, class_map={"a": "dog", "b": "dog"}) == [1, 1]
+    with pytest.raises(vitkit.DataError, match=r"2 class\(es\) the checkpoint does not know: 'a', 'b=cow'"):
+        match_classes(["a", "b", "cat"], names, class_map={"b": "cow"})
+    with pytest.raises(vitkit.ConfigError, match="class_map names classes that .* does not have: 'z'") as e:
+        match_classes(["cat"], names, class_map={"z": "cat"})
+    assert e.value.field == "class_map"
+    assert match_classes(["x", "y", "z"], ["0", "1", "2"], named=False) == [0, 1, 2]  # no names: by position
+    with pytest.raises(vitkit.CheckpointError, match="no names recorded"):
+        match_classes(["x", "y"], ["0", "1", "2"], named=False)
+    assert parse_class_map("a=cat, b = dog") == {"a": "cat", "b": "dog"}
+    for bad in ("a", "a=", "=b", ","):
+        with pytest.raises(vitkit.ConfigError, match="class_map"):
+            parse_class_map(bad)
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["--label-smoothing", "2"], "--label-smoothing must be in [0, 1), got 2.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
+    (["--mixup", "-0.5"], "--mixup must be >= 0"), (["--cutmix", "nan"], "--cutmix must be a number"),
+    (["--max-steps", "0"], "--max-steps must be >= 1, got 0"), (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--accum-steps", "0"], "--accum-steps must be >= 1"), (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--name", ""], "argument --name: expected a plain folder name"),
+    (["--name", "a/b"], "argument --name: expected a plain folder name"),
+    (["--val-split", "0.2"], "--val-split applies to folder:PATH data only; mnist5k has a fixed held-out split"),
+    (["--val-split", "0.1"], "--val-split applies to folder:PATH data only"),
+    (["--lr", "banana"], "argument --lr: invalid float value: 'banana'"), (["--lr", "0"], "--lr must be > 0"),
+    (["--precision", "fp64"], "argument --precision: invalid choice: 'fp64'"),
+    (["--ema", "1"], "--ema must be in [0, 1)"), (["--layer-decay", "2"], "--layer-decay must be in (0, 1]"),
+    (["--progressive", "0"], "--progressive must be in (0, 1]"), (["--drop-path", "-1"], "--drop-path must be"),
+    (["--device", "banana"], "--device must be auto, cpu, cuda, cuda:N or mps"),
+    (["--seed", "-1"], "--seed must be between 0 and"), (["--max-train", "0"], "--max-train must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"), (["--clip-grad", "-1"], "--clip-grad must be >= 0"),
+    (["--time-budget", "-5"], "--time-budget must be > 0"), (["--workers", "-2"], "--workers must be >= 0"),
+    (["--eval-every", "0"], "--eval-every must be >= 1")])
+def test_train_options_are_one_line_errors_naming_the_flag(argv, said, tmp_path, capsys):
+    """Each train option class (ranges, whole numbers, choices, names, data-dependent flags) is refused where it
+    is parsed, before any data or run folder, with one line naming the flag."""
+    assert main(["train", "--runs-dir", str(tmp_path), "--epochs", "1", *argv]) == 2
+    assert said in _err(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+def test_predict_and_eval_options_name_the_flag(trained, tmp_path, capsys):
+    img = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(img)
+    for argv, said in [(["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+                       (["--topk", "0"], "--topk must be >= 1, got 0"), (["--tome", "-1"], "--tome must be >= 0"),
+                       (["--device", "gpu"], "--device must be auto, cpu"),
+                       (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'")]:
+        assert main(["predict", str(trained), str(img), *argv]) == 2
+        assert said in _err(capsys)
+    for argv, said in [(["--batch-size", "0"], "--batch-size must be >= 1"),
+                       (["--val-split", "0.3"], "--val-split applies to folder:PATH data only"),
+                       (["--max-val", "0"], "--max-val must be >= 1")]:
+        assert main(["eval", str(trained), "--data", "mnist5k", "--out", str(tmp_path), *argv]) == 2
+        assert said in _err(capsys)
+
+
+def test_a_wrong_init_format_hint_names_trains_own_flag(tmp_path, capsys):
+    """train's format flag is --init-format (export's is --from): the hint names it."""
+    model = vitkit.create_model("vit_mini_patch7_28", embed_dim=16, depth=1, num_heads=2)
+    torch.save(model.state_dict(), tmp_path / "timm.pth")  # timm's layout
+    assert main(["train", "--init", str(tmp_path / "timm.pth"), "--init-format", "hf", "--epochs", "1",
+                 "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = _err(capsys)
+    assert "timm layout" in err and "--init-format" in err
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["summary", "vit_mini_patch7_28", "--img-size", "0"], "--img-size must be >= 1, got 0"),
+    (["summary", "vit_mini_patch7_28", "--num-classes", "-3"], "--num-classes must be >= 0"),
+    (["eval-retrieval", "CKPT", "--data", "mnist5k", "--knn-k", "0"], "--knn-k must be >= 1"),
+    (["eval-retrieval", "CKPT", "--data", "mnist5k", "--temperature", "0"], "--temperature must be > 0"),
+    (["train-gen", "--class-dropout", "2", "--runs-dir", "RUNS"], "--class-dropout must be in [0, 1)"),
+    (["train-gen", "--sample-steps", "0", "--runs-dir", "RUNS"], "--sample-steps must be >= 1"),
+    (["pretrain", "--mask-ratio", "1.5", "--runs-dir", "RUNS"], "--mask-ratio must be in [0, 1)"),
+    (["pretrain", "--model-arg", "embed_dim=x", "--runs-dir", "RUNS"], "--model-arg embed_dim must be a whole"),
+    (["generate", "CKPT", "-n", "0"], "-n must be >= 1"), (["generate", "CKPT", "--steps", "0"], "--steps must be"),
+    (["reconstruct", "CKPT", "IMG", "--mask-ratio", "2"], "--mask-ratio must be in [0, 1)"),
+    (["index", "build", "CKPT", "--out", "RUNS", "--M", "1"], "--M must be >= 2")])
+def test_other_commands_name_the_flag(argv, said, tmp_path, capsys):
+    """The same one-line, flag-naming errors from the other commands, before any file is read."""
+    subs = {"CKPT": str(tmp_path / "none.safetensors"), "IMG": str(tmp_path / "none.png"), "RUNS": str(tmp_path / "r")}
+    assert main([subs.get(a, a) for a in argv]) == 2
+    assert said in _err(capsys)
+    assert not (tmp_path / "r").exists()

@@ -123,6 +123,28 @@ def test_index_load_refuses_damaged_folders(tmp_path):
     assert vitkit.Index is Index  # the public API
 
 
+def test_index_options_and_manifests_are_checked(tmp_path):
+    """k, nprobe, ef_search and the index shape are checked by name; a k beyond the entries gives them all; a
+    manifest that disagrees with index.faiss (width, kind, values) is refused rather than searched."""
+    index = Index(8).add(np.eye(8, dtype=np.float32), [str(i) for i in range(8)])
+    for call, match in [(lambda: index.search(np.eye(8, dtype=np.float32)[:1], 0), "k must be >= 1, got 0"),
+                        (lambda: index.search(np.eye(8, dtype=np.float32)[:1], 2.5), "k must be a whole number"),
+                        (lambda: index.set_search_params(nprobe=0), "nprobe must be >= 1"),
+                        (lambda: Index(8, "hnsw", M=1), "M must be >= 2"), (lambda: Index(0), "dim must be >= 1")]:
+        with pytest.raises(vitkit.ConfigError, match=match):
+            call()
+    scores, ids = index.search(np.eye(8, dtype=np.float32)[:1], 10**12)  # no (1, 10^12) array
+    assert ids.shape == (1, 8) and ids[0, 0] == 0
+    index.save(tmp_path / "ix")
+    good = json.loads((tmp_path / "ix" / "manifest.json").read_text())
+    for change, match in [({"dim": 4}, "4 says|8-dimensional"), ({"kind": "hnsw"}, "not the hnsw index"),
+                          ({"params": {**good["params"], "nprobe": 0}}, "nprobe must be >= 1"),
+                          ({"params": None}, "not a vitkit index manifest"), ({"paths": "x"}, "not a vitkit index")]:
+        (tmp_path / "ix" / "manifest.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(DataError, match=match):
+            Index.load(tmp_path / "ix")
+
+
 # ---- the CLI on real images ----------------------------------------------------------------------------------
 def _run(capsys, argv):
     code = main(argv)
@@ -238,6 +260,14 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, digits_model):
     assert code == 2 and "cut.png" in err and len(err.strip().splitlines()) == 1
     code, _, err = _run(capsys, ["search", str(tmp_path / "g"), str(tmp_path / "cut.png")])
     assert code == 2 and "not a vitkit index" in err
+    for flags, said in [(["--k", "0"], "--k must be >= 1, got 0"), (["--nprobe", "-1"], "--nprobe must be >= 1"),
+                        (["--ef-search", "0"], "--ef-search must be >= 1"),
+                        (["--k", "x"], "argument --k: invalid int value")]:
+        code, _, err = _run(capsys, ["search", str(tmp_path / "ix"), str(tmp_path / "cut.png"), *flags])
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = _run(capsys, ["embed", str(digits_model), str(tmp_path / "g"), "--out", str(tmp_path / "e3"),
+                                 "--batch-size", "0"])
+    assert code == 2 and "--batch-size must be >= 1, got 0" in err
 
 
 # ---- what a trained model retrieves --------------------------------------------------------------------------

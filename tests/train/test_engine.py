@@ -76,6 +76,48 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
     assert all(torch.isfinite(p).all() for p in saved.parameters())
 
 
+def test_nan_advice_names_only_changes_not_made_already(tmp_path):
+    """The NaN guard's advice: no `--precision fp32` for a run in fp32; `turn --clip-grad on` when it is off."""
+    train, _, _ = build_datasets("mnist5k", max_train=64, max_val=20)
+
+    def nan_loss(m, batch):
+        return nn.functional.cross_entropy(m(batch[0]), batch[1]) * float("nan"), {}
+
+    for kw, said, unsaid in [({}, "keep --clip-grad on", "--precision"),
+                             ({"clip_grad": 0.0}, "turn --clip-grad on", "--precision"),
+                             ({"precision": "bf16"}, "use --precision fp32", "turn --clip-grad")]:
+        model = vitkit.create_model("vit_mini_patch7_28", **TINY)
+        with pytest.raises(TrainingDiverged) as e:
+            Trainer(model, train, _tc(tmp_path, f"nan{len(kw)}{kw.get('precision', '')}", overwrite=True, **kw),
+                    nan_loss).fit()
+        assert said in str(e.value) and unsaid not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("max_steps", 0, "max_steps must be >= 1, got 0"), ("batch_size", 0, "batch_size must be >= 1, got 0"),
+    ("accum_steps", -1, "accum_steps must be >= 1"), ("epochs", 0, "epochs must be >= 1"),
+    ("eval_every", 0, "eval_every must be >= 1"), ("weight_decay", -0.1, "weight_decay must be >= 0"),
+    ("lr", 0.0, "lr must be > 0"), ("lr", float("nan"), "lr must be a number"), ("min_lr", -1, "min_lr"),
+    ("warmup", -1, "warmup must be >= 0"), ("clip_grad", -1, "clip_grad must be >= 0"),
+    ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"), ("layer_decay", 0, r"layer_decay must be in \(0, 1\]"),
+    ("precision", "fp64", "precision must be 'fp32', 'bf16' or 'fp16'"), ("name", "", "name must be a plain"),
+    ("name", "a/b", "name must be a plain"), ("name", "x" * 300, "at most 255 bytes"),
+    ("seed", -1, "seed must be between 0 and"), ("device", "banana", "device must be auto, cpu, cuda"),
+    ("workers", -1, "workers must be >= 0"), ("time_budget", 0, "time_budget must be > 0"),
+    ("batch_size", 2.5, "batch_size must be a whole number"), ("batch_size", True, "batch_size must be a whole")])
+def test_train_config_checks_each_field_by_name(field, value, match):
+    """Each engine option is checked where the config is made (not at the first step), in one line naming it."""
+    with pytest.raises(vitkit.ConfigError, match=match) as e:
+        TrainConfig(**{field: value})
+    assert e.value.field == field and "\n" not in str(e.value)
+
+
+def test_accumulation_longer_than_an_epoch_is_an_error_not_an_endless_loop(tmp_path):
+    """Under 9 batches per epoch and a step every 9 of them: no step would ever happen, epoch after epoch."""
+    with pytest.raises(vitkit.ConfigError, match=r"accum_steps 9 is more than the \d batch"):
+        train_classifier(_task(max_train=64), _tc(tmp_path, "acc", batch_size=8, accum_steps=9, epochs=2))
+
+
 def test_run_folder_is_never_overwritten_without_asking(tmp_path):
     tc = _tc(tmp_path, "once", epochs=1, max_steps=1)
     train_classifier(_task(), tc)

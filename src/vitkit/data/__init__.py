@@ -372,6 +372,26 @@ class DataOptions:
     max_train: Optional[int] = None
     max_val: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        """Each field checked (a one-line ConfigError naming it). `val_split` splits PATH/<class>/* folders only:
+        None means the default 0.1, and another value for a built-in set (whose held-out split is fixed) is an
+        error rather than silently ignored."""
+        from .. import validate as v
+
+        if not isinstance(self.data, str) or not self.data:
+            raise ConfigError(f"data must be a dataset spec ({', '.join(DATASETS)}), got {self.data!r}", field="data")
+        v.choice(self.augment, "augment", ("none", "light", "default", "strong"))
+        if self.val_split is None:
+            self.val_split = 0.1
+        v.number(self.val_split, "val_split", lo=0, hi=1, lo_open=True, hi_open=True)
+        if self.val_split != 0.1 and not self.data.startswith("folder:"):
+            raise ConfigError(f"val_split applies to folder:PATH data only; {self.data} has a fixed held-out split, "
+                              f"got {self.val_split!r}", field="val_split")
+        v.integer(self.max_train, "max_train", lo=1, optional=True)
+        v.integer(self.max_val, "max_val", lo=1, optional=True)
+        v.flag(self.download, "download")
+        v.flag(self.strict, "strict")
+
     def open(self, seed: int) -> DataSource:
         """The data set opened (loaded or scanned, split), not yet shaped for a model: see `open_data`."""
         return open_data(self.data, data_dir=self.data_dir, download=self.download, val_split=self.val_split,

@@ -152,17 +152,20 @@ def load(path, map_location="cpu") -> nn.Module:
     config_cls, model_cls = MODEL_TYPES[mtype]
     try:
         config = config_cls.from_dict(json.loads(meta["config"]))
-        pcfg = json.loads(meta.get("pretrained_cfg", "{}"))
-    except (KeyError, ValueError, TypeError) as e:
+        pcfg = check_pretrained_cfg(json.loads(meta.get("pretrained_cfg", "{}")), config)
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{str(path)!r} has damaged vitkit metadata ({e}); re-save it") from None
     check_shapes(path, model_cls, config)  # before a byte of the model is allocated
-    model = model_cls(config)
+    try:
+        model = model_cls(config)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{str(path)!r} has damaged vitkit metadata ({e}); re-save it") from None
     try:
         state = load_file(str(path), device=str(map_location))
     except Exception as e:
         raise CheckpointError(f"{str(path)!r} could not be read ({str(e).splitlines()[0]}); it may be truncated") \
             from None
-    load_state_dict_checked(model, state, source=str(path))
+    load_state_dict_checked(model, state, source=str(path))  # also refuses NaN or infinite weights
     model.pretrained_cfg = pcfg
     return model.eval()
 
@@ -196,7 +199,7 @@ def check_shapes(path, model_cls: Type[nn.Module], config) -> None:
     try:
         with torch.device("meta"), _no_init():
             expected = {k: tuple(v.shape) for k, v in model_cls(config).state_dict().items()}
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, AttributeError) as e:
         raise CheckpointError(f"{str(path)!r} has a config that builds no model ({str(e).splitlines()[0]}); "
                               "re-save the checkpoint from its model") from None
     with safe_open(str(path), framework="pt") as f:
@@ -230,6 +233,31 @@ def check_finite_outputs(out, source: str, inputs) -> None:
         raise CheckpointError(f"{source} gives NaN or infinite outputs for {rows[0]!r}"
                               f"{f' (+{len(rows) - 1} more)' if len(rows) > 1 else ''}; its weights overflow at this "
                               "precision or are damaged: use another checkpoint, or fp32")
+
+
+def check_pretrained_cfg(pcfg, config) -> dict:
+    """A checkpoint's preprocessing as the tasks read it: a dict whose mean/std/input_size/crop_pct/interpolation,
+    where given, are usable for `config` (a ValueError naming the entry otherwise)."""
+    if not isinstance(pcfg, dict):
+        raise ValueError(f"pretrained_cfg is a {type(pcfg).__name__}, not a dict")
+    chans = getattr(config, "in_chans", None)
+    for k in ("mean", "std"):
+        v = pcfg.get(k)
+        if v is not None and (not isinstance(v, list) or len(v) not in (1, chans) or
+                              not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) or
+                              (k == "std" and min(v) <= 0)):
+            raise ValueError(f"pretrained_cfg {k} {v!r} is not {chans} number(s){' > 0' if k == 'std' else ''}")
+    size = pcfg.get("input_size")
+    if size is not None and (not isinstance(size, list) or len(size) != 3 or
+                             not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in size)):
+        raise ValueError(f"pretrained_cfg input_size {size!r} is not [channels, height, width]")
+    crop = pcfg.get("crop_pct")
+    if crop is not None and (not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0 < crop <= 1):
+        raise ValueError(f"pretrained_cfg crop_pct {crop!r} is not in (0, 1]")
+    interp = pcfg.get("interpolation")
+    if interp is not None and interp not in ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"):
+        raise ValueError(f"pretrained_cfg interpolation {interp!r} is not a resampling filter")
+    return pcfg
 
 
 def load_state_dict_checked(model: nn.Module, state: dict, source: str = "checkpoint", strict: bool = True):

@@ -128,7 +128,8 @@ def _convert(fmt: str, state, name: str, config: Optional[dict] = None):
             return convert.from_npz(state)
     except (KeyError, StopIteration) as e:
         detected = convert.detect_format(state)
-        hint = f"; its keys look like the {detected} layout (drop --from)" if detected and detected != fmt else ""
+        hint = (f"; its keys look like the {detected} layout (let the format be detected: drop --from, or "
+                "--init-format in train)") if detected and detected != fmt else ""
         raise CheckpointError(f"{name} is not a complete {fmt} ViT checkpoint: no tensor {e}{hint}") from None
     raise CheckpointError(f"unknown format {fmt!r}; choose one of {', '.join(convert.FORMATS)}")
 
@@ -149,7 +150,8 @@ def read_source(path: Path, fmt: Optional[str] = None) -> Source:
     if fmt is None:
         raise CheckpointError(f"{name}: cannot tell the checkpoint's layout from its keys ({', '.join(list(raw)[:4])}, "
                               "...); vitkit reads timm, Hugging Face, Google npz and torchvision ViTs — pass "
-                              "fmt= (CLI: --from timm|hf|npz|torchvision) if it is one of them")
+                              "fmt= (CLI: --from, or --init-format in train: timm|hf|npz|torchvision) if it is one of "
+                              "them")
     state, hints = _convert(fmt, raw, name, config if fmt == "hf" else None)
     if fmt == "timm":
         if config and ("architecture" in config or "pretrained_cfg" in config):
@@ -210,6 +212,11 @@ def load_pretrained(path_or_name, *, fmt: Optional[str] = None, model: Optional[
     `num_heads` supply the head count when the checkpoint does not record it."""
     if fmt is not None and fmt not in convert.FORMATS:
         raise CheckpointError(f"unknown format {fmt!r}; choose one of {', '.join(convert.FORMATS)}")
+    from ..models.config import ViTConfig
+
+    ViTConfig.check_fields({k: x for k, x in (("num_heads", num_heads), ("img_size", img_size),
+                                              ("patch_size", patch_size), ("num_classes", num_classes),
+                                              ("global_pool", global_pool)) if x is not None})
     if model is not None and model not in list_models():
         get_config(model)  # raises with a did-you-mean
     path = resolve(path_or_name)
@@ -221,7 +228,7 @@ def load_pretrained(path_or_name, *, fmt: Optional[str] = None, model: Optional[
             net = net.to_encoder()
     elif fmt == "vitkit":
         raise CheckpointError(f"{str(path)!r} is not a vitkit checkpoint (no vitkit metadata); drop --from vitkit "
-                              "to detect its format")
+                              "(--init-format vitkit in train) to detect its format")
     else:
         net = build_from_source(read_source(path, fmt), model=model, num_heads=num_heads)
     return adapt_model(net, img_size=img_size, patch_size=patch_size, num_classes=num_classes,

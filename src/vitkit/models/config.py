@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
+from ..errors import ConfigError
+
 IntOrPair = Union[int, Tuple[int, int]]
 
 
@@ -13,7 +15,7 @@ def replace_checked(config, changes: dict, what: str):
     known = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(changes) - known)
     if unknown:
-        raise ValueError(f"unknown {what} option(s) {unknown}; known options: {sorted(known)}")
+        raise ConfigError(f"unknown {what} option(s) {unknown}; known options: {sorted(known)}")
     return dataclasses.replace(config, **changes)
 
 
@@ -55,22 +57,69 @@ class ViTConfig:
         """A copy with some fields changed; unknown names are a clear error."""
         return replace_checked(self, changes, "model")
 
+    @classmethod
+    def check_fields(cls, values: dict) -> None:
+        """Each given option alone: a known name, the right type, a sensible range (a one-line ConfigError naming
+        it); `validate` adds the checks between options. Model options from the CLI and Python go through here."""
+        from .. import validate as v
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown model option(s) {unknown}; known options: {sorted(known)}")
+        for k, x in values.items():
+            if k == "img_size":
+                if isinstance(x, (tuple, list)):
+                    if len(x) != 2:
+                        raise ConfigError(f"img_size must be one size or a pair (H, W), got {x!r}", field=k)
+                    for s in x:
+                        v.integer(s, k, lo=1)
+                else:
+                    v.integer(x, k, lo=1)
+            elif k in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+                v.integer(x, k, lo=1)
+            elif k in ("num_classes", "reg_tokens"):
+                v.integer(x, k, lo=0)
+            elif k == "mlp_ratio":
+                v.number(x, k, lo=0, lo_open=True)
+            elif k in ("norm_eps",):
+                v.number(x, k, lo=0, lo_open=True)
+            elif k == "init_values":
+                v.number(x, k, lo=0, lo_open=True, optional=True)
+            elif k in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate",
+                       "patch_drop_rate"):
+                v.number(x, k, lo=0, hi=1, hi_open=True)
+            elif k in ("qkv_bias", "qk_norm", "class_token", "no_embed_class", "pre_norm", "dynamic_img_pad"):
+                v.flag(x, k)
+            elif k == "fc_norm":
+                v.flag(x, k, optional=True)
+            elif k == "global_pool":
+                v.choice(x, k, ("token", "avg", ""))
+            elif k == "stem":
+                v.choice(x, k, ("patch", "conv"))
+            elif k == "weight_init":
+                v.choice(x, k, ("xavier", "timm"))
+            elif k == "stem_channels":
+                if not isinstance(x, (tuple, list)):
+                    raise ConfigError(f"stem_channels must be a list of widths, got {x!r}", field=k)
+                for c in x:
+                    v.integer(c, k, lo=1)
+            elif k == "name" and not isinstance(x, str):
+                raise ConfigError(f"name must be a string, got {x!r}", field=k)
+
     def validate(self) -> None:
+        self.check_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(ViTConfig)})
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
+            raise ConfigError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}",
+                              field="embed_dim")
         h, w = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
-        if self.in_chans < 1 or self.depth < 1 or self.num_classes < 0:
-            raise ValueError("in_chans and depth must be >= 1 and num_classes >= 0")
-        if self.stem not in ("patch", "conv"):
-            raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
+            raise ConfigError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}",
+                              field="img_size")
         if self.stem == "conv":
             from .vit import conv_stem_channels
 
             conv_stem_channels(self.patch_size, self.embed_dim, self.stem_channels)
-        if not 0 <= self.patch_drop_rate < 1:
-            raise ValueError(f"patch_drop_rate must be in [0, 1), got {self.patch_drop_rate}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -48,6 +48,14 @@ class DiTConfig:
         return replace_checked(self, changes, "DiT")
 
     def validate(self) -> None:
+        from .. import validate as v
+
+        for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                  "frequency_embedding_size"):
+            v.integer(getattr(self, k), k, lo=1)
+        v.integer(self.num_classes, "num_classes")  # its range: below, with why
+        v.number(self.mlp_ratio, "mlp_ratio", lo=0, lo_open=True)
+        v.number(self.class_dropout_prob, "class_dropout_prob", lo=0, hi=1, hi_open=True)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
         if self.embed_dim % 4:

@@ -443,6 +443,8 @@ class VisionTransformer(nn.Module):
     def set_input_size(self, img_size=None, patch_size=None) -> None:
         """Change the configured image and/or patch size for good: pos-embed bicubic-resampled to the new grid,
         the patch kernel FlexiViT-resampled to the new patch size."""
+        sizes = {k: v for k, v in (("img_size", img_size), ("patch_size", patch_size)) if v is not None}
+        self.config.replace(**sizes).validate()  # a grid the sizes cannot make: a one-line ConfigError, up front
         prev_grid = self.patch_embed.grid_size
         self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
         new_grid = self.patch_embed.grid_size

@@ -49,6 +49,27 @@ class ClassifierConfig(DataOptions):
     progressive: float = 1.0  # progressive resizing: start at this fraction of the resolution
     tta_flip: bool = False  # evaluate on the image and its mirror image, averaged
 
+    def __post_init__(self) -> None:
+        """Each field checked on its own (a one-line ConfigError naming it), the model options included."""
+        from .. import validate as v
+
+        super().__post_init__()
+        if self.model is not None and not isinstance(self.model, str):
+            raise ConfigError(f"model must be a registered model name, got {self.model!r}", field="model")
+        if not isinstance(self.model_args, dict):
+            raise ConfigError(f"model_args must be a dict of ViTConfig options, got {self.model_args!r}",
+                              field="model_args")
+        ViTConfig.check_fields(self.model_args)
+        v.choice(self.init_format, "init_format", ("vitkit", "timm", "hf", "npz", "torchvision"), optional=True)
+        v.number(self.label_smoothing, "label_smoothing", lo=0, hi=1, hi_open=True)
+        v.number(self.mixup, "mixup", lo=0)
+        v.number(self.cutmix, "cutmix", lo=0)
+        v.integer(self.eval_batch_size, "eval_batch_size", lo=1)
+        v.number(self.progressive, "progressive", lo=0, hi=1, lo_open=True)
+        v.flag(self.hflip, "hflip", optional=True)
+        for k in ("aug_ramp", "tta_flip"):
+            v.flag(getattr(self, k), k)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -567,6 +588,10 @@ def load_classifier(path, device="cpu", fast: bool = False, tome: int = 0):
     if model.num_classes <= 0:
         raise CheckpointError(f"{str(path)!r} holds a model without a classification head; it cannot classify")
     names = (model.pretrained_cfg or {}).get("class_names") or [str(i) for i in range(model.num_classes)]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, (str, int)) for n in names):
+        raise CheckpointError(f"{str(path)!r} records its class names as {type(names).__name__} {str(names)[:60]!r}, "
+                              "not a list of names; the checkpoint is damaged: re-save it with vitkit.save")
+    names = [str(n) for n in names]
     if len(names) != model.num_classes:
         raise CheckpointError(f"{str(path)!r} names {len(names)} classes but its head has {model.num_classes}")
     if fast or tome:
@@ -576,23 +601,105 @@ def load_classifier(path, device="cpu", fast: bool = False, tome: int = 0):
     return model, list(names)
 
 
+def parse_class_map(text) -> Dict[str, str]:
+    """--class-map: 'FOLDER=CLASS,...' pairs, or a JSON file holding {"FOLDER": "CLASS", ...} → a dict."""
+    if isinstance(text, dict):
+        pairs = text
+    elif str(text).endswith(".json") or Path(str(text)).is_file():
+        try:
+            pairs = json.loads(Path(text).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"class_map: cannot read {str(text)!r} as a JSON object of FOLDER: CLASS names "
+                              f"({type(e).__name__})", field="class_map") from None
+    else:
+        pairs = {}
+        for item in filter(None, (t.strip() for t in str(text).split(","))):
+            a, eq, b = item.partition("=")
+            if not eq or not a.strip() or not b.strip():
+                raise ConfigError(f"class_map must be FOLDER=CLASS pairs separated by commas, or a JSON file, got "
+                                  f"{item!r}", field="class_map")
+            pairs[a.strip()] = b.strip()
+    if not isinstance(pairs, dict) or not pairs or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                            for k, v in pairs.items()):
+        raise ConfigError(f"class_map must map folder class names to the checkpoint's class names, got {text!r}",
+                          field="class_map")
+    return dict(pairs)
+
+
+def _short(names: Sequence[str], n: int = 12) -> str:
+    shown = ", ".join(repr(x) for x in list(names)[:n])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def match_classes(data_names: Sequence[str], model_names: Sequence[str], *, named: bool = True,
+                  class_map: Optional[Dict[str, str]] = None, data: str = "the data") -> List[int]:
+    """The checkpoint's class index of each of the data's classes, matched by name (after `class_map`, data name →
+    checkpoint name). The data may hold a subset of the checkpoint's classes; a class it does not know is an error
+    that lists them. `named=False` (the checkpoint records no names): by position, which needs the same count."""
+    data_names, model_names = [str(n) for n in data_names], [str(n) for n in model_names]
+    if class_map:
+        stray = sorted(set(class_map) - set(data_names))
+        if stray:
+            raise ConfigError(f"class_map names classes that {data} does not have: {_short(stray)}; its classes: "
+                              f"{_short(data_names)}", field="class_map")
+    if not named and not class_map:
+        if len(data_names) != len(model_names):
+            raise CheckpointError(f"the checkpoint classifies {len(model_names)} classes (no names recorded) but "
+                                  f"{data} has {len(data_names)}; evaluate it on the data it was trained for")
+        log.warning("the checkpoint records no class names: scoring %s's classes by position", data)
+        return list(range(len(data_names)))
+    mapped = [(class_map or {}).get(n, n) for n in data_names]
+    index = {n: i for i, n in enumerate(model_names)}
+    unknown = [n if m == n else f"{n}={m}" for n, m in zip(data_names, mapped) if m not in index]
+    if unknown:
+        raise DataError(f"{data} has {len(unknown)} class(es) the checkpoint does not know: {_short(unknown)}; its "
+                        f"{len(model_names)} classes are {_short(model_names)}; rename those folders or map them "
+                        "with --class-map FOLDER=CLASS,... (or a JSON file)")
+    return [index[m] for m in mapped]
+
+
+def _relabel(ds, lut: List[int]):
+    """`ds` with each label y replaced by lut[y] (the data's class index → the checkpoint's)."""
+    if lut == list(range(len(lut))):
+        return ds
+    table = torch.tensor(lut, dtype=torch.long)
+    if isinstance(ds, InMemoryDataset):
+        return InMemoryDataset(ds.images, table[ds.labels], ds.transform)
+    ds.samples = [(f, lut[y]) for f, y in ds.samples]
+    return ds
+
+
 def evaluate_checkpoint(path, data: str, *, out_dir=None, batch_size: int = 500, device="auto",
                         data_dir="data", download=False, val_split: Optional[float] = None,
                         seed: Optional[int] = None, strict: bool = False, max_val: Optional[int] = None,
-                        fast: bool = False, tome: int = 0) -> dict:
+                        fast: bool = False, tome: int = 0, class_map: Optional[Dict[str, str]] = None) -> dict:
     """Top-1/top-5, per-class accuracy and confusion matrix of a checkpoint on a dataset's validation split;
     writes eval.json and eval_confusion.png into `out_dir` (default: the run folder, or next to the file).
-    `val_split`/`seed` (how a PATH/<class>/* folder is split) default to the run's own, so the held-out
-    images are the ones the run held out."""
+    Classes are matched by name (`match_classes`): the data may hold a subset of the checkpoint's classes, and
+    `class_map` {data name: checkpoint name} maps the ones named otherwise. `val_split`/`seed` (how a
+    PATH/<class>/* folder is split) default to the run's own, so the held-out images are the ones the run held out."""
     import json
 
+    from .. import validate as v
+
+    v.integer(batch_size, "batch_size", lo=1)
+    v.integer(max_val, "max_val", lo=1, optional=True)
+    v.integer(tome, "tome", lo=0)
+    if val_split is not None and not str(data).startswith("folder:"):
+        raise ConfigError(f"val_split applies to folder:PATH data only; {data} has a fixed held-out split",
+                          field="val_split")
+    class_map = parse_class_map(class_map) if class_map else None
     p = Path(path)
     run_cfg = (p if p.is_dir() else p.parent) / "config.json"
-    saved = json.loads(run_cfg.read_text()) if run_cfg.is_file() else {}
+    try:
+        saved = json.loads(run_cfg.read_text()) if run_cfg.is_file() else {}
+    except ValueError:
+        saved = {}  # not a run's config (or a damaged one): the defaults below
+    saved = saved if isinstance(saved, dict) else {}
     if val_split is None:
-        val_split = saved.get("classifier", {}).get("val_split", 0.1)
+        val_split = (saved.get("classifier") or {}).get("val_split", 0.1)
     if seed is None:
-        seed = saved.get("train", {}).get("seed", 0)
+        seed = (saved.get("train") or {}).get("seed", 0)
     dev = resolve_device(device)
     model, names = load_classifier(path, dev, fast=fast, tome=tome)
     pcfg = model.pretrained_cfg or {}
@@ -601,19 +708,20 @@ def evaluate_checkpoint(path, data: str, *, out_dir=None, batch_size: int = 500,
                                   mean=pcfg.get("mean"), std=pcfg.get("std"), crop_pct=pcfg.get("crop_pct", 1.0),
                                   data_dir=data_dir, download=download, val_split=val_split, seed=seed,
                                   strict=strict, max_val=max_val)
-    if info.num_classes != model.num_classes:
-        raise CheckpointError(f"the checkpoint classifies {model.num_classes} classes but {data!r} has "
-                              f"{info.num_classes}; evaluate it on the data it was trained for")
-    if [str(n) for n in names] != [str(n) for n in info.class_names]:
-        log.warning("class names differ between the checkpoint and %s; scoring by class index", data)
+    lut = match_classes(info.class_names, names, named=bool(pcfg.get("class_names")), class_map=class_map,
+                        data=repr(info.spec))
+    val = _relabel(val, lut)
     ev = evaluate(model, val, batch_size=batch_size, device=dev, full=True, tta_flip=bool(pcfg.get("tta_flip")))
+    present = sorted(set(lut))  # the checkpoint's classes the data holds
     out = Path(out_dir) if out_dir else (p if p.is_dir() else p.parent)
     out.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": str(path), "data": info.spec, "num_images": ev["num_images"],
               "top1": round(ev["top1"], 3), "top5": round(ev["top5"], 3), "val_loss": round(ev["val_loss"], 5),
-              "per_class": {str(n): round(a, 2) for n, a in zip(names, ev["per_class"])},
+              "per_class": {str(names[i]): round(ev["per_class"][i], 2) for i in present},
               "confusion": ev["confusion"], "class_names": names, "skipped_images": len(info.skipped),
               "fast": bool(fast), "tome_r": int(tome)}
+    if len(present) < len(names) or class_map:
+        result["data_classes"] = {str(n): str(names[i]) for n, i in zip(info.class_names, lut)}
     from ..io.checkpoint import atomic_write
 
     text = json.dumps(result, indent=2) + "\n"
@@ -646,8 +754,12 @@ def predict(checkpoint, paths: Sequence, *, topk: int = 5, batch_size: int = 64,
             strict: bool = False, fast: bool = False, tome: int = 0) -> List[dict]:
     """Top-k labels (by name) with probabilities for each image; images are batched. Unreadable images are
     reported with an 'error' entry (or raise with `strict`); NaN or infinite outputs are a CheckpointError."""
+    from .. import validate as v
     from ..io.checkpoint import check_finite_outputs
 
+    v.integer(topk, "topk", lo=1)
+    v.integer(batch_size, "batch_size", lo=1)
+    v.integer(tome, "tome", lo=0)
     dev = resolve_device(device)
     model, names = load_classifier(checkpoint, dev, fast=fast, tome=tome)
     pcfg = model.pretrained_cfg or {}

@@ -25,7 +25,7 @@ import torch
 from ..data import DataOptions, build_datasets, make_loader
 from ..errors import CheckpointError, ConfigError
 from ..models.diffusion import get_objective
-from ..models.dit import DiT, DiTConfig
+from ..models.dit import OBJECTIVES, DiT, DiTConfig
 from ..train import Trainer, TrainConfig, claim_run, resume_configs
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,19 @@ class GeneratorConfig(DataOptions):
     init: Optional[str] = None  # start from a train-gen checkpoint's (EMA) weights, with a fresh schedule
     sample_steps: int = 50  # the sample grid written at the end of the run
     sample_cfg: float = 2.0
+
+    def __post_init__(self) -> None:
+        from .. import validate as v
+
+        super().__post_init__()
+        v.choice(self.objective, "objective", OBJECTIVES)
+        v.number(self.class_dropout_prob, "class_dropout_prob", lo=0, hi=1, hi_open=True)
+        v.integer(self.img_size, "img_size", lo=1, optional=True)
+        v.integer(self.sample_steps, "sample_steps", lo=1)
+        v.number(self.sample_cfg, "sample_cfg")
+        if not isinstance(self.model_args, dict):
+            raise ConfigError(f"model_args must be a dict of DiTConfig options, got {self.model_args!r}",
+                              field="model_args")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -52,6 +52,16 @@ class MAETaskConfig(DataOptions):
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
 
+    def __post_init__(self) -> None:
+        from .. import validate as v
+        from ..models.config import ViTConfig
+
+        super().__post_init__()
+        ViTConfig.check_fields(dict(self.model_args))
+        for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+            v.integer(getattr(self, k), k, lo=1, optional=True)
+        v.number(self.mask_ratio, "mask_ratio", lo=0, hi=1, hi_open=True)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -167,6 +177,9 @@ def reconstruct(checkpoint, images, out, *, mask_ratio: Optional[float] = None, 
     from ..io import load
     from .classify import collect_images
 
+    from .. import validate as v
+
+    v.number(mask_ratio, "mask_ratio", lo=0, hi=1, hi_open=True, optional=True)
     model = load(checkpoint)
     if not isinstance(model, MaskedAutoencoderViT):
         raise CheckpointError(f"{str(checkpoint)!r} holds a {type(model).__name__}, not an MAE; reconstruct needs a "

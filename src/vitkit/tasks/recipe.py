@@ -62,6 +62,29 @@ class Recipe:
     progressive: Optional[float] = None  # start at this fraction of img_size, reach it for the last part; 1 = off
     tta_flip: Optional[bool] = None  # average the logits of the image and its mirror image at evaluation
 
+    def __post_init__(self) -> None:
+        """Every set field checked on its own (type and range): a one-line ConfigError naming it."""
+        from .. import validate as v
+        from ..models.config import ViTConfig
+
+        if self.model is not None and not isinstance(self.model, str):
+            raise ConfigError(f"model must be a registered model name, got {self.model!r}", field="model")
+        ViTConfig.check_fields({k: getattr(self, k) for k in MODEL_FIELDS if getattr(self, k) is not None})
+        v.integer(self.epochs, "epochs", lo=1, optional=True)
+        v.number(self.time_budget, "time_budget", lo=0, lo_open=True, optional=True)
+        v.integer(self.batch_size, "batch_size", lo=1, optional=True)
+        v.number(self.lr, "lr", lo=0, lo_open=True, optional=True)
+        for k in ("min_lr", "weight_decay", "warmup", "clip_grad", "mixup", "cutmix"):
+            v.number(getattr(self, k), k, lo=0, optional=True)
+        v.number(self.ema_decay, "ema_decay", lo=0, hi=1, hi_open=True, optional=True)
+        v.number(self.layer_decay, "layer_decay", lo=0, hi=1, lo_open=True, optional=True)
+        v.number(self.label_smoothing, "label_smoothing", lo=0, hi=1, hi_open=True, optional=True)
+        v.number(self.progressive, "progressive", lo=0, hi=1, lo_open=True, optional=True)
+        v.choice(self.precision, "precision", ("fp32", "bf16", "fp16"), optional=True)
+        v.choice(self.augment, "augment", ("none", "light", "default", "strong"), optional=True)
+        for k in ("compile", "hflip", "aug_ramp", "tta_flip"):
+            v.flag(getattr(self, k), k, optional=True)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -252,7 +252,11 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
     """Embed every image under `folder` into the embeddings file `out`. When `out` exists (same model), only the
     new or changed files (by path, mtime and size) are embedded; removed files are dropped. Unreadable images are
     skipped with a warning (`strict`: stop at the first). Returns counts."""
+    from .. import validate as v
     from ..io import load
+
+    v.integer(batch_size, "batch_size", lo=1)
+    v.integer(layer, "layer", optional=True)
 
     folder = Path(folder)
     files = list_images(folder)
@@ -340,6 +344,13 @@ class Index:
 
         if kind not in INDEX_KINDS:
             raise ConfigError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+        from .. import validate as v
+
+        v.integer(nlist, "nlist", lo=1, optional=True)
+        v.integer(M, "M", lo=2)
+        for name, val in (("nprobe", nprobe), ("ef_search", ef_search), ("ef_construction", ef_construction)):
+            v.integer(val, name, lo=1)
+        v.integer(dim, "dim", lo=1)
         self.dim, self.kind, self.model = int(dim), kind, model
         self.params = {"nlist": nlist, "nprobe": int(nprobe), "M": int(M), "ef_search": int(ef_search),
                        "ef_construction": int(ef_construction)}
@@ -400,7 +411,11 @@ class Index:
         return self
 
     def search(self, queries, k: int = 10) -> Tuple[np.ndarray, np.ndarray]:
-        """(Q, D) queries → (scores (Q, k), ids (Q, k)), best first; id -1 where fewer than k entries exist."""
+        """(Q, D) queries → (scores (Q, k'), ids (Q, k')) with k' = min(k, entries), best first; id -1 where an
+        approximate index finds fewer."""
+        from .. import validate as v
+
+        k = v.integer(k, "k", lo=1)
         if len(self) == 0:
             raise DataError("the index is empty; add embeddings before searching")
         q = np.ascontiguousarray(torch.as_tensor(queries).float().numpy() if torch.is_tensor(queries) else queries,
@@ -411,7 +426,7 @@ class Index:
             raise DataError(f"queries have dimension {q.shape[1]}, the index {self.dim}; they come from another "
                             "model or layer than this index's")
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        return self.index.search(q, int(k))
+        return self.index.search(q, min(k, len(self)))  # no more columns than entries (a huge k costs nothing)
 
     def neighbours(self, queries, k: int = 10) -> List[List[dict]]:
         """Per query, the k nearest entries as {rank, id, path, label, score}."""
@@ -449,23 +464,37 @@ class Index:
                             "index.faiss); build one with `vitkit index build`")
         try:
             m = json.loads(mpath.read_text())
-            assert m.get("format") == INDEX_FORMAT
-        except Exception:
-            raise DataError(f"{str(mpath)!r} is not a vitkit index manifest; rebuild the index") from None
-        p = m["params"]
-        self = cls(m["dim"], m["kind"], m["model"], p.get("nlist"), p["nprobe"], p["M"], p["ef_search"],
-                   p["ef_construction"])
+            assert isinstance(m, dict) and m.get("format") == INDEX_FORMAT
+            p, paths, labels = m["params"], m["paths"], m["labels"]
+            assert isinstance(p, dict) and isinstance(paths, list) and isinstance(labels, list)
+            assert m["model"] is None or isinstance(m["model"], dict)
+            self = cls(m["dim"], m["kind"], m["model"], p.get("nlist"), p["nprobe"], p["M"], p["ef_search"],
+                       p["ef_construction"])
+        except Exception as e:
+            why = f" ({e})" if isinstance(e, ConfigError) else ""
+            raise DataError(f"{str(mpath)!r} is not a vitkit index manifest{why}; rebuild the index") from None
         try:
             self.index = faiss.read_index(str(ipath))
         except Exception as e:
             raise DataError(f"{str(ipath)!r} cannot be read ({str(e).splitlines()[0]}); rebuild the index") from None
-        self.paths, self.labels = list(m["paths"]), list(m["labels"])
-        if self.index.ntotal != len(self.paths) or self.index.ntotal != m["count"]:
+        want = {"flat": faiss.IndexFlat, "hnsw": faiss.IndexHNSW, "ivf": faiss.IndexIVF}[self.kind]
+        if not isinstance(self.index, want):
+            raise DataError(f"{str(path)!r}: index.faiss is a {type(self.index).__name__}, not the {self.kind} index "
+                            "the manifest names; the folder was damaged: rebuild the index")
+        if self.index.d != self.dim:  # searching with the wrong width would read past the vectors
+            raise DataError(f"{str(path)!r}: index.faiss holds {self.index.d}-dimensional vectors but the manifest "
+                            f"says {self.dim}; the folder was damaged: rebuild the index")
+        self.paths, self.labels = paths, labels
+        if self.index.ntotal != len(self.paths) or self.index.ntotal != m["count"] or len(labels) != len(paths):
             raise DataError(f"{str(path)!r}: index.faiss holds {self.index.ntotal} vectors but the manifest lists "
                             f"{len(self.paths)}; the folder was damaged (interrupted write?): rebuild the index")
         return self
 
     def set_search_params(self, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> None:
+        from .. import validate as v
+
+        v.integer(nprobe, "nprobe", lo=1, optional=True)
+        v.integer(ef_search, "ef_search", lo=1, optional=True)
         if nprobe is not None and self.kind == "ivf":
             self.params["nprobe"] = int(nprobe)
             self.index.nprobe = int(nprobe)
@@ -579,8 +608,13 @@ def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, lay
     """Recall@1/5/10, mAP@R and DINO's weighted k-NN accuracy of a checkpoint's embeddings on a labelled dataset:
     the held-out split is the queries, the training split the database; images are preprocessed as the
     checkpoint says (no augmentation)."""
+    from .. import validate as v
     from ..data import build_datasets
     from ..io import load
+
+    v.integer(batch_size, "batch_size", lo=1)
+    v.integer(knn_k, "knn_k", lo=1)
+    v.number(temperature, "temperature", lo=0, lo_open=True)
 
     if model is None:
         model = load(checkpoint)

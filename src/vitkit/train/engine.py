@@ -102,22 +102,39 @@ class TrainConfig:
     best_metric: str = "top1"  # picks best.safetensors; "" → no selection (best = last), for when the
     best_mode: str = "max"  # max | min      evaluation set is the test set and must not choose the checkpoint
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.batch_size < 1 or self.accum_steps < 1 or (self.epochs is not None and self.epochs < 1) or \
-                (self.eval_every is not None and self.eval_every < 1):
-            raise ConfigError("batch size, accumulation steps, epochs and eval_every must all be >= 1")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if self.time_budget is not None and self.time_budget <= 0:
-            raise ConfigError(f"--time-budget must be positive, got {self.time_budget}s")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"--ema must be in [0, 1), got {self.ema_decay}")
-        if self.best_mode not in ("max", "min"):
-            raise ConfigError(f"best_mode must be 'max' or 'min', got {self.best_mode!r}")
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ConfigError(f"run name {self.name!r} must be a plain folder name")
+        """Each field's type and range: a one-line ConfigError that names the field (the CLI names its flag)."""
+        from .. import validate as v
+
+        if not isinstance(self.name, str) or not self.name.strip() or "/" in self.name or "\\" in self.name \
+                or self.name in (".", "..") or len(self.name.encode()) > 255:
+            raise ConfigError(f"name must be a plain folder name (not empty, no '/', at most 255 bytes), got "
+                              f"{self.name[:40]!r}{'...' if len(self.name) > 40 else ''}",
+                              field="name")
+        v.integer(self.epochs, "epochs", lo=1, optional=True)
+        v.number(self.time_budget, "time_budget", lo=0, lo_open=True, optional=True)
+        v.integer(self.max_steps, "max_steps", lo=1, optional=True)
+        v.integer(self.batch_size, "batch_size", lo=1)
+        v.integer(self.accum_steps, "accum_steps", lo=1)
+        v.number(self.lr, "lr", lo=0, lo_open=True)
+        for k in ("min_lr", "weight_decay", "warmup"):
+            v.number(getattr(self, k), k, lo=0)
+        v.number(self.clip_grad, "clip_grad", lo=0, optional=True)
+        v.choice(self.precision, "precision", ("fp32", "bf16", "fp16"))
+        v.number(self.ema_decay, "ema_decay", lo=0, hi=1, hi_open=True)
+        v.number(self.layer_decay, "layer_decay", lo=0, hi=1, lo_open=True, optional=True)
+        v.integer(self.seed, "seed", lo=0, hi=2**32 - 1)
+        v.integer(self.eval_every, "eval_every", lo=1, optional=True)
+        v.integer(self.workers, "workers", lo=0)
+        v.choice(self.best_mode, "best_mode", ("max", "min"))
+        check_device(self.device)
+        if len(tuple(self.betas)) != 2:
+            raise ConfigError(f"betas must be two numbers, got {self.betas!r}", field="betas")
+        for b in self.betas:
+            v.number(b, "betas", lo=0, hi=1, hi_open=True)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -166,8 +183,18 @@ class DistInfo:
         return self.rank == 0
 
 
+def check_device(name) -> str:
+    """A device name vitkit understands (auto | cpu | cuda | cuda:N | mps), else a ConfigError naming `device`."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}", field="device")
+    return name
+
+
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """`auto` is $VITKIT_DEVICE where set (the test suite sets `cpu`), else this rank's GPU if any, else the CPU."""
+    check_device(name)
     if name == "auto" and os.environ.get("VITKIT_DEVICE"):
         name = os.environ["VITKIT_DEVICE"]
     if name == "auto":
@@ -177,6 +204,10 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name} was asked for but only {torch.cuda.device_count()} GPU(s) are visible")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps was asked for but no Apple GPU is available; use --device cpu")
     return dev
 
 
@@ -508,7 +539,11 @@ class Trainer:
                            **self.loader_kwargs)
 
     def _steps_per_epoch(self) -> int:
-        return max(1, len(self._loader(0)) // self.cfg.accum_steps)
+        n = len(self._loader(0))
+        if n < self.cfg.accum_steps:  # no optimizer step would ever happen: epochs would pass without training
+            raise ConfigError(f"accum_steps {self.cfg.accum_steps} is more than the {n} batch(es) of an epoch; lower "
+                              "it, or the batch size", field="accum_steps")
+        return max(1, n // self.cfg.accum_steps)
 
     def _autocast(self):
         c = self.cfg
@@ -856,8 +891,12 @@ class Trainer:
         if not math.isfinite(v):
             where = f"; the last good checkpoint is in {self.run.path if self.run else self.cfg.resume}" \
                 if self.epoch > 0 else ""
+            advice = ["lower --lr"]  # only the changes that are not made already
+            advice.append("keep --clip-grad on" if self.cfg.clip_grad else "turn --clip-grad on (e.g. 1.0)")
+            if self.cfg.precision != "fp32":
+                advice.append("use --precision fp32")
             raise TrainingDiverged(f"the loss became {v} at step {self.step + 1} (epoch {self.epoch + 1}){where}; "
-                                   "lower --lr, keep --clip-grad on, or use --precision fp32")
+                                   f"{', '.join(advice[:-1])} or {advice[-1]}")
         return v
 
     @torch.no_grad()
