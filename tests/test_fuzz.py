@@ -239,6 +239,25 @@ def test_damaged_checkpoints(world, capsys, tmp_path):
         _run(capsys, ["export", path, "--format", "vitkit", "--out", tmp_path / f"o{i}.safetensors"])
 
 
+def test_damaged_pickled_checkpoints(world, capsys, tmp_path):
+    """Random bytes, truncations and flipped bytes of a PyTorch state dict, zip and legacy pickle formats: torch's
+    weights-only unpickler fails in many ways on them (KeyError, IndexError, ...); each must be one line."""
+    import torch
+
+    state = vitkit.load(world / "m.safetensors").state_dict()
+    rng = random.Random(3)
+    for legacy in (False, True):
+        src = tmp_path / f"src{int(legacy)}.pth"
+        torch.save(state, src, _use_new_zipfile_serialization=not legacy)
+        data = src.read_bytes()
+        for i, b in enumerate(_mutations(data, rng, 30, head=len(data) if legacy else 64)):
+            path = tmp_path / f"p{int(legacy)}_{i}.pth"
+            path.write_bytes(b)
+            res = _run(capsys, ["export", path, "--format", "vitkit", "--num-heads", "2",
+                                "--out", tmp_path / f"po{int(legacy)}_{i}.safetensors"])
+            assert res.rc in (0, 2), res
+
+
 def _edited_checkpoints(path, out_dir):
     """Well-formed safetensors files whose vitkit metadata or tensors say something wrong (small values only: a
     wrong config must not build a model of gigabytes)."""

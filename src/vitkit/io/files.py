@@ -49,10 +49,12 @@ def load_torch_file(path: Path) -> dict:
             f"{str(path)!r} was refused: loading it would unpickle objects other than tensors, which can run "
             f"arbitrary code ({what}). vitkit loads only weights; if you trust the file, re-save its state dict "
             "with torch.save(state_dict, 'clean.pth') or as safetensors") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as e:
+        # random or damaged bytes can trip torch's weights-only unpickler anywhere (KeyError on an unknown memo
+        # slot, IndexError on an empty stack): all of it means "not a checkpoint", never a traceback
         raise CheckpointError(
-            f"{str(path)!r} could not be read as a PyTorch checkpoint ({' '.join(str(e).split())[:200]}); it may be "
-            "truncated or of another format — re-download it") from None
+            f"{str(path)!r} could not be read as a PyTorch checkpoint ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]}); it may be truncated or of another format — re-download it") from None
     if isinstance(obj, torch.Tensor) or not isinstance(obj, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
     return obj
