@@ -203,3 +203,19 @@ def test_model_option_flags_are_one_line_errors_naming_the_flag(argv, flag, tmp_
     err = capsys.readouterr().err.strip()
     assert err.startswith("vitkit: error: ") and "\n" not in err and flag in err, err
     assert not any(tmp_path.iterdir())  # refused before any run folder
+
+
+def test_a_model_larger_than_memory_is_refused_before_allocating(monkeypatch):
+    """embed_dim=2**20 is petabytes of weights: a one-line ConfigError naming the size, not torch's allocator
+    failing deep inside a layer (no tensor is made: torch.empty is watched)."""
+    import torch
+
+    from vitkit.errors import ConfigError
+
+    made = []
+    real = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: made.append(a) or real(*a, **k))
+    with pytest.raises(ConfigError, match=r"embed_dim 1048576.*billion parameters.*choose a smaller model"):
+        vitkit.create_model("vit_tiny_patch16_224", embed_dim=2**20, num_heads=4)
+    assert all(not a or a == (0,) for a in made)  # only the probe of the default device
+    assert vitkit.create_model("vit_tiny_patch16_224", embed_dim=8, num_heads=2) is not None

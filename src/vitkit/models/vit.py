@@ -7,6 +7,7 @@ follow timm's `VisionTransformer`, so a timm state dict loads with strict=True a
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -14,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import ViTConfig
+from ..errors import ConfigError
+from .config import ViTConfig, count_params
 from .layers import feature_take_indices, resample_abs_pos_embed, resample_patch_embed, to_2tuple
 
 
@@ -323,6 +325,23 @@ class Block(nn.Module):
         return x, attn
 
 
+def check_fits_memory(cfg: ViTConfig) -> None:
+    """Refuse, before a byte is allocated, a configuration whose fp32 weights alone exceed this machine's memory: a
+    slip such as `--embed-dim 1048576` would otherwise die deep inside torch asking for terabytes."""
+    if torch.empty(0).device.type == "meta":  # built without memory (checkpoint shape checks)
+        return
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to compare with
+        return
+    n = count_params(cfg)
+    if 4 * n > ram:
+        raise ConfigError(f"a ViT of embed_dim {cfg.embed_dim}, depth {cfg.depth} and mlp_ratio {cfg.mlp_ratio} has "
+                          f"{n / 1e9:.1f} billion parameters, {4 * n / 2**30:.0f} GiB in fp32 before any training "
+                          f"state, more than this machine's {ram / 2**30:.0f} GiB; choose a smaller model",
+                          field="embed_dim")
+
+
 class VisionTransformer(nn.Module):
     """ViT with timm's parameter layout. Build it from a `ViTConfig` or keyword arguments of the same names."""
 
@@ -337,6 +356,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"global_pool must be 'token', 'avg' or '', got {cfg.global_pool!r}")
         if cfg.global_pool == "token" and not cfg.class_token:
             raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without one")
+        check_fits_memory(cfg)
         norm_layer = lambda d: nn.LayerNorm(d, eps=cfg.norm_eps)  # noqa: E731
         dim = cfg.embed_dim
         self.num_classes = cfg.num_classes
