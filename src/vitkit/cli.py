@@ -171,23 +171,16 @@ _STARTED = None  # the command's start on Trainer's clock (set in main): a time 
 def _recipe_from_flags(args):
     """The recipe fields the command line fixed (None = let the planner choose); `--recipe RUN` starts from a
     run's resolved recipe (a rerun), which flags then override."""
-    import json
-    from pathlib import Path
-
     from .errors import ConfigError
     from .tasks.recipe import Recipe
-    from .train import parse_duration
+    from .train import parse_duration, read_config
 
     if args.val_split is not None and not str(args.data).startswith("folder:"):
         raise ConfigError(f"val_split applies to folder:PATH data only; {args.data} has a fixed held-out split",
                           field="val_split")
     base = {}
     if args.recipe:
-        path = Path(args.recipe)
-        path = path / "config.json" if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"--recipe {args.recipe!r}: no such run folder or config.json")
-        saved = json.loads(path.read_text()).get("recipe", {}).get("values")
+        saved = read_config(args.recipe, doing="--recipe").get("recipe", {}).get("values")
         if not saved:
             raise ValueError(f"--recipe {args.recipe!r} holds no resolved recipe (a run from an older vitkit?)")
         base = {k: v for k, v in saved.items() if v is not None}

@@ -260,7 +260,7 @@ def test_fine_tune_from_a_run_with_layer_decay(tmp_path):
 
 
 def test_fit_steps_accounts_for_dearer_late_steps():
-    from vitkit.train.engine import fit_steps
+    from vitkit.train.budget import fit_steps
 
     assert fit_steps(0, 100.0, 1.0, 0.0, lambda p: 1.0) == 100
     assert fit_steps(40, 60.0, 1.0, 0.0, lambda p: 1.0) == 100  # 60 more steps of 1 s

@@ -4,12 +4,16 @@
 `torch.load(weights_only=True)`, which refuses any pickled object but tensors and plain containers. The one
 extra class allowed is `argparse.Namespace`, which DeiT/MAE training checkpoints carry as `args`: it is a bag
 of attributes and constructs nothing else.
+
+Also the one OS file lock (`lock_file`) that guards what several vitkit processes may write: run folders, embeddings
+files and indexes.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -17,6 +21,11 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so nothing is locked there
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +184,75 @@ def download_from_hub(name: str, revision: Optional[str] = None) -> Path:
                               f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); check the name, or pass "
                               "a local path") from None
     return folder
+
+
+# ---- one writer at a time ---------------------------------------------------------------------------------------
+class LockHeld(BlockingIOError):
+    """`lock_file(..., wait=False)` found the lock held by another process; `pid` is the pid it wrote ('?': none)."""
+
+    def __init__(self, path, pid: str):
+        super().__init__(f"{str(path)!r} is locked by process {pid}")
+        self.pid = pid
+
+
+def lock_holder(fd: int) -> str:
+    """The pid the lock's holder wrote into the lock file, or '?' before it has."""
+    try:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    except OSError:
+        return "?"
+
+
+def write_pid(fd: int) -> None:
+    """Sign a lock file taken with `lock_file` with this process's pid, for whoever finds it held."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def lock_file(path, *, wait: bool, what: str = "") -> Optional[int]:
+    """An exclusive OS lock (flock) on the file `path`, made with its folder if missing: returns the descriptor that
+    holds it until closed; the OS drops it when its process dies, so a killed holder never leaves it stuck. When
+    another process holds it: with `wait`, log its pid (naming `what`) and wait; else raise LockHeld. None where
+    fcntl is missing (Windows): nothing is locked there."""
+    path = Path(path)
+    if fcntl is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return None
+    for _ in range(20):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder was removed under us by the lock's previous holder: again
+            continue
+        try:
+            _flock(fd, path, wait, what)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the holder before us may have removed the file (with its folder) before we locked it
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+    raise LockHeld(path, "?")
+
+
+def _flock(fd: int, path: Path, wait: bool, what: str) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except OSError:
+        pid = lock_holder(fd)
+    if wait:
+        log.warning("%s is being written by another vitkit process (pid %s); waiting for it to finish",
+                    what or path, pid)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    for _ in range(20):  # a holder that has just locked writes its pid once its own checks pass
+        if pid != "?":
+            break
+        time.sleep(0.025)
+        pid = lock_holder(fd)
+    raise LockHeld(path, pid)

@@ -23,7 +23,8 @@ from ..data import (IMG_EXTENSIONS, BatchTransform, DataOptions, InMemoryDataset
                     eval_transform, make_loader, read_image)
 from ..errors import CheckpointError, ConfigError, DataError
 from ..models import ViTConfig, create_model, get_config
-from ..train import Trainer, TrainConfig, claim_run, resolve_device, resume_configs
+from ..runtime import resolve_device
+from ..train import RunDir, Trainer, TrainConfig, claim_run, resume_configs
 from .plan import DEFAULT_BUDGET, Plan, plan_recipe
 from .recipe import MODEL_FIELDS, Recipe, resolve
 
@@ -237,9 +238,7 @@ def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, recipe: 
 def _resume(task: ClassifierConfig, train_cfg: TrainConfig, recipe: Optional[Recipe]):
     """The configs and recipe a run folder was started with, for --resume; of the caller's choices only
     --epochs / --time-budget (and the engine's resume-safe fields) may differ, the rest is refused."""
-    path = Path(train_cfg.resume)
-    saved_file = path / "config.json"
-    saved = json.loads(saved_file.read_text()).get("recipe", {}) if saved_file.is_file() else {}
+    saved = RunDir.to_resume(train_cfg.resume).read_config().get("recipe", {})
     values = dict(saved.get("values") or {})
     requested = {k: v for k, v in (recipe.set_fields() if recipe is not None else {}).items()
                  if v != values.get(k)}
@@ -690,12 +689,10 @@ def evaluate_checkpoint(path, data: str, *, out_dir=None, batch_size: int = 500,
                           field="val_split")
     class_map = parse_class_map(class_map) if class_map else None
     p = Path(path)
-    run_cfg = (p if p.is_dir() else p.parent) / "config.json"
     try:
-        saved = json.loads(run_cfg.read_text()) if run_cfg.is_file() else {}
-    except ValueError:
+        saved = RunDir.open(p if p.is_dir() else p.parent).read_config(missing_ok=True) or {}
+    except ConfigError:
         saved = {}  # not a run's config (or a damaged one): the defaults below
-    saved = saved if isinstance(saved, dict) else {}
     if val_split is None:
         val_split = (saved.get("classifier") or {}).get("val_split", 0.1)
     if seed is None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io.checkpoint import atomic_write
+from ..io.files import lock_file, write_pid
 from .images import eval_transform, label_of, list_images, open_image, preprocessing
 
 log = logging.getLogger(__name__)
@@ -49,28 +50,15 @@ def writer_lock(target):
     written back. A second writer waits its turn (it logs the pid it waits for), so neither loses the other's work;
     the lock is an fcntl.flock on `.<name>.lock` beside the target, which the OS drops when its process dies, so a
     killed writer never leaves it stuck. (Where fcntl does not exist, e.g. Windows, writers are not serialised.)"""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
     target = Path(target)
-    lock = target.absolute().parent / f".{target.name}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = lock_file(target.absolute().parent / f".{target.name}.lock", wait=True, what=str(target))
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            log.warning("%s is being written by another vitkit process (pid %s); waiting for it to finish",
-                        target, holder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        if fd is not None:
+            write_pid(fd)
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the flock
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
 
 
 # ---- embeddings ------------------------------------------------------------------------------------------------
