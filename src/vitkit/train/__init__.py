@@ -8,3 +8,6 @@ __all__ = [
     "resolve_device", "resume_configs", "claim_run", "refuse_on_resume", "RESUMABLE", "parse_duration",
     "read_metrics", "build_optimizer", "param_groups", "lr_at", "set_lr",
 ]
+from .evaluation import eval_batches, mean_over_batches  # noqa: E402
+
+__all__ += ["eval_batches", "mean_over_batches"]
