@@ -208,3 +208,47 @@ def test_every_reader_goes_through_the_policy():
         if rel not in ("data/images.py", "data/folders.py") and "Image.open(" in text:
             offenders.append(f"{rel}: Image.open")
     assert offenders == []
+
+
+def _tree(root: Path) -> None:
+    """Images, hidden files and folders, files that are no images, and names that sort differently as paths."""
+    for rel in ["b/1.png", "b/2.JPG", "a.png", "a b/x.png", "b/.hidden.png", "._a.png", ".thumbs/t.png",
+                "b/.cache/c.png", "b/notes.txt", "b/noext", "c/d/e.webp"]:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (4, 4)).save(p, format="PNG") if p.suffix else p.write_text("x")
+    (root / "b" / "notes.txt").write_text("not an image")
+
+
+def test_one_listing_rule_skips_hidden_and_non_image_files(tmp_path):
+    """Every lister (tasks' folders, predict/reconstruct's paths, the training scan) sees the same images: by
+    extension in any case, hidden files and folders skipped, in the same order."""
+    from vitkit.data import collect_images, image_files, list_images
+    from vitkit.data.folders import scan_folder
+
+    _tree(tmp_path)
+    want = [tmp_path / r for r in ["a b/x.png", "a.png", "b/1.png", "b/2.JPG", "c/d/e.webp"]]
+    assert image_files(tmp_path) == want
+    assert list_images(tmp_path) == want
+    assert collect_images([tmp_path]) == want
+    hidden = tmp_path / "b" / ".hidden.png"
+    assert collect_images([hidden, tmp_path / "b"]) == [hidden] + want[2:4]  # a file named explicitly is taken
+    scan = scan_folder(tmp_path)
+    assert scan.classes == ["a b", "b", "c"] and scan.files == [str(p) for p in want if p.parent != tmp_path]
+
+
+def test_listing_errors_say_what_is_wrong(tmp_path):
+    from vitkit.data import collect_images, list_images
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".x.png").write_bytes(b"")
+    with pytest.raises(DataError, match="holds no images"):
+        list_images(tmp_path / "empty")
+    with pytest.raises(DataError, match="holds no images"):
+        collect_images([tmp_path / "empty"])
+    with pytest.raises(DataError, match="does not exist"):
+        list_images(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        collect_images([tmp_path / "nope"])
+    with pytest.raises(DataError, match="is a file"):
+        list_images(tmp_path / "empty" / ".x.png")

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from ..models.preprocessing import Preprocessing
 from .folders import FolderScan, decode_folder, scan_folder
 from .profile import DataProfile, profile_images, stratified_sample
-from .sources import (IMG_EXTENSIONS, TORCHVISION, DatasetInfo, ImageFolderDataset, InMemoryDataset, load_digits,
+from .sources import (TORCHVISION, DatasetInfo, ImageFolderDataset, InMemoryDataset, load_digits,
                       load_mnist5k, load_torchvision, skip_bad_collate, stratified_split)
-from .images import read_image, to_model_mode
+from .images import IMG_EXTENSIONS, collect_images, image_files, list_images, read_image, to_model_mode
 from .transforms import (CIFAR_MEAN, CIFAR_STD, HALF_MEAN, MNIST_MEAN, MNIST_STD, AugmentConfig, BatchTransform,
                          MixUp, default_augment, eval_transform, folder_train_transform)
 
@@ -243,7 +244,7 @@ def build_datasets(spec, *, img_size=None, in_chans: Optional[int] = None, augme
             train = ImageFolderDataset([samples[i] for i in src.train_idx], chans)
             val = ImageFolderDataset([samples[i] for i in src.val_idx], chans)
             train.transform = folder_train_transform(size, m, s, info.kind, "none" if aug is None else augment)
-            val.transform = eval_transform(size, m, s, crop_pct=crop_pct)
+            val.transform = eval_transform(Preprocessing(mean=tuple(m), std=tuple(s), crop_pct=crop_pct), size)
         else:
             images, labels, bad = decode_folder(scan, side, chans, progress=progress)
             if bad and strict:
@@ -409,4 +410,5 @@ __all__ = [
     "list_datasets", "DatasetInfo", "InMemoryDataset",
     "ImageFolderDataset", "BatchTransform", "AugmentConfig", "MixUp", "default_augment", "eval_transform",
     "folder_train_transform", "read_image", "to_model_mode", "stratified_split", "IMG_EXTENSIONS", "DATASETS",
+    "image_files", "list_images", "collect_images",
 ]

@@ -25,11 +25,10 @@ import numpy as np
 
 from ..errors import DataError
 from . import images as _images
-from .images import oriented_size
+from .images import IMG_EXTENSIONS, image_files, oriented_size
 
 log = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 CACHE_VERSION = 1
 
 
@@ -74,16 +73,6 @@ class FolderScan:
 
 def _list_classes(root: Path) -> List[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _list_files(d: Path) -> List[str]:
-    """Image files under `d` (recursively, hidden files and folders skipped), sorted."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(d):
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-        out += [os.path.join(dirpath, n) for n in filenames
-                if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMG_EXTENSIONS]
-    return sorted(out)
 
 
 def _headers(files: Sequence[str]) -> List[Optional[Tuple[int, int, str]]]:
@@ -131,7 +120,7 @@ def scan_folder(path, strict: bool = False) -> FolderScan:
             if not d.is_dir():
                 raise DataError(f"class folder {str(d)!r} is missing: {str(base)!r} must hold the same class folders "
                                 f"as the training split ({', '.join(classes)})")
-            found = _list_files(d)
+            found = [str(f) for f in image_files(d)]  # vitkit.data's one listing rule
             if not found:
                 raise DataError(f"class folder {str(d)!r} holds no images ({', '.join(IMG_EXTENSIONS)}); add images "
                                 "or remove the folder")

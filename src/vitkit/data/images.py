@@ -14,10 +14,16 @@ everywhere.
   drawing visible instead of turning blank.
 - Channels: 1-channel models get luminance (ITU-R 601 luma, Pillow's 'L'), 3-channel models get RGB (grey is
   repeated). Any other mode, or another channel count, is a DataError, never a guess.
+
+Which files are images is decided here too, once (`image_files`): a folder is searched recursively for the
+extensions of `IMG_EXTENSIONS` (any case), skipping hidden files and folders (a leading '.': `.DS_Store`, macOS
+`._x.jpg` resource forks, `.thumbnails/`), sorted by path. A file named explicitly is taken as it is.
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -28,6 +34,7 @@ from ..errors import DataError
 POLICY_VERSION = 2
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 
 def _composite(im):
@@ -159,4 +166,52 @@ def read_image(path, in_chans: int = 3, draft_size: Optional[int] = None):
         raise DataError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from None
 
 
-__all__ = ["POLICY_VERSION", "read_image", "to_model_mode", "oriented_size", "image_text"]
+def is_image_name(name: str) -> bool:
+    """Whether a file name is an image by the listing rule: an image extension and not hidden."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMG_EXTENSIONS
+
+
+def image_files(folder) -> List[Path]:
+    """Image files under `folder` (recursively, hidden files and folders skipped), sorted by their path string."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        out += [os.path.join(dirpath, n) for n in filenames if is_image_name(n)]
+    return [Path(p) for p in sorted(out)]
+
+
+def list_images(folder) -> List[Path]:
+    """`image_files(folder)`, or a DataError when the folder is missing, is a file, or holds no images."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"folder {str(folder)!r} does not exist; check the path")
+    if not folder.is_dir():
+        raise DataError(f"{str(folder)!r} is a file, not a folder of images; pass the folder that holds the images")
+    files = image_files(folder)
+    if not files:
+        raise DataError(f"folder {str(folder)!r} holds no images (looked for {', '.join(IMG_EXTENSIONS)} "
+                        "files, recursively); put images in it or point at another folder")
+    return files
+
+
+def collect_images(paths: Sequence) -> List[Path]:
+    """Image files from files (taken as given) and folders (`image_files`), in the order given; a missing path is a
+    FileNotFoundError, an imageless folder or an empty list a DataError."""
+    files: List[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"image path {str(p)!r} does not exist; check the path")
+        if p.is_dir():
+            found = image_files(p)
+            if not found:
+                raise DataError(f"folder {str(p)!r} holds no images ({', '.join(IMG_EXTENSIONS)})")
+            files += found
+        else:
+            files.append(p)
+    if not files:
+        raise DataError("no images given; pass image files or folders")
+    return files
+
+
+__all__ = ["POLICY_VERSION", "IMG_EXTENSIONS", "read_image", "to_model_mode", "oriented_size", "image_text",
+           "is_image_name", "image_files", "list_images", "collect_images"]

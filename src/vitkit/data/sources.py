@@ -22,7 +22,6 @@ from .images import read_image
 
 log = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 
 class InMemoryDataset(torch.utils.data.Dataset):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..models.preprocessing import Preprocessing
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -337,16 +338,17 @@ def folder_train_transform(size, mean, std, kind: str = "natural", level: str = 
     return v2.Compose(ops)
 
 
-def eval_transform(size, mean, std, crop_pct: float = 1.0, interpolation: str = "bicubic"):
-    """PIL → normalised tensor: resize the short side to size/crop_pct, centre-crop `size` (timm's eval)."""
+def eval_transform(pre: Preprocessing, size=None):
+    """PIL → normalised tensor (C, H, W) by `pre`: resize the short side to size/crop_pct, centre-crop `size`
+    (timm's eval); `size` (an int or (H, W)) overrides `pre`'s input size."""
     from torchvision.transforms import InterpolationMode, v2
 
-    h, w = _pair(size)
+    h, w = _pair(size if size is not None else pre.size)
     interp = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
-              "nearest": InterpolationMode.NEAREST}.get(interpolation, InterpolationMode.BICUBIC)
-    if crop_pct >= 1.0:
+              "nearest": InterpolationMode.NEAREST}.get(pre.interpolation, InterpolationMode.BICUBIC)
+    if pre.crop_pct >= 1.0:
         resize = v2.Resize((h, w), interpolation=interp, antialias=True)
     else:
-        resize = v2.Resize(int(math.floor(min(h, w) / crop_pct)), interpolation=interp, antialias=True)
+        resize = v2.Resize(int(math.floor(min(h, w) / pre.crop_pct)), interpolation=interp, antialias=True)
     return v2.Compose([resize, v2.CenterCrop((h, w)), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(list(mean), list(std))])
+                       v2.Normalize(list(pre.mean), list(pre.std))])

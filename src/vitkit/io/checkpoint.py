@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Tuple, Type
 from torch import nn
 
 from ..errors import CheckpointError
-from ..models import ViTConfig, VisionTransformer
+from ..models import Preprocessing, ViTConfig, VisionTransformer
 
 FORMAT = "vitkit"
 FORMAT_VERSION = "1"
@@ -36,15 +36,6 @@ def _model_type(model: nn.Module) -> str:
         if type(model) is cls:
             return name
     raise CheckpointError(f"cannot save a {type(model).__name__}: vitkit checkpoints hold {sorted(MODEL_TYPES)} models")
-
-
-def default_pretrained_cfg(model: nn.Module) -> dict:
-    """Preprocessing that belongs to a model when nothing else was recorded: mean/std 0.5, bicubic, no crop."""
-    cfg = model.config
-    size = cfg.img_size if isinstance(cfg.img_size, (tuple, list)) else (cfg.img_size, cfg.img_size)
-    c = cfg.in_chans
-    return {"mean": [0.5] * c, "std": [0.5] * c, "interpolation": "bicubic", "crop_pct": 1.0,
-            "input_size": [c, int(size[0]), int(size[1])], "class_names": None}
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -80,11 +71,13 @@ def save(model: nn.Module, path, class_names=None, pretrained_cfg: Optional[dict
     from safetensors.torch import save_file
 
     path = Path(path)
-    pcfg = dict(default_pretrained_cfg(model))
-    pcfg.update(getattr(model, "pretrained_cfg", None) or {})
-    pcfg.update(pretrained_cfg or {})
+    recorded = {**(getattr(model, "pretrained_cfg", None) or {}), **(pretrained_cfg or {})}
     if class_names is not None:
-        pcfg["class_names"] = list(class_names)
+        recorded["class_names"] = list(class_names)
+    try:
+        pcfg = Preprocessing.from_dict(recorded, model.config).to_dict()  # what is not recorded: the defaults
+    except ValueError as e:
+        raise CheckpointError(f"cannot save {str(path)!r}: {e}; correct model.pretrained_cfg") from None
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -152,7 +145,8 @@ def load(path, map_location="cpu") -> nn.Module:
     config_cls, model_cls = MODEL_TYPES[mtype]
     try:
         config = config_cls.from_dict(json.loads(meta["config"]))
-        pcfg = check_pretrained_cfg(json.loads(meta.get("pretrained_cfg", "{}")), config)
+        pcfg = json.loads(meta.get("pretrained_cfg", "{}"))
+        Preprocessing.from_dict(pcfg, config)  # refuses an entry the tasks could not use
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{str(path)!r} has damaged vitkit metadata ({e}); re-save it") from None
     check_shapes(path, model_cls, config)  # before a byte of the model is allocated
@@ -233,31 +227,6 @@ def check_finite_outputs(out, source: str, inputs) -> None:
         raise CheckpointError(f"{source} gives NaN or infinite outputs for {rows[0]!r}"
                               f"{f' (+{len(rows) - 1} more)' if len(rows) > 1 else ''}; its weights overflow at this "
                               "precision or are damaged: use another checkpoint, or fp32")
-
-
-def check_pretrained_cfg(pcfg, config) -> dict:
-    """A checkpoint's preprocessing as the tasks read it: a dict whose mean/std/input_size/crop_pct/interpolation,
-    where given, are usable for `config` (a ValueError naming the entry otherwise)."""
-    if not isinstance(pcfg, dict):
-        raise ValueError(f"pretrained_cfg is a {type(pcfg).__name__}, not a dict")
-    chans = getattr(config, "in_chans", None)
-    for k in ("mean", "std"):
-        v = pcfg.get(k)
-        if v is not None and (not isinstance(v, list) or len(v) not in (1, chans) or
-                              not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) or
-                              (k == "std" and min(v) <= 0)):
-            raise ValueError(f"pretrained_cfg {k} {v!r} is not {chans} number(s){' > 0' if k == 'std' else ''}")
-    size = pcfg.get("input_size")
-    if size is not None and (not isinstance(size, list) or len(size) != 3 or
-                             not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in size)):
-        raise ValueError(f"pretrained_cfg input_size {size!r} is not [channels, height, width]")
-    crop = pcfg.get("crop_pct")
-    if crop is not None and (not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0 < crop <= 1):
-        raise ValueError(f"pretrained_cfg crop_pct {crop!r} is not in (0, 1]")
-    interp = pcfg.get("interpolation")
-    if interp is not None and interp not in ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"):
-        raise ValueError(f"pretrained_cfg interpolation {interp!r} is not a resampling filter")
-    return pcfg
 
 
 def load_state_dict_checked(model: nn.Module, state: dict, source: str = "checkpoint", strict: bool = True):

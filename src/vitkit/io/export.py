@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError, RunExistsError
+from ..models import Preprocessing
 from ..models.deit import VisionTransformerDistilled
 from . import convert
-from .checkpoint import atomic_write, default_pretrained_cfg, save
+from .checkpoint import atomic_write, save
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +156,7 @@ def _write_folder(folder: Path, files: dict, overwrite: bool) -> None:
 
 def _preprocessing(model) -> dict:
     """The model's recorded preprocessing over vitkit's defaults, so exported configs have every field."""
-    pcfg = default_pretrained_cfg(model)
-    pcfg.update({k: v for k, v in (getattr(model, "pretrained_cfg", None) or {}).items() if v is not None})
-    return pcfg
+    return Preprocessing.of(model).to_dict()
 
 
 def _json_writer(obj):
@@ -186,9 +185,9 @@ def export_hf(model, folder: Path, overwrite: bool = False) -> None:
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
     resample = {v: k for k, v in {0: "nearest", 2: "bilinear", 3: "bicubic"}.items()}
     pp = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": h, "width": w},
-          "resample": resample.get(pcfg.get("interpolation", "bilinear"), 2), "do_rescale": True,
-          "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": pcfg.get("mean", [0.5] * c.in_chans),
-          "image_std": pcfg.get("std", [0.5] * c.in_chans)}
+          "resample": resample.get(pcfg["interpolation"], 2), "do_rescale": True,
+          "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": pcfg["mean"],
+          "image_std": pcfg["std"]}
     _write_folder(folder, {"model.safetensors": lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
                            "config.json": _json_writer(config), "preprocessor_config.json": _json_writer(pp)},
                   overwrite)

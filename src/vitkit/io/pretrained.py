@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
 from ..errors import CheckpointError
-from ..models import ViTConfig, VisionTransformer, get_config, list_models
+from ..models import Preprocessing, ViTConfig, VisionTransformer, get_config, list_models
 from ..models.deit import VisionTransformerDistilled
 from . import convert
 from .checkpoint import is_vitkit_checkpoint, load, load_state_dict_checked, register_model_type
@@ -25,7 +25,8 @@ from .infer import infer_config
 log = logging.getLogger(__name__)
 register_model_type("vit_distilled", ViTConfig, VisionTransformerDistilled)
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)  # Google's and Hugging Face's [-1, 1] inputs
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -37,7 +38,7 @@ class Source:
     fmt: str
     name: str
     hints: dict = field(default_factory=dict)
-    pretrained_cfg: dict = field(default_factory=dict)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
 
 def adapt_model(model: VisionTransformer, img_size=None, patch_size=None, num_classes: Optional[int] = None,
@@ -63,16 +64,16 @@ def adapt_model(model: VisionTransformer, img_size=None, patch_size=None, num_cl
     return model
 
 
-def _preprocessing(mean, std, interpolation, crop_pct, class_names=None) -> dict:
-    return {"mean": list(mean), "std": list(std), "interpolation": interpolation, "crop_pct": crop_pct,
-            "class_names": class_names}
+def _preprocessing(mean, std, interpolation, crop_pct, class_names=None) -> Preprocessing:
+    return Preprocessing(mean=tuple(mean), std=tuple(std), interpolation=interpolation, crop_pct=crop_pct,
+                         class_names=tuple(class_names) if isinstance(class_names, list) else class_names)
 
 
-def _hf_preprocessing(folder: Path, config: dict) -> dict:
+def _hf_preprocessing(folder: Path, config: dict) -> Preprocessing:
     """ViTImageProcessor's defaults (mean/std 0.5, bilinear resize, no crop), overridden by preprocessor_config.json;
     class names from id2label unless they are the LABEL_i placeholders."""
     pp = read_json(folder / "preprocessor_config.json") if (folder / "preprocessor_config.json").is_file() else {}
-    mean, std = pp.get("image_mean", [0.5] * 3), pp.get("image_std", [0.5] * 3)
+    mean, std = pp.get("image_mean", HALF), pp.get("image_std", HALF)
     interp = _PIL_RESAMPLE.get(pp.get("resample", 2), "bilinear")
     crop = 1.0
     if pp.get("do_center_crop") and isinstance(pp.get("size"), dict) and isinstance(pp.get("crop_size"), dict):
@@ -102,18 +103,18 @@ def _timm_hub_hints(config: dict) -> tuple:
         if k in args:
             hints[k] = args[k]
     pc = config.get("pretrained_cfg") or {}
-    pcfg = _preprocessing(pc.get("mean") or [0.5] * 3, pc.get("std") or [0.5] * 3,
+    pcfg = _preprocessing(pc.get("mean") or HALF, pc.get("std") or HALF,
                           pc.get("interpolation") or "bicubic", pc.get("crop_pct") or 0.9,
                           pc.get("label_names") or config.get("label_names"))
     return hints, pcfg
 
 
-def _timm_preprocessing(state) -> dict:
+def _timm_preprocessing(state) -> Preprocessing:
     """What a bare timm state dict most likely wants: DeiT and MAE use ImageNet statistics (crop 0.875); Google's
     AugReg weights in timm use mean/std 0.5 with crop 0.9 (timm's `_cfg`)."""
     if "dist_token" in state or any(k.startswith("decoder") for k in state):
         return _preprocessing(IMAGENET_MEAN, IMAGENET_STD, "bicubic", 0.875)
-    return _preprocessing([0.5] * 3, [0.5] * 3, "bicubic", 0.9)
+    return _preprocessing(HALF, HALF, "bicubic", 0.9)
 
 
 def _convert(fmt: str, state, name: str, config: Optional[dict] = None):
@@ -164,11 +165,11 @@ def read_source(path: Path, fmt: Optional[str] = None) -> Source:
     elif fmt == "torchvision":  # torchvision's V1 weights: resize 256 bilinear, crop 224, ImageNet statistics
         pcfg = _preprocessing(IMAGENET_MEAN, IMAGENET_STD, "bilinear", 0.875)
     else:  # Google's ViTs see [-1, 1] inputs, resized without a crop
-        pcfg = _preprocessing([0.5] * 3, [0.5] * 3, "bilinear", 1.0)
+        pcfg = _preprocessing(HALF, HALF, "bilinear", 1.0)
     if meta.get("format") == "vitkit":  # a vitkit file read as plain weights keeps its preprocessing and heads
-        pcfg.update(json.loads(meta.get("pretrained_cfg", "{}")))
+        pcfg = Preprocessing.from_dict({**pcfg.to_dict(), **json.loads(meta.get("pretrained_cfg", "{}"))})
         hints.setdefault("num_heads", json.loads(meta.get("config", "{}")).get("num_heads"))
-    return Source(state=state, fmt=fmt, name=name, hints=hints, pretrained_cfg=pcfg)
+    return Source(state=state, fmt=fmt, name=name, hints=hints, preprocessing=pcfg)
 
 
 def build_from_source(src: Source, model: Optional[str] = None, num_heads: Optional[int] = None) -> VisionTransformer:
@@ -180,15 +181,12 @@ def build_from_source(src: Source, model: Optional[str] = None, num_heads: Optio
     except ValueError as e:
         raise CheckpointError(f"{src.name}: the inferred architecture is not valid ({e})") from None
     load_state_dict_checked(net, src.state, source=src.name)
-    pcfg = dict(src.pretrained_cfg)
-    c = cfg.in_chans
-    for k in ("mean", "std"):
-        if len(pcfg.get(k) or []) != c:  # e.g. a 1-channel model: the first statistic per channel
-            pcfg[k] = (list(pcfg.get(k) or [0.5]) * c)[:c]
+    pre, c = src.preprocessing, cfg.in_chans
     h, w = net.patch_embed.img_size
-    pcfg["input_size"] = [c, int(h), int(w)]
-    pcfg["source_format"] = src.fmt
-    net.pretrained_cfg = pcfg
+    # e.g. a 1-channel model: the first statistic per channel
+    mean, std = ((v if len(v) == c else (tuple(v) * c)[:c]) for v in (pre.mean, pre.std))
+    net.pretrained_cfg = replace(pre, mean=mean, std=std, input_size=(c, int(h), int(w)),
+                                 extra={**pre.extra, "source_format": src.fmt}).to_dict()
     return net.eval()
 
 

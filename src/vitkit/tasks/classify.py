@@ -19,12 +19,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..data import (IMG_EXTENSIONS, BatchTransform, DataOptions, InMemoryDataset, MixUp, build_datasets,
-                    eval_transform, make_loader, read_image)
+from ..data import (BatchTransform, DataOptions, InMemoryDataset, MixUp, build_datasets, collect_images,
+                    eval_transform, read_image)
 from ..errors import CheckpointError, ConfigError, DataError
-from ..models import ViTConfig, create_model, get_config
+from ..io.plots import plot_confusion, plot_learning_curves
+from ..models import Preprocessing, ViTConfig, create_model, get_config
 from ..runtime import resolve_device
-from ..train import RunDir, Trainer, TrainConfig, claim_run, resume_configs
+from ..train import RunDir, Trainer, TrainConfig, claim_run, eval_batches, resume_configs
 from .plan import DEFAULT_BUDGET, Plan, plan_recipe
 from .recipe import MODEL_FIELDS, Recipe, resolve
 
@@ -178,21 +179,16 @@ def evaluate(model, dataset, *, batch_size: int = 500, device=None, full: bool =
     """val_loss, top1, top5 (in %) of `model` on `dataset`; with `full`, also per-class accuracy and the confusion
     matrix (rows = true class, columns = predicted). `tta_flip`: scores from the average of the class
     probabilities of each image and its mirror image."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     k = model.num_classes
     conf = torch.zeros(k, k, dtype=torch.long)
     loss_sum, n, top5 = 0.0, 0, 0
-    for x, y in make_loader(dataset, batch_size, train=False):
-        x, y = x.to(device), y.to(device)
+    for x, y in eval_batches(model, dataset, batch_size, device):
         logits = classify_logits(model, x, tta_flip)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         pred = logits.argmax(-1)
         top5 += (logits.topk(min(5, k), -1).indices == y[:, None]).any(-1).sum().item()
         conf += torch.bincount((y * k + pred).cpu(), minlength=k * k).view(k, k)
         n += len(y)
-    model.train(was_training)
     out = {"val_loss": loss_sum / max(1, n), "top1": 100.0 * conf.diag().sum().item() / max(1, n),
            "top5": 100.0 * top5 / max(1, n)}
     if full:
@@ -211,11 +207,10 @@ def classify_logits(model, x: torch.Tensor, tta_flip: bool = False) -> torch.Ten
 
 
 def _pretrained_cfg(info, model, tta_flip: bool = False) -> dict:
-    c = model.config
-    size = c.img_size if isinstance(c.img_size, (tuple, list)) else (c.img_size, c.img_size)
-    return {"class_names": list(info.class_names), "mean": list(info.mean), "std": list(info.std),
-            "input_size": [c.in_chans, int(size[0]), int(size[1])], "interpolation": "bicubic", "crop_pct": 1.0,
-            "dataset": info.spec, "tta_flip": bool(tta_flip)}
+    """What a trained classifier records: the data's normalisation and class names, bicubic, no crop."""
+    return dataclasses.replace(Preprocessing.default(model.config), mean=tuple(info.mean), std=tuple(info.std),
+                               class_names=tuple(info.class_names),
+                               extra={"dataset": info.spec, "tta_flip": bool(tta_flip)}).to_dict()
 
 
 def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, recipe: Optional[Recipe] = None,
@@ -278,8 +273,8 @@ def _train(task: ClassifierConfig, train_cfg: TrainConfig, recipe: Optional[Reci
     if pretrained is not None and final.img_size:
         cfg = cfg.replace(img_size=final.img_size)
     norm = {}
-    pcfg = getattr(pretrained, "pretrained_cfg", None) or {}
-    if pcfg.get("mean") and pcfg.get("std"):
+    pcfg = getattr(pretrained, "pretrained_cfg", None) or {}  # what it records, not the defaults: without a record
+    if pcfg.get("mean") and pcfg.get("std"):                  # the data's own statistics normalise
         norm = {"mean": tuple(pcfg["mean"]), "std": tuple(pcfg["std"])}
     size = cfg.img_size if isinstance(cfg.img_size, int) else min(cfg.img_size)
     prog = final.progressive if final.progressive and final.progressive < 1 else None
@@ -521,62 +516,6 @@ def _final_report(trainer, val, info, task: ClassifierConfig, last: Optional[dic
             "skipped_images": len(info.skipped), "markdown": "\n".join(md)}
 
 
-# ---- plots ----------------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_learning_curves(history: List[dict], path) -> Path:
-    plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ep = [r["epoch"] for r in history]
-    a.plot(ep, [r.get("train_loss") for r in history], label="train loss")
-    evaluated = [r for r in history if "val_loss" in r or "top1" in r]  # every epoch, or every --eval-every
-    if any("val_loss" in r for r in evaluated):
-        a.plot([r["epoch"] for r in evaluated], [r.get("val_loss") for r in evaluated], label="val loss", marker=".")
-    a.set_xlabel("epoch")
-    a.legend()
-    if any("top1" in r for r in evaluated):
-        b.plot([r["epoch"] for r in evaluated], [r.get("top1") for r in evaluated], label="val top-1 %", marker=".")
-        b.set_xlabel("epoch")
-        b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_confusion(conf, class_names: Sequence[str], path, title: str = "") -> Path:
-    plt = _plt()
-    import numpy as np
-
-    m = np.asarray(conf)
-    k = len(class_names)
-    size = min(12, 2 + 0.45 * k)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(m, cmap="Blues")
-    if k <= 30:
-        ax.set_xticks(range(k), class_names, rotation=90)
-        ax.set_yticks(range(k), class_names)
-        for i in range(k):
-            for j in range(k):
-                if m[i, j]:
-                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if m[i, j] > m.max() / 2 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
 # ---- evaluate and predict a checkpoint ------------------------------------------------------------------------
 def load_classifier(path, device="cpu", fast: bool = False, tome: int = 0):
     """A vitkit classifier checkpoint (or run folder) → model in eval mode, with its class names.
@@ -699,16 +638,16 @@ def evaluate_checkpoint(path, data: str, *, out_dir=None, batch_size: int = 500,
         seed = (saved.get("train") or {}).get("seed", 0)
     dev = resolve_device(device)
     model, names = load_classifier(path, dev, fast=fast, tome=tome)
-    pcfg = model.pretrained_cfg or {}
+    pre = Preprocessing.of(model)
     c = model.config
     _, val, info = build_datasets(data, img_size=c.img_size, in_chans=c.in_chans, augment="none",
-                                  mean=pcfg.get("mean"), std=pcfg.get("std"), crop_pct=pcfg.get("crop_pct", 1.0),
+                                  mean=pre.mean, std=pre.std, crop_pct=pre.crop_pct,
                                   data_dir=data_dir, download=download, val_split=val_split, seed=seed,
                                   strict=strict, max_val=max_val)
-    lut = match_classes(info.class_names, names, named=bool(pcfg.get("class_names")), class_map=class_map,
+    lut = match_classes(info.class_names, names, named=bool(pre.class_names), class_map=class_map,
                         data=repr(info.spec))
     val = _relabel(val, lut)
-    ev = evaluate(model, val, batch_size=batch_size, device=dev, full=True, tta_flip=bool(pcfg.get("tta_flip")))
+    ev = evaluate(model, val, batch_size=batch_size, device=dev, full=True, tta_flip=bool(pre.extra.get("tta_flip")))
     present = sorted(set(lut))  # the checkpoint's classes the data holds
     out = Path(out_dir) if out_dir else (p if p.is_dir() else p.parent)
     out.mkdir(parents=True, exist_ok=True)
@@ -728,24 +667,6 @@ def evaluate_checkpoint(path, data: str, *, out_dir=None, batch_size: int = 500,
     return result
 
 
-def collect_images(paths: Sequence) -> List[Path]:
-    """Image files from files and folders (folders searched recursively, sorted); missing paths are an error."""
-    files: List[Path] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise FileNotFoundError(f"image path {str(p)!r} does not exist; check the path")
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
-            if not found:
-                raise DataError(f"folder {str(p)!r} holds no images ({', '.join(IMG_EXTENSIONS)})")
-            files += found
-        else:
-            files.append(p)
-    if not files:
-        raise DataError("no images given; pass image files or folders")
-    return files
-
-
 @torch.no_grad()
 def predict(checkpoint, paths: Sequence, *, topk: int = 5, batch_size: int = 64, device="auto",
             strict: bool = False, fast: bool = False, tome: int = 0) -> List[dict]:
@@ -759,11 +680,8 @@ def predict(checkpoint, paths: Sequence, *, topk: int = 5, batch_size: int = 64,
     v.integer(tome, "tome", lo=0)
     dev = resolve_device(device)
     model, names = load_classifier(checkpoint, dev, fast=fast, tome=tome)
-    pcfg = model.pretrained_cfg or {}
-    c = model.config
-    size = c.img_size
-    tf = eval_transform(size, pcfg.get("mean", [0.5] * c.in_chans), pcfg.get("std", [0.5] * c.in_chans),
-                        crop_pct=pcfg.get("crop_pct", 1.0), interpolation=pcfg.get("interpolation", "bicubic"))
+    pre, c = Preprocessing.of(model), model.config
+    tf = eval_transform(pre, c.img_size)
     files = collect_images(paths)
     k = max(1, min(topk, len(names)))
     results: List[Optional[dict]] = [None] * len(files)  # in the order the files were given
@@ -780,7 +698,7 @@ def predict(checkpoint, paths: Sequence, *, topk: int = 5, batch_size: int = 64,
                 results[j] = {"path": str(files[j]), "error": str(e)}
         if not xs:
             continue
-        logits = classify_logits(model, torch.stack(xs).to(dev), bool(pcfg.get("tta_flip")))
+        logits = classify_logits(model, torch.stack(xs).to(dev), bool(pre.extra.get("tta_flip")))
         check_finite_outputs(logits, str(checkpoint), [files[j] for j in ok])
         p, idx = logits.softmax(-1).topk(k, -1)
         for j, pr, ix in zip(ok, p.tolist(), idx.tolist()):

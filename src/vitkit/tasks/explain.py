@@ -245,13 +245,9 @@ def save_figure(path, image: np.ndarray, expl: Explanation, i: int = 0, title: s
                 source: Optional[str] = None) -> Path:
     """A PNG: the image, the map laid over it, the map itself, then the last block's per-head maps. `source` (the
     image's path) is recorded in the PNG's text, so a later run knows whose file it is."""
-    import matplotlib
+    from ..io.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..io.checkpoint import atomic_write
-
+    plt = pyplot()
     H, W = image.shape[:2]
     heads = expl.heads[i]
     n_heads = heads.shape[0]
@@ -280,11 +276,7 @@ def save_figure(path, image: np.ndarray, expl: Explanation, i: int = 0, title: s
         ax.set_title(f"last block, head {h}", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    meta = {"Source": str(source)} if source else None
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png", metadata=meta))
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=90, metadata={"Source": str(source)} if source else None)
 
 
 __all__ = ["METHODS", "HEAD_FUSIONS", "DEFAULT_MAX_TOKENS", "token_count", "check_tokens", "fuse_heads", "attention_rollout", "last_layer_attention", "explain",

@@ -22,11 +22,13 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ..data import DataOptions, build_datasets, make_loader
+from ..data import DataOptions, build_datasets
 from ..errors import CheckpointError, ConfigError
+from ..io.plots import save_image_grid
+from ..models import Preprocessing, denormalize, normalize
 from ..models.diffusion import get_objective
 from ..models.dit import OBJECTIVES, DiT, DiTConfig
-from ..train import Trainer, TrainConfig, claim_run, resume_configs
+from ..train import Trainer, TrainConfig, claim_run, mean_over_batches, resume_configs
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +99,8 @@ def generation_loss(objective) -> callable:
 @torch.no_grad()
 def denoising_loss(model, dataset, objective, batch_size: int = 250, seed: int = 0) -> float:
     """The objective's loss on held-out images with noise and timesteps fixed by `seed`: comparable across epochs."""
-    was = model.training
-    model.eval()
     g = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    total, n = 0.0, 0
-    for x, y in make_loader(dataset, batch_size, train=False):
-        x, y = x.to(device), y.to(device)
-        total += float(objective.loss(model, x, y, generator=g)) * len(y)
-        n += len(y)
-    model.train(was)
-    return total / max(1, n)
+    return mean_over_batches(model, dataset, lambda x, y: objective.loss(model, x, y, generator=g), batch_size)
 
 
 def train_generator(task: GeneratorConfig, train_cfg: TrainConfig) -> dict:
@@ -134,8 +127,9 @@ def _train_generator(task: GeneratorConfig, train_cfg: TrainConfig, run) -> dict
     model = build_generator(task, info)
     if task.init:
         model = _init_from(task.init, model)
-    model.pretrained_cfg = {"class_names": list(info.class_names), "mean": info.mean, "std": info.std,
-                            "dataset": info.spec, "objective": task.objective}
+    model.pretrained_cfg = dataclasses.replace(Preprocessing.default(model.config), mean=tuple(info.mean),
+                                               std=tuple(info.std), class_names=tuple(info.class_names),
+                                               extra={"dataset": info.spec, "objective": task.objective}).to_dict()
     objective = get_objective(task.objective)
     resolved = {"task": "generate", "generator": task.to_dict(), "model": model.config.to_dict(),
                 "data": info.to_dict()}
@@ -179,7 +173,7 @@ def _final_report(trainer, task: GeneratorConfig, info) -> dict:
     k = min(info.num_classes, 10)
     classes = [c for c in range(k) for _ in range(8)]
     imgs = sample(model, classes, steps=task.sample_steps, cfg_scale=task.sample_cfg, seed=0)
-    save_grid(imgs, run / "samples.png", nrow=8)
+    save_image_grid(imgs, run / "samples.png", nrow=8)
     md = ["## Samples", "", f"{task.sample_steps} {'Euler' if task.objective == 'flow' else 'DDIM'} steps, "
           f"guidance {task.sample_cfg}, seed 0, one row per class: ![samples](samples.png)", ""]
     return {"samples": str(run / "samples.png"), "markdown": "\n".join(md)}
@@ -188,7 +182,7 @@ def _final_report(trainer, task: GeneratorConfig, info) -> dict:
 # ---- sampling -------------------------------------------------------------------------------------------------
 def check_classes(model: DiT, classes: Sequence[int]) -> None:
     """Refuse classes the checkpoint does not know, naming the ones it does."""
-    names = (getattr(model, "pretrained_cfg", None) or {}).get("class_names")
+    names = Preprocessing.of(model).class_names
     bad = [c for c in classes if not 0 <= int(c) < model.num_classes]
     if bad:
         known = f"0..{model.num_classes - 1}" + (f" ({', '.join(map(str, names))})" if names else "")
@@ -209,40 +203,21 @@ def sample(model: DiT, classes: Sequence[int], *, steps: int = 50, cfg_scale: fl
     c, s = model.config.in_chans, model.config.img_size
     y_all = torch.as_tensor(list(classes), dtype=torch.long)
     noise_all = torch.randn(len(y_all), c, s, s, generator=torch.Generator().manual_seed(seed))
-    pcfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = torch.tensor(pcfg.get("mean", [0.5] * c)).view(1, -1, 1, 1)
-    std = torch.tensor(pcfg.get("std", [0.5] * c)).view(1, -1, 1, 1)
+    pre = Preprocessing.of(model)
     out = []
     for i in range(0, len(y_all), batch_size):
         x = objective.sample(model, noise_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device),
                              steps=steps, cfg_scale=cfg_scale)
-        out.append((x.cpu() * std + mean).clamp(0, 1))
+        out.append(denormalize(x.cpu(), pre).clamp(0, 1))
     return torch.cat(out) if out else torch.zeros(0, c, s, s)
 
 
-def save_grid(images: torch.Tensor, path, nrow: int = 8, scale: int = 2) -> Path:
-    """Images (B, C, H, W) in [0, 1] → one PNG grid, `nrow` per row, upscaled `scale`× (nearest) for viewing."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(images.float(), nrow=nrow, padding=2, pad_value=0.5)
-    arr = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[..., 0] if images.shape[1] == 1 else arr)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
-    return path
+save_grid = save_image_grid  # its old name here (`vitkit generate`, scripts)
 
 
 # ---- quality with a classifier --------------------------------------------------------------------------------
 def _classifier_input(clf, images01: torch.Tensor) -> torch.Tensor:
-    pcfg = getattr(clf, "pretrained_cfg", None) or {}
-    c = clf.config.in_chans
-    mean = torch.tensor(pcfg.get("mean", [0.5] * c)).view(1, -1, 1, 1)
-    std = torch.tensor(pcfg.get("std", [0.5] * c)).view(1, -1, 1, 1)
-    return (images01 - mean) / std
+    return normalize(images01, Preprocessing.of(clf))
 
 
 @torch.no_grad()

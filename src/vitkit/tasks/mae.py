@@ -18,11 +18,12 @@ from typing import Dict, Optional
 
 import torch
 
-from ..data import DataOptions, make_loader
+from ..data import DataOptions, collect_images, eval_transform, read_image
 from ..errors import CheckpointError, ConfigError
-from ..models import get_config
+from ..io.plots import save_image_grid
+from ..models import Preprocessing, denormalize, get_config
 from ..models.mae import MaskedAutoencoderViT, mae_config_for
-from ..train import Trainer, TrainConfig, claim_run, resume_configs
+from ..train import Trainer, TrainConfig, claim_run, mean_over_batches, resume_configs
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +90,13 @@ def mae_loss(model, batch):
 @torch.no_grad()
 def masked_loss(model, dataset, batch_size: int = 250, seed: int = 0) -> float:
     """Reconstruction loss on held-out images with masks fixed by `seed` (comparable across epochs)."""
-    was = model.training
-    model.eval()
     g = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    total, n = 0.0, 0
-    for x, _ in make_loader(dataset, batch_size, train=False):
-        x = x.to(device)
-        noise = torch.rand(x.shape[0], model.patch_embed.num_patches, generator=g).to(device)
-        total += float(model(x, noise=noise)[0]) * len(x)
-        n += len(x)
-    model.train(was)
-    return total / max(1, n)
+
+    def batch_loss(x, _):
+        noise = torch.rand(x.shape[0], model.patch_embed.num_patches, generator=g).to(x.device)
+        return model(x, noise=noise)[0]
+
+    return mean_over_batches(model, dataset, batch_loss, batch_size)
 
 
 def pretrain_mae(task: MAETaskConfig, train_cfg: TrainConfig, *, on_epoch_end=None) -> dict:
@@ -118,10 +114,8 @@ def _pretrain(task: MAETaskConfig, train_cfg: TrainConfig, on_epoch_end, run) ->
     model = build_mae(task)
     c = model.config
     train, val, info = task.datasets(train_cfg.seed, img_size=c.img_size, in_chans=c.in_chans)
-    size = c.img_size if isinstance(c.img_size, (tuple, list)) else (c.img_size, c.img_size)
-    model.pretrained_cfg = {"class_names": None, "mean": list(info.mean), "std": list(info.std),
-                            "input_size": [c.in_chans, int(size[0]), int(size[1])], "interpolation": "bilinear",
-                            "crop_pct": 1.0, "dataset": info.spec}
+    model.pretrained_cfg = dataclasses.replace(Preprocessing.default(c), mean=tuple(info.mean), std=tuple(info.std),
+                                               interpolation="bilinear", extra={"dataset": info.spec}).to_dict()
     resolved = {"task": "mae", "mae": task.to_dict(), "model": c.to_dict(), "data": info.to_dict()}
 
     def eval_fn(m):
@@ -154,28 +148,21 @@ def reconstruction_grid(model: MaskedAutoencoderViT, x: torch.Tensor, path, mask
                         seed: int = 0) -> Path:
     """Normalised images (B, C, H, W) → a PNG with one row per image: original | masked input | reconstruction |
     reconstruction with the visible patches pasted back. The mask comes from `seed`."""
-    from .generate import save_grid
-
     model.eval()
     g = torch.Generator().manual_seed(seed)
     rec, mask = model.reconstruct(x, mask_ratio, generator=g)
-    pcfg = getattr(model, "pretrained_cfg", None) or {}
-    C = x.shape[1]
-    mean = torch.tensor(pcfg.get("mean", [0.5] * C)).view(1, -1, 1, 1)
-    std = torch.tensor(pcfg.get("std", [0.5] * C)).view(1, -1, 1, 1)
-    to01 = lambda t: (t * std + mean).clamp(0, 1)  # noqa: E731
+    pre = Preprocessing.of(model)
+    to01 = lambda t: denormalize(t, pre).clamp(0, 1)  # noqa: E731
     orig, rec = to01(x), to01(rec)
     masked = orig * (1 - mask) + 0.5 * mask  # masked patches shown grey
     pasted = orig * (1 - mask) + rec * mask
     rows = torch.stack([orig, masked, rec, pasted], dim=1).flatten(0, 1)
-    return save_grid(rows, path, nrow=4, scale=3)
+    return save_image_grid(rows, path, nrow=4, scale=3)
 
 
 def reconstruct(checkpoint, images, out, *, mask_ratio: Optional[float] = None, seed: int = 0) -> Path:
     """Image files or folders → a reconstruction grid PNG from an MAE checkpoint (see `reconstruction_grid`)."""
-    from ..data import eval_transform, read_image
     from ..io import load
-    from .classify import collect_images
 
     from .. import validate as v
 
@@ -187,9 +174,7 @@ def reconstruct(checkpoint, images, out, *, mask_ratio: Optional[float] = None, 
     if mask_ratio is not None and not 0.0 <= mask_ratio < 1.0:
         raise ConfigError(f"--mask-ratio must be in [0, 1), got {mask_ratio}")
     c = model.config
-    pcfg = model.pretrained_cfg or {}
-    tf = eval_transform(c.img_size, pcfg.get("mean", [0.5] * c.in_chans), pcfg.get("std", [0.5] * c.in_chans),
-                        interpolation=pcfg.get("interpolation", "bilinear"))
+    tf = eval_transform(Preprocessing.of(model), c.img_size)
     files = collect_images(images)
     x = torch.stack([tf(read_image(f, c.in_chans)) for f in files])
     return reconstruction_grid(model, x, out, mask_ratio=mask_ratio, seed=seed)

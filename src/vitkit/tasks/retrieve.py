@@ -22,10 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data import eval_transform, list_images
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io.checkpoint import atomic_write
 from ..io.files import lock_file, write_pid
-from .images import eval_transform, label_of, list_images, open_image, preprocessing
+from ..models import Preprocessing
+from .images import label_of, open_image
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,7 @@ def model_manifest(model, checkpoint=None, pool: str = "cls", layer: Optional[in
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
         digest, where = "weights:" + h.hexdigest(), None
     return {"checkpoint": where, "sha256": digest, "config": model.config.to_dict(), "pool": pool,
-            "layer": layer, "input_size": list(preprocessing(model)["input_size"])}
+            "layer": layer, "input_size": list(Preprocessing.of(model).input_size)}
 
 
 def same_model(a: dict, b: dict) -> bool:
@@ -213,7 +215,7 @@ def embed_paths(model, paths: Sequence, pool: str, layer: Optional[int], batch_s
 
     from ..io.checkpoint import check_finite_outputs
 
-    tf = eval_transform(preprocessing(model))
+    tf = eval_transform(Preprocessing.of(model))
     out, bad = [], []
     with tqdm(total=len(paths), desc="embed", unit="img", disable=not progress, leave=False) as bar:
         for i in range(0, len(paths), batch_size):
@@ -609,11 +611,11 @@ def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, lay
     model.eval()
     pool = pool or default_pool(model, layer)
     _check_pool(model, pool, layer)
-    pcfg = preprocessing(model)
+    pre = Preprocessing.of(model)
     c = model.config
-    train, val, info = build_datasets(data, img_size=tuple(pcfg["input_size"][1:]), in_chans=c.in_chans,
-                                      augment="none", mean=pcfg["mean"], std=pcfg["std"],
-                                      crop_pct=float(pcfg.get("crop_pct") or 1.0), data_dir=data_dir,
+    train, val, info = build_datasets(data, img_size=pre.size, in_chans=c.in_chans,
+                                      augment="none", mean=pre.mean, std=pre.std,
+                                      crop_pct=float(pre.crop_pct), data_dir=data_dir,
                                       download=download, max_train=max_train, max_val=max_val)
     db, db_labels = embed_dataset(model, train, pool, layer, batch_size, progress)
     q, q_labels = embed_dataset(model, val, pool, layer, batch_size, progress)
@@ -628,12 +630,10 @@ def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: 
               channels: int = 3, thumb: float = 1.6) -> Path:
     """A PNG with one row per query: the query image, then its neighbours with score and label. Every image is
     downscaled to its thumbnail before it is drawn, so memory does not follow the images' own size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from ..data import read_image
+    from ..io.plots import pyplot, save_png
+
+    plt = pyplot()
 
     side = int(thumb * GRID_DPI * 2)  # pixels per thumbnail, twice what the figure shows
 
@@ -662,10 +662,7 @@ def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: 
             ax.set_title(f"#{r['rank']} {r['score']:.3f}{lab}", fontsize=8,
                          color="green" if ql is not None and r.get("label") == ql else "black")
     fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=GRID_DPI, format="png"))
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=GRID_DPI)
 
 
 __all__ = ["POOLS", "INDEX_KINDS", "embed_images", "embed_paths", "embed_folder", "Embeddings", "Index",
