@@ -129,3 +129,21 @@ def resolve(user: Recipe, plan: Optional[Recipe] = None, defaults: Recipe = DEFA
         else:
             out[f.name] = None
     return Recipe(**out), sources
+
+
+def saved_recipe(run) -> Dict[str, object]:
+    """The resolved recipe a run recorded (its folder or config.json), as its set fields: the base of a rerun."""
+    import json
+    from pathlib import Path
+
+    path = Path(run)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"--recipe {str(run)!r}: no such run folder or config.json")
+    try:
+        saved = json.loads(path.read_text()).get("recipe", {}).get("values")
+    except (ValueError, AttributeError):  # not JSON, not text, or JSON of another shape
+        raise ConfigError(f"--recipe {str(run)!r} is not a run's config.json; pass a run folder") from None
+    if not isinstance(saved, dict) or not saved:
+        raise ConfigError(f"--recipe {str(run)!r} holds no resolved recipe (a run from an older vitkit?)")
+    return {k: v for k, v in saved.items() if v is not None}

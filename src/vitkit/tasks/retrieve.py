@@ -38,7 +38,10 @@ INDEX_FORMAT = "vitkit-index"
 def _faiss():
     """faiss, imported quietly (its loader logs each CPU-feature probe at INFO)."""
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    import faiss
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError("retrieval needs faiss: pip install 'vitkit[retrieval]'") from None
 
     return faiss
 
@@ -502,6 +505,17 @@ class Index:
             self.params["ef_search"] = int(ef_search)
             self.index.hnsw.efSearch = int(ef_search)
 
+    def add_new(self, embeddings: "Embeddings") -> int:
+        """Append the embeddings whose paths the index does not hold yet (same model only); returns how many."""
+        have = set(self.paths)
+        new = [i for i, p in enumerate(embeddings.paths) if p not in have]
+        if new:
+            self.add(embeddings.vectors[new], [embeddings.paths[i] for i in new], [embeddings.labels[i] for i in new],
+                     model=embeddings.model)
+        else:
+            self.add(embeddings.vectors[:0], [], [], model=embeddings.model)  # still refuses another model's
+        return len(new)
+
 
 def build_index(embeddings: Embeddings, kind: str = "flat", **params) -> Index:
     return Index(embeddings.vectors.shape[1], kind, embeddings.model, **params).add(
@@ -683,3 +697,36 @@ def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: 
 __all__ = ["POOLS", "INDEX_KINDS", "embed_images", "embed_paths", "embed_folder", "Embeddings", "Index",
            "build_index", "model_manifest", "writer_lock", "check_same_model", "recall_at_k", "map_at_r",
            "knn_classify", "retrieval_report", "save_grid", "default_pool", "embed_dataset", "evaluate_retrieval"]
+
+
+def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None, nprobe: Optional[int] = None,
+           ef_search: Optional[int] = None) -> dict:
+    """The k nearest entries of an index folder to each query image, embedded by the index's model (or by
+    `checkpoint`, which must be the same model); with `grid`, also a PNG of queries and neighbours."""
+    from .. import validate as v
+    from ..io import load
+    from .images import load_batch
+
+    v.integer(k, "k", lo=1)  # before the (possibly long) loads
+    v.integer(nprobe, "nprobe", lo=1, optional=True)
+    v.integer(ef_search, "ef_search", lo=1, optional=True)
+    ix = Index.load(index)
+    if nprobe or ef_search:
+        ix.set_search_params(nprobe=nprobe, ef_search=ef_search)
+    im = ix.model or {}
+    ckpt = checkpoint or im.get("checkpoint")
+    if not ckpt:
+        raise ConfigError("the index does not record a checkpoint; pass --checkpoint")
+    if not Path(ckpt).exists():
+        raise FileNotFoundError(f"the index's model {ckpt!r} is gone; pass --checkpoint with the same model")
+    model = load(ckpt)
+    check_same_model(im, model_manifest(model, ckpt, im.get("pool"), im.get("layer")), what=f"index {str(index)!r}")
+    q = embed_images(model, load_batch(queries, model), im.get("pool"), im.get("layer"))
+    results = ix.neighbours(q, k)
+    out = [{"query": str(Path(p).resolve()), "neighbours": r} for p, r in zip(queries, results)]
+    if grid:
+        save_grid(grid, queries, results, channels=model.config.in_chans)
+    return {"index": index, "k": k, "grid": grid or None, "results": out}
+
+
+__all__ += ["search"]
