@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 from .errors import ConfigError, VitkitError
-from .train import TrainConfig, parse_duration
+from .train import RESUMABLE, TrainConfig, parse_duration, refuse_on_resume
 
 # subcommand name → (add_arguments(parser), run(args) -> exit code). Filled in below, one block per subcommand.
 COMMANDS: Dict[str, tuple] = {}
@@ -807,17 +807,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# what a command line may give with --resume: these are applied (and recorded in the run's config.json history);
-# `pretrain --method` names the task, which resume_configs checks against the run's
-_RESUME_FLAGS = {"resume", "quiet", "json", "epochs", "time_budget", "max_steps", "eval_every", "workers", "device",
-                 "method"}
+# what a command line may give with --resume: the engine's resumable fields (applied, and recorded in the run's
+# config.json history), --json, and `pretrain --method`, which names the task (resume_configs checks it)
+_RESUME_FLAGS = {*RESUMABLE, "resume", "json", "method"}
 
 
 def _check_resume_flags(args, argv: List[str]) -> None:
     """Refuse, in one line, every option given with --resume that cannot change on resume. The command line is
     parsed again with every default suppressed, so a flag counts when given, even at its default value."""
-    from .train import refuse_on_resume
-
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
     flags = {}

@@ -68,6 +68,15 @@ def test_generate_to_folder_names_and_writes_its_files(tmp_path):
     assert np.array_equal(np.load(again["npy"]), imgs)  # seeded
 
 
+def test_explain_images_refuses_a_dit_in_one_line(tmp_path, world):
+    from vitkit.models.dit import DiT, DiTConfig
+    from vitkit.tasks.explain import explain_images
+
+    vitkit.save(DiT(DiTConfig(embed_dim=32, depth=1, num_heads=2, num_classes=3)), tmp_path / "dit.safetensors")
+    with pytest.raises(CheckpointError, match="not a ViT"):
+        explain_images(tmp_path / "dit.safetensors", [world / "q.png"], tmp_path / "out")
+
+
 def test_generate_to_folder_refuses_a_classifier_checkpoint(world, tmp_path):
     from vitkit.tasks.generate import generate_to_folder
 

@@ -300,8 +300,10 @@ def explain_images(checkpoint, images: Sequence, out="explain", *, method: str =
     import json
 
     from .. import validate as v
+    from ..errors import CheckpointError
     from ..io import load
     from ..io.checkpoint import atomic_write, check_finite_outputs
+    from ..models import VisionTransformer
     from .images import denormalize, load_batch, native_size, open_image, preprocessing
 
     v.choice(fmt, "format", ("json", "npy"))
@@ -312,6 +314,9 @@ def explain_images(checkpoint, images: Sequence, out="explain", *, method: str =
     stems = output_stems(images, out)  # relative paths kept: a/x.png and b/x.png never share a name
     check_outputs(images, stems, "." + fmt, overwrite)
     model = load(checkpoint)
+    if not isinstance(model, VisionTransformer):  # a DiT was an AttributeError traceback
+        raise CheckpointError(f"{str(checkpoint)!r} holds a {type(model).__name__}, not a ViT; explain needs a ViT "
+                              "checkpoint")
     pcfg = preprocessing(model)
     out.mkdir(parents=True, exist_ok=True)
     names = (pcfg.get("class_names") or None)
