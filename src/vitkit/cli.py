@@ -322,9 +322,8 @@ cmd_train.add_arguments = _add_train_args
 
 @command("eval", "evaluate a checkpoint or run: top-1, top-5, per-class accuracy, confusion matrix")
 def cmd_eval(args) -> int:
-    from .tasks.classify import evaluate_checkpoint
-
     from .io.checkpoint import read_pretrained_cfg
+    from .tasks.classify import evaluate_checkpoint
 
     data = args.data or read_pretrained_cfg(args.checkpoint).get("dataset")  # without building the model
     if not data:
@@ -390,7 +389,7 @@ cmd_predict.add_arguments = lambda p: (
 
 # ---- vitkit export (pretrained weights in, deployment formats and other layouts out) ------------------------
 def _add_source_arguments(p) -> None:
-    """Flags shared by the commands that read any checkpoint through `load_pretrained`."""
+    """The flags of `load_pretrained`: how to read a checkpoint of any format."""
     p.add_argument("--from", dest="fmt", choices=["vitkit", "timm", "hf", "npz", "torchvision"], default=None,
                    help="force the checkpoint format (default: detect it)")
     p.add_argument("--model", default=None, help="registered config the checkpoint was trained with "
@@ -401,23 +400,18 @@ def _add_source_arguments(p) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="replace the head by a new one for N classes")
 
 
-def _load_source(args):
-    from .io import load_pretrained
-
-    return load_pretrained(args.checkpoint, fmt=args.fmt, model=args.model, num_heads=args.num_heads,
-                           img_size=args.img_size, patch_size=args.patch_size, num_classes=args.num_classes)
-
-
 @command("export", "write a checkpoint (any format) as ONNX, TorchScript, an ExportedProgram, or vitkit/timm/hf/npz "
                    "weights")
 def cmd_export(args) -> int:
     from .errors import RunExistsError
+    from .io import load_pretrained
     from .io.export import default_output, export
 
     out = args.out or default_output(args.checkpoint, args.format)
     if os.path.exists(out) and not args.overwrite:  # before the (possibly long) load
         raise RunExistsError(f"{str(out)!r} exists already; choose another --out or pass --overwrite")
-    model = _load_source(args)
+    model = load_pretrained(args.checkpoint, fmt=args.fmt, model=args.model, num_heads=args.num_heads,
+                            img_size=args.img_size, patch_size=args.patch_size, num_classes=args.num_classes)
     info = export(model, out, args.format, overwrite=args.overwrite, verify=not args.no_verify)
     info["config"] = {k: v for k, v in model.config.to_dict().items()
                       if k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_classes")}
@@ -485,32 +479,15 @@ cmd_embed.add_arguments = lambda p: (
 def cmd_index(args) -> int:
     from pathlib import Path
 
-    from . import validate as v
-    from .tasks.retrieve import Embeddings, Index, build_index, writer_lock
+    from .tasks.retrieve import add_to_index, build_index_folder
 
     if args.action == "build":
-        out = Path(args.out)
-        params = {"nprobe": args.nprobe, "M": args.M, "ef_search": args.ef_search, "nlist": args.nlist}
-        for k, lo in (("nprobe", 1), ("M", 2), ("ef_search", 1), ("nlist", 1)):  # before the load (Index rechecks)
-            v.integer(params[k], k, lo=lo, optional=k == "nlist")
-        with writer_lock(out):  # one writer at a time per index folder; the other waits (see writer_lock)
-            if (out / "manifest.json").exists() and not args.overwrite:
-                raise FileExistsError(f"index {str(out)!r} exists; pass --overwrite to replace it, or `vitkit index "
-                                      "add` to append to it")
-            index = build_index(Embeddings.load(args.embeddings), args.kind, **params)
-            index.save(out)
-        _print_json({"index": str(out), "kind": index.kind, "count": len(index), "dim": index.dim,
+        index = build_index_folder(args.embeddings, args.out, args.kind, overwrite=args.overwrite, nlist=args.nlist,
+                                   nprobe=args.nprobe, M=args.M, ef_search=args.ef_search)
+        _print_json({"index": str(Path(args.out)), "kind": index.kind, "count": len(index), "dim": index.dim,
                      "params": index.params})
-        return 0
-    if not (Path(args.index) / "manifest.json").is_file():
-        Index.load(args.index)  # its clear "not a vitkit index" error, before a lock file is made beside it
-    with writer_lock(Path(args.index)):  # load, add and save as one step: a concurrent add waits, nothing is lost
-        index = Index.load(args.index)
-        emb = Embeddings.load(args.embeddings)
-        added = index.add_new(emb)
-        index.save(args.index)
-    _print_json({"index": args.index, "added": added, "skipped_already_indexed": len(emb) - added,
-                 "count": len(index)})
+    else:
+        _print_json({"index": args.index, **add_to_index(args.index, args.embeddings)})
     return 0
 
 

@@ -156,3 +156,24 @@ def test_saved_recipe_reads_the_set_fields(tmp_path):
     assert saved_recipe(tmp_path) == {"lr": 0.01}
     with pytest.raises(FileNotFoundError):
         saved_recipe(tmp_path / "nope")
+
+
+def test_index_folders_are_built_once_and_added_to_without_duplicates(tmp_path):
+    from vitkit.tasks.retrieve import Embeddings, Index, add_to_index, build_index_folder
+
+    rng = np.random.default_rng(0)
+    model = {"checkpoint": "m", "sha256": "x"}
+    Embeddings(rng.random((2, 4)), ["p0", "p1"], ["a", "b"], [[0, 0]] * 2, model).save(tmp_path / "e1.safetensors")
+    Embeddings(rng.random((3, 4)), ["p1", "p2", "p3"], ["b", "c", "c"], [[0, 0]] * 3, model).save(
+        tmp_path / "e2.safetensors")
+    index = build_index_folder(tmp_path / "e1.safetensors", tmp_path / "ix", "hnsw", M=8)
+    assert index.kind == "hnsw" and len(index) == 2 and index.params["M"] == 8
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build_index_folder(tmp_path / "e2.safetensors", tmp_path / "ix")
+    with pytest.raises(ConfigError, match="M must be"):  # checked before anything is read
+        build_index_folder(tmp_path / "nope.safetensors", tmp_path / "iy", M=1)
+    assert add_to_index(tmp_path / "ix", tmp_path / "e2.safetensors") == {
+        "added": 2, "skipped_already_indexed": 1, "count": 4}
+    assert Index.load(tmp_path / "ix").paths == ["p0", "p1", "p2", "p3"]
+    assert add_to_index(tmp_path / "ix", tmp_path / "e2.safetensors")["added"] == 0
+    assert len(build_index_folder(tmp_path / "e2.safetensors", tmp_path / "ix", overwrite=True)) == 3

@@ -730,3 +730,38 @@ def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None,
 
 
 __all__ += ["search"]
+
+
+def build_index_folder(embeddings, out, kind: str = "flat", *, overwrite: bool = False, **params) -> Index:
+    """An index of an embeddings file, saved as the folder `out`; an existing index is replaced only when
+    `overwrite`. One writer at a time per folder (writer_lock): another waits."""
+    from .. import validate as v
+
+    out = Path(out)
+    for k, lo in (("nprobe", 1), ("M", 2), ("ef_search", 1), ("nlist", 1)):  # before the load (Index rechecks)
+        if k in params:
+            v.integer(params[k], k, lo=lo, optional=k == "nlist")
+    with writer_lock(out):
+        if (out / "manifest.json").exists() and not overwrite:
+            raise FileExistsError(f"index {str(out)!r} exists; pass --overwrite to replace it, or `vitkit index "
+                                  "add` to append to it")
+        index = build_index(Embeddings.load(embeddings), kind, **params)
+        index.save(out)
+    return index
+
+
+def add_to_index(index, embeddings) -> dict:
+    """Append an embeddings file's entries that an index folder does not hold yet (by path, same model only), as one
+    locked load-add-save: a concurrent add waits, nothing is lost. Returns the counts."""
+    index = Path(index)
+    if not (index / "manifest.json").is_file():
+        Index.load(index)  # its clear "not a vitkit index" error, before a lock file is made beside it
+    with writer_lock(index):
+        ix = Index.load(index)
+        emb = Embeddings.load(embeddings)
+        added = ix.add_new(emb)
+        ix.save(index)
+    return {"added": added, "skipped_already_indexed": len(emb) - added, "count": len(ix)}
+
+
+__all__ += ["build_index_folder", "add_to_index"]
