@@ -1,16 +1,20 @@
-"""The `vitkit` command. Each subcommand parses its flags and makes one call into the library.
+"""The `vitkit` command. Each subcommand parses its flags, makes one call into the library and prints the result.
 
-Errors that vitkit raises on purpose print as one line (`vitkit: error: ...`) with exit code 2;
-`--debug` shows the traceback instead.
+Errors that vitkit raises on purpose (`vitkit.errors`) and OSErrors (paths) print as one line (`vitkit: error: ...`)
+with exit code 2; `--debug` shows the traceback instead. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 from typing import Callable, Dict, List, Optional
+
+from .errors import ConfigError, VitkitError
+from .train import RESUMABLE, TrainConfig, parse_duration, refuse_on_resume
 
 # subcommand name → (add_arguments(parser), run(args) -> exit code). Filled in below, one block per subcommand.
 COMMANDS: Dict[str, tuple] = {}
@@ -54,7 +58,7 @@ def cmd_models(args) -> int:
                      "depth": cfg.depth, "heads": cfg.num_heads, "params_M": round(count_params(cfg) / 1e6, 2),
                      "GFLOPs": round(count_flops(cfg)["flops"] / 1e9, 2)})
     if not rows:
-        raise ValueError(f"no model matches {args.filter!r}; run `vitkit models` to see all")
+        raise ConfigError(f"no model matches {args.filter!r}; run `vitkit models` to see all")
     if args.json:
         _print_json(rows)
         return 0
@@ -129,30 +133,111 @@ def _kv(text: str):
         return k.strip(), v
 
 
+# ---- the engine's flags, shared by train, pretrain and train-gen ---------------------------------------------
+_RESUME_HELP = ("continue a run from its last checkpoint, with the options it was started with; only --epochs, "
+                "--time-budget, --max-steps, --eval-every, --workers and --device may be given (a finished run "
+                "trains on with a larger --epochs or --time-budget: the cosine is laid over the new total from "
+                "the current step); each resume is recorded in config.json's history")
+
+# TrainConfig field → its flag's argparse options ("flag": a name other than --field-name); fields not here
+# (betas, best_metric, best_mode) have no flag. Every training command gets all of them (_add_engine_args).
+_ENGINE_FLAGS: Dict[str, dict] = {
+    "name": dict(type=_run_name, help="run name: outputs go to RUNS_DIR/NAME (default: after the dataset)"),
+    "runs_dir": dict(help="the folder of run folders (default: runs)"),
+    "overwrite": dict(action="store_true",
+                      help="replace an existing run folder of the same name (never one a running process owns)"),
+    "resume": dict(metavar="RUN_DIR", help=_RESUME_HELP),
+    "epochs": dict(type=int, help="train this many epochs (with --resume: a new length for the run)"),
+    "time_budget": dict(metavar="DURATION", help="lay the schedule over this wall-clock time (10m; 'none' for "
+                        "epochs; with --resume: the run's new total, time already used included)"),
+    "max_steps": dict(type=int, help="stop after this many steps (a quick look; schedule unchanged)"),
+    "batch_size": dict(type=int, help="global batch per step (split over processes)"),
+    "accum_steps": dict(type=int, help="gradient accumulation: optimizer step every N batches"),
+    "lr": dict(type=float),
+    "min_lr": dict(type=float),
+    "weight_decay": dict(type=float),
+    "warmup": dict(type=float, help="warm-up: fraction of steps (<1) or epochs (>=1)"),
+    "clip_grad": dict(type=float, help="max gradient norm (0 = off)"),
+    "precision": dict(choices=["auto", "fp32", "bf16", "fp16"], help="auto (default): the recipe's"),
+    "ema_decay": dict(flag="--ema", type=float, metavar="DECAY", help="EMA of weights, e.g. 0.999"),
+    "layer_decay": dict(type=float, help="layer-wise lr decay for fine-tuning, e.g. 0.75"),
+    "compile": dict(action=argparse.BooleanOptionalAction, help="torch.compile the model"),
+    "seed": dict(type=int),
+    "eval_every": dict(type=int, help="evaluate every N epochs and at the end (default: every epoch, or under "
+                       "--time-budget as often as keeps evaluation near 3%% of the training time)"),
+    "device": dict(help="auto | cpu | cuda | cuda:N | mps"),
+    "workers": dict(type=int, help="DataLoader workers for image folders"),
+    "quiet": dict(action="store_true", help="no progress bar; log lines only"),
+}
+
+
+def _add_engine_args(p, **help_: str) -> None:
+    """One flag per TrainConfig field in _ENGINE_FLAGS, in the field order; `help_` rewords a field's help."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _ENGINE_FLAGS:
+            kw = {"default": None, **_ENGINE_FLAGS[f.name]}
+            if kw.get("action") == "store_true":
+                kw["default"] = False
+            kw["help"] = help_.get(f.name, kw.get("help"))
+            p.add_argument(kw.pop("flag", "--" + f.name.replace("_", "-")), dest=f.name, **kw)
+
+
+def _budget(text: Optional[str]) -> Optional[float]:
+    """--time-budget in seconds; None when not given, or given as 'none', 'off' or '0' (epochs instead)."""
+    if text is None or str(text).lower() in ("0", "none", "off"):
+        return None
+    return parse_duration(text)
+
+
+def _engine_config(args, recipe: dict, name: str, skip=()) -> TrainConfig:
+    """A TrainConfig from the engine flags, falling back to the recipe, then to the engine's defaults; the fields
+    in `skip` are left to the task (train: the planner's recipe)."""
+    recipe = dict(recipe) if not args.resume else {}  # a resumed run keeps its own values (resume_configs)
+    if args.epochs is not None and args.time_budget is None:
+        recipe.pop("time_budget", None)
+    if args.time_budget is not None:
+        recipe["time_budget"] = _budget(args.time_budget)
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        flag = getattr(args, f.name, None)
+        if f.name in skip:
+            continue
+        if flag is not None and f.name not in ("name", "time_budget") and (f.name, flag) != ("precision", "auto"):
+            out[f.name] = flag  # a 0 given is checked, not read as "unset"
+        elif f.name in recipe:
+            out[f.name] = recipe[f.name]
+    return TrainConfig(**out, name=args.name or name)
+
+
 @command("train", "train a ViT classifier on a dataset (run folder: runs/<name>/)")
 def cmd_train(args) -> int:
     from pathlib import Path
 
     from .tasks.classify import ClassifierConfig, train_classifier
-    from .tasks.recipe import Recipe
-    from .train import TrainConfig, parse_duration
+    from .tasks.recipe import Recipe, saved_recipe
 
-    recipe = _recipe_from_flags(args)
-    model_args = {k: v for k, v in dict(args.model_arg or []).items()}
-    task = ClassifierConfig(data=args.data, model=args.model, model_args=model_args, init=args.init,
+    if args.val_split is not None and not str(args.data).startswith("folder:"):
+        raise ConfigError(f"val_split applies to folder:PATH data only; {args.data} has a fixed held-out split",
+                          field="val_split")
+    base = saved_recipe(args.recipe) if args.recipe else {}  # a rerun of a run's resolved recipe; flags override
+    flags = {f: getattr(args, f, None) for f in Recipe.__dataclass_fields__}
+    flags.update(time_budget=_budget(args.time_budget), precision=None if args.precision == "auto" else args.precision)
+    if args.time_budget is not None and flags["time_budget"] is None or args.epochs is not None and \
+            args.time_budget is None:
+        base.pop("time_budget", None)  # 'none', or an epoch count, replaces the saved run's budget
+    for k, v in dict(args.model_arg or []).items():  # an architecture --model-arg is the recipe's choice too
+        if k in ("img_size", "num_heads", "patch_size", "embed_dim", "depth", "stem", "in_chans", "mlp_ratio"):
+            flags[k] = v if flags.get(k) is None else flags[k]
+    recipe = Recipe.from_dict({**base, **{k: v for k, v in flags.items() if v is not None}})
+    task = ClassifierConfig(data=args.data, model=args.model, model_args=dict(args.model_arg or []), init=args.init,
                             init_format=args.init_format, data_dir=args.data_dir, download=args.download,
                             val_split=args.val_split, strict=args.strict, max_train=args.max_train,
                             max_val=args.max_val)
-    name = args.name or (Path(args.data[len("folder:"):]).name if args.data.startswith("folder:") else args.data)
-    tc = TrainConfig(name=name, runs_dir=args.runs_dir, overwrite=args.overwrite, resume=args.resume,
-                     max_steps=args.max_steps, quiet=args.quiet,
-                     **{k: getattr(args, k) for k in ("accum_steps", "seed", "eval_every", "device", "workers")
-                        if getattr(args, k) is not None})  # a 0 given is checked, not read as "unset"
+    name = Path(args.data[len("folder:"):]).name if args.data.startswith("folder:") else args.data
+    tc = _engine_config(args, {}, name, skip=flags)  # the recipe's fields are the planner's to choose
     if args.quiet:  # no progress bar: the plan and one log line per epoch instead
-        import logging as _logging
-
-        for name in ("vitkit.train", "vitkit.tasks.classify"):
-            _logging.getLogger(name).setLevel(_logging.INFO)
+        for logger in ("vitkit.train", "vitkit.tasks.classify"):
+            logging.getLogger(logger).setLevel(logging.INFO)
     summary = train_classifier(task, tc, recipe=recipe, started=_STARTED)
 
     def outcome() -> str:
@@ -166,40 +251,6 @@ def cmd_train(args) -> int:
 
 
 _STARTED = None  # the command's start on Trainer's clock (set in main): a time budget covers the whole command
-
-
-def _recipe_from_flags(args):
-    """The recipe fields the command line fixed (None = let the planner choose); `--recipe RUN` starts from a
-    run's resolved recipe (a rerun), which flags then override."""
-    from .errors import ConfigError
-    from .tasks.recipe import Recipe
-    from .train import parse_duration, read_config
-
-    if args.val_split is not None and not str(args.data).startswith("folder:"):
-        raise ConfigError(f"val_split applies to folder:PATH data only; {args.data} has a fixed held-out split",
-                          field="val_split")
-    base = {}
-    if args.recipe:
-        saved = read_config(args.recipe, doing="--recipe").get("recipe", {}).get("values")
-        if not saved:
-            raise ValueError(f"--recipe {args.recipe!r} holds no resolved recipe (a run from an older vitkit?)")
-        base = {k: v for k, v in saved.items() if v is not None}
-    flags = {f: getattr(args, f, None) for f in Recipe.__dataclass_fields__}
-    if args.time_budget is not None:
-        flags["time_budget"] = None if str(args.time_budget).lower() in ("0", "none", "off") else \
-            parse_duration(args.time_budget)
-        if flags["time_budget"] is None:
-            base.pop("time_budget", None)
-    if args.epochs is not None and args.time_budget is None:
-        base.pop("time_budget", None)  # an epoch count replaces the saved run's budget
-    if flags.get("precision") == "auto":
-        flags["precision"] = None
-    for k in ("img_size", "num_heads", "patch_size", "embed_dim", "depth", "stem", "in_chans", "mlp_ratio"):
-        v = dict(args.model_arg or []).get(k)
-        if v is not None and flags.get(k) is None:
-            flags[k] = v
-    base.update({k: v for k, v in flags.items() if v is not None})
-    return Recipe.from_dict(base)
 
 
 def _add_fast_args(p, tome: bool = True) -> tuple:
@@ -221,12 +272,6 @@ def _add_data_args(p, train: bool) -> None:
     p.add_argument("--max-val", type=int, default=None, help="evaluate on a stratified subset of this size")
     if train:
         p.add_argument("--max-train", type=int, default=None, help="train on a stratified subset of this size")
-
-
-_RESUME_HELP = ("continue a run from its last checkpoint, with the options it was started with; only --epochs, "
-                "--time-budget, --max-steps, --eval-every, --workers and --device may be given (a finished run "
-                "trains on with a larger --epochs or --time-budget: the cosine is laid over the new total from "
-                "the current step); each resume is recorded in config.json's history")
 
 
 def _add_train_args(p) -> None:
@@ -260,39 +305,14 @@ def _add_train_args(p) -> None:
       help="evaluate on each image and its mirror image, averaged")
     a("--recipe", default=None, metavar="RUN", help="rerun a run's resolved recipe (its folder or config.json); "
       "flags still override")
-    a("--name", type=_run_name, default=None, help="run name: outputs go to RUNS_DIR/NAME (default: the dataset name)")
-    a("--runs-dir", default="runs")
-    a("--overwrite", action="store_true",
-      help="replace an existing run folder of the same name (never one a running process owns)")
-    a("--resume", default=None, metavar="RUN_DIR", help=_RESUME_HELP)
-    a("--epochs", type=int, default=None, help="train this many epochs (with --resume: a new length for the run)")
-    a("--time-budget", default=None, metavar="DURATION",
-      help="wall-clock time for the whole command (90s, 10m, 1h): scan, plan, train, report; 'none' for epochs "
-      "(default: 4.5 minutes unless --epochs is given; with --resume: the run's new total, time already used "
-      "included)")
-    a("--max-steps", type=int, default=None, help="stop after this many steps (a quick look; schedule unchanged)")
-    a("--batch-size", type=int, default=None, help="global batch per step (split over processes)")
-    a("--accum-steps", type=int, default=None, help="gradient accumulation: optimizer step every N batches")
-    a("--lr", type=float, default=None)
-    a("--min-lr", type=float, default=None)
-    a("--weight-decay", type=float, default=None)
-    a("--warmup", type=float, default=None, help="warm-up: fraction of steps (<1) or epochs (>=1)")
-    a("--clip-grad", type=float, default=None, help="max gradient norm (0 = off)")
-    a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
-      help="auto (default): bf16 where it measures faster and trains as well as fp32, else fp32")
-    a("--ema", dest="ema_decay", type=float, default=None, metavar="DECAY", help="EMA of weights, e.g. 0.999")
-    a("--layer-decay", type=float, default=None, help="layer-wise lr decay for fine-tuning, e.g. 0.75")
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
-    a("--seed", type=int, default=None)
-    a("--eval-every", type=int, default=None, help="evaluate every N epochs and at the end (default: every epoch, "
-      "or under --time-budget as often as keeps evaluation near 3%% of the training time)")
-    a("--device", default=None, help="auto | cpu | cuda | cuda:N | mps")
-    a("--workers", type=int, default=None, help="DataLoader workers for image folders")
+    _add_engine_args(p, time_budget="wall-clock time for the whole command (90s, 10m, 1h): scan, plan, train, "
+                     "report; 'none' for epochs (default: 4.5 minutes unless --epochs is given; with --resume: the "
+                     "run's new total, time already used included)",
+                     precision="auto (default): bf16 where it measures faster and trains as well as fp32, else fp32")
     a("--label-smoothing", type=float, default=None)
     a("--mixup", type=float, default=None, help="MixUp alpha (0 = off)")
     a("--cutmix", type=float, default=None, help="CutMix alpha (0 = off)")
     a("--augment", choices=["none", "light", "default", "strong"], default=None)
-    a("--quiet", action="store_true", help="no progress bar; log lines only")
     a("--json", action="store_true", help="print the run summary as JSON")
     _add_data_args(p, train=True)
 
@@ -302,15 +322,12 @@ cmd_train.add_arguments = _add_train_args
 
 @command("eval", "evaluate a checkpoint or run: top-1, top-5, per-class accuracy, confusion matrix")
 def cmd_eval(args) -> int:
+    from .io.checkpoint import read_pretrained_cfg
     from .tasks.classify import evaluate_checkpoint
 
-    data = args.data
-    if data is None:
-        from .io import load
-
-        data = (getattr(load(args.checkpoint), "pretrained_cfg", None) or {}).get("dataset")
-        if not data:
-            raise ValueError("the checkpoint does not record its dataset; pass --data (e.g. --data mnist5k)")
+    data = args.data or read_pretrained_cfg(args.checkpoint).get("dataset")  # without building the model
+    if not data:
+        raise ConfigError("the checkpoint does not record its dataset; pass --data (e.g. --data mnist5k)")
     res = evaluate_checkpoint(args.checkpoint, data, out_dir=args.out, batch_size=args.batch_size,
                               device=args.device, data_dir=args.data_dir, download=args.download,
                               val_split=args.val_split, seed=args.seed, strict=args.strict, max_val=args.max_val,
@@ -372,7 +389,7 @@ cmd_predict.add_arguments = lambda p: (
 
 # ---- vitkit export (pretrained weights in, deployment formats and other layouts out) ------------------------
 def _add_source_arguments(p) -> None:
-    """Flags shared by the commands that read any checkpoint through `load_pretrained`."""
+    """The flags of `load_pretrained`: how to read a checkpoint of any format."""
     p.add_argument("--from", dest="fmt", choices=["vitkit", "timm", "hf", "npz", "torchvision"], default=None,
                    help="force the checkpoint format (default: detect it)")
     p.add_argument("--model", default=None, help="registered config the checkpoint was trained with "
@@ -383,23 +400,18 @@ def _add_source_arguments(p) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="replace the head by a new one for N classes")
 
 
-def _load_source(args):
-    from .io import load_pretrained
-
-    return load_pretrained(args.checkpoint, fmt=args.fmt, model=args.model, num_heads=args.num_heads,
-                           img_size=args.img_size, patch_size=args.patch_size, num_classes=args.num_classes)
-
-
 @command("export", "write a checkpoint (any format) as ONNX, TorchScript, an ExportedProgram, or vitkit/timm/hf/npz "
                    "weights")
 def cmd_export(args) -> int:
     from .errors import RunExistsError
+    from .io import load_pretrained
     from .io.export import default_output, export
 
     out = args.out or default_output(args.checkpoint, args.format)
     if os.path.exists(out) and not args.overwrite:  # before the (possibly long) load
         raise RunExistsError(f"{str(out)!r} exists already; choose another --out or pass --overwrite")
-    model = _load_source(args)
+    model = load_pretrained(args.checkpoint, fmt=args.fmt, model=args.model, num_heads=args.num_heads,
+                            img_size=args.img_size, patch_size=args.patch_size, num_classes=args.num_classes)
     info = export(model, out, args.format, overwrite=args.overwrite, verify=not args.no_verify)
     info["config"] = {k: v for k, v in model.config.to_dict().items()
                       if k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_classes")}
@@ -467,39 +479,15 @@ cmd_embed.add_arguments = lambda p: (
 def cmd_index(args) -> int:
     from pathlib import Path
 
-    from .tasks.retrieve import Embeddings, Index, build_index, writer_lock
+    from .tasks.retrieve import add_to_index, build_index_folder
 
     if args.action == "build":
-        out = Path(args.out)
-        from . import validate as v
-
-        params = {"nprobe": args.nprobe, "M": args.M, "ef_search": args.ef_search, "nlist": args.nlist}
-        for k, lo in (("nprobe", 1), ("M", 2), ("ef_search", 1), ("nlist", 1)):  # before the load (Index rechecks)
-            v.integer(params[k], k, lo=lo, optional=k == "nlist")
-        with writer_lock(out):  # one writer at a time per index folder; the other waits (see writer_lock)
-            if (out / "manifest.json").exists() and not args.overwrite:
-                raise FileExistsError(f"index {str(out)!r} exists; pass --overwrite to replace it, or `vitkit index "
-                                      "add` to append to it")
-            emb = Embeddings.load(args.embeddings)
-            index = build_index(emb, args.kind, **params)
-            index.save(out)
-        _print_json({"index": str(out), "kind": index.kind, "count": len(index), "dim": index.dim,
+        index = build_index_folder(args.embeddings, args.out, args.kind, overwrite=args.overwrite, nlist=args.nlist,
+                                   nprobe=args.nprobe, M=args.M, ef_search=args.ef_search)
+        _print_json({"index": str(Path(args.out)), "kind": index.kind, "count": len(index), "dim": index.dim,
                      "params": index.params})
-        return 0
-    if not (Path(args.index) / "manifest.json").is_file():
-        Index.load(args.index)  # its clear "not a vitkit index" error, before a lock file is made beside it
-    with writer_lock(Path(args.index)):  # load, add and save as one step: a concurrent add waits, nothing is lost
-        index = Index.load(args.index)
-        emb = Embeddings.load(args.embeddings)
-        have = set(index.paths)
-        new = [i for i, p in enumerate(emb.paths) if p not in have]
-        if new:
-            index.add(emb.vectors[new], [emb.paths[i] for i in new], [emb.labels[i] for i in new], model=emb.model)
-        else:
-            index.add(emb.vectors[:0], [], [], model=emb.model)  # still refuses another model's embeddings
-        index.save(args.index)
-    _print_json({"index": args.index, "added": len(new), "skipped_already_indexed": len(emb) - len(new),
-                 "count": len(index)})
+    else:
+        _print_json({"index": args.index, **add_to_index(args.index, args.embeddings)})
     return 0
 
 
@@ -525,34 +513,10 @@ cmd_index.add_arguments = _index_arguments
 
 @command("search", "find the nearest indexed images to query images: JSON with scores, and a PNG grid")
 def cmd_search(args) -> int:
-    from pathlib import Path
+    from .tasks.retrieve import search
 
-    from .io import load
-    from .tasks.images import load_batch
-    from . import validate as v
-    from .tasks.retrieve import Index, check_same_model, embed_images, model_manifest, save_grid
-
-    v.integer(args.k, "k", lo=1)  # before the (possibly long) loads; Index.search checks it for Python callers
-    v.integer(args.nprobe, "nprobe", lo=1, optional=True)
-    v.integer(args.ef_search, "ef_search", lo=1, optional=True)
-    index = Index.load(args.index)
-    if args.nprobe or args.ef_search:
-        index.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
-    im = index.model or {}
-    ckpt = args.checkpoint or im.get("checkpoint")
-    if not ckpt:
-        raise ValueError("the index does not record a checkpoint; pass --checkpoint")
-    if not Path(ckpt).exists():
-        raise FileNotFoundError(f"the index's model {ckpt!r} is gone; pass --checkpoint with the same model")
-    model = load(ckpt)
-    check_same_model(im, model_manifest(model, ckpt, im.get("pool"), im.get("layer")),
-                     what=f"index {args.index!r}")
-    q = embed_images(model, load_batch(args.queries, model), im.get("pool"), im.get("layer"))
-    results = index.neighbours(q, args.k)
-    out = [{"query": str(Path(p).resolve()), "neighbours": r} for p, r in zip(args.queries, results)]
-    if args.grid:
-        save_grid(args.grid, args.queries, results, channels=model.config.in_chans)
-    _print_json({"index": args.index, "k": args.k, "grid": args.grid or None, "results": out})
+    _print_json(search(args.index, args.queries, args.k, checkpoint=args.checkpoint, grid=args.grid,
+                       nprobe=args.nprobe, ef_search=args.ef_search))
     return 0
 
 
@@ -604,56 +568,11 @@ cmd_eval_retrieval.add_arguments = lambda p: (
 
 @command("explain", "attention maps (rollout or last-block class-token attention) of images: PNG + scores")
 def cmd_explain(args) -> int:
-    from pathlib import Path
+    from .tasks.explain import explain_images
 
-    from .io import load
-    from .io.checkpoint import atomic_write, check_finite_outputs
-    from .tasks.explain import check_outputs, check_tokens, explain, output_stems, save_figure
-    from .tasks.images import denormalize, load_batch, native_size, open_image, preprocessing
-
-    import numpy as np
-
-    out = Path(args.out)
-    stems = output_stems(args.images, out)  # relative paths kept: a/x.png and b/x.png never share a name
-    check_outputs(args.images, stems, "." + args.format, args.overwrite)
-    model = load(args.checkpoint)
-    pcfg = preprocessing(model)
-    out.mkdir(parents=True, exist_ok=True)
-    names = (pcfg.get("class_names") or None)
-    rows = []
-    for path, stem in zip(args.images, stems):
-        size = None
-        if args.size == "native":
-            size = native_size(open_image(path, model.config.in_chans), model.patch_embed.patch_size[0])
-        elif args.size != "model":
-            size = args.size
-        check_tokens(model, size or tuple(pcfg["input_size"][1:]), args.max_tokens)  # before the image grows
-        x = load_batch([path], model, size=size)
-        e = explain(model, x, args.method, args.head_fusion, args.discard_ratio, max_tokens=args.max_tokens)
-        check_finite_outputs(e.logits, str(args.checkpoint), [path])
-        prob = e.logits.softmax(-1)[0] if e.logits.ndim == 2 and e.logits.shape[-1] > 1 else None
-        pred = int(prob.argmax()) if prob is not None else None
-        label = names[pred] if names and pred is not None and pred < len(names) else pred
-        png = save_figure(Path(f"{stem}.png"), denormalize(x[0], pcfg), e, 0,
-                          title=f"{Path(path).name}: predicted {label}" if label is not None else Path(path).name,
-                          source=str(Path(path).resolve()))
-        scores = e.map[0].numpy()
-        if args.format == "npy":
-            spath = Path(f"{stem}.npy")
-            def _write_npy(tmp, arr=scores):
-                with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to the temp name
-                    np.save(f, arr)
-
-            atomic_write(spath, _write_npy)
-        else:
-            spath = Path(f"{stem}.json")
-            doc = {"image": str(path), "method": e.method, **e.params, "grid": list(e.grid),
-                   "input_size": list(x.shape[-2:]), "meaning": e.meaning, "predicted": label,
-                   "map": scores.round(6).tolist(), "heads": e.heads[0].numpy().round(6).tolist()}
-            atomic_write(spath, lambda tmp: Path(tmp).write_text(json.dumps(doc)))
-        rows.append({"image": str(path), "png": str(png), "scores": str(spath), "predicted": label,
-                     "peak": list(e.peaks()[0]), "grid": list(e.grid), "meaning": e.meaning})
-    _print_json(rows)
+    _print_json(explain_images(args.checkpoint, args.images, args.out, method=args.method,
+                               head_fusion=args.head_fusion, discard_ratio=args.discard_ratio, size=args.size,
+                               fmt=args.format, overwrite=args.overwrite, max_tokens=args.max_tokens))
     return 0
 
 
@@ -675,67 +594,21 @@ cmd_explain.add_arguments = lambda p: (
 
 
 # ---- vitkit pretrain | reconstruct | train-gen | generate (MAE and DiT) ---------------------------------------
-def _engine_config(args, recipe: dict, name: str):
-    """A TrainConfig from the shared engine flags, falling back to the recipe, then to the engine's defaults."""
-    import dataclasses
-
-    from .train import TrainConfig, parse_duration
-
-    recipe = dict(recipe) if not args.resume else {}  # a resumed run keeps its own values (resume_configs)
-    if args.epochs is not None and args.time_budget is None:
-        recipe.pop("time_budget", None)
-    if args.time_budget is not None:
-        recipe["time_budget"] = None if str(args.time_budget).lower() in ("0", "none", "off") else \
-            parse_duration(args.time_budget)
-    out = {}
-    for f in dataclasses.fields(TrainConfig):
-        flag = getattr(args, f.name, None)
-        if flag is not None and f.name not in ("name", "overwrite", "quiet", "resume", "compile", "time_budget"):
-            out[f.name] = flag
-        elif f.name in recipe:
-            out[f.name] = recipe[f.name]
-    return TrainConfig(**out, name=args.name or name, overwrite=args.overwrite, quiet=args.quiet,
-                       resume=args.resume, compile=args.compile)
-
-
-def _add_engine_args(p, data_help: str) -> None:
-    a = p.add_argument
-    a("--data", default="mnist5k", help=data_help)
-    a("--name", type=_run_name, default=None, help="run name: outputs go to RUNS_DIR/NAME")
-    a("--runs-dir", default=None)
-    a("--overwrite", action="store_true",
-      help="replace an existing run folder of the same name (never one a running process owns)")
-    a("--resume", default=None, metavar="RUN_DIR", help=_RESUME_HELP)
-    a("--epochs", type=int, default=None, help="train this many epochs (with --resume: a new length for the run)")
-    a("--time-budget", default=None, metavar="DURATION", help="lay the schedule over this wall-clock time (10m; "
-      "with --resume: the run's new total, time already used included)")
-    a("--max-steps", type=int, default=None, help="stop after this many steps (a quick look)")
-    a("--batch-size", type=int, default=None)
-    a("--lr", type=float, default=None)
-    a("--min-lr", type=float, default=None)
-    a("--weight-decay", type=float, default=None)
-    a("--warmup", type=float, default=None, help="warm-up: fraction of steps (<1) or epochs (>=1)")
-    a("--clip-grad", type=float, default=None)
-    a("--precision", choices=["fp32", "bf16", "fp16"], default=None)
-    a("--ema", dest="ema_decay", type=float, default=None, metavar="DECAY")
-    a("--compile", action="store_true")
-    a("--seed", type=int, default=None)
-    a("--eval-every", type=int, default=None)
-    a("--device", default=None, help="auto | cpu | cuda | cuda:N | mps")
-    a("--max-train", type=int, default=None, help="train on a stratified subset of this size")
-    a("--max-val", type=int, default=None)
-    a("--data-dir", default="data")
-    a("--download", action="store_true")
-    a("--quiet", action="store_true", help="no progress bar; log lines only")
-    a("--json", action="store_true", help="print the run summary as JSON")
+def _add_run_args(p, data_help: str) -> None:
+    """The data and engine flags of pretrain and train-gen."""
+    p.add_argument("--data", default="mnist5k", help=data_help)
+    _add_engine_args(p)
+    p.add_argument("--max-train", type=int, default=None, help="train on a stratified subset of this size")
+    p.add_argument("--max-val", type=int, default=None)
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
 
 
 @command("pretrain", "self-supervised pretraining of a ViT encoder (MAE) on unlabelled images")
 def cmd_pretrain(args) -> int:
     from .tasks.mae import MAETaskConfig, pretrain_mae, recipe_for
 
-    if args.method != "mae":
-        raise ValueError(f"unknown --method {args.method!r}; available: mae")
     recipe = recipe_for(args.data)
     task = MAETaskConfig(data=args.data, model=args.model, model_args=dict(args.model_arg or []),
                          decoder_embed_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
@@ -751,7 +624,7 @@ def cmd_pretrain(args) -> int:
 
 def _add_pretrain_args(p) -> None:
     p.add_argument("--method", default="mae", choices=["mae"], help="pretraining method (default: mae)")
-    _add_engine_args(p, "images to pretrain on (labels unused): mnist5k (default) | digits | folder:PATH | ...")
+    _add_run_args(p, "images to pretrain on (labels unused): mnist5k (default) | digits | folder:PATH | ...")
     p.add_argument("--model", default=None, help="the encoder, a registered ViT (default: the dataset's recipe)")
     p.add_argument("--model-arg", type=_kv, action="append", metavar="KEY=VALUE", help="encoder option (repeatable)")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches hidden from the encoder")
@@ -804,7 +677,7 @@ def cmd_train_gen(args) -> int:
 
 
 def _add_train_gen_args(p) -> None:
-    _add_engine_args(p, "mnist5k (default) | digits | mnist | fashion_mnist | cifar10 | cifar100")
+    _add_run_args(p, "mnist5k (default) | digits | mnist | fashion_mnist | cifar10 | cifar100")
     p.add_argument("--objective", choices=["flow", "ddpm"], default="flow",
                    help="flow: rectified flow, Euler sampling (default, see README); ddpm: ε-prediction, DDIM")
     p.add_argument("--model-arg", type=_kv, action="append", metavar="KEY=VALUE",
@@ -821,51 +694,14 @@ cmd_train_gen.add_arguments = _add_train_gen_args
 
 @command("generate", "sample images from a DiT checkpoint (PNG grid + .npy); optionally score them")
 def cmd_generate(args) -> int:
-    from pathlib import Path
+    from .tasks.generate import generate_to_folder
 
-    import numpy as np
-    import torch
-
-    from .io import load
-    from .models.dit import DiT
-    from .tasks.generate import check_classes, sample, save_grid, score_samples
-
-    from . import validate as v
-
-    v.integer(args.n, "n", lo=1)
-    v.integer(args.steps, "steps", lo=1)
-    v.number(args.cfg, "cfg")
-    model = load(args.checkpoint)
-    if not isinstance(model, DiT):
-        raise ValueError(f"{args.checkpoint!r} holds a {type(model).__name__}, not a DiT; generate needs a "
-                         "checkpoint from `vitkit train-gen`")
-    classes = args.classes if args.classes is not None else list(range(model.num_classes))
-    check_classes(model, classes)
-    labels = [c for c in classes for _ in range(args.n)]
-    imgs = sample(model, labels, steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"class{'-'.join(map(str, classes))}" if len(classes) <= 4 else "all"
-    stem += f"_n{args.n}_steps{args.steps}_cfg{args.cfg:g}_seed{args.seed}"
-    per_row = min(args.n, 16)  # the grid: one row of up to 16 images per class; the .npy holds them all
-    shown = [k * args.n + j for k in range(len(classes)) for j in range(per_row)]
-    png = save_grid(imgs[shown], out / f"{stem}.png", nrow=per_row)
-    npy = out / f"{stem}.npy"
-    np.save(npy, imgs.numpy().astype(np.float32))
-    np.save(out / f"{stem}_labels.npy", np.asarray(labels, dtype=np.int64))
-    result = {"checkpoint": args.checkpoint, "samples": len(labels), "png": str(png), "npy": str(npy)}
-    if args.classifier:
-        import json
-
-        pcfg = model.pretrained_cfg or {}
-        result.update(score_samples(imgs, torch.as_tensor(labels), args.classifier,
-                                    real=args.real or pcfg.get("dataset") or "mnist5k", seed=args.seed))
-        result.update({"steps": args.steps, "cfg": args.cfg, "seed": args.seed, "classifier": args.classifier})
-        (out / f"{stem}_scores.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = generate_to_folder(args.checkpoint, args.out, classes=args.classes, n=args.n, steps=args.steps,
+                                cfg=args.cfg, seed=args.seed, classifier=args.classifier, real=args.real)
     if args.json:
         _print_json(result)
     else:
-        print(f"wrote {png} and {npy} ({len(labels)} images)")
+        print(f"wrote {result['png']} and {result['npy']} ({result['samples']} images)")
         if args.classifier:
             print(f"conditional accuracy {result['conditional_accuracy']:.2f}% ; classifier FID "
                   f"{result['classifier_fid']:.3f} vs real train/test floor "
@@ -948,17 +784,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# what a command line may give with --resume: these are applied (and recorded in the run's config.json history);
-# `pretrain --method` names the task, which resume_configs checks against the run's
-_RESUME_FLAGS = {"resume", "quiet", "json", "epochs", "time_budget", "max_steps", "eval_every", "workers", "device",
-                 "method"}
+# what a command line may give with --resume: the engine's resumable fields (applied, and recorded in the run's
+# config.json history), --json, and `pretrain --method`, which names the task (resume_configs checks it)
+_RESUME_FLAGS = {*RESUMABLE, "resume", "json", "method"}
 
 
 def _check_resume_flags(args, argv: List[str]) -> None:
     """Refuse, in one line, every option given with --resume that cannot change on resume. The command line is
     parsed again with every default suppressed, so a flag counts when given, even at its default value."""
-    from .train import refuse_on_resume
-
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
     flags = {}
@@ -995,8 +828,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
-    except (ValueError, OSError, ImportError) as e:  # OSError: paths the user gave (missing, too long, read-only)
-        if args.debug:
+    except (VitkitError, OSError) as e:  # OSError: paths the user gave (missing, too long, read-only); any other
+        if args.debug:  # exception is a bug in vitkit (or below it) and keeps its traceback
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
         field = getattr(e, "field", "")

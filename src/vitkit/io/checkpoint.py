@@ -120,11 +120,8 @@ def is_vitkit_checkpoint(path) -> bool:
         return False
 
 
-def load(path, map_location="cpu") -> nn.Module:
-    """Rebuild the model a vitkit checkpoint describes and load its weights (strict). The returned model
-    carries `model.pretrained_cfg` (class names, preprocessing). A run folder loads its best checkpoint."""
-    from safetensors.torch import load_file
-
+def _vitkit_metadata(path) -> Tuple[Path, Dict[str, str]]:
+    """The checkpoint file (a run folder's best, last or model.safetensors) and its vitkit metadata."""
     path = Path(path)
     if path.is_dir():
         for cand in ("best.safetensors", "last.safetensors", "model.safetensors"):
@@ -138,6 +135,29 @@ def load(path, map_location="cpu") -> nn.Module:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is a safetensors file but not a vitkit checkpoint (no vitkit metadata); "
                               "load it with vitkit.load_pretrained(path), which converts timm/HF layouts")
+    return path, meta
+
+
+def read_pretrained_cfg(path) -> dict:
+    """A vitkit checkpoint's (or run folder's) pretrained_cfg: class names, preprocessing, dataset. Read from the
+    metadata alone, without building the model."""
+    path, meta = _vitkit_metadata(path)
+    try:
+        pcfg = json.loads(meta.get("pretrained_cfg", "{}"))
+    except ValueError as e:
+        raise CheckpointError(f"{str(path)!r} has damaged vitkit metadata ({e}); re-save it") from None
+    if not isinstance(pcfg, dict):
+        raise CheckpointError(f"{str(path)!r} has damaged vitkit metadata (pretrained_cfg is a "
+                              f"{type(pcfg).__name__}); re-save it")
+    return pcfg
+
+
+def load(path, map_location="cpu") -> nn.Module:
+    """Rebuild the model a vitkit checkpoint describes and load its weights (strict). The returned model
+    carries `model.pretrained_cfg` (class names, preprocessing). A run folder loads its best checkpoint."""
+    from safetensors.torch import load_file
+
+    path, meta = _vitkit_metadata(path)
     mtype = meta.get("model_type", "vit")
     if mtype not in MODEL_TYPES:
         raise CheckpointError(f"{str(path)!r} holds a {mtype!r} model, which this vitkit does not know "

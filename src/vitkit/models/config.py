@@ -207,7 +207,7 @@ def get_config(name: str, **overrides) -> ViTConfig:
 
         close = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `vitkit models` lists them"
-        raise ValueError(f"unknown model {name!r}{hint}")
+        raise ConfigError(f"unknown model {name!r}{hint}")
     return _REGISTRY[name].replace(**overrides) if overrides else _REGISTRY[name]
 
 

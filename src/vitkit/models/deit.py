@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..errors import ConfigError
 from .config import ViTConfig
 from .vit import VisionTransformer
 
@@ -22,14 +23,14 @@ class VisionTransformerDistilled(VisionTransformer):
     def __init__(self, config: Optional[ViTConfig] = None, **kwargs):
         super().__init__(config, **kwargs)
         if self.config.reg_tokens != 1 or self.global_pool != "token":
-            raise ValueError("a distilled ViT has exactly one distillation token (reg_tokens=1) and token pooling; "
-                             f"got reg_tokens={self.config.reg_tokens}, global_pool={self.global_pool!r}")
+            raise ConfigError("a distilled ViT has exactly one distillation token (reg_tokens=1) and token pooling; "
+                              f"got reg_tokens={self.config.reg_tokens}, global_pool={self.global_pool!r}")
         d = self.embed_dim
         self.head_dist = nn.Linear(d, self.num_classes) if self.num_classes > 0 else nn.Identity()
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool not in (None, "token"):
-            raise ValueError("a distilled ViT pools its class and distillation tokens: global_pool must be 'token'")
+            raise ConfigError("a distilled ViT pools its class and distillation tokens: global_pool must be 'token'")
         super().reset_classifier(num_classes)
         w = self.pos_embed
         self.head_dist = nn.Linear(self.embed_dim, num_classes).to(w.device, w.dtype) if num_classes > 0 \

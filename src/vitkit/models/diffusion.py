@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 NUM_TIMESTEPS = 1000
 
 
@@ -96,7 +98,7 @@ def get_objective(name: str):
         return RectifiedFlow()
     if name == "ddpm":
         return DDPM()
-    raise ValueError(f"unknown objective {name!r}; choose 'flow' (rectified flow) or 'ddpm' (ε-prediction)")
+    raise ConfigError(f"unknown objective {name!r}; choose 'flow' (rectified flow) or 'ddpm' (ε-prediction)")
 
 
 __all__ = ["RectifiedFlow", "DDPM", "get_objective", "NUM_TIMESTEPS"]

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..errors import ConfigError
 from .config import replace_checked
 from .mae import patchify, sincos_pos_embed_2d, unpatchify
 from .vit import Attention, Mlp, PatchEmbed
@@ -57,15 +58,15 @@ class DiTConfig:
         v.number(self.mlp_ratio, "mlp_ratio", lo=0, lo_open=True)
         v.number(self.class_dropout_prob, "class_dropout_prob", lo=0, hi=1, hi_open=True)
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
+            raise ConfigError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
         if self.embed_dim % 4:
-            raise ValueError(f"embed_dim {self.embed_dim} must be divisible by 4 (2-D sin-cos positions)")
+            raise ConfigError(f"embed_dim {self.embed_dim} must be divisible by 4 (2-D sin-cos positions)")
         if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
+            raise ConfigError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+            raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.num_classes < 1:
-            raise ValueError("a class-conditional DiT needs num_classes >= 1")
+            raise ConfigError("a class-conditional DiT needs num_classes >= 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -221,8 +222,8 @@ class DiT(nn.Module):
     def check_labels(self, y: torch.Tensor) -> None:
         bad = y[(y < 0) | (y > self.num_classes)]
         if bad.numel():
-            raise ValueError(f"class {int(bad[0])} is out of range: this DiT knows classes 0..{self.num_classes - 1} "
-                             f"(and {self.num_classes} = unconditional)")
+            raise ConfigError(f"class {int(bad[0])} is out of range: this DiT knows classes 0..{self.num_classes - 1} "
+                              f"(and {self.num_classes} = unconditional)")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:

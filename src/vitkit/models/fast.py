@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from . import kernels
 from .deit import VisionTransformerDistilled
 from .tome import ToMeVisionTransformer, apply_tome, bipartite_soft_matching, merge_wavg, parse_r
@@ -191,12 +192,12 @@ class OptimizedViT(nn.Module):
                  attention_kernel: bool = True):
         super().__init__()
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.model = model.eval().requires_grad_(False)
         if backend in ("auto", "onednn"):
             ok, why = onednn_supported(model)
             if backend == "onednn" and not ok:
-                raise ValueError(f"the onednn backend cannot run here: {why}; use backend='auto'")
+                raise ConfigError(f"the onednn backend cannot run here: {why}; use backend='auto'")
             backend = "onednn" if ok else "compile"
         self.backend = backend
         self.pad_batches = pad_batches

@@ -11,12 +11,14 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 
 def to_2tuple(x) -> Tuple[int, int]:
     """An int or a pair → a pair of ints."""
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
-            raise ValueError(f"expected an int or a (height, width) pair, got {x!r}")
+            raise ConfigError(f"expected an int or a (height, width) pair, got {x!r}")
         return int(x[0]), int(x[1])
     return int(x), int(x)
 
@@ -70,13 +72,13 @@ def feature_take_indices(num_blocks: int, indices=None) -> Tuple[list, int]:
         indices = num_blocks
     if isinstance(indices, int):
         if not 0 < indices <= num_blocks:
-            raise ValueError(f"indices={indices}: must be between 1 and the depth ({num_blocks})")
+            raise ConfigError(f"indices={indices}: must be between 1 and the depth ({num_blocks})")
         take = list(range(num_blocks - indices, num_blocks))
     else:
         take = []
         for i in indices:
             j = num_blocks + i if i < 0 else i
             if not 0 <= j < num_blocks:
-                raise ValueError(f"block index {i} is out of range for a model of depth {num_blocks}")
+                raise ConfigError(f"block index {i} is out of range for a model of depth {num_blocks}")
             take.append(j)
     return take, max(take)

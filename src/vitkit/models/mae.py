@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..errors import ConfigError
 from .config import ViTConfig
 from .vit import Block, VisionTransformer
 
@@ -24,7 +25,7 @@ from .vit import Block, VisionTransformer
 def sincos_pos_embed_1d(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
     """Positions (M,) → (M, embed_dim): [sin(pos·ω), cos(pos·ω)] with ω_i = 1 / 10000^(2i/embed_dim)."""
     if embed_dim % 2:
-        raise ValueError(f"sin-cos position embeddings need an even width, got {embed_dim}")
+        raise ConfigError(f"sin-cos position embeddings need an even width, got {embed_dim}")
     omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0))
     out = pos.to(torch.float64).reshape(-1)[:, None] * omega[None]
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
@@ -34,7 +35,7 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: Tuple[int, int], num_prefix_t
     """Fixed 2-D sin-cos position embedding (prefix + H*W, embed_dim), row-major over the grid, as in MAE and DiT:
     the first half of the channels encodes the column, the second half the row; prefix rows are zero."""
     if embed_dim % 4:
-        raise ValueError(f"2-D sin-cos position embeddings need a width divisible by 4, got {embed_dim}")
+        raise ConfigError(f"2-D sin-cos position embeddings need a width divisible by 4, got {embed_dim}")
     h, w = grid_size
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     emb = torch.cat([sincos_pos_embed_1d(embed_dim // 2, cols), sincos_pos_embed_1d(embed_dim // 2, rows)], dim=1)
@@ -67,7 +68,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Ten
     Exactly round(N * mask_ratio) tokens are dropped per image. Returns the kept tokens (B, N_keep, D), the binary
     mask (B, N) with 1 = masked (removed), and `ids_restore` (B, N) that undoes the shuffle."""
     if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        raise ConfigError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     B, N, D = x.shape
     len_keep = N - int(round(N * mask_ratio))
     if noise is None:
@@ -97,15 +98,16 @@ class MAEConfig(ViTConfig):
     def validate(self) -> None:
         super().validate()
         if self.reg_tokens or self.no_embed_class or self.dynamic_img_pad:
-            raise ValueError("MAE supports the plain ViT layout only: reg_tokens=0, no_embed_class=False, "
-                             "dynamic_img_pad=False")
+            raise ConfigError("MAE supports the plain ViT layout only: reg_tokens=0, no_embed_class=False, "
+                              "dynamic_img_pad=False")
         if self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError(f"decoder_embed_dim {self.decoder_embed_dim} must be divisible by decoder_num_heads "
-                             f"{self.decoder_num_heads}")
+            raise ConfigError(f"decoder_embed_dim {self.decoder_embed_dim} must be divisible by decoder_num_heads "
+                              f"{self.decoder_num_heads}")
         if self.embed_dim % 4 or self.decoder_embed_dim % 4:
-            raise ValueError("MAE's 2-D sin-cos position embeddings need embed_dim and decoder_embed_dim divisible by 4")
+            raise ConfigError("MAE's 2-D sin-cos position embeddings need embed_dim and decoder_embed_dim "
+                              "divisible by 4")
         if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+            raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
 
     def encoder_config(self, **overrides) -> ViTConfig:
         """The plain `ViTConfig` of the encoder (what `to_encoder()` builds), with `overrides` applied."""
@@ -256,8 +258,8 @@ class MaskedAutoencoderViT(VisionTransformer):
         state = {k: v for k, v in self.state_dict().items() if k in own and v.shape == own[k].shape}
         missing = [k for k in own if k not in state and not k.startswith(("head.", "fc_norm."))]
         if missing:
-            raise ValueError(f"the MAE encoder does not cover the classifier's parameters {missing[:5]}; "
-                             "keep the encoder's architecture when converting")
+            raise ConfigError(f"the MAE encoder does not cover the classifier's parameters {missing[:5]}; "
+                              "keep the encoder's architecture when converting")
         vit.load_state_dict(state, strict=False)
         vit.pos_embed.requires_grad_(True)
         vit.pretrained_cfg = dict(getattr(self, "pretrained_cfg", None) or {})

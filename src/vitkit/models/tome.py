@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from .vit import Attention, Block, VisionTransformer
 
 
@@ -74,11 +75,11 @@ def parse_r(depth: int, r: Union[int, Sequence[int]]) -> List[int]:
     """Tokens to merge in each block: an int → the same r everywhere; a list → one r per block."""
     if isinstance(r, int):
         if r < 0:
-            raise ValueError(f"tome r must be >= 0, got {r}")
+            raise ConfigError(f"tome r must be >= 0, got {r}")
         return [r] * depth
     r = [int(v) for v in r]
     if len(r) != depth or any(v < 0 for v in r):
-        raise ValueError(f"a per-block tome r needs {depth} values >= 0, got {r}")
+        raise ConfigError(f"a per-block tome r needs {depth} values >= 0, got {r}")
     return r
 
 
@@ -128,11 +129,11 @@ class ToMeVisionTransformer(VisionTransformer):
         return self.forward_features_sizes(x)[0]
 
     def forward_attention(self, x: torch.Tensor, sink):
-        raise ValueError("attention maps are not defined with token merging; call remove_tome(model) first")
+        raise ConfigError("attention maps are not defined with token merging; call remove_tome(model) first")
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         if return_attention:
-            raise ValueError("attention maps are not defined with token merging; call remove_tome(model) first")
+            raise ConfigError("attention maps are not defined with token merging; call remove_tome(model) first")
         x, size = self.forward_features_sizes(x)
         if self.global_pool == "avg" and size is not None:  # a merged token stands for `size` patches
             p = self.num_prefix_tokens
@@ -141,7 +142,7 @@ class ToMeVisionTransformer(VisionTransformer):
         return self.forward_head(x)
 
     def forward_intermediates(self, *args, **kwargs):
-        raise ValueError("intermediate feature maps are not defined with token merging; call remove_tome(model) first")
+        raise ConfigError("intermediate feature maps are not defined with token merging; call remove_tome(model) first")
 
 
 def apply_tome(model: VisionTransformer, r: Union[int, Sequence[int]]) -> VisionTransformer:

@@ -47,7 +47,7 @@ class PatchEmbed(nn.Module):
             self.backbone = None
             self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
         else:
-            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+            raise ConfigError(f"stem must be 'patch' or 'conv', got {stem!r}")
 
     @property
     def grid_size(self) -> Tuple[int, int]:
@@ -67,18 +67,18 @@ class PatchEmbed(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError that says what is wrong with an input the model cannot take."""
         if x.ndim != 4:
-            raise ValueError(
+            raise ConfigError(
                 f"expected images of shape (B, C, H, W), got a tensor of rank {x.ndim} with shape {tuple(x.shape)}; "
                 "add a batch dimension with x.unsqueeze(0) for a single image"
             )
         if x.shape[1] != self.in_chans:
-            raise ValueError(
+            raise ConfigError(
                 f"expected {self.in_chans} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)}); "
                 f"convert the images to {self.in_chans} channel(s) or build the model with in_chans={x.shape[1]}"
             )
         ph, pw = self.patch_size
         if not self.dynamic_img_pad and (x.shape[2] % ph or x.shape[3] % pw):
-            raise ValueError(
+            raise ConfigError(
                 f"image size {x.shape[2]}x{x.shape[3]} is not a multiple of the patch size {ph}x{pw}; "
                 "resize or crop it, or build the model with dynamic_img_pad=True to pad"
             )
@@ -102,8 +102,8 @@ class PatchEmbed(nn.Module):
         """Change the configured image size and/or patch size (the kernel is FlexiViT-resampled)."""
         if patch_size is not None and to_2tuple(patch_size) != self.patch_size:
             if self.backbone is not None:
-                raise ValueError("a convolutional stem's stride is fixed by its layers: its patch size cannot change; "
-                                 "build a model with another patch_size instead")
+                raise ConfigError("a convolutional stem's stride is fixed by its layers: its patch size cannot change; "
+                                  "build a model with another patch_size instead")
             new = to_2tuple(patch_size)
             old = self.proj
             proj = nn.Conv2d(old.in_channels, old.out_channels, kernel_size=new, stride=new, bias=old.bias is not None)
@@ -123,12 +123,12 @@ def conv_stem_channels(patch_size: int, embed_dim: int, channels: Sequence[int] 
     (embed_dim / 2**k, ..., embed_dim / 2, embed_dim)."""
     n = int(round(math.log2(patch_size))) if patch_size > 1 else 0
     if patch_size < 2 or 2**n != patch_size:
-        raise ValueError(f"a convolutional stem needs a patch size that is a power of two (2, 4, 8, 16), got "
-                         f"{patch_size}; use stem='patch' for other sizes")
+        raise ConfigError(f"a convolutional stem needs a patch size that is a power of two (2, 4, 8, 16), got "
+                          f"{patch_size}; use stem='patch' for other sizes")
     if channels:
         if len(channels) < n:
-            raise ValueError(f"stem_channels {tuple(channels)} must give at least one width per stride-2 conv: "
-                             f"{n} for patch {patch_size}")
+            raise ConfigError(f"stem_channels {tuple(channels)} must give at least one width per stride-2 conv: "
+                              f"{n} for patch {patch_size}")
         return tuple(int(c) for c in channels)
     return tuple(max(8, embed_dim // 2**i) for i in range(n))[::-1]
 
@@ -171,7 +171,7 @@ class PatchDropout(nn.Module):
     def __init__(self, prob: float = 0.5, num_prefix_tokens: int = 1):
         super().__init__()
         if not 0 <= prob < 1:
-            raise ValueError(f"patch_drop_rate must be in [0, 1), got {prob}")
+            raise ConfigError(f"patch_drop_rate must be in [0, 1), got {prob}")
         self.prob, self.num_prefix_tokens = prob, num_prefix_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +194,7 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads=8, qkv_bias=True, qk_norm=False, attn_drop=0.0, proj_drop=0.0, norm_layer=None):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -353,9 +353,9 @@ class VisionTransformer(nn.Module):
         cfg.validate()
         self.config = cfg
         if cfg.global_pool not in ("token", "avg", ""):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {cfg.global_pool!r}")
+            raise ConfigError(f"global_pool must be 'token', 'avg' or '', got {cfg.global_pool!r}")
         if cfg.global_pool == "token" and not cfg.class_token:
-            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without one")
+            raise ConfigError("global_pool='token' needs class_token=True; use global_pool='avg' without one")
         check_fits_memory(cfg)
         norm_layer = lambda d: nn.LayerNorm(d, eps=cfg.norm_eps)  # noqa: E731
         dim = cfg.embed_dim
@@ -400,7 +400,7 @@ class VisionTransformer(nn.Module):
         'timm': truncated normal 0.02 linears (timm's `init_weights_vit_timm`). Both: pos-embed trunc-normal 0.02,
         class/register tokens normal 1e-6."""
         if mode not in ("xavier", "timm"):
-            raise ValueError(f"weight_init must be 'xavier' or 'timm', got {mode!r}")
+            raise ConfigError(f"weight_init must be 'xavier' or 'timm', got {mode!r}")
         nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-2.0, b=2.0)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
@@ -445,9 +445,9 @@ class VisionTransformer(nn.Module):
         """Replace the head with a fresh one for `num_classes` (0 → features only)."""
         if global_pool is not None:
             if global_pool not in ("token", "avg", ""):
-                raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+                raise ConfigError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
             if global_pool == "token" and not self.has_class_token:
-                raise ValueError("global_pool='token' needs a class token")
+                raise ConfigError("global_pool='token' needs a class token")
             self.global_pool = global_pool
         self.num_classes = num_classes
         w = self.pos_embed
@@ -560,7 +560,7 @@ class VisionTransformer(nn.Module):
         """Chosen blocks' outputs as in timm: `indices` int → the last n blocks, list → those blocks.
         Returns (final normed tokens, [per-block maps (B, D, H', W') or tokens (B, H'W', D)])."""
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+            raise ConfigError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape
         x = self.embed(x)

@@ -285,3 +285,47 @@ def score_samples(images01: torch.Tensor, labels: torch.Tensor, classifier, real
 
 __all__ = ["GeneratorConfig", "train_generator", "build_generator", "sample", "save_grid", "check_classes",
            "classifier_outputs", "frechet_distance", "score_samples", "real_images", "recipe_for", "denoising_loss"]
+
+
+def generate_to_folder(checkpoint, out="samples", *, classes: Optional[Sequence[int]] = None, n: int = 16,
+                       steps: int = 50, cfg: float = 2.0, seed: int = 0, classifier=None,
+                       real: Optional[str] = None) -> dict:
+    """Sample `n` images per class (default: every class) from a DiT checkpoint into `out`: a PNG grid, the images
+    and labels as .npy and, with a `classifier`, their scores (_scores.json). Returns what was written."""
+    import json
+
+    from .. import validate as v
+    from ..io import load
+
+    v.integer(n, "n", lo=1)
+    v.integer(steps, "steps", lo=1)
+    v.number(cfg, "cfg")
+    model = load(checkpoint)
+    if not isinstance(model, DiT):
+        raise CheckpointError(f"{checkpoint!r} holds a {type(model).__name__}, not a DiT; generate needs a "
+                              "checkpoint from `vitkit train-gen`")
+    classes = list(classes) if classes is not None else list(range(model.num_classes))
+    check_classes(model, classes)
+    labels = [c for c in classes for _ in range(n)]
+    imgs = sample(model, labels, steps=steps, cfg_scale=cfg, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"class{'-'.join(map(str, classes))}" if len(classes) <= 4 else "all"
+    stem += f"_n{n}_steps{steps}_cfg{cfg:g}_seed{seed}"
+    per_row = min(n, 16)  # the grid: one row of up to 16 images per class; the .npy holds them all
+    shown = [k * n + j for k in range(len(classes)) for j in range(per_row)]
+    png = save_grid(imgs[shown], out / f"{stem}.png", nrow=per_row)
+    npy = out / f"{stem}.npy"
+    np.save(npy, imgs.numpy().astype(np.float32))
+    np.save(out / f"{stem}_labels.npy", np.asarray(labels, dtype=np.int64))
+    result = {"checkpoint": str(checkpoint), "samples": len(labels), "png": str(png), "npy": str(npy)}
+    if classifier:
+        pcfg = model.pretrained_cfg or {}
+        result.update(score_samples(imgs, torch.as_tensor(labels), classifier,
+                                    real=real or pcfg.get("dataset") or "mnist5k", seed=seed))
+        result.update({"steps": steps, "cfg": cfg, "seed": seed, "classifier": classifier})
+        (out / f"{stem}_scores.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
+__all__ += ["generate_to_folder"]

@@ -129,3 +129,14 @@ def resolve(user: Recipe, plan: Optional[Recipe] = None, defaults: Recipe = DEFA
         else:
             out[f.name] = None
     return Recipe(**out), sources
+
+
+def saved_recipe(run) -> Dict[str, object]:
+    """The resolved recipe a run recorded (its folder or config.json), as its set fields: the base of a rerun."""
+    from ..train import read_config
+
+    saved = read_config(run, doing="--recipe").get("recipe", {})
+    saved = saved.get("values") if isinstance(saved, dict) else None
+    if not isinstance(saved, dict) or not saved:
+        raise ConfigError(f"--recipe {str(run)!r} holds no resolved recipe (a run from an older vitkit?)")
+    return {k: v for k, v in saved.items() if v is not None}

@@ -41,7 +41,10 @@ INDEX_FORMAT = "vitkit-index"
 def _faiss():
     """faiss, imported quietly (its loader logs each CPU-feature probe at INFO)."""
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    import faiss
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError("retrieval needs faiss: pip install 'vitkit[retrieval]'") from None
 
     return faiss
 
@@ -492,6 +495,17 @@ class Index:
             self.params["ef_search"] = int(ef_search)
             self.index.hnsw.efSearch = int(ef_search)
 
+    def add_new(self, embeddings: "Embeddings") -> int:
+        """Append the embeddings whose paths the index does not hold yet (same model only); returns how many."""
+        have = set(self.paths)
+        new = [i for i, p in enumerate(embeddings.paths) if p not in have]
+        if new:
+            self.add(embeddings.vectors[new], [embeddings.paths[i] for i in new], [embeddings.labels[i] for i in new],
+                     model=embeddings.model)
+        else:
+            self.add(embeddings.vectors[:0], [], [], model=embeddings.model)  # still refuses another model's
+        return len(new)
+
 
 def build_index(embeddings: Embeddings, kind: str = "flat", **params) -> Index:
     return Index(embeddings.vectors.shape[1], kind, embeddings.model, **params).add(
@@ -668,3 +682,71 @@ def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: 
 __all__ = ["POOLS", "INDEX_KINDS", "embed_images", "embed_paths", "embed_folder", "Embeddings", "Index",
            "build_index", "model_manifest", "writer_lock", "check_same_model", "recall_at_k", "map_at_r",
            "knn_classify", "retrieval_report", "save_grid", "default_pool", "embed_dataset", "evaluate_retrieval"]
+
+
+def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None, nprobe: Optional[int] = None,
+           ef_search: Optional[int] = None) -> dict:
+    """The k nearest entries of an index folder to each query image, embedded by the index's model (or by
+    `checkpoint`, which must be the same model); with `grid`, also a PNG of queries and neighbours."""
+    from .. import validate as v
+    from ..io import load
+    from .images import load_batch
+
+    v.integer(k, "k", lo=1)  # before the (possibly long) loads
+    v.integer(nprobe, "nprobe", lo=1, optional=True)
+    v.integer(ef_search, "ef_search", lo=1, optional=True)
+    ix = Index.load(index)
+    if nprobe or ef_search:
+        ix.set_search_params(nprobe=nprobe, ef_search=ef_search)
+    im = ix.model or {}
+    ckpt = checkpoint or im.get("checkpoint")
+    if not ckpt:
+        raise ConfigError("the index does not record a checkpoint; pass --checkpoint")
+    if not Path(ckpt).exists():
+        raise FileNotFoundError(f"the index's model {ckpt!r} is gone; pass --checkpoint with the same model")
+    model = load(ckpt)
+    check_same_model(im, model_manifest(model, ckpt, im.get("pool"), im.get("layer")), what=f"index {str(index)!r}")
+    q = embed_images(model, load_batch(queries, model), im.get("pool"), im.get("layer"))
+    results = ix.neighbours(q, k)
+    out = [{"query": str(Path(p).resolve()), "neighbours": r} for p, r in zip(queries, results)]
+    if grid:
+        save_grid(grid, queries, results, channels=model.config.in_chans)
+    return {"index": index, "k": k, "grid": grid or None, "results": out}
+
+
+__all__ += ["search"]
+
+
+def build_index_folder(embeddings, out, kind: str = "flat", *, overwrite: bool = False, **params) -> Index:
+    """An index of an embeddings file, saved as the folder `out`; an existing index is replaced only when
+    `overwrite`. One writer at a time per folder (writer_lock): another waits."""
+    from .. import validate as v
+
+    out = Path(out)
+    for k, lo in (("nprobe", 1), ("M", 2), ("ef_search", 1), ("nlist", 1)):  # before the load (Index rechecks)
+        if k in params:
+            v.integer(params[k], k, lo=lo, optional=k == "nlist")
+    with writer_lock(out):
+        if (out / "manifest.json").exists() and not overwrite:
+            raise FileExistsError(f"index {str(out)!r} exists; pass --overwrite to replace it, or `vitkit index "
+                                  "add` to append to it")
+        index = build_index(Embeddings.load(embeddings), kind, **params)
+        index.save(out)
+    return index
+
+
+def add_to_index(index, embeddings) -> dict:
+    """Append an embeddings file's entries that an index folder does not hold yet (by path, same model only), as one
+    locked load-add-save: a concurrent add waits, nothing is lost. Returns the counts."""
+    index = Path(index)
+    if not (index / "manifest.json").is_file():
+        Index.load(index)  # its clear "not a vitkit index" error, before a lock file is made beside it
+    with writer_lock(index):
+        ix = Index.load(index)
+        emb = Embeddings.load(embeddings)
+        added = ix.add_new(emb)
+        ix.save(index)
+    return {"added": added, "skipped_already_indexed": len(emb) - added, "count": len(ix)}
+
+
+__all__ += ["build_index_folder", "add_to_index"]
