@@ -18,9 +18,10 @@ DEIT = dict(img_size=32, patch_size=4, in_chans=3, embed_dim=16, depth=3, num_he
 
 
 def _tokens_per_block(model, x):
-    """How many tokens enter each block in one forward."""
+    """How many tokens enter each block in one forward (seen by its first norm: a merging block runs through
+    `Block.forward_merging`, not the block's own hooks)."""
     seen = []
-    hooks = [b.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1])) for b in model.blocks]
+    hooks = [b.norm1.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1])) for b in model.blocks]
     try:
         with torch.no_grad():
             model(x)
@@ -52,6 +53,21 @@ def test_tome_merges_tokens_in_a_distilled_deit():
         torch.testing.assert_close(deit.forward_features(x), tokens, rtol=0, atol=0)
         torch.testing.assert_close(merged, (deit.head(tokens[:, 0]) + deit.head_dist(tokens[:, 1])) / 2)
         assert torch.equal(remove_tome(deit)(x), plain)
+
+
+def test_fast_path_pools_merged_tokens_by_size_in_every_backend():
+    """embed_images (what retrieval indexes) of an average-pool model with merging: each merged token weighs the
+    patches it stands for, in the eager and compiled backends as in the oneDNN one (eager pooled them unweighted)."""
+    m = create_model("vit_mini_patch4_28", depth=2, global_pool="avg").eval()
+    x = torch.randn(2, 1, 28, 28)
+    merged = apply_tome(create_model("vit_mini_patch4_28", depth=2, global_pool="avg").eval(), 5)
+    merged.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        tokens, size = merged.forward_features_sizes(x)
+        expected = merged.fc_norm((tokens[:, 1:] * size[:, 1:]).sum(1) / size[:, 1:].sum(1))
+        for backend in ("eager", "auto"):
+            got = vitkit.optimize(m, tome_r=5, backend=backend, tune_allocator=False).embed_images(x)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
 def _mae():
