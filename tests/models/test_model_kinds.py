@@ -101,3 +101,19 @@ def test_an_mae_checkpoint_from_before_loads_to_the_same_numbers():
     assert torch.equal(loss, ref["loss"]) and torch.equal(pred, ref["pred"]) and torch.equal(mask, ref["mask"])
     assert torch.equal(features, ref["features"])
     assert set(m.state_dict()) == set(_mae().state_dict()) == set(load_file(str(FIXTURES / "mae_tiny_v1.safetensors")))
+
+
+def test_every_registered_model_type_saves_and_loads_as_itself(tmp_path):
+    """One table in models/ names every kind a checkpoint holds; each saves under its name and loads to its class."""
+    from vitkit.models.dit import DiT, DiTConfig
+    from vitkit.models.registry import MODEL_TYPES, model_type_of
+
+    assert sorted(MODEL_TYPES) == ["dit", "mae", "vit", "vit_distilled"]
+    models = {"vit": create_model(**{**DEIT, "reg_tokens": 0}), "vit_distilled": VisionTransformerDistilled(**DEIT),
+              "mae": _mae(), "dit": DiT(DiTConfig(img_size=8, patch_size=2, embed_dim=8, depth=1, num_heads=2))}
+    for name, m in models.items():
+        assert model_type_of(m) == name
+        back = vitkit.load(vitkit.save(m, tmp_path / f"{name}.safetensors"))
+        assert type(back) is type(m) and back.config == m.config
+        assert all(torch.equal(v, back.state_dict()[k]) for k, v in m.state_dict().items())
+    assert model_type_of(torch.nn.Linear(2, 2)) is None

@@ -15,15 +15,14 @@ from typing import Dict, Optional
 import torch
 
 from ..errors import CheckpointError
-from ..models import ViTConfig, VisionTransformer, get_config, list_models
+from ..models import VisionTransformer, get_config, list_models
 from ..models.deit import VisionTransformerDistilled
 from . import convert
-from .checkpoint import is_vitkit_checkpoint, load, load_state_dict_checked, register_model_type
+from .checkpoint import is_vitkit_checkpoint, load, load_state_dict_checked
 from .files import download_from_hub, looks_like_hub_name, read_folder_weights, read_json, read_weights
 from .infer import infer_config
 
 log = logging.getLogger(__name__)
-register_model_type("vit_distilled", ViTConfig, VisionTransformerDistilled)
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}

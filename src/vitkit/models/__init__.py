@@ -1,6 +1,7 @@
 """The ViT family: the model, its named configs, and the resampling helpers for any image size."""
 from .config import ViTConfig, count_flops, count_params, get_config, list_models, register
 from .layers import resample_abs_pos_embed, resample_patch_embed
+from .registry import MODEL_TYPES, model_type_of, register_model_type
 from .vit import Attention, Block, DropPath, LayerScale, Mlp, PatchEmbed, VisionTransformer
 
 
@@ -15,5 +16,5 @@ def create_model(name: str = "", config: ViTConfig | None = None, **overrides) -
 __all__ = [
     "ViTConfig", "VisionTransformer", "PatchEmbed", "Attention", "Mlp", "LayerScale", "DropPath", "Block",
     "create_model", "list_models", "get_config", "register", "count_flops", "count_params",
-    "resample_abs_pos_embed", "resample_patch_embed",
+    "resample_abs_pos_embed", "resample_patch_embed", "MODEL_TYPES", "model_type_of", "register_model_type",
 ]
