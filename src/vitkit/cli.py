@@ -535,6 +535,7 @@ def cmd_search(args) -> int:
     from pathlib import Path
 
     from .io import load
+    from .models.mae import encoder_of
     from .tasks.images import load_batch
     from . import validate as v
     from .tasks.retrieve import Index, check_same_model, embed_images, model_manifest, save_grid
@@ -551,7 +552,7 @@ def cmd_search(args) -> int:
         raise ValueError("the index does not record a checkpoint; pass --checkpoint")
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"the index's model {ckpt!r} is gone; pass --checkpoint with the same model")
-    model = load(ckpt)
+    model = encoder_of(load(ckpt))  # an MAE: its encoder
     check_same_model(im, model_manifest(model, ckpt, im.get("pool"), im.get("layer")),
                      what=f"index {args.index!r}")
     q = embed_images(model, load_batch(args.queries, model), im.get("pool"), im.get("layer"))
@@ -615,6 +616,7 @@ def cmd_explain(args) -> int:
 
     from .io import load
     from .io.checkpoint import atomic_write, check_finite_outputs
+    from .models.mae import encoder_of
     from .tasks.explain import check_outputs, check_tokens, explain, output_stems, save_figure
     from .tasks.images import denormalize, load_batch, native_size, open_image, preprocessing
 
@@ -623,7 +625,7 @@ def cmd_explain(args) -> int:
     out = Path(args.out)
     stems = output_stems(args.images, out)  # relative paths kept: a/x.png and b/x.png never share a name
     check_outputs(args.images, stems, "." + args.format, args.overwrite)
-    model = load(args.checkpoint)
+    model = encoder_of(load(args.checkpoint))  # an MAE: its encoder
     pcfg = preprocessing(model)
     out.mkdir(parents=True, exist_ok=True)
     names = (pcfg.get("class_names") or None)

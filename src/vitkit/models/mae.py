@@ -239,5 +239,11 @@ class MaskedAutoencoderViT(nn.Module):
         return vit
 
 
-__all__ = ["MAEConfig", "MaskedAutoencoderViT", "mae_config_for", "random_masking", "patchify", "unpatchify",
+def encoder_of(model: nn.Module) -> nn.Module:
+    """A loaded model as a ViT to read features or attention from: an MAE's encoder (`to_encoder()`), anything
+    else as it is."""
+    return model.to_encoder() if isinstance(model, MaskedAutoencoderViT) else model
+
+
+__all__ = ["MAEConfig", "MaskedAutoencoderViT", "mae_config_for", "encoder_of", "random_masking", "patchify", "unpatchify",
            "sincos_pos_embed_2d", "sincos_pos_embed_1d"]

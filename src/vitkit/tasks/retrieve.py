@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io.checkpoint import atomic_write
+from ..models.mae import encoder_of
 from .images import eval_transform, label_of, list_images, open_image, preprocessing
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,7 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
     folder = Path(folder)
     files = list_images(folder)
     if model is None:
-        model = load(checkpoint)
+        model = encoder_of(load(checkpoint))  # an MAE: its encoder
     model.eval()
     pool = pool or default_pool(model, layer)
     _check_pool(model, pool, layer)
@@ -617,7 +618,7 @@ def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, lay
     v.number(temperature, "temperature", lo=0, lo_open=True)
 
     if model is None:
-        model = load(checkpoint)
+        model = encoder_of(load(checkpoint))  # an MAE: its encoder
     model.eval()
     pool = pool or default_pool(model, layer)
     _check_pool(model, pool, layer)
