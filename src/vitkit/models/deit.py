@@ -2,8 +2,8 @@
 its own head; at inference the two heads' logits are averaged.
 
 The distillation token is the model's one register token (`reg_tokens=1`, position-embedded like the class token),
-so everything else — blocks, resampling, features, token merging — is the plain `VisionTransformer`. Converters map timm's
-`dist_token` to `reg_token`; `head_dist` keeps its name.
+so everything else — blocks, resampling, features, token merging — is the plain `VisionTransformer`. Converters
+map timm's `dist_token` to `reg_token`; `head_dist` keeps its name.
 """
 from __future__ import annotations
 

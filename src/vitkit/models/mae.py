@@ -1,9 +1,10 @@
 """Masked autoencoder of He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners" (arXiv 2111.06377).
 
 Patchify → drop a random `mask_ratio` of the patch tokens per image → the encoder (a `VisionTransformer`'s patch
-embedding, blocks and norm) encodes the visible ones → a light Transformer decoder (own width and depth) gets the encoded tokens plus a shared mask token at every
-masked position → a linear layer predicts each patch's pixels; the loss is the mean squared error on masked patches
-only, against per-patch normalised pixels with `norm_pix_loss`. Position embeddings are fixed 2-D sin-cos.
+embedding, blocks and norm) encodes the visible ones → a light Transformer decoder (own width and depth) gets the
+encoded tokens plus a shared mask token at every masked position → a linear layer predicts each patch's pixels;
+the loss is the mean squared error on masked patches only, against per-patch normalised pixels with
+`norm_pix_loss`. Position embeddings are fixed 2-D sin-cos (`patches.py`).
 
 Parameter names follow facebookresearch/mae `models_mae.py`: the encoder keeps timm's names (`patch_embed.proj`,
 `cls_token`, `pos_embed`, `blocks.N.*`, `norm`), the decoder adds `mask_token`, `decoder_embed`, `decoder_pos_embed`,
@@ -245,5 +246,5 @@ def encoder_of(model: nn.Module) -> nn.Module:
     return model.to_encoder() if isinstance(model, MaskedAutoencoderViT) else model
 
 
-__all__ = ["MAEConfig", "MaskedAutoencoderViT", "mae_config_for", "encoder_of", "random_masking", "patchify", "unpatchify",
-           "sincos_pos_embed_2d", "sincos_pos_embed_1d"]
+__all__ = ["MAEConfig", "MaskedAutoencoderViT", "mae_config_for", "encoder_of", "random_masking", "patchify",
+           "unpatchify", "sincos_pos_embed_2d", "sincos_pos_embed_1d"]

@@ -53,7 +53,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
         if pb == 0:
             return torch.cat([unm, dst], dim=1)
         # put the protected tokens back in their original order: A0, B0, A1, B1, ...
-        prefix = [unm[:, i // 2: i // 2 + 1] if i % 2 == 0 else dst[:, i // 2: i // 2 + 1] for i in range(num_protected)]
+        prefix = [unm[:, i // 2: i // 2 + 1] if i % 2 == 0 else dst[:, i // 2: i // 2 + 1]
+                  for i in range(num_protected)]
         return torch.cat(prefix + [unm[:, pa:], dst[:, pb:]], dim=1)
 
     return merge, r
@@ -84,7 +85,7 @@ def size_bias(size: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torc
 
 
 def size_weighted_mean(x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
-    """Average pooling of tokens (B, N, D) → (B, D), each token weighing the patches it stands for (size (B, N, 1))."""
+    """Average pooling of tokens (B, N, D) → (B, D), each weighing the patches it stands for (size (B, N, 1))."""
     if size is None:
         return x.mean(dim=1)
     return (x * size).sum(dim=1) / size.sum(dim=1)

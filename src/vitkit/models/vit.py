@@ -546,7 +546,7 @@ class VisionTransformer(nn.Module):
         return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) → all output tokens (B, prefix + H'W', D), after the final norm (fewer when merging)."""
+        """Images (B, C, H, W) → all output tokens (B, prefix + H'W', D) after the final norm (fewer if merging)."""
         return self.forward_features_sizes(x)[0]
 
     def forward_features_sizes(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -660,5 +660,5 @@ def require_vit(model, what: str) -> None:
         raise TypeError(f"{what} needs a vitkit VisionTransformer, got {type(model).__name__}{hint}")
 
 
-__all__ = ["PatchEmbed", "ConvStem", "PatchDropout", "Attention", "Mlp", "LayerScale", "DropPath", "Block", "VisionTransformer",
-           "require_vit"]
+__all__ = ["PatchEmbed", "ConvStem", "PatchDropout", "Attention", "Mlp", "LayerScale", "DropPath", "Block",
+           "VisionTransformer", "require_vit"]
