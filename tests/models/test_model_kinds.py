@@ -98,8 +98,10 @@ def test_an_mae_checkpoint_from_before_loads_to_the_same_numbers():
     with torch.no_grad():
         loss, pred, mask = m(ref["x"], noise=ref["noise"])
         features = m.to_encoder(num_classes=0)(ref["x"])
-    assert torch.equal(loss, ref["loss"]) and torch.equal(pred, ref["pred"]) and torch.equal(mask, ref["mask"])
-    assert torch.equal(features, ref["features"])
+    # bit for bit in a fresh process; a suite that changed torch's thread count may reduce in another order
+    assert torch.equal(mask, ref["mask"])
+    for got, want in ((loss, ref["loss"]), (pred, ref["pred"]), (features, ref["features"])):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert set(m.state_dict()) == set(_mae().state_dict()) == set(load_file(str(FIXTURES / "mae_tiny_v1.safetensors")))
 
 
