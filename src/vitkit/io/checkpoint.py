@@ -18,23 +18,17 @@ from typing import Callable, Dict, Optional, Tuple, Type
 from torch import nn
 
 from ..errors import CheckpointError
-from ..models import Preprocessing, ViTConfig, VisionTransformer
+from ..models import Preprocessing
+from ..models.registry import MODEL_TYPES, model_type_of, register_model_type  # noqa: F401 (register: re-exported)
 
 FORMAT = "vitkit"
 FORMAT_VERSION = "1"
 
-# model_type → (config class, model class). Other model families (MAE, DiT) register themselves here.
-MODEL_TYPES: Dict[str, Tuple[type, Type[nn.Module]]] = {"vit": (ViTConfig, VisionTransformer)}
-
-
-def register_model_type(name: str, config_cls: type, model_cls: Type[nn.Module]) -> None:
-    MODEL_TYPES[name] = (config_cls, model_cls)
-
 
 def _model_type(model: nn.Module) -> str:
-    for name, (_, cls) in MODEL_TYPES.items():
-        if type(model) is cls:
-            return name
+    name = model_type_of(model)
+    if name is not None:
+        return name
     raise CheckpointError(f"cannot save a {type(model).__name__}: vitkit checkpoints hold {sorted(MODEL_TYPES)} models")
 
 
@@ -274,14 +268,3 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str = "checkp
         raise CheckpointError(f"{source} does not match the model: {'; '.join(parts)}")
     return model.load_state_dict(state, strict=strict)
 
-
-# The generative family (MAE pretraining, DiT) rebuilds itself from its checkpoints too.
-def _register_generative() -> None:
-    from ..models.dit import DiT, DiTConfig
-    from ..models.mae import MAEConfig, MaskedAutoencoderViT
-
-    register_model_type("mae", MAEConfig, MaskedAutoencoderViT)
-    register_model_type("dit", DiTConfig, DiT)
-
-
-_register_generative()

@@ -15,15 +15,14 @@ from typing import Dict, Optional
 import torch
 
 from ..errors import CheckpointError
-from ..models import Preprocessing, ViTConfig, VisionTransformer, get_config, list_models
+from ..models import Preprocessing, VisionTransformer, get_config, list_models
 from ..models.deit import VisionTransformerDistilled
 from . import convert
-from .checkpoint import is_vitkit_checkpoint, load, load_state_dict_checked, register_model_type
+from .checkpoint import is_vitkit_checkpoint, load, load_state_dict_checked
 from .files import download_from_hub, looks_like_hub_name, read_folder_weights, read_json, read_weights
 from .infer import infer_config
 
 log = logging.getLogger(__name__)
-register_model_type("vit_distilled", ViTConfig, VisionTransformerDistilled)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)  # Google's and Hugging Face's [-1, 1] inputs

@@ -2,6 +2,7 @@
 from .config import ViTConfig, count_flops, count_params, get_config, list_models, register
 from .layers import resample_abs_pos_embed, resample_patch_embed
 from .preprocessing import Preprocessing, denormalize, normalize
+from .registry import MODEL_TYPES, model_type_of, register_model_type
 from .vit import Attention, Block, DropPath, LayerScale, Mlp, PatchEmbed, VisionTransformer
 
 
@@ -17,4 +18,5 @@ __all__ = [
     "ViTConfig", "VisionTransformer", "PatchEmbed", "Attention", "Mlp", "LayerScale", "DropPath", "Block",
     "create_model", "list_models", "get_config", "register", "count_flops", "count_params",
     "resample_abs_pos_embed", "resample_patch_embed", "Preprocessing", "normalize", "denormalize",
+    "MODEL_TYPES", "model_type_of", "register_model_type",
 ]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError
 
@@ -211,9 +211,12 @@ def get_config(name: str, **overrides) -> ViTConfig:
     return _REGISTRY[name].replace(**overrides) if overrides else _REGISTRY[name]
 
 
-def count_flops(cfg: ViTConfig, img_size: Optional[IntOrPair] = None) -> Dict[str, float]:
+def count_flops(cfg: ViTConfig, img_size: Optional[IntOrPair] = None,
+                block_tokens: Optional[Sequence[Tuple[int, int]]] = None) -> Dict[str, float]:
     """Analytic forward cost of one image: multiply-accumulates (as timm/fvcore count them) and FLOPs (= 2 MACs).
-    Counts the matmuls (patch projection, qkv, QK^T, AV, projection, MLP, head); norms and softmax are ignored."""
+    Counts the matmuls (patch projection, qkv, QK^T, AV, projection, MLP, head); norms and softmax are ignored.
+    block_tokens: each block's (attention, MLP) token counts where they shrink along the depth (token merging);
+    by default every block sees all the tokens."""
     size = img_size if img_size is not None else cfg.img_size
     h, w = (size, size) if isinstance(size, int) else size
     n_patches = (h // cfg.patch_size) * (w // cfg.patch_size)
@@ -233,9 +236,10 @@ def count_flops(cfg: ViTConfig, img_size: Optional[IntOrPair] = None) -> Dict[st
             patch += hh * ww * c_in * 9 * c
             c_in = c
         patch += n_patches * c_in * d
-    per_block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * f
+    blocks = sum(a * d * 3 * d + 2 * a * a * d + a * d * d + 2 * m * d * f
+                 for a, m in (block_tokens if block_tokens is not None else [(n, n)] * cfg.depth))
     head = d * cfg.num_classes
-    macs = patch + cfg.depth * per_block + head
+    macs = patch + blocks + head
     return {"macs": float(macs), "flops": 2.0 * macs, "tokens": n}
 
 

@@ -2,8 +2,8 @@
 its own head; at inference the two heads' logits are averaged.
 
 The distillation token is the model's one register token (`reg_tokens=1`, position-embedded like the class token),
-so everything else — blocks, resampling, features — is the plain `VisionTransformer`. Converters map timm's
-`dist_token` to `reg_token`; `head_dist` keeps its name.
+so everything else — blocks, resampling, features, token merging — is the plain `VisionTransformer`. Converters
+map timm's `dist_token` to `reg_token`; `head_dist` keeps its name.
 """
 from __future__ import annotations
 
@@ -39,8 +39,10 @@ class VisionTransformerDistilled(VisionTransformer):
             nn.init.zeros_(self.head_dist.bias)
             nn.init.trunc_normal_(self.head_dist.weight, std=0.02)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (B, N, D) → (head(class token) + head_dist(distillation token)) / 2, as timm's DeiT at inference."""
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
+                     size: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tokens (B, N, D) → (head(class token) + head_dist(distillation token)) / 2, as timm's DeiT at inference.
+        `size` (token merging) changes nothing here: the two prefix tokens are never merged."""
         cls, dist = x[:, 0], x[:, 1]
         if pre_logits:
             return (cls + dist) / 2

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from .config import replace_checked
-from .mae import patchify, sincos_pos_embed_2d, unpatchify
+from .patches import patchify, sincos_pos_embed_2d, unpatchify
 from .vit import Attention, Mlp, PatchEmbed
 
 OBJECTIVES = ("flow", "ddpm")

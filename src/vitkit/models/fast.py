@@ -32,13 +32,13 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import ConfigError
 from . import kernels
 from .deit import VisionTransformerDistilled
-from .tome import ToMeVisionTransformer, apply_tome, bipartite_soft_matching, merge_wavg, parse_r
-from .vit import Block, LayerScale, VisionTransformer
+from .merging import merge_tokens, parse_r, size_bias
+from .tome import apply_tome
+from .vit import Block, LayerScale, VisionTransformer, require_vit
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ class _PackedBlock:
         self.norm1, self.norm2 = blk.norm1, blk.norm2
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.attend = attn.attend  # the eager attention (fused kernels, proportional attention's size bias)
         self.qkv = _PackedLinear(attn.qkv.weight, attn.qkv.bias)
         self._qkv_linear, self._q_kv = attn.qkv, None  # (q, kv) split, made when a prefix-only call needs it
         self.proj = _PackedLinear(attn.proj.weight, attn.proj.bias, scale=_layer_scale(blk.ls1))
@@ -143,13 +144,14 @@ class _PackedBlock:
     def __call__(self, x: torch.Tensor, size: Optional[torch.Tensor] = None, r: int = 0, num_protected: int = 1,
                  keep: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x (B, N, D) → (B, N', D) and the token sizes. size/r: ToMe's proportional attention and merging (as
-        `tome.tome_block`). keep=k: outputs for the first k tokens only (they still attend to every token)."""
+        `Block.forward_merging`). keep=k: outputs for the first k tokens only (they still attend to every token)."""
         B, N, C = x.shape
         H, hd = self.num_heads, self.head_dim
         h = self.norm1(x.reshape(B * N, C))
         if keep is None and self.kernel is not None and N <= kernels.MAX_TOKENS:
             qkv = self.qkv(h).view(B, N, 3, H, hd)
-            o = self.kernel.attention(qkv, N, size.log().view(B, N) if size is not None else None)  # (B, N, H, hd)
+            bias = size_bias(size, qkv.dtype)
+            o = self.kernel.attention(qkv, N, bias.view(B, N) if bias is not None else None)  # (B, N, H, hd)
             metric = qkv[:, :, 1].mean(dim=2) if r > 0 else None  # the keys, averaged over heads
             return self._mlp(self.proj.add(o.view(B * N, C), x.reshape(B * N, C)), B, N, C, size, metric, r,
                              num_protected)
@@ -160,19 +162,17 @@ class _PackedBlock:
             k, v = kv_lin(h).view(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
             q = q_lin(h.view(B, N, C)[:, :keep].reshape(B * keep, C)).view(B, keep, H, hd).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
-        bias = size.log().reshape(B, 1, 1, N).to(q.dtype) if size is not None else None
         metric = k.mean(dim=1) if r > 0 and keep is None else None
         if keep is not None:
             x, N = x[:, :keep], keep
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, N, hd), laid out as (B, N, H, hd)
+        o, _ = self.attend(q, k, v, size_bias(size, q.dtype))  # (B, H, N, hd), laid out as (B, N, H, hd)
         x = self.proj.add(o.transpose(1, 2).reshape(B * N, C), x.reshape(B * N, C))
         return self._mlp(x, B, N, C, size, metric, r, num_protected)
 
     def _mlp(self, x, B, N, C, size, metric, r, num_protected):
         """(ToMe's merge, then) x + MLP(LN(x)) on the (B * N, C) residual stream."""
         if metric is not None:
-            merge, _ = bipartite_soft_matching(metric, r, num_protected)
-            x, size = merge_wavg(merge, x.view(B, N, C), size)
+            x, size = merge_tokens(x.view(B, N, C), size, metric, r, num_protected)
             N = x.shape[1]
             x = x.reshape(B * N, C)
         x = self.fc2.add(self.fc1(self.norm2(x)), x)
@@ -180,7 +180,7 @@ class _PackedBlock:
 
 
 # the models whose forward is embed → blocks → norm → forward_head (the distilled head reads two prefix tokens)
-_ONEDNN_MODELS: Tuple[type, ...] = (VisionTransformer, ToMeVisionTransformer, VisionTransformerDistilled)
+_ONEDNN_MODELS: Tuple[type, ...] = (VisionTransformer, VisionTransformerDistilled)
 
 
 class OptimizedViT(nn.Module):
@@ -237,26 +237,18 @@ class OptimizedViT(nn.Module):
         prefix (class, register, distillation) tokens only."""
         m = self.model
         x = m.embed(x)
-        rs = parse_r(len(self._blocks), getattr(m, "tome_r", 0) if isinstance(m, ToMeVisionTransformer) else 0)
+        rs = parse_r(len(self._blocks), m.tome_r or 0)
         size, last = None, len(self._blocks) - 1
         for i, (blk, r) in enumerate(zip(self._blocks, rs)):
             keep = m.num_prefix_tokens if prefix_only and i == last else None
             x, size = blk(x, size, r, m.num_prefix_tokens, keep)
         return m.norm(x), size
 
-    def _head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool) -> torch.Tensor:
-        m = self.model
-        if isinstance(m, ToMeVisionTransformer) and m.global_pool == "avg" and size is not None:
-            p = m.num_prefix_tokens  # a merged token stands for `size` patches (as ToMeVisionTransformer.forward)
-            x = m.fc_norm((x[:, p:] * size[:, p:]).sum(dim=1) / size[:, p:].sum(dim=1))
-            return x if pre_logits else m.head(x)
-        return m.forward_head(x, pre_logits=pre_logits)
-
     def _onednn(self, name: str, x: torch.Tensor) -> torch.Tensor:
         prefix_only = name != "forward_features" and self.model.global_pool == "token"
         with torch.inference_mode():
             x, size = self._tokens(x, prefix_only)
-            return x if name == "forward_features" else self._head(x, size, name == "embed_images")
+            return x if name == "forward_features" else self.model.forward_head(x, name == "embed_images", size=size)
 
     # ---- torch.compile / eager ----
     def _run(self, name: str, fn, x: torch.Tensor) -> torch.Tensor:
@@ -295,7 +287,8 @@ class OptimizedViT(nn.Module):
         return self._run("embed_images", self._embed, x)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        x, size = self.model.forward_features_sizes(x)  # merged tokens weigh their sizes in average pooling
+        return self.model.forward_head(x, pre_logits=True, size=size)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         with torch.inference_mode():
@@ -330,8 +323,7 @@ def optimize(
     accurate); tome_r=0 keeps the exact outputs (≤1e-4 from eager, ~1e-6 in practice). tune_allocator: keep
     activation memory in the heap on CPU (see `tune_malloc()`). attention_kernel: on the oneDNN path, vitkit's own
     attention kernel for sequences up to 1,024 tokens (`kernels.py`; built on first use, ~30 s once)."""
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"optimize needs a vitkit VisionTransformer, got {type(model).__name__}")
+    require_vit(model, "optimize")
     model = copy.deepcopy(model)
     if tome_r:
         apply_tome(model, tome_r)

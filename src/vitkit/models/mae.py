@@ -1,64 +1,28 @@
 """Masked autoencoder of He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners" (arXiv 2111.06377).
 
-Patchify → drop a random `mask_ratio` of the patch tokens per image → our `VisionTransformer` encodes the visible
-ones → a light Transformer decoder (own width and depth) gets the encoded tokens plus a shared mask token at every
-masked position → a linear layer predicts each patch's pixels; the loss is the mean squared error on masked patches
-only, against per-patch normalised pixels with `norm_pix_loss`. Position embeddings are fixed 2-D sin-cos.
+Patchify → drop a random `mask_ratio` of the patch tokens per image → the encoder (a `VisionTransformer`'s patch
+embedding, blocks and norm) encodes the visible ones → a light Transformer decoder (own width and depth) gets the
+encoded tokens plus a shared mask token at every masked position → a linear layer predicts each patch's pixels;
+the loss is the mean squared error on masked patches only, against per-patch normalised pixels with
+`norm_pix_loss`. Position embeddings are fixed 2-D sin-cos (`patches.py`).
 
 Parameter names follow facebookresearch/mae `models_mae.py`: the encoder keeps timm's names (`patch_embed.proj`,
 `cls_token`, `pos_embed`, `blocks.N.*`, `norm`), the decoder adds `mask_token`, `decoder_embed`, `decoder_pos_embed`,
 `decoder_blocks.N.*`, `decoder_norm`, `decoder_pred`. `to_encoder()` drops the decoder and gives a classifier.
+An MAE is not a classifier: it is no `VisionTransformer`, so what needs one (`optimize`, `apply_tome`) refuses it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
 from .config import ViTConfig
+from .patches import patchify, sincos_pos_embed_1d, sincos_pos_embed_2d, unpatchify
 from .vit import Block, VisionTransformer
-
-
-def sincos_pos_embed_1d(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
-    """Positions (M,) → (M, embed_dim): [sin(pos·ω), cos(pos·ω)] with ω_i = 1 / 10000^(2i/embed_dim)."""
-    if embed_dim % 2:
-        raise ConfigError(f"sin-cos position embeddings need an even width, got {embed_dim}")
-    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0))
-    out = pos.to(torch.float64).reshape(-1)[:, None] * omega[None]
-    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
-
-
-def sincos_pos_embed_2d(embed_dim: int, grid_size: Tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding (prefix + H*W, embed_dim), row-major over the grid, as in MAE and DiT:
-    the first half of the channels encodes the column, the second half the row; prefix rows are zero."""
-    if embed_dim % 4:
-        raise ConfigError(f"2-D sin-cos position embeddings need a width divisible by 4, got {embed_dim}")
-    h, w = grid_size
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    emb = torch.cat([sincos_pos_embed_1d(embed_dim // 2, cols), sincos_pos_embed_1d(embed_dim // 2, rows)], dim=1)
-    if num_prefix_tokens:
-        emb = torch.cat([torch.zeros(num_prefix_tokens, embed_dim, dtype=emb.dtype), emb], dim=0)
-    return emb.float()
-
-
-def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Images (B, C, H, W) → patches (B, H/p * W/p, p*p*C), each patch flattened row by row, channels last."""
-    B, C, H, W = imgs.shape
-    p = patch_size
-    h, w = H // p, W // p
-    x = imgs.reshape(B, C, h, p, w, p)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(B, h * w, p * p * C)
-
-
-def unpatchify(x: torch.Tensor, patch_size: int, grid_size: Tuple[int, int], channels: int) -> torch.Tensor:
-    """Patches (B, H/p * W/p, p*p*C) → images (B, C, H, W); the inverse of `patchify`."""
-    B = x.shape[0]
-    p, (h, w), C = patch_size, grid_size, channels
-    x = x.reshape(B, h, w, p, p, C)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, h * p, w * p)
 
 
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None,
@@ -99,13 +63,12 @@ class MAEConfig(ViTConfig):
         super().validate()
         if self.reg_tokens or self.no_embed_class or self.dynamic_img_pad:
             raise ConfigError("MAE supports the plain ViT layout only: reg_tokens=0, no_embed_class=False, "
-                              "dynamic_img_pad=False")
+                             "dynamic_img_pad=False")
         if self.decoder_embed_dim % self.decoder_num_heads:
             raise ConfigError(f"decoder_embed_dim {self.decoder_embed_dim} must be divisible by decoder_num_heads "
-                              f"{self.decoder_num_heads}")
+                             f"{self.decoder_num_heads}")
         if self.embed_dim % 4 or self.decoder_embed_dim % 4:
-            raise ConfigError("MAE's 2-D sin-cos position embeddings need embed_dim and decoder_embed_dim "
-                              "divisible by 4")
+            raise ConfigError("MAE's 2-D sin-cos position embeddings need embed_dim and decoder_embed_dim divisible by 4")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
 
@@ -122,18 +85,30 @@ def mae_config_for(encoder: ViTConfig, **decoder) -> MAEConfig:
     return MAEConfig.from_dict(d)
 
 
-class MaskedAutoencoderViT(VisionTransformer):
-    """MAE: the inherited `VisionTransformer` is the encoder (it sees only the visible patches while pretraining);
-    the decoder predicts the pixels of every patch. `forward(imgs)` → (loss, pred (B, N, p*p*C), mask (B, N))."""
+# the encoder's parts an MAE holds, under the names (and in the order) of a ViT's: the checkpoint layout
+ENCODER_PARTS = ("patch_embed", "norm_pre", "blocks", "norm", "fc_norm", "head")
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE: a ViT encoder's parts (it sees only the visible patches while pretraining) and a decoder that predicts
+    the pixels of every patch. `forward(imgs)` → (loss, pred (B, N, p*p*C), mask (B, N))."""
 
     def __init__(self, config: Optional[MAEConfig] = None, **kwargs):
+        super().__init__()
         cfg = config if config is not None else MAEConfig()
         if not isinstance(cfg, MAEConfig):
             cfg = mae_config_for(cfg)
         if kwargs:
             cfg = cfg.replace(**kwargs)
         cfg.validate()
-        super().__init__(cfg)
+        self.config = cfg
+        # The encoder is built, and initialised, as a ViT of the same config; the MAE takes over its parts.
+        encoder = VisionTransformer(cfg.encoder_config())
+        self.cls_token, self.pos_embed = encoder.cls_token, encoder.pos_embed
+        for name in ENCODER_PARTS:
+            setattr(self, name, getattr(encoder, name))
+        self.num_prefix_tokens, self.embed_dim, self.num_classes = \
+            encoder.num_prefix_tokens, encoder.embed_dim, encoder.num_classes
         p, C = cfg.patch_size, cfg.in_chans
         npt = self.num_prefix_tokens
         dd = cfg.decoder_embed_dim
@@ -259,12 +234,18 @@ class MaskedAutoencoderViT(VisionTransformer):
         missing = [k for k in own if k not in state and not k.startswith(("head.", "fc_norm."))]
         if missing:
             raise ConfigError(f"the MAE encoder does not cover the classifier's parameters {missing[:5]}; "
-                              "keep the encoder's architecture when converting")
+                             "keep the encoder's architecture when converting")
         vit.load_state_dict(state, strict=False)
         vit.pos_embed.requires_grad_(True)
         vit.pretrained_cfg = dict(getattr(self, "pretrained_cfg", None) or {})
         return vit
 
 
-__all__ = ["MAEConfig", "MaskedAutoencoderViT", "mae_config_for", "random_masking", "patchify", "unpatchify",
-           "sincos_pos_embed_2d", "sincos_pos_embed_1d"]
+def encoder_of(model: nn.Module) -> nn.Module:
+    """A loaded model as a ViT to read features or attention from: an MAE's encoder (`to_encoder()`), anything
+    else as it is."""
+    return model.to_encoder() if isinstance(model, MaskedAutoencoderViT) else model
+
+
+__all__ = ["MAEConfig", "MaskedAutoencoderViT", "mae_config_for", "encoder_of", "random_masking", "patchify",
+           "unpatchify", "sincos_pos_embed_2d", "sincos_pos_embed_1d"]

@@ -15,6 +15,8 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..errors import ConfigError
+
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 # the keys a checkpoint stores, in the order it stores them; any other key (dataset, tta_flip, objective,
 # source_format, ...) travels along after them, in its own order
@@ -84,25 +86,25 @@ def check(d, config=None) -> None:
     """Raise a ValueError naming the first entry of a recorded preprocessing dict that `config` cannot use (mean/std
     of the wrong length or not numbers, input_size not [C, H, W], crop_pct outside (0, 1], an unknown filter)."""
     if not isinstance(d, Mapping):
-        raise ValueError(f"pretrained_cfg is a {type(d).__name__}, not a dict")
+        raise ConfigError(f"pretrained_cfg is a {type(d).__name__}, not a dict")
     chans = getattr(config, "in_chans", None)
     for k in ("mean", "std"):
         v = d.get(k)
         if v is not None and (not isinstance(v, (list, tuple)) or not (len(v) in (1, chans) if chans else v) or
                               not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) or
                               (k == "std" and min(v) <= 0)):
-            raise ValueError(f"pretrained_cfg {k} {v!r} is not {chans or 'per-channel'} number(s)"
+            raise ConfigError(f"pretrained_cfg {k} {v!r} is not {chans or 'per-channel'} number(s)"
                              f"{' > 0' if k == 'std' else ''}")
     size = d.get("input_size")
     if size is not None and (not isinstance(size, (list, tuple)) or len(size) != 3 or
                              not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in size)):
-        raise ValueError(f"pretrained_cfg input_size {size!r} is not [channels, height, width]")
+        raise ConfigError(f"pretrained_cfg input_size {size!r} is not [channels, height, width]")
     crop = d.get("crop_pct")
     if crop is not None and (not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0 < crop <= 1):
-        raise ValueError(f"pretrained_cfg crop_pct {crop!r} is not in (0, 1]")
+        raise ConfigError(f"pretrained_cfg crop_pct {crop!r} is not in (0, 1]")
     interp = d.get("interpolation")
     if interp is not None and interp not in INTERPOLATIONS:
-        raise ValueError(f"pretrained_cfg interpolation {interp!r} is not a resampling filter")
+        raise ConfigError(f"pretrained_cfg interpolation {interp!r} is not a resampling filter")
 
 
 def _stat(values, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import ConfigError
 from .config import ViTConfig, count_params
 from .layers import feature_take_indices, resample_abs_pos_embed, resample_patch_embed, to_2tuple
+from .merging import merge_tokens, parse_r, size_bias, size_weighted_mean
 
 
 EXPLICIT_TRAIN_TOKENS = 256  # CPU training uses the explicit softmax(QK^T/sqrt(d))V up to this many tokens
@@ -212,18 +213,41 @@ class Attention(nn.Module):
         """x: (B, N, D). attn_bias: additive logits bias broadcastable to (B, heads, N, N) (e.g. ToMe's log-size).
         With return_attention, runs the explicit softmax path and also returns the (B, heads, N, N) probabilities;
         with `sink`, hands them block by block of query rows to sink(probs, row0) instead, holding none whole."""
+        q, k, v = self.heads(x)
+        o, attn = self.attend(q, k, v, attn_bias, return_attention, sink)
+        x = self.project(o)
+        return (x, attn) if return_attention else x
+
+    def forward_merging(self, x: torch.Tensor, size: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Attention over tokens (B, N, D) that stand for `size` (B, N, 1) patches each (ToMe's proportional
+        attention: log(size) added to every key's logits); also returns the head-averaged keys (B, N, Dh), ToMe's
+        similarity metric."""
+        q, k, v = self.heads(x)
+        o, _ = self.attend(q, k, v, size_bias(size, q.dtype))
+        return self.project(o), k.mean(dim=1)
+
+    def heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens (B, N, D) → queries, keys, values, each (B, heads, N, head_dim), q and k normed (qk_norm)."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor] = None,
+        return_attention: bool = False, sink: Optional[AttentionSink] = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """softmax(q k^T / sqrt(d) + bias) v per head: q (B, heads, Nq, hd), k and v (B, heads, N, hd) → (B, heads,
+        Nq, hd), and the probabilities (B, heads, Nq, N) with return_attention (else None)."""
+        B, N = q.shape[0], k.shape[2]
         attn = None
         if return_attention or sink is not None or \
-                (N <= EXPLICIT_TRAIN_TOKENS and x.device.type == "cpu" and torch.is_grad_enabled()):
+                (N <= EXPLICIT_TRAIN_TOKENS and q.device.type == "cpu" and torch.is_grad_enabled()):
             # The explicit path: asked for the weights, or training on a CPU with a short sequence, where it runs
             # 1.1-4x faster than the fused kernels' backward (fp32 and bf16, measured) and its N x N matrix is small.
             # in blocks of query rows without autograd (with it, backward keeps every block anyway: one block)
             rows = N if torch.is_grad_enabled() else max(1, ATTN_BLOCK_ELEMENTS // max(1, B * self.num_heads * N))
             outs, blocks = [], []
-            for r0 in range(0, N, rows):
+            for r0 in range(0, q.shape[2], rows):
                 logits = (q[:, :, r0:r0 + rows] * self.scale) @ k.transpose(-2, -1)
                 if attn_bias is not None:
                     per_row = attn_bias.ndim >= 2 and attn_bias.shape[-2] != 1
@@ -236,15 +260,19 @@ class Attention(nn.Module):
                     sink(p, r0)
                 if return_attention:
                     blocks.append(p)
-            x = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
             if return_attention:
                 attn = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
         else:
-            x = F.scaled_dot_product_attention(
+            o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop.p if self.training else 0.0
             )
-        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
-        return (x, attn) if return_attention else x
+        return o, attn
+
+    def project(self, o: torch.Tensor) -> torch.Tensor:
+        """Heads (B, heads, N, hd) → concatenated (B, N, D) → W^O."""
+        B, H, N, hd = o.shape
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, N, H * hd)))
 
 
 class Mlp(nn.Module):
@@ -313,6 +341,19 @@ class Block(nn.Module):
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
+    def forward_merging(self, x: torch.Tensor, size: Optional[torch.Tensor], r: int,
+                        num_protected: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The block with token merging (ToMe) between attention and MLP: tokens (B, N, D) standing for `size`
+        (B, N, 1) patches each (None: one each) → (B, N - r', D) and their sizes; the first `num_protected` stay."""
+        if r == 0 and size is None:  # nothing merged yet, nothing to merge: the plain block, bit for bit
+            return self(x), None
+        y, keys = self.attn.forward_merging(self.norm1(x), size)
+        x = x + self.drop_path1(self.ls1(y))
+        if r > 0:
+            x, size = merge_tokens(x, size, keys, r, num_protected)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, size
+
     def forward_with_attention(self, x: torch.Tensor, sink: Optional[AttentionSink] = None):
         """The same block through the explicit softmax path; also returns (B, heads, N, N) attention, or, with a
         `sink`, hands it over block by block of query rows and returns None in its place."""
@@ -368,6 +409,7 @@ class VisionTransformer(nn.Module):
         self.has_class_token = cfg.class_token
         self.no_embed_class = cfg.no_embed_class
         self.grad_checkpointing = False
+        self.tome_r: Optional[Union[int, List[int]]] = None  # tokens merged per block (ToMe, `apply_tome`); None: off
 
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, dim, bias=not cfg.pre_norm,
                                       dynamic_img_pad=cfg.dynamic_img_pad, stem=cfg.stem,
@@ -504,33 +546,48 @@ class VisionTransformer(nn.Module):
         return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) → all output tokens (B, prefix + H'W', D), after the final norm."""
-        x = self.embed(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for blk in self.blocks:
-                x = checkpoint(blk, x, use_reentrant=False)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
+        """Images (B, C, H, W) → all output tokens (B, prefix + H'W', D) after the final norm (fewer if merging)."""
+        return self.forward_features_sizes(x)[0]
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N, D) → one vector per image (B, D): the class token or the mean of the patch tokens."""
+    def forward_features_sizes(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Images → output tokens (B, N', D) after the final norm, and the patches each stands for (B, N', 1): None
+        unless `tome_r` merges tokens (each block merging tome_r, or tome_r[i], of them)."""
+        x = self.embed(x)
+        if self.tome_r is None:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                for blk in self.blocks:
+                    x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = self.blocks(x)
+            return self.norm(x), None
+        size = None
+        for blk, r in zip(self.blocks, parse_r(len(self.blocks), self.tome_r)):
+            x, size = blk.forward_merging(x, size, r, self.num_prefix_tokens)
+        return self.norm(x), size
+
+    def pool(self, x: torch.Tensor, size: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tokens (B, N, D) → one vector per image (B, D): the class token or the mean of the patch tokens (each
+        weighing the patches it stands for, `size` (B, N, 1), when tokens were merged)."""
         if self.global_pool == "avg":
-            return x[:, self.num_prefix_tokens:].mean(dim=1)
+            p = self.num_prefix_tokens
+            return size_weighted_mean(x[:, p:], size[:, p:] if size is not None else None)
         if self.global_pool == "token":
             return x[:, 0]
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
+                     size: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Tokens (B, N, D) → logits (B, classes), or the pooled, normed features (B, D) with pre_logits."""
-        x = self.head_drop(self.fc_norm(self.pool(x)))
+        x = self.head_drop(self.fc_norm(self.pool(x, size)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         """Images (B, C, H, W) → logits (B, classes). With return_attention, also every block's attention
         probabilities, a list of `depth` tensors (B, heads, N, N), from the explicit softmax path."""
         if not return_attention:
-            return self.forward_head(self.forward_features(x))
+            x, size = self.forward_features_sizes(x)
+            return self.forward_head(x, size=size)
+        self.check_unmerged("attention maps")
         x = self.embed(x)
         attns = []
         for blk in self.blocks:
@@ -538,10 +595,16 @@ class VisionTransformer(nn.Module):
             attns.append(a)
         return self.forward_head(self.norm(x)), attns
 
+    def check_unmerged(self, what: str) -> None:
+        """Refuse what token merging leaves undefined (per-token maps of a sequence that shrinks)."""
+        if self.tome_r is not None:
+            raise ConfigError(f"{what} are not defined with token merging; call remove_tome(model) first")
+
     def forward_attention(self, x: torch.Tensor, sink: Callable[[int, torch.Tensor, int], None]) -> torch.Tensor:
         """Images (B, C, H, W) → logits, handing every block's attention probabilities to sink(block, probs (B,
         heads, rows, N), row0) block by block of query rows: attention maps in memory that grows with N, not
         depth · heads · N²."""
+        self.check_unmerged("attention maps")
         x = self.embed(x)
         for i, blk in enumerate(self.blocks):
             x, _ = blk.forward_with_attention(x, sink=lambda p, r0, i=i: sink(i, p, r0))
@@ -559,6 +622,7 @@ class VisionTransformer(nn.Module):
     ):
         """Chosen blocks' outputs as in timm: `indices` int → the last n blocks, list → those blocks.
         Returns (final normed tokens, [per-block maps (B, D, H', W') or tokens (B, H'W', D)])."""
+        self.check_unmerged("intermediate feature maps")
         if output_fmt not in ("NCHW", "NLC"):
             raise ConfigError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.blocks), indices)
@@ -588,4 +652,13 @@ class VisionTransformer(nn.Module):
         return f"config={c.name or 'custom'} img_size={c.img_size} patch_size={c.patch_size}"
 
 
-__all__ = ["PatchEmbed", "ConvStem", "PatchDropout", "Attention", "Mlp", "LayerScale", "DropPath", "Block", "VisionTransformer"]
+def require_vit(model, what: str) -> None:
+    """Refuse anything but a vitkit `VisionTransformer` (a DeiT is one; an MAE is not: it hands one over)."""
+    if not isinstance(model, VisionTransformer):
+        hint = "; call .to_encoder() on it first, which gives its encoder as a ViT" if hasattr(model, "to_encoder") \
+            else ""
+        raise TypeError(f"{what} needs a vitkit VisionTransformer, got {type(model).__name__}{hint}")
+
+
+__all__ = ["PatchEmbed", "ConvStem", "PatchDropout", "Attention", "Mlp", "LayerScale", "DropPath", "Block",
+           "VisionTransformer", "require_vit"]

@@ -27,6 +27,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..io.checkpoint import atomic_write
 from ..io.files import lock_file, write_pid
 from ..models import Preprocessing
+from ..models.mae import encoder_of
 from .images import label_of, open_image
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,7 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
     folder = Path(folder)
     files = list_images(folder)
     if model is None:
-        model = load(checkpoint)
+        model = encoder_of(load(checkpoint))  # an MAE: its encoder
     model.eval()
     pool = pool or default_pool(model, layer)
     _check_pool(model, pool, layer)
@@ -621,7 +622,7 @@ def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, lay
     v.number(temperature, "temperature", lo=0, lo_open=True)
 
     if model is None:
-        model = load(checkpoint)
+        model = encoder_of(load(checkpoint))  # an MAE: its encoder
     model.eval()
     pool = pool or default_pool(model, layer)
     _check_pool(model, pool, layer)
@@ -704,7 +705,7 @@ def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None,
         raise ConfigError("the index does not record a checkpoint; pass --checkpoint")
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"the index's model {ckpt!r} is gone; pass --checkpoint with the same model")
-    model = load(ckpt)
+    model = encoder_of(load(ckpt))  # an MAE: its encoder
     check_same_model(im, model_manifest(model, ckpt, im.get("pool"), im.get("layer")), what=f"index {str(index)!r}")
     q = embed_images(model, load_batch(queries, model), im.get("pool"), im.get("layer"))
     results = ix.neighbours(q, k)
