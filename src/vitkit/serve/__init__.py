@@ -26,7 +26,7 @@ def _require() -> None:
 def app(config: ServeConfig):
     """An ASGI app (FastAPI) serving `config.checkpoint`; the model loads when the app starts."""
     _require()
-    from .app import create_app
+    from .api import create_app
 
     return create_app(config)
 
