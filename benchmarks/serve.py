@@ -42,7 +42,7 @@ def plain_app(checkpoint: str, fast: bool):
     """The FastAPI endpoint one writes first: read the upload, preprocess, run the model on it alone. It loads and
     preprocesses as vitkit does (same model, same fast path): the only difference measured is the batching."""
     import torch
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
 
     from vitkit.data import read_image
     from vitkit.models.fast import optimize

@@ -7,7 +7,6 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from vitkit.cli import main
@@ -115,8 +114,6 @@ def test_search_equals_vitkit_search_and_images_are_served_by_id_only(client, se
 
 
 def test_kserve_v2_protocol(client, served):
-    import torch
-
     from vitkit.io import load
     from vitkit.tasks.images import load_batch
 

@@ -7,14 +7,18 @@ import pytest
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+sys.path.insert(0, BENCH)  # benchmarks/common.py
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_serve_benchmark_quick(capsys):
-    import serve
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("serve_benchmark", os.path.join(BENCH, "serve.py"))
+    serve = importlib.util.module_from_spec(spec)  # by path: `import serve` would find this test package
+    spec.loader.exec_module(serve)
     out = serve.main(["--quick", "--no-fast", "--seconds", "0.5"])
     rows = out["rows"]
     assert [(r["server"], r["clients"]) for r in rows] == [("vitkit", 1), ("plain", 1), ("vitkit", 8), ("plain", 8)]

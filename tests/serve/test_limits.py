@@ -171,7 +171,7 @@ def test_not_ready_until_loaded_and_a_failed_load_says_why(served, tmp_path):
     gate = threading.Event()
     with make_client(checkpoint=str(served[0]), extra={"before_load": lambda: gate.wait(30)}) as c:
         assert c.get("/healthz").status_code == 200
-        r = _refused(c.get("/readyz"), 503, "not_ready")
+        _refused(c.get("/readyz"), 503, "not_ready")
         assert c.get("/readyz").headers["retry-after"] == "1"
         _refused(c.post("/v1/classify", content=_noise(), headers=PNG), 503, "not_ready")
         _refused(c.get("/v2/health/ready"), 503, "not_ready")

@@ -121,6 +121,16 @@ def oriented_size(im):
     return w, h
 
 
+def header_size(source) -> tuple:
+    """(width, height) as stored in an image's header, without decoding its pixels: a size check (a decompression
+    bomb) can refuse an image before `read_image` decodes it. Pillow's own errors propagate (UnidentifiedImageError:
+    not an image format; DecompressionBombError: past Pillow's cap)."""
+    from PIL import Image
+
+    with Image.open(source) as im:
+        return im.size
+
+
 def image_text(path) -> dict:
     """An image file's text metadata (PNG tEXt/iTXt chunks), without decoding its pixels; {} if unreadable."""
     from PIL import Image
@@ -159,4 +169,4 @@ def read_image(path, in_chans: int = 3, draft_size: Optional[int] = None):
         raise DataError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from None
 
 
-__all__ = ["POLICY_VERSION", "read_image", "to_model_mode", "oriented_size", "image_text"]
+__all__ = ["POLICY_VERSION", "read_image", "to_model_mode", "oriented_size", "image_text", "header_size"]

@@ -11,6 +11,7 @@ import json
 from typing import Optional, Tuple
 
 from ..data import read_image
+from ..data.images import header_size
 from ..errors import DataError
 from .errors import ServeError
 
@@ -126,8 +127,7 @@ def decode(data: bytes, channels: int, max_pixels: int):
     if not data:
         raise ServeError(422, "no_image", "the request holds no image bytes")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
+        w, h = header_size(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise ServeError(413, "too_many_pixels", f"the image is a decompression bomb ({e})") from None
     except UnidentifiedImageError:
