@@ -20,7 +20,9 @@ from require_deps import missing
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def _chromium() -> str:
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The system chromium, checked before the model is trained and the server started."""
     path = os.environ.get("VITKIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
         missing("chromium", "the browser test drives the system chromium; install it with `apt-get install "
@@ -63,10 +65,9 @@ def server(served, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_page_in_a_real_browser(server, served, tmp_path):
+def test_page_in_a_real_browser(chromium, server, served, tmp_path):
     from vitkit.tasks.classify import predict
 
-    chromium = _chromium()
     ckpt, _, files, _, _ = served
     digit = files[3]
     want = predict(ckpt, [digit])[0]["label"]
