@@ -19,6 +19,11 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q $(TORCH) $(PINS)
 	$(BIN)/python -m pip install -q -e '.[dev]' $(PINS)
+	@# the browser test of `vitkit serve`'s page drives the system chromium (Playwright's own browser download is
+	@# not used); without apt (or root) the test skips, or fails under VITKIT_REQUIRE_DEPS=1 as CI runs it
+	command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } } || \
+		echo "make: chromium not installed (no apt-get or no permission): the browser test will skip"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -28,6 +28,14 @@ def _require(report) -> None:
                            "test environment with `make install` (pip install -e '.[dev]' -c constraints.txt)")
 
 
+def missing(what: str, why: str) -> None:
+    """A dependency that is not a Python module (a system program such as chromium) is missing: skip with `why`,
+    or fail where VITKIT_REQUIRE_DEPS is set, as importorskip's skips do."""
+    if os.environ.get(ENV, "") not in ("", "0"):
+        pytest.fail(f"{ENV} is set, so a missing dependency fails instead of skipping: {what} ({why})")
+    pytest.skip(f"{what} is missing: {why}")
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield

@@ -593,6 +593,43 @@ cmd_explain.add_arguments = lambda p: (
 )
 
 
+# ---- vitkit serve (HTTP API + web page: vitkit.serve) ----------------------------------------------------------
+@command("serve", "serve a classifier over HTTP: a web page, a JSON API with dynamic batching, KServe v2, metrics")
+def cmd_serve(args) -> int:
+    from .serve import ServeConfig, serve
+
+    cfg = ServeConfig(args.checkpoint, index=args.index, device=args.device, fast=not args.no_fast,
+                      max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                      max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+                      timeout_s=args.timeout, api_key=args.api_key, cors_origins=tuple(args.cors_origin or ()),
+                      name=args.name)
+    serve(cfg, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0
+
+
+cmd_serve.add_arguments = lambda p: (
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a classifier checkpoint or run folder (any that "
+                   "`vitkit predict` takes)"),
+    p.add_argument("--index", default=None, help="an index folder from `vitkit index build` (turns on /v1/search)"),
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)"),
+    p.add_argument("--port", type=int, default=8000),
+    p.add_argument("--device", default="auto"),
+    p.add_argument("--no-fast", action="store_true", help="plain PyTorch instead of vitkit.optimize's fast path"),
+    p.add_argument("--max-batch-size", type=int, default=32, help="images per forward (dynamic batching)"),
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill"),
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests past which the server answers 503"),
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body cap (413 above it)"),
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="decoded image cap, the decompression-bomb "
+                   "guard (413 above it)"),
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds before a request is answered 504"),
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $VITKIT_API_KEY)"),
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="allow browser calls from this origin (repeatable; CORS is off without it)"),
+    p.add_argument("--name", default=None, help="the model's name in the KServe v2 routes (default: checkpoint stem)"),
+    p.add_argument("--quiet", action="store_true", help="log warnings only"),
+)
+
+
 # ---- vitkit pretrain | reconstruct | train-gen | generate (MAE and DiT) ---------------------------------------
 def _add_run_args(p, data_help: str) -> None:
     """The data and engine flags of pretrain and train-gen."""

@@ -128,6 +128,16 @@ def oriented_size(im):
     return w, h
 
 
+def header_size(source) -> tuple:
+    """(width, height) as stored in an image's header, without decoding its pixels: a size check (a decompression
+    bomb) can refuse an image before `read_image` decodes it. Pillow's own errors propagate (UnidentifiedImageError:
+    not an image format; DecompressionBombError: past Pillow's cap)."""
+    from PIL import Image
+
+    with Image.open(source) as im:
+        return im.size
+
+
 def image_text(path) -> dict:
     """An image file's text metadata (PNG tEXt/iTXt chunks), without decoding its pixels; {} if unreadable."""
     from PIL import Image
@@ -214,4 +224,4 @@ def collect_images(paths: Sequence) -> List[Path]:
 
 
 __all__ = ["POLICY_VERSION", "IMG_EXTENSIONS", "read_image", "to_model_mode", "oriented_size", "image_text",
-           "is_image_name", "image_files", "list_images", "collect_images"]
+           "is_image_name", "image_files", "list_images", "collect_images", "header_size"]

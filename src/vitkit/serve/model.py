@@ -1,0 +1,243 @@
+"""The model side of the server, without HTTP: load the checkpoint as `vitkit predict` does, and compute batches
+with the task functions `vitkit predict`, `embed`, `explain` and `search` use (`classify_logits`, `embed_images`,
+`explain`, `Index.neighbours`), so the server's answers are theirs. Preprocessing is the checkpoint's own
+(`tasks.images.preprocessing` / `eval_transform`)."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .config import ServeConfig
+from .errors import ServeError
+
+log = logging.getLogger(__name__)
+
+# explain options a request may set (each its own batch group); the values `vitkit explain` accepts
+EXPLAIN_METHODS = ("rollout", "attention")
+HEAD_FUSIONS = ("mean", "max", "min")
+DISPLAY = 224  # the explain PNGs are drawn at least this many pixels high, so a 28-pixel digit is visible
+
+
+class Service:
+    """A loaded classifier (plain, and optimized for classify / embed), its preprocessing, class names and an
+    optional index. `load()` is slow (weights, sha256, warm-up); everything else is per batch."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.ready = False
+        self.error: Optional[str] = None
+        self.model = self.fast = self.index = None
+        self.names: List[str] = []
+        self.info: dict = {}
+
+    # ---- loading ---------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load weights, index and preprocessing, then warm up; `ready` turns True at the end."""
+        from ..models.fast import optimize
+        from ..tasks.classify import load_classifier
+        from ..tasks.images import eval_transform, preprocessing
+        from ..tasks.retrieve import default_pool, file_sha256, resolve_checkpoint
+        from ..train import resolve_device
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        if cfg.extra.get("before_load"):
+            cfg.extra["before_load"]()
+        self.device = resolve_device(cfg.device)
+        self.model, self.names = load_classifier(cfg.checkpoint, self.device)
+        self.fast = optimize(self.model) if cfg.fast else self.model
+        self.pcfg = preprocessing(self.model)
+        self.transform = eval_transform(self.pcfg)
+        self.channels = self.model.config.in_chans
+        self.input_size = list(self.pcfg["input_size"])
+        self.pool, self.layer = default_pool(self.model), None
+        ckpt = resolve_checkpoint(cfg.checkpoint)
+        self.sha256 = file_sha256(ckpt)
+        if cfg.index:
+            self._load_index(cfg.index, ckpt)
+        self.info = self._describe(ckpt)
+        if cfg.warmup:
+            for n in sorted({1, cfg.max_batch_size}):
+                x = torch.zeros(n, *self.input_size)
+                self.classify([x[i] for i in range(n)])
+                self.embed([x[i] for i in range(n)])
+            self.explain([(torch.zeros(*self.input_size), ("rollout", "mean", 0.0))])
+        log.info("serving %s (%s) in %.1f s", ckpt, self.info["backend"], time.perf_counter() - t0)
+        self.ready = True
+
+    def _load_index(self, path, ckpt) -> None:
+        """The index, refused unless it was built with this very model (same weights, pooling, layer, size)."""
+        from ..tasks.retrieve import Index, check_same_model, model_manifest
+
+        self.index = Index.load(path)
+        im = self.index.model or {}
+        self.pool, self.layer = im.get("pool") or self.pool, im.get("layer")
+        check_same_model(im, model_manifest(self.model, ckpt, self.pool, self.layer), what=f"index {str(path)!r}")
+
+    def _describe(self, ckpt: Path) -> dict:
+        """GET /v1/model: what is served, with the training figures of the run's report when it has one."""
+        c = self.model.config
+        report = {}
+        for folder in (Path(self.cfg.checkpoint), ckpt.parent):
+            if (folder / "report.json").is_file():
+                try:
+                    r = json.loads((folder / "report.json").read_text())
+                    ev = r.get("eval") or {}
+                    report = {k: v for k, v in {
+                        "name": r.get("name"), "epochs": r.get("epochs"), "steps": r.get("steps"),
+                        "train_seconds": r.get("train_seconds"), "best_metric": r.get("best_metric"),
+                        "best": r.get("best"), "top1": ev.get("top1"), "top5": ev.get("top5"),
+                        "eval_images": ev.get("num_images")}.items() if v is not None}
+                except (OSError, ValueError, AttributeError):
+                    report = {}
+                break
+        return {"name": self.model_name(ckpt), "checkpoint": ckpt.name, "sha256": self.sha256,
+                "architecture": f"ViT {c.embed_dim}-d, {c.depth} blocks, {c.num_heads} heads, patch {c.patch_size}",
+                "params": sum(p.numel() for p in self.model.parameters()), "config": c.to_dict(),
+                "classes": self.names, "preprocessing": {k: v for k, v in self.pcfg.items() if k != "class_names"},
+                "device": str(self.device), "backend": getattr(self.fast, "backend", "eager"),
+                "embedding": {"pool": self.pool, "layer": self.layer, "dim": int(self.model.embed_dim)},
+                "index": ({"count": len(self.index), "kind": self.index.kind} if self.index is not None else None),
+                "report": report,
+                "limits": {k: getattr(self.cfg, k) for k in ("max_batch_size", "max_wait_ms", "max_queue",
+                                                             "max_upload_bytes", "max_pixels", "timeout_s")}}
+
+    def model_name(self, ckpt: Optional[Path] = None) -> str:
+        if self.cfg.name:
+            return self.cfg.name
+        p = Path(self.cfg.checkpoint)
+        return p.name if p.is_dir() else p.stem
+
+    # ---- per request (in a thread) -----------------------------------------------------------------------------
+    def preprocess(self, image) -> torch.Tensor:
+        """A decoded PIL image → the model's input (C, H, W), by the checkpoint's preprocessing."""
+        return self.transform(image)
+
+    # ---- per batch (on the model worker) -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def classify(self, xs: Sequence[torch.Tensor]) -> List[np.ndarray]:
+        """Inputs (C, H, W) → each one's class probabilities (K,), as `vitkit predict` computes them."""
+        from ..io.checkpoint import check_finite_outputs
+        from ..tasks.classify import classify_logits
+
+        hook = self.cfg.extra.get("before_batch")
+        if hook:
+            hook("classify", len(xs))
+        logits = classify_logits(self.fast, torch.stack(list(xs)).to(self.device), bool(self.pcfg.get("tta_flip")))
+        check_finite_outputs(logits, "the served checkpoint", [f"request {i}" for i in range(len(xs))])
+        return list(logits.softmax(-1).cpu().numpy())
+
+    @torch.inference_mode()
+    def embed(self, xs: Sequence[torch.Tensor]) -> List[np.ndarray]:
+        """Inputs → L2-normalised embeddings (D,), with the index's pooling and layer (else `vitkit embed`'s)."""
+        from ..io.checkpoint import check_finite_outputs
+        from ..tasks.retrieve import embed_images
+
+        v = embed_images(self.fast, torch.stack(list(xs)).to(self.device), self.pool, self.layer)
+        check_finite_outputs(v, "the served checkpoint", [f"request {i}" for i in range(len(xs))])
+        return list(v.cpu().numpy())
+
+    def explain(self, items: Sequence[tuple]) -> list:
+        """(input, (method, head_fusion, discard_ratio)) pairs → per item (map (gh, gw), heads (h, gh, gw),
+        logits (K,)), by `vitkit explain`'s function on the plain model; items with equal options run as one batch."""
+        from ..tasks.explain import explain
+
+        out: list = [None] * len(items)
+        groups: dict = {}
+        for i, (_, opts) in enumerate(items):
+            groups.setdefault(opts, []).append(i)
+        for (method, fusion, discard), idx in groups.items():
+            x = torch.stack([items[i][0] for i in idx]).to(self.device)
+            e = explain(self.model, x, method, fusion, discard, max_tokens=0)
+            for j, i in enumerate(idx):
+                out[i] = (e, j)
+        return out
+
+    # ---- answers ---------------------------------------------------------------------------------------------
+    def topk(self, probs: np.ndarray, k: int) -> dict:
+        """`vitkit predict`'s entry for one image: best label and prob, and the top-k (probabilities rounded to 5)."""
+        k = max(1, min(int(k), len(self.names)))
+        p, idx = torch.from_numpy(np.asarray(probs)).topk(k)
+        top = [{"label": self.names[i], "prob": round(q, 5)} for i, q in zip(idx.tolist(), p.tolist())]
+        return {"label": top[0]["label"], "prob": top[0]["prob"], "topk": top}
+
+    def explanation(self, x: torch.Tensor, result: tuple, images: bool = True) -> dict:
+        """One explained image as JSON: `vitkit explain`'s scores (map and per-head maps over the patch grid,
+        rounded to 6), its prediction, and PNGs (base64) of the input, the heat maps and their overlay."""
+        from ..tasks.explain import upsample
+        from ..tasks.images import denormalize
+
+        e, j = result
+        logits = e.logits[j].float()
+        pred = int(logits.argmax()) if logits.numel() > 1 else None
+        doc = {"method": e.method, **e.params, "grid": list(e.grid), "meaning": e.meaning,
+               "predicted": self.names[pred] if pred is not None and pred < len(self.names) else pred,
+               "peak": list(e.peaks()[j]), "map": e.map[j].numpy().round(6).tolist(),
+               "heads": e.heads[j].numpy().round(6).tolist()}
+        if not images:
+            return doc
+        img = denormalize(x, self.pcfg)  # (H, W, C) in [0, 1]
+        H, W = img.shape[:2]
+        scale = max(1, -(-DISPLAY // H))
+        size = (H * scale, W * scale)
+        base = np.repeat(np.repeat(img, scale, 0), scale, 1)
+        base = np.repeat(base, 3, 2) if base.shape[2] == 1 else base
+        heat = _colour(upsample(e.map[j], size))
+        doc["image_png"] = _png(base)
+        doc["heat_png"] = _png(heat)
+        doc["overlay_png"] = _png(0.5 * base + 0.5 * heat)
+        doc["head_pngs"] = [_png(_colour(upsample(h, size))) for h in e.heads[j]]
+        return doc
+
+    def thumbnail(self, i: int, size: int) -> bytes:
+        """Index entry `i` (by id, never by a path from the request) read by vitkit's policy, shrunk to `size`,
+        as PNG bytes."""
+        from ..data import read_image
+
+        if self.index is None or not 0 <= i < len(self.index):
+            raise ServeError(404, "not_found", f"no image {i} in the index (ids are 0..{len(self.index or []) - 1})")
+        try:
+            im = read_image(self.index.paths[i], self.channels, draft_size=size)
+        except (OSError, ValueError):
+            raise ServeError(404, "not_found", f"image {i} of the index can no longer be read") from None
+        im.thumbnail((size, size))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    def neighbours(self, vecs: np.ndarray, k: int) -> List[List[dict]]:
+        """`vitkit search`'s neighbours for query embeddings (Q, D), with the file's name instead of its path (the
+        server's folders are not the client's business) and the URL of its thumbnail."""
+        if self.index is None:
+            raise ServeError(404, "no_index", "this server has no index; start it with --index INDEX_DIR")
+        rows = self.index.neighbours(np.asarray(vecs, np.float32), k)
+        return [[{"rank": n["rank"], "id": n["id"], "label": n["label"], "score": n["score"],
+                  "name": Path(n["path"]).name, "image_url": f"/v1/images/{n['id']}",
+                  "thumbnail_url": f"/v1/images/{n['id']}?size=96"} for n in row] for row in rows]
+
+
+def _colour(m: np.ndarray) -> np.ndarray:
+    """A map in [0, 1] (H, W) → RGB (H, W, 3) in [0, 1] by matplotlib's 'jet', as `vitkit explain` draws it."""
+    from matplotlib import colormaps
+
+    return colormaps["jet"](m)[..., :3]
+
+
+def _png(rgb: np.ndarray) -> str:
+    """(H, W, 3) floats in [0, 1] → a base64 PNG."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), "RGB").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+__all__ = ["Service", "EXPLAIN_METHODS", "HEAD_FUSIONS"]
