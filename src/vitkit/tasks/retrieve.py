@@ -28,7 +28,7 @@ from ..io.checkpoint import atomic_write
 from ..io.files import lock_file, write_pid
 from ..models import Preprocessing
 from ..models.mae import encoder_of
-from .images import label_of, open_image
+from ..data.inputs import label_of, open_image
 
 log = logging.getLogger(__name__)
 
@@ -691,7 +691,7 @@ def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None,
     `checkpoint`, which must be the same model); with `grid`, also a PNG of queries and neighbours."""
     from .. import validate as v
     from ..io import load
-    from .images import load_batch
+    from ..data.inputs import load_batch
 
     v.integer(k, "k", lo=1)  # before the (possibly long) loads
     v.integer(nprobe, "nprobe", lo=1, optional=True)
