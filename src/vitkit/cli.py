@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 from .errors import ConfigError, VitkitError
-from .train import RESUMABLE, TrainConfig, parse_duration, refuse_on_resume
+from .train import RESUMABLE, TrainConfig, refuse_on_resume, train_config_from_flags
 
 # subcommand name → (add_arguments(parser), run(args) -> exit code). Filled in below, one block per subcommand.
 COMMANDS: Dict[str, tuple] = {}
@@ -49,16 +49,9 @@ def _report_run(args, summary: dict, outcome) -> None:
 # ---- vitkit models -------------------------------------------------------------------------------------------
 @command("models", "list the named model configs with parameters and GFLOPs")
 def cmd_models(args) -> int:
-    from .models import count_flops, count_params, get_config, list_models
+    from .models import model_table
 
-    rows = []
-    for name in list_models(args.filter or ""):
-        cfg = get_config(name)
-        rows.append({"name": name, "img_size": cfg.img_size, "patch": cfg.patch_size, "dim": cfg.embed_dim,
-                     "depth": cfg.depth, "heads": cfg.num_heads, "params_M": round(count_params(cfg) / 1e6, 2),
-                     "GFLOPs": round(count_flops(cfg)["flops"] / 1e9, 2)})
-    if not rows:
-        raise ConfigError(f"no model matches {args.filter!r}; run `vitkit models` to see all")
+    rows = model_table(args.filter)
     if args.json:
         _print_json(rows)
         return 0
@@ -78,24 +71,9 @@ cmd_models.add_arguments = lambda p: (
 # ---- vitkit summary ------------------------------------------------------------------------------------------
 @command("summary", "build a model and print its structure, size and cost")
 def cmd_summary(args) -> int:
-    import torch
+    from .models import summarize
 
-    from .models import count_flops, create_model
-
-    overrides = {}
-    if args.img_size is not None:
-        overrides["img_size"] = args.img_size
-    if args.num_classes is not None:
-        overrides["num_classes"] = args.num_classes
-    model = create_model(args.model, **overrides).eval()
-    cfg = model.config
-    x = torch.zeros(1, cfg.in_chans, *cfg.grid_size).repeat_interleave(cfg.patch_size, 2).repeat_interleave(
-        cfg.patch_size, 3)
-    with torch.no_grad():
-        out = model(x)
-    info = {"model": args.model, "params": sum(p.numel() for p in model.parameters()),
-            "tokens": count_flops(cfg)["tokens"], "GFLOPs": round(count_flops(cfg)["flops"] / 1e9, 3),
-            "input": list(x.shape), "output": list(out.shape)}
+    model, info = summarize(args.model, img_size=args.img_size, num_classes=args.num_classes)
     if args.json:
         _print_json(info)
     else:
@@ -182,59 +160,24 @@ def _add_engine_args(p, **help_: str) -> None:
             p.add_argument(kw.pop("flag", "--" + f.name.replace("_", "-")), dest=f.name, **kw)
 
 
-def _budget(text: Optional[str]) -> Optional[float]:
-    """--time-budget in seconds; None when not given, or given as 'none', 'off' or '0' (epochs instead)."""
-    if text is None or str(text).lower() in ("0", "none", "off"):
-        return None
-    return parse_duration(text)
-
-
-def _engine_config(args, recipe: dict, name: str, skip=()) -> TrainConfig:
-    """A TrainConfig from the engine flags, falling back to the recipe, then to the engine's defaults; the fields
-    in `skip` are left to the task (train: the planner's recipe)."""
-    recipe = dict(recipe) if not args.resume else {}  # a resumed run keeps its own values (resume_configs)
-    if args.epochs is not None and args.time_budget is None:
-        recipe.pop("time_budget", None)
-    if args.time_budget is not None:
-        recipe["time_budget"] = _budget(args.time_budget)
-    out = {}
-    for f in dataclasses.fields(TrainConfig):
-        flag = getattr(args, f.name, None)
-        if f.name in skip:
-            continue
-        if flag is not None and f.name not in ("name", "time_budget") and (f.name, flag) != ("precision", "auto"):
-            out[f.name] = flag  # a 0 given is checked, not read as "unset"
-        elif f.name in recipe:
-            out[f.name] = recipe[f.name]
-    return TrainConfig(**out, name=args.name or name)
-
-
 @command("train", "train a ViT classifier on a dataset (run folder: runs/<name>/)")
 def cmd_train(args) -> int:
     from pathlib import Path
 
     from .tasks.classify import ClassifierConfig, train_classifier
-    from .tasks.recipe import Recipe, saved_recipe
+    from .tasks.recipe import Recipe, recipe_from_flags
 
     if args.val_split is not None and not str(args.data).startswith("folder:"):
         raise ConfigError(f"val_split applies to folder:PATH data only; {args.data} has a fixed held-out split",
                           field="val_split")
-    base = saved_recipe(args.recipe) if args.recipe else {}  # a rerun of a run's resolved recipe; flags override
-    flags = {f: getattr(args, f, None) for f in Recipe.__dataclass_fields__}
-    flags.update(time_budget=_budget(args.time_budget), precision=None if args.precision == "auto" else args.precision)
-    if args.time_budget is not None and flags["time_budget"] is None or args.epochs is not None and \
-            args.time_budget is None:
-        base.pop("time_budget", None)  # 'none', or an epoch count, replaces the saved run's budget
-    for k, v in dict(args.model_arg or []).items():  # an architecture --model-arg is the recipe's choice too
-        if k in ("img_size", "num_heads", "patch_size", "embed_dim", "depth", "stem", "in_chans", "mlp_ratio"):
-            flags[k] = v if flags.get(k) is None else flags[k]
-    recipe = Recipe.from_dict({**base, **{k: v for k, v in flags.items() if v is not None}})
+    recipe = recipe_from_flags({f: getattr(args, f, None) for f in Recipe.__dataclass_fields__}, args.recipe,
+                               dict(args.model_arg or []))
     task = ClassifierConfig(data=args.data, model=args.model, model_args=dict(args.model_arg or []), init=args.init,
                             init_format=args.init_format, data_dir=args.data_dir, download=args.download,
                             val_split=args.val_split, strict=args.strict, max_train=args.max_train,
                             max_val=args.max_val)
     name = Path(args.data[len("folder:"):]).name if args.data.startswith("folder:") else args.data
-    tc = _engine_config(args, {}, name, skip=flags)  # the recipe's fields are the planner's to choose
+    tc = train_config_from_flags(vars(args), {}, name, skip=Recipe.__dataclass_fields__)  # the planner's to choose
     if args.quiet:  # no progress bar: the plan and one log line per epoch instead
         for logger in ("vitkit.train", "vitkit.tasks.classify"):
             logging.getLogger(logger).setLevel(logging.INFO)
@@ -322,13 +265,9 @@ cmd_train.add_arguments = _add_train_args
 
 @command("eval", "evaluate a checkpoint or run: top-1, top-5, per-class accuracy, confusion matrix")
 def cmd_eval(args) -> int:
-    from .io.checkpoint import read_pretrained_cfg
     from .tasks.classify import evaluate_checkpoint
 
-    data = args.data or read_pretrained_cfg(args.checkpoint).get("dataset")  # without building the model
-    if not data:
-        raise ConfigError("the checkpoint does not record its dataset; pass --data (e.g. --data mnist5k)")
-    res = evaluate_checkpoint(args.checkpoint, data, out_dir=args.out, batch_size=args.batch_size,
+    res = evaluate_checkpoint(args.checkpoint, args.data, out_dir=args.out, batch_size=args.batch_size,
                               device=args.device, data_dir=args.data_dir, download=args.download,
                               val_split=args.val_split, seed=args.seed, strict=args.strict, max_val=args.max_val,
                               fast=args.fast, tome=args.tome, class_map=args.class_map)
@@ -403,18 +342,11 @@ def _add_source_arguments(p) -> None:
 @command("export", "write a checkpoint (any format) as ONNX, TorchScript, an ExportedProgram, or vitkit/timm/hf/npz "
                    "weights")
 def cmd_export(args) -> int:
-    from .errors import RunExistsError
-    from .io import load_pretrained
-    from .io.export import default_output, export
+    from .io.export import export_checkpoint
 
-    out = args.out or default_output(args.checkpoint, args.format)
-    if os.path.exists(out) and not args.overwrite:  # before the (possibly long) load
-        raise RunExistsError(f"{str(out)!r} exists already; choose another --out or pass --overwrite")
-    model = load_pretrained(args.checkpoint, fmt=args.fmt, model=args.model, num_heads=args.num_heads,
-                            img_size=args.img_size, patch_size=args.patch_size, num_classes=args.num_classes)
-    info = export(model, out, args.format, overwrite=args.overwrite, verify=not args.no_verify)
-    info["config"] = {k: v for k, v in model.config.to_dict().items()
-                      if k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_classes")}
+    info = export_checkpoint(args.checkpoint, args.format, args.out, overwrite=args.overwrite,
+                             verify=not args.no_verify, fmt=args.fmt, model=args.model, num_heads=args.num_heads,
+                             img_size=args.img_size, patch_size=args.patch_size, num_classes=args.num_classes)
     if args.json:
         _print_json(info)
     else:
@@ -533,18 +465,12 @@ cmd_search.add_arguments = lambda p: (
 
 @command("eval-retrieval", "retrieval quality of a checkpoint's embeddings: recall@k, mAP@R, weighted k-NN accuracy")
 def cmd_eval_retrieval(args) -> int:
-    from pathlib import Path
-
-    from .io.checkpoint import atomic_write
     from .tasks.retrieve import evaluate_retrieval
 
     res = evaluate_retrieval(args.checkpoint, args.data, pool=args.pool, layer=args.layer,
                              batch_size=args.batch_size, knn_k=args.knn_k, temperature=args.temperature,
                              data_dir=args.data_dir, download=args.download, max_train=args.max_train,
-                             max_val=args.max_val, progress=not args.quiet)
-    if args.out:
-        text = json.dumps(res, indent=2) + "\n"
-        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
+                             max_val=args.max_val, progress=not args.quiet, out=args.out)
     _print_json(res)
     return 0
 
@@ -653,7 +579,8 @@ def cmd_pretrain(args) -> int:
                          norm_pix_loss=args.norm_pix_loss, augment=args.augment or recipe["augment"],
                          data_dir=args.data_dir, download=args.download, max_train=args.max_train,
                          max_val=args.max_val)
-    summary = pretrain_mae(task, _engine_config(args, recipe, f"mae_{args.data.replace(':', '_').replace('/', '_')}"))
+    name = f"mae_{args.data.replace(':', '_').replace('/', '_')}"
+    summary = pretrain_mae(task, train_config_from_flags(vars(args), recipe, name))
     _report_run(args, summary, lambda: f"held-out masked loss {summary['final'].get('val_loss', float('nan')):.4f}; "
                                        f"fine-tune with: vitkit train --data {args.data} --init {summary['run_dir']}")
     return 0
@@ -706,7 +633,8 @@ def cmd_train_gen(args) -> int:
                            init=args.init,
                            max_train=args.max_train, sample_steps=args.sample_steps, sample_cfg=args.sample_cfg,
                            **({"max_val": args.max_val} if args.max_val is not None else {}))
-    summary = train_generator(task, _engine_config(args, recipe, f"dit_{args.data.replace(':', '_')}"))
+    summary = train_generator(task, train_config_from_flags(vars(args), recipe,
+                                                                 f"dit_{args.data.replace(':', '_')}"))
     _report_run(args, summary, lambda: f"held-out {args.objective} loss "
                                        f"{summary['final'].get('val_loss', float('nan')):.4f}; "
                                        f"samples: {summary.get('samples')}")

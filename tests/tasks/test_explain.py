@@ -90,7 +90,7 @@ def test_explain_cli_writes_png_and_scores(tmp_path, capsys, digits_model):
     out = tmp_path / "maps"
     assert main(["explain", str(digits_model), str(paths[0]), str(paths[1]), "--out", str(out)]) == 0
     rows = json.loads(capsys.readouterr().out)
-    from vitkit.tasks.images import load_batch
+    from vitkit.data.inputs import load_batch
     model = vitkit.load(digits_model)
     with torch.no_grad():
         expect = model(load_batch(paths[:2], model)).argmax(1)
@@ -222,7 +222,7 @@ def test_explain_refuses_inputs_above_the_token_cap(tmp_path, capsys, digits_mod
     check_tokens(model, (56, 56), 65)
     Image.new("L", (700, 700), 128).save(tmp_path / "big.png")  # 100 x 100 patches of 7: 10,001 tokens
     calls = []
-    import vitkit.tasks.images as images
+    import vitkit.data.inputs as images
 
     real = images.load_batch
     monkeypatch = pytest.MonkeyPatch()

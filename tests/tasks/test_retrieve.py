@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import vitkit
 from vitkit.cli import main
 from vitkit.errors import CheckpointError, ConfigError, DataError
-from vitkit.tasks.images import load_batch
+from vitkit.data.inputs import load_batch
 from vitkit.tasks.retrieve import (Embeddings, Index, build_index, embed_folder, embed_images, knn_classify,
                                    map_at_r, recall_at_k, retrieval_report)
 

@@ -275,3 +275,21 @@ def export(model, path, fmt: str, *, overwrite: bool = False, verify: bool = Tru
         info["max_abs_diff"] = verify_graph(model, path, fmt)
         log.info("%s: max abs difference to PyTorch on a batch of 3: %.2e", path, info["max_abs_diff"])
     return info
+
+
+def export_checkpoint(checkpoint, format: str, out=None, *, overwrite: bool = False, verify: bool = True,
+                      **source) -> dict:
+    """A checkpoint of any format (`load_pretrained(checkpoint, **source)`) written as `format` to `out` (default:
+    beside it); `export`'s info plus the model's shape ('config'). An existing `out` is refused before the load."""
+    import os
+
+    from .pretrained import load_pretrained
+
+    out = out or default_output(checkpoint, format)
+    if os.path.exists(out) and not overwrite:  # before the (possibly long) load
+        raise RunExistsError(f"{str(out)!r} exists already; choose another --out or pass --overwrite")
+    model = load_pretrained(checkpoint, **source)
+    info = export(model, out, format, overwrite=overwrite, verify=verify)
+    info["config"] = {k: v for k, v in model.config.to_dict().items()
+                      if k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_classes")}
+    return info

@@ -243,6 +243,20 @@ def count_flops(cfg: ViTConfig, img_size: Optional[IntOrPair] = None,
     return {"macs": float(macs), "flops": 2.0 * macs, "tokens": n}
 
 
+def model_table(pattern: str = "") -> List[dict]:
+    """One row per registered config matching `pattern` (as `list_models`): name, img_size, patch, dim, depth,
+    heads, params_M and GFLOPs, the table `vitkit models` prints; a ConfigError when none matches."""
+    rows = []
+    for name in list_models(pattern or ""):
+        cfg = get_config(name)
+        rows.append({"name": name, "img_size": cfg.img_size, "patch": cfg.patch_size, "dim": cfg.embed_dim,
+                     "depth": cfg.depth, "heads": cfg.num_heads, "params_M": round(count_params(cfg) / 1e6, 2),
+                     "GFLOPs": round(count_flops(cfg)["flops"] / 1e9, 2)})
+    if not rows:
+        raise ConfigError(f"no model matches {pattern!r}; run `vitkit models` to see all")
+    return rows
+
+
 def count_params(cfg: ViTConfig) -> int:
     """Parameter count from the config alone (matches the built model)."""
     d, f = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)

@@ -607,7 +607,7 @@ def _relabel(ds, lut: List[int]):
     return ds
 
 
-def evaluate_checkpoint(path, data: str, *, out_dir=None, batch_size: int = 500, device="auto",
+def evaluate_checkpoint(path, data: Optional[str] = None, *, out_dir=None, batch_size: int = 500, device="auto",
                         data_dir="data", download=False, val_split: Optional[float] = None,
                         seed: Optional[int] = None, strict: bool = False, max_val: Optional[int] = None,
                         fast: bool = False, tome: int = 0, class_map: Optional[Dict[str, str]] = None) -> dict:
@@ -615,10 +615,16 @@ def evaluate_checkpoint(path, data: str, *, out_dir=None, batch_size: int = 500,
     writes eval.json and eval_confusion.png into `out_dir` (default: the run folder, or next to the file).
     Classes are matched by name (`match_classes`): the data may hold a subset of the checkpoint's classes, and
     `class_map` {data name: checkpoint name} maps the ones named otherwise. `val_split`/`seed` (how a
-    PATH/<class>/* folder is split) default to the run's own, so the held-out images are the ones the run held out."""
+    PATH/<class>/* folder is split) default to the run's own, so the held-out images are the ones the run held out.
+    `data` defaults to the dataset the checkpoint was trained on."""
     import json
 
     from .. import validate as v
+    from ..io.checkpoint import read_pretrained_cfg
+
+    data = data or read_pretrained_cfg(path).get("dataset")  # without building the model
+    if not data:
+        raise ConfigError("the checkpoint does not record its dataset; pass --data (e.g. --data mnist5k)")
 
     v.integer(batch_size, "batch_size", lo=1)
     v.integer(max_val, "max_val", lo=1, optional=True)

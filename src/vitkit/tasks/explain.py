@@ -297,7 +297,7 @@ def explain_images(checkpoint, images: Sequence, out="explain", *, method: str =
     from ..io.checkpoint import atomic_write, check_finite_outputs
     from ..models import VisionTransformer
     from ..models.mae import encoder_of
-    from .images import denormalize, load_batch, native_size, open_image, preprocessing
+    from ..data.inputs import denormalize, load_batch, native_size, open_image, preprocessing
 
     v.choice(fmt, "format", ("json", "npy"))
     if size not in ("model", "native") and not (isinstance(size, (tuple, list)) and len(size) == 2 and all(

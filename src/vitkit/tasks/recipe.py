@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 from ..errors import ConfigError
 
@@ -140,3 +140,26 @@ def saved_recipe(run) -> Dict[str, object]:
     if not isinstance(saved, dict) or not saved:
         raise ConfigError(f"--recipe {str(run)!r} holds no resolved recipe (a run from an older vitkit?)")
     return {k: v for k, v in saved.items() if v is not None}
+
+
+# --model-arg keys that are the recipe's architecture choices (the planner's to make unless the user made them)
+ARCH_ARGS = ("img_size", "num_heads", "patch_size", "embed_dim", "depth", "stem", "in_chans", "mlp_ratio")
+
+
+def recipe_from_flags(flags: Mapping, recipe=None, model_args: Optional[Mapping] = None) -> Recipe:
+    """The user's recipe, field by field: the flag, else the saved run's (`recipe`: its folder or config.json), else
+    None for the planner. `flags` holds Recipe fields (None = not given; time_budget as '10m' or 'none', precision
+    'auto' = the planner's); an architecture `model_args` entry counts as its field's flag when that flag is unset."""
+    from ..train import parse_budget
+
+    base = saved_recipe(recipe) if recipe else {}  # a rerun of a run's resolved recipe; flags override
+    flags = dict(flags)
+    budget = flags.get("time_budget")
+    flags.update(time_budget=parse_budget(budget), precision=None if flags.get("precision") == "auto" else
+                 flags.get("precision"))
+    if budget is not None and flags["time_budget"] is None or flags.get("epochs") is not None and budget is None:
+        base.pop("time_budget", None)  # 'none', or an epoch count, replaces the saved run's budget
+    for k, v in dict(model_args or {}).items():  # an architecture --model-arg is the recipe's choice too
+        if k in ARCH_ARGS:
+            flags[k] = v if flags.get(k) is None else flags[k]
+    return Recipe.from_dict({**base, **{k: v for k, v in flags.items() if v is not None}})

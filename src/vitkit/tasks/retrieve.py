@@ -28,7 +28,7 @@ from ..io.checkpoint import atomic_write
 from ..io.files import lock_file, write_pid
 from ..models import Preprocessing
 from ..models.mae import encoder_of
-from .images import label_of, open_image
+from ..data.inputs import label_of, open_image
 
 log = logging.getLogger(__name__)
 
@@ -609,10 +609,10 @@ def embed_dataset(model, dataset, pool: str, layer: Optional[int], batch_size: i
 def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, layer: Optional[int] = None,
                        batch_size: int = 256, knn_k: int = 20, temperature: float = 0.07, data_dir="data",
                        download: bool = False, max_train: Optional[int] = None, max_val: Optional[int] = None,
-                       progress: bool = True, model=None) -> Dict:
+                       progress: bool = True, model=None, out=None) -> Dict:
     """Recall@1/5/10, mAP@R and DINO's weighted k-NN accuracy of a checkpoint's embeddings on a labelled dataset:
     the held-out split is the queries, the training split the database; images are preprocessed as the
-    checkpoint says (no augmentation)."""
+    checkpoint says (no augmentation). With `out`, the result is also written there as JSON (atomically)."""
     from .. import validate as v
     from ..data import build_datasets
     from ..io import load
@@ -635,9 +635,13 @@ def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, lay
     db, db_labels = embed_dataset(model, train, pool, layer, batch_size, progress)
     q, q_labels = embed_dataset(model, val, pool, layer, batch_size, progress)
     report = retrieval_report(q, q_labels, db, db_labels, knn_k=knn_k, temperature=temperature)
-    return {"checkpoint": str(checkpoint), "data": info.spec, "pool": pool, "layer": layer,
-            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()},
-            "knn": {"k": knn_k, "temperature": temperature}}
+    res = {"checkpoint": str(checkpoint), "data": info.spec, "pool": pool, "layer": layer,
+           **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()},
+           "knn": {"k": knn_k, "temperature": temperature}}
+    if out:
+        text = json.dumps(res, indent=2) + "\n"
+        atomic_write(Path(out), lambda tmp: Path(tmp).write_text(text))
+    return res
 
 
 # ---- the picture -------------------------------------------------------------------------------------------------
@@ -691,7 +695,7 @@ def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None,
     `checkpoint`, which must be the same model); with `grid`, also a PNG of queries and neighbours."""
     from .. import validate as v
     from ..io import load
-    from .images import load_batch
+    from ..data.inputs import load_batch
 
     v.integer(k, "k", lo=1)  # before the (possibly long) loads
     v.integer(nprobe, "nprobe", lo=1, optional=True)

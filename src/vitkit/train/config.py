@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 from ..errors import ConfigError
 from ..runtime import check_device
@@ -110,6 +110,34 @@ def parse_duration(s) -> float:
         raise ConfigError(f"cannot read the duration {s!r}; write it like 90s, 10m, 1.5h or 1h30m")
     mult = {"h": 3600, "m": 60, "min": 60, "s": 1, "sec": 1}
     return float(sum(float(a) * mult[b] for a, b in parts))
+
+
+def parse_budget(s) -> Optional[float]:
+    """A time budget in seconds (`parse_duration`); None when not given, or given as 'none', 'off' or '0' (epochs)."""
+    if s is None or str(s).lower() in ("0", "none", "off"):
+        return None
+    return parse_duration(s)
+
+
+def train_config_from_flags(flags: Mapping, recipe: Optional[Mapping] = None, name: str = "run",
+                            skip=()) -> TrainConfig:
+    """A TrainConfig from the options given (`flags`: TrainConfig fields, None = not given), else the task's
+    `recipe`, else the engine's defaults; `skip` fields are left to the task. A resumed run keeps its own values."""
+    recipe = dict(recipe or {}) if not flags.get("resume") else {}  # resume_configs restores them
+    if flags.get("epochs") is not None and flags.get("time_budget") is None:
+        recipe.pop("time_budget", None)
+    if flags.get("time_budget") is not None:
+        recipe["time_budget"] = parse_budget(flags["time_budget"])
+    out = {}
+    for f in fields(TrainConfig):
+        flag = flags.get(f.name)
+        if f.name in skip:
+            continue
+        if flag is not None and f.name not in ("name", "time_budget") and (f.name, flag) != ("precision", "auto"):
+            out[f.name] = flag  # a 0 given is checked, not read as "unset"
+        elif f.name in recipe:
+            out[f.name] = recipe[f.name]
+    return TrainConfig(**out, name=flags.get("name") or name)
 
 
 _FLAGS = {"ema_decay": "--ema", "drop_path_rate": "--drop-path", "patch_drop_rate": "--patch-drop",

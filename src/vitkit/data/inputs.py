@@ -1,7 +1,7 @@
-"""Image files in, model-ready tensors out, for the tasks that run a trained model on a user's own images
-(retrieve, explain). Listing, reading and preprocessing are `vitkit.data`'s (`list_images`, `read_image`,
-`eval_transform`, as `vitkit predict` uses them), with the checkpoint's own settings (`Preprocessing.of(model)`:
-input size, mean/std, interpolation, crop_pct).
+"""Images as a model's input: image files in, model-ready tensors out, for the tasks that run a trained model on a
+user's own images (retrieve, explain). Reading and preprocessing are this folder's (`read_image`, `eval_transform`,
+as `vitkit predict` uses them), with the checkpoint's own settings (`Preprocessing.of(model)`: input size,
+mean/std, interpolation, crop_pct).
 """
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..data import eval_transform, list_images, read_image  # noqa: F401 - list_images: its old home
 from ..errors import DataError
 from ..models import Preprocessing
 from ..models import denormalize as _denormalize
+from .images import read_image
+from .transforms import eval_transform
 
 
 def label_of(path: Path, root: Path) -> Optional[str]:
