@@ -44,14 +44,14 @@ def plain_app(checkpoint: str, fast: bool):
     import torch
     from fastapi import FastAPI
 
-    from vitkit.data import read_image
+    from vitkit.data import eval_transform, read_image
+    from vitkit.models import Preprocessing
     from vitkit.models.fast import optimize
     from vitkit.tasks.classify import classify_logits, load_classifier
-    from vitkit.tasks.images import eval_transform, preprocessing
 
     model, names = load_classifier(checkpoint)
     fast_model = optimize(model) if fast else model
-    tf = eval_transform(preprocessing(model))
+    tf = eval_transform(Preprocessing.of(model))
     app = FastAPI()
 
     @app.post("/v1/classify")

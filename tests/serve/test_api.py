@@ -115,7 +115,7 @@ def test_search_equals_vitkit_search_and_images_are_served_by_id_only(client, se
 
 def test_kserve_v2_protocol(client, served):
     from vitkit.io import load
-    from vitkit.tasks.images import load_batch
+    from vitkit.data.inputs import load_batch
 
     ckpt, _, files, _, _ = served
     assert client.get("/v2/health/live").json() == {"live": True}

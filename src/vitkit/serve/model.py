@@ -1,7 +1,7 @@
 """The model side of the server, without HTTP: load the checkpoint as `vitkit predict` does, and compute batches
 with the task functions `vitkit predict`, `embed`, `explain` and `search` use (`classify_logits`, `embed_images`,
 `explain`, `Index.neighbours`), so the server's answers are theirs. Preprocessing is the checkpoint's own
-(`tasks.images.preprocessing` / `eval_transform`)."""
+(`data.inputs.preprocessing` / `data.eval_transform`)."""
 from __future__ import annotations
 
 import base64
@@ -43,9 +43,11 @@ class Service:
         """Load weights, index and preprocessing, then warm up; `ready` turns True at the end."""
         from ..models.fast import optimize
         from ..tasks.classify import load_classifier
-        from ..tasks.images import eval_transform, preprocessing
+        from ..data import eval_transform
+        from ..data.inputs import preprocessing
+        from ..models import Preprocessing
+        from ..runtime import resolve_device
         from ..tasks.retrieve import default_pool, file_sha256, resolve_checkpoint
-        from ..train import resolve_device
 
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -55,7 +57,7 @@ class Service:
         self.model, self.names = load_classifier(cfg.checkpoint, self.device)
         self.fast = optimize(self.model) if cfg.fast else self.model
         self.pcfg = preprocessing(self.model)
-        self.transform = eval_transform(self.pcfg)
+        self.transform = eval_transform(Preprocessing.from_dict(self.pcfg))
         self.channels = self.model.config.in_chans
         self.input_size = list(self.pcfg["input_size"])
         self.pool, self.layer = default_pool(self.model), None
@@ -173,7 +175,7 @@ class Service:
         """One explained image as JSON: `vitkit explain`'s scores (map and per-head maps over the patch grid,
         rounded to 6), its prediction, and PNGs (base64) of the input, the heat maps and their overlay."""
         from ..tasks.explain import upsample
-        from ..tasks.images import denormalize
+        from ..data.inputs import denormalize
 
         e, j = result
         logits = e.logits[j].float()
