@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vitkit.cli import main
+from _runs import Interrupt, stop_after
 
 pytestmark = pytest.mark.slow
 
@@ -193,15 +194,8 @@ def test_pretrain_resume_ends_bit_identical(tmp_path):
 
     pretrain_mae(task, tc("full"))
 
-    class Interrupt(Exception):
-        pass
-
-    def stop(trainer, row):
-        if row["epoch"] == 1:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        pretrain_mae(task, tc("cut"), on_epoch_end=stop)
+        pretrain_mae(task, tc("cut"), on_epoch_end=stop_after(1))
     assert main(["pretrain", "--method", "mae", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
     a, b = load_file(str(tmp_path / "full" / "last.safetensors")), load_file(str(tmp_path / "cut" / "last.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

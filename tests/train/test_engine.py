@@ -8,9 +8,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import vitkit
+from _runs import Interrupt, stop_after, tiny_task, tiny_tc
 from vitkit.data import build_datasets
 from vitkit.errors import RunExistsError
-from vitkit.tasks.classify import ClassifierConfig, train_classifier
+from vitkit.tasks.classify import train_classifier
 from vitkit.train import (Trainer, TrainConfig, TrainingDiverged, lr_at, param_groups, parse_duration,
                           read_metrics)
 
@@ -18,30 +19,19 @@ TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_pool": "avg"}
 
 
 def _task(**kw):
-    base = dict(data="mnist5k", model="vit_mini_patch7_28", model_args=dict(TINY), max_train=256, max_val=100)
-    base.update(kw)
-    return ClassifierConfig(**base)
+    return tiny_task(**{"model_args": TINY, "max_train": 256, "max_val": 100, **kw})
 
 
 def _tc(tmp_path, name, **kw):
-    base = dict(name=name, runs_dir=str(tmp_path), epochs=3, batch_size=64, lr=2e-3, quiet=True)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_tc(tmp_path, name, **{"epochs": 3, **kw})
 
 
 def test_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
     task = _task(model_args=dict(TINY, drop_path_rate=0.2), mixup=0.5)  # random drop-path and mixup: RNG matters
     full = train_classifier(task, _tc(tmp_path, "full", ema_decay=0.9))
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_first(trainer, row):
-        if row["epoch"] == 1:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        train_classifier(task, _tc(tmp_path, "cut", ema_decay=0.9), on_epoch_end=stop_after_first)
+        train_classifier(task, _tc(tmp_path, "cut", ema_decay=0.9), on_epoch_end=stop_after(1))
     assert read_metrics(tmp_path / "cut" / "metrics.csv")[-1]["epoch"] == 1
     again = train_classifier(task, TrainConfig(resume=str(tmp_path / "cut"), quiet=True))
     assert again["steps"] == full["steps"] == 12

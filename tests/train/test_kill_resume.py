@@ -1,7 +1,6 @@
 """A training process killed with SIGKILL mid-run leaves a loadable checkpoint, and --resume finishes the run."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import vitkit
 from vitkit.cli import main
 from vitkit.io.checkpoint import read_metadata
 from vitkit.train import read_metrics
+from _runs import kill9
 
 ARGS = ["train", "--data", "mnist5k", "--max-train", "1024", "--max-val", "100", "--epochs", "10", "--batch-size",
         "32", "--model", "vit_mini_patch7_28", "--model-arg", "embed_dim=32", "--model-arg", "depth=2",
@@ -36,11 +36,8 @@ def test_sigkill_then_resume(tmp_path):
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill9(proc)
     done = read_metrics(metrics)[-1]["epoch"]
     assert 2 <= done < 10
     model = vitkit.load(tmp_path / "k" / "last.safetensors")  # whole, whatever the moment of the kill
@@ -95,12 +92,8 @@ def test_sigkill_inside_a_checkpoint_write_then_resume_is_bit_identical(tmp_path
             time.sleep(0.01)
         assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
         time.sleep(0.3)  # the temp file of a tiny model is written in milliseconds; now it waits for its rename
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+        kill9(proc)
     assert list(run.glob(".last.state.pt.*.tmp")), "the kill should have landed inside the write"
     for f in ("last.safetensors", "best.safetensors"):
         model = vitkit.load(run / f)  # whole, though the process died inside a write

@@ -3,7 +3,6 @@ read, --resume that refuses what it cannot change and applies (and records) what
 a run that never saved a checkpoint."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,11 +12,12 @@ import torch
 from torch import nn
 
 import vitkit
+from _runs import Interrupt, kill9, stop_after, tiny_task, tiny_tc
 from vitkit.cli import main
 from vitkit.data import build_datasets
 from vitkit.errors import ConfigError, DataError, RunExistsError
 from vitkit.io.checkpoint import read_metadata
-from vitkit.tasks.classify import ClassifierConfig, train_classifier
+from vitkit.tasks.classify import train_classifier
 from vitkit.train import Trainer, TrainConfig, TrainingDiverged, claim_run, lr_at, read_metrics
 
 TINY = {"embed_dim": 32, "depth": 1, "num_heads": 2, "global_pool": "avg"}
@@ -27,15 +27,11 @@ CLI_TINY = ["train", "--data", "mnist5k", "--max-train", "128", "--max-val", "32
 
 
 def _task(**kw):
-    base = dict(data="mnist5k", model="vit_mini_patch7_28", model_args=dict(TINY), max_train=128, max_val=32)
-    base.update(kw)
-    return ClassifierConfig(**base)
+    return tiny_task(**{"model_args": TINY, "max_train": 128, "max_val": 32, **kw})
 
 
 def _tc(tmp_path, name, **kw):
-    base = dict(name=name, runs_dir=str(tmp_path), epochs=2, batch_size=64, lr=2e-3, quiet=True)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_tc(tmp_path, name, **{"epochs": 2, **kw})
 
 
 def _snapshot(folder):
@@ -111,16 +107,8 @@ def test_name_clashes_are_found_before_the_data_is_read_and_a_locked_run_is_neve
 @pytest.fixture
 def cut_run(tmp_path):
     """A tiny run interrupted after its first of 3 epochs (so resuming it trains)."""
-
-    class Interrupt(Exception):
-        pass
-
-    def stop(trainer, row):
-        if row["epoch"] == 1:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        train_classifier(_task(), _tc(tmp_path, "cut", epochs=3), on_epoch_end=stop)
+        train_classifier(_task(), _tc(tmp_path, "cut", epochs=3), on_epoch_end=stop_after(1))
     return tmp_path / "cut"
 
 
@@ -299,12 +287,8 @@ def test_a_killed_owner_leaves_no_stale_lock(tmp_path, checkpointed):
     try:
         _wait_paused(p, run, f".{pause.split(':')[0]}.*.tmp")
         time.sleep(0.2)
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(timeout=30)
     finally:
-        if p.poll() is None:
-            p.kill()
-        p.stderr.close()
+        kill9(p)
     assert (run / ".lock").read_text().strip() == str(p.pid)  # the file stays; its lock died with the process
     if checkpointed:
         with pytest.raises(RunExistsError, match="exists already; pass --overwrite"):
