@@ -1,4 +1,4 @@
-"""Fixtures for the serve tests: the tasks' tiny digit classifier (tests/tasks/conftest.py), a folder of held-out
+"""Fixtures for the serve tests: the tiny digit classifier (tests/conftest.py), a folder of held-out
 digits indexed with `vitkit embed` + `vitkit index build`, and apps over them driven through FastAPI's TestClient
 (httpx on the ASGI app, lifespan included)."""
 import time
@@ -11,11 +11,10 @@ pytest.importorskip("prometheus_client")
 pytest.importorskip("python_multipart")
 
 from tasks._digits import mnist5k, write_digits  # noqa: E402
-from tasks.conftest import digits_model  # noqa: E402,F401 (the fixture)
 
 
 @pytest.fixture(scope="session")
-def served(digits_model, tmp_path_factory):  # noqa: F811
+def served(digits_model, tmp_path_factory):
     """(checkpoint, digit folder, the files, index folder, embeddings file): 40 held-out digits, embedded and
     indexed by the library functions `vitkit embed` and `vitkit index build` call."""
     from vitkit.tasks.retrieve import Embeddings, build_index, embed_folder
