@@ -94,3 +94,20 @@ def test_old_embeddings_and_index_search_as_before(old, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert query.name in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "{dit}", "{img}"], ["eval", "{dit}", "--data", "mnist5k"], ["embed", "{dit}", "{imgs}", "--out", "{tmp}/e"],
+    ["eval-retrieval", "{dit}", "--data", "mnist5k"], ["export", "{dit}", "--format", "onnx", "--out", "{tmp}/x.onnx"],
+    ["train", "--data", "mnist5k", "--init", "{dit}", "--runs-dir", "{tmp}", "--max-steps", "1"],
+    ["explain", "{dit}", "{img}", "--out", "{tmp}/ex"],
+], ids=lambda a: a[0] if a[0] != "train" else "train-init")
+def test_a_dit_where_a_vit_is_needed_is_one_line(old, tmp_path, capsys, argv):
+    """A generator's checkpoint given to a command that reads a ViT: one line saying what the file holds (these were
+    TypeError/AttributeError tracebacks), and no file written."""
+    img = sorted((old / "images").rglob("*.png"))[0]
+    argv = [a.format(dit=old / "runs" / "dit", img=img, imgs=old / "images", tmp=tmp_path / "out") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds a DiT, not a ViT" in err, err
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # train may leave its empty runs folder

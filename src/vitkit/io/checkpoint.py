@@ -178,6 +178,19 @@ def load(path, map_location="cpu") -> nn.Module:
     return model.eval()
 
 
+def load_vit(path, what: str, map_location="cpu") -> nn.Module:
+    """`load` for a command that reads a ViT (classify, embed, explain, fine-tune, export): an MAE gives its encoder;
+    any other model (a DiT) is a one-line CheckpointError saying what the file holds, not a traceback later."""
+    from ..models import VisionTransformer
+    from ..models.mae import encoder_of
+
+    model = encoder_of(load(path, map_location))
+    if not isinstance(model, VisionTransformer):
+        raise CheckpointError(f"{str(path)!r} holds a {type(model).__name__}, not a ViT; {what} needs a ViT "
+                              "checkpoint (a classifier, or an MAE whose encoder it takes)")
+    return model
+
+
 @contextlib.contextmanager
 def _no_init():
     """torch.nn.init's fillers as no-ops while a model is built on the meta device (as transformers'

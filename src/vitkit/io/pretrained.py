@@ -18,7 +18,7 @@ from ..errors import CheckpointError
 from ..models import Preprocessing, VisionTransformer, get_config, list_models
 from ..models.deit import VisionTransformerDistilled
 from . import convert
-from .checkpoint import is_vitkit_checkpoint, load, load_state_dict_checked
+from .checkpoint import is_vitkit_checkpoint, load_state_dict_checked, load_vit
 from .files import download_from_hub, looks_like_hub_name, read_folder_weights, read_json, read_weights
 from .infer import infer_config
 
@@ -220,9 +220,7 @@ def load_pretrained(path_or_name, *, fmt: Optional[str] = None, model: Optional[
     if fmt in (None, "vitkit") and (path.is_dir() and any((path / n).is_file() for n in
                                     ("best.safetensors", "last.safetensors")) or is_vitkit_checkpoint(path)
                                     or path.is_dir() and is_vitkit_checkpoint(path / "model.safetensors")):
-        net = load(path)
-        if hasattr(net, "to_encoder"):  # an MAE checkpoint: the encoder becomes the classifier, the decoder is dropped
-            net = net.to_encoder()
+        net = load_vit(path, "loading weights into a ViT (--init, export)")  # an MAE: the encoder, decoder dropped
     elif fmt == "vitkit":
         raise CheckpointError(f"{str(path)!r} is not a vitkit checkpoint (no vitkit metadata); drop --from vitkit "
                               "(--init-format vitkit in train) to detect its format")

@@ -520,9 +520,9 @@ def _final_report(trainer, val, info, task: ClassifierConfig, last: Optional[dic
 def load_classifier(path, device="cpu", fast: bool = False, tome: int = 0):
     """A vitkit classifier checkpoint (or run folder) → model in eval mode, with its class names.
     `fast` runs the exact fast path (`vitkit.optimize`); `tome` > 0 merges that many tokens per block."""
-    from ..io import load
+    from ..io.checkpoint import load_vit
 
-    model = load(path).to(device)
+    model = load_vit(path, "classifying").to(device)
     if model.num_classes <= 0:
         raise CheckpointError(f"{str(path)!r} holds a model without a classification head; it cannot classify")
     names = (model.pretrained_cfg or {}).get("class_names") or [str(i) for i in range(model.num_classes)]

@@ -292,11 +292,7 @@ def explain_images(checkpoint, images: Sequence, out="explain", *, method: str =
     import json
 
     from .. import validate as v
-    from ..errors import CheckpointError
-    from ..io import load
-    from ..io.checkpoint import atomic_write, check_finite_outputs
-    from ..models import VisionTransformer
-    from ..models.mae import encoder_of
+    from ..io.checkpoint import atomic_write, check_finite_outputs, load_vit
     from ..data.inputs import denormalize, load_batch, native_size, open_image, preprocessing
 
     v.choice(fmt, "format", ("json", "npy"))
@@ -306,10 +302,7 @@ def explain_images(checkpoint, images: Sequence, out="explain", *, method: str =
     out = Path(out)
     stems = output_stems(images, out)  # relative paths kept: a/x.png and b/x.png never share a name
     check_outputs(images, stems, "." + fmt, overwrite)
-    model = encoder_of(load(checkpoint))  # an MAE: its encoder
-    if not isinstance(model, VisionTransformer):  # a DiT was an AttributeError traceback
-        raise CheckpointError(f"{str(checkpoint)!r} holds a {type(model).__name__}, not a ViT; explain needs a ViT "
-                              "checkpoint")
+    model = load_vit(checkpoint, "explain")  # an MAE: its encoder; a DiT: a one-line error
     pcfg = preprocessing(model)
     out.mkdir(parents=True, exist_ok=True)
     names = (pcfg.get("class_names") or None)

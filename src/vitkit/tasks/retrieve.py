@@ -24,10 +24,9 @@ import torch.nn.functional as F
 
 from ..data import eval_transform, list_images
 from ..errors import CheckpointError, ConfigError, DataError
-from ..io.checkpoint import atomic_write
+from ..io.checkpoint import atomic_write, load_vit
 from ..io.files import lock_file, write_pid
 from ..models import Preprocessing
-from ..models.mae import encoder_of
 from ..data.inputs import label_of, open_image
 
 log = logging.getLogger(__name__)
@@ -247,7 +246,6 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
     new or changed files (by path, mtime and size) are embedded; removed files are dropped. Unreadable images are
     skipped with a warning (`strict`: stop at the first). Returns counts."""
     from .. import validate as v
-    from ..io import load
 
     v.integer(batch_size, "batch_size", lo=1)
     v.integer(layer, "layer", optional=True)
@@ -255,7 +253,7 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
     folder = Path(folder)
     files = list_images(folder)
     if model is None:
-        model = encoder_of(load(checkpoint))  # an MAE: its encoder
+        model = load_vit(checkpoint, "embed")  # an MAE: its encoder
     model.eval()
     pool = pool or default_pool(model, layer)
     _check_pool(model, pool, layer)
@@ -615,14 +613,13 @@ def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, lay
     checkpoint says (no augmentation). With `out`, the result is also written there as JSON (atomically)."""
     from .. import validate as v
     from ..data import build_datasets
-    from ..io import load
 
     v.integer(batch_size, "batch_size", lo=1)
     v.integer(knn_k, "knn_k", lo=1)
     v.number(temperature, "temperature", lo=0, lo_open=True)
 
     if model is None:
-        model = encoder_of(load(checkpoint))  # an MAE: its encoder
+        model = load_vit(checkpoint, "eval-retrieval")  # an MAE: its encoder
     model.eval()
     pool = pool or default_pool(model, layer)
     _check_pool(model, pool, layer)
@@ -694,7 +691,6 @@ def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None,
     """The k nearest entries of an index folder to each query image, embedded by the index's model (or by
     `checkpoint`, which must be the same model); with `grid`, also a PNG of queries and neighbours."""
     from .. import validate as v
-    from ..io import load
     from ..data.inputs import load_batch
 
     v.integer(k, "k", lo=1)  # before the (possibly long) loads
@@ -709,7 +705,7 @@ def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None,
         raise ConfigError("the index does not record a checkpoint; pass --checkpoint")
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"the index's model {ckpt!r} is gone; pass --checkpoint with the same model")
-    model = encoder_of(load(ckpt))  # an MAE: its encoder
+    model = load_vit(ckpt, "search")  # an MAE: its encoder
     check_same_model(im, model_manifest(model, ckpt, im.get("pool"), im.get("layer")), what=f"index {str(index)!r}")
     q = embed_images(model, load_batch(queries, model), im.get("pool"), im.get("layer"))
     results = ix.neighbours(q, k)
