@@ -279,11 +279,6 @@ def save_figure(path, image: np.ndarray, expl: Explanation, i: int = 0, title: s
     return save_png(fig, path, dpi=90, metadata={"Source": str(source)} if source else None)
 
 
-__all__ = ["METHODS", "HEAD_FUSIONS", "DEFAULT_MAX_TOKENS", "token_count", "check_tokens", "fuse_heads", "attention_rollout", "last_layer_attention", "explain",
-           "Explanation", "map_meaning", "reads_class_token", "upsample", "save_figure", "output_stems",
-           "check_outputs", "figure_source"]
-
-
 def explain_images(checkpoint, images: Sequence, out="explain", *, method: str = "rollout", head_fusion: str = "mean",
                    discard_ratio: float = 0.0, size="model", fmt: str = "json", overwrite: bool = False,
                    max_tokens: Optional[int] = DEFAULT_MAX_TOKENS) -> List[dict]:
@@ -343,4 +338,6 @@ def explain_images(checkpoint, images: Sequence, out="explain", *, method: str =
     return rows
 
 
-__all__ += ["explain_images"]
+__all__ = ["METHODS", "HEAD_FUSIONS", "DEFAULT_MAX_TOKENS", "token_count", "check_tokens", "fuse_heads",
+           "attention_rollout", "last_layer_attention", "explain", "Explanation", "map_meaning", "reads_class_token",
+           "upsample", "save_figure", "output_stems", "check_outputs", "figure_source", "explain_images"]

@@ -283,10 +283,6 @@ def score_samples(images01: torch.Tensor, labels: torch.Tensor, classifier, real
             "num_real_test": len(test), "num_real_train": len(train)}
 
 
-__all__ = ["GeneratorConfig", "train_generator", "build_generator", "sample", "save_grid", "check_classes",
-           "classifier_outputs", "frechet_distance", "score_samples", "real_images", "recipe_for", "denoising_loss"]
-
-
 def generate_to_folder(checkpoint, out="samples", *, classes: Optional[Sequence[int]] = None, n: int = 16,
                        steps: int = 50, cfg: float = 2.0, seed: int = 0, classifier=None,
                        real: Optional[str] = None) -> dict:
@@ -328,4 +324,6 @@ def generate_to_folder(checkpoint, out="samples", *, classes: Optional[Sequence[
     return result
 
 
-__all__ += ["generate_to_folder"]
+__all__ = ["GeneratorConfig", "train_generator", "build_generator", "sample", "save_grid", "check_classes",
+           "classifier_outputs", "frechet_distance", "score_samples", "real_images", "recipe_for", "denoising_loss",
+           "generate_to_folder"]

@@ -681,11 +681,6 @@ def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: 
     return save_png(fig, path, dpi=GRID_DPI)
 
 
-__all__ = ["POOLS", "INDEX_KINDS", "embed_images", "embed_paths", "embed_folder", "Embeddings", "Index",
-           "build_index", "model_manifest", "writer_lock", "check_same_model", "recall_at_k", "map_at_r",
-           "knn_classify", "retrieval_report", "save_grid", "default_pool", "embed_dataset", "evaluate_retrieval"]
-
-
 def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None, nprobe: Optional[int] = None,
            ef_search: Optional[int] = None) -> dict:
     """The k nearest entries of an index folder to each query image, embedded by the index's model (or by
@@ -713,9 +708,6 @@ def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None,
     if grid:
         save_grid(grid, queries, results, channels=model.config.in_chans)
     return {"index": index, "k": k, "grid": grid or None, "results": out}
-
-
-__all__ += ["search"]
 
 
 def build_index_folder(embeddings, out, kind: str = "flat", *, overwrite: bool = False, **params) -> Index:
@@ -750,4 +742,7 @@ def add_to_index(index, embeddings) -> dict:
     return {"added": added, "skipped_already_indexed": len(emb) - added, "count": len(ix)}
 
 
-__all__ += ["build_index_folder", "add_to_index"]
+__all__ = ["POOLS", "INDEX_KINDS", "embed_images", "embed_paths", "embed_folder", "Embeddings", "Index",
+           "build_index", "model_manifest", "writer_lock", "check_same_model", "recall_at_k", "map_at_r",
+           "knn_classify", "retrieval_report", "save_grid", "default_pool", "embed_dataset", "evaluate_retrieval",
+           "search", "build_index_folder", "add_to_index"]
