@@ -83,3 +83,13 @@ def test_training_benchmarks_quick(capsys):
                          "patchify stem instead of conv"]
     assert all(0 <= r["top1"] <= 100 and r["steps"] > 0 for r in out.values())
     assert _last_line(capsys).startswith("best option / base top-1 ratio: ")
+
+
+def test_scale_benchmark_scan_quick(capsys):
+    """benchmarks/scale.py --sections scan on a tiny generated folder: every candidate timed, the ratio line last."""
+    import scale
+
+    out = scale.main(["--quick", "--sections", "scan"])["scan"]
+    assert set(out["seconds"]) == {"old serial scan", "first scan, threads", "first scan, processes", "cached rescan"}
+    assert all(v > 0 for v in out["seconds"].values()) and out["ratio"] > 0 and out["ratio_cached"] > 0
+    assert _last_line(capsys).startswith("ratio old serial scan / first scan: ")

@@ -178,7 +178,9 @@ def read_image(path, in_chans: int = 3, draft_size: Optional[int] = None):
 
 def is_image_name(name: str) -> bool:
     """Whether a file name is an image by the listing rule: an image extension and not hidden."""
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMG_EXTENSIONS
+    # str.endswith over the (lower-case) extensions: what splitext(name)[1].lower() in IMG_EXTENSIONS says for a
+    # name that does not start with a dot, ~4x faster (a folder scan calls it once a file)
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
 def image_files(folder) -> List[Path]:
