@@ -34,6 +34,11 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def _is_rank0() -> bool:
+    """Whether this is the process that prints: rank 0 of a torchrun group, or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _report_run(args, summary: dict, outcome) -> None:
     """A training command's last words, from the rank-0 process only: the summary as JSON with --json, else one
     line: run folder, epochs, steps, time, then `outcome()` (what the run achieved, command-specific)."""
@@ -271,6 +276,8 @@ def cmd_eval(args) -> int:
                               device=args.device, data_dir=args.data_dir, download=args.download,
                               val_split=args.val_split, seed=args.seed, strict=args.strict, max_val=args.max_val,
                               fast=args.fast, tome=args.tome, class_map=args.class_map)
+    if not _is_rank0():  # under torchrun every process holds the result; rank 0 prints it
+        return 0
     if args.json:
         _print_json(res)
     else:
@@ -386,9 +393,11 @@ def _grid_size(text: str):
 def cmd_embed(args) -> int:
     from .tasks.retrieve import embed_folder
 
-    _print_json(embed_folder(args.checkpoint, args.folder, args.out, pool=args.pool, layer=args.layer,
-                             batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet,
-                             strict=args.strict, fast=args.fast))
+    res = embed_folder(args.checkpoint, args.folder, args.out, pool=args.pool, layer=args.layer,
+                       batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet,
+                       strict=args.strict, fast=args.fast)
+    if _is_rank0():  # under torchrun every process embeds a part and holds the result; rank 0 prints it
+        _print_json(res)
     return 0
 
 

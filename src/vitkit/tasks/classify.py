@@ -25,7 +25,8 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..io.plots import plot_confusion, plot_learning_curves
 from ..models import Preprocessing, ViTConfig, create_model, get_config
 from ..runtime import resolve_device
-from ..train import RunDir, Trainer, TrainConfig, claim_run, eval_batches, resume_configs
+from ..train import DistInfo, RunDir, Trainer, TrainConfig, claim_run, eval_batches, resume_configs, setup_distributed
+from ..train.distributed import all_gather_obj
 from .plan import DEFAULT_BUDGET, Plan, plan_recipe
 from .recipe import MODEL_FIELDS, Recipe, resolve
 
@@ -175,20 +176,29 @@ def classification_loss(label_smoothing: float = 0.0) -> Callable:
 
 @torch.no_grad()
 def evaluate(model, dataset, *, batch_size: int = 500, device=None, full: bool = False,
-             tta_flip: bool = False) -> dict:
+             tta_flip: bool = False, dist_info: Optional[DistInfo] = None) -> dict:
     """val_loss, top1, top5 (in %) of `model` on `dataset`; with `full`, also per-class accuracy and the confusion
     matrix (rows = true class, columns = predicted). `tta_flip`: scores from the average of the class
-    probabilities of each image and its mirror image."""
+    probabilities of each image and its mirror image. `dist_info` (a torchrun group): each process evaluates its
+    slice of every batch and the counts are summed, so every process returns what one process would (the loss to
+    float rounding)."""
     k = model.num_classes
     conf = torch.zeros(k, k, dtype=torch.long)
     loss_sum, n, top5 = 0.0, 0, 0
-    for x, y in eval_batches(model, dataset, batch_size, device):
+    rank, world = (dist_info.rank, dist_info.world) if dist_info is not None else (0, 1)
+    for x, y in eval_batches(model, dataset, batch_size, device, rank=rank, world=world):
+        if len(y) == 0:  # a last batch smaller than the number of processes leaves some of them none
+            continue
         logits = classify_logits(model, x, tta_flip)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         pred = logits.argmax(-1)
         top5 += (logits.topk(min(5, k), -1).indices == y[:, None]).any(-1).sum().item()
         conf += torch.bincount((y * k + pred).cpu(), minlength=k * k).view(k, k)
         n += len(y)
+    if world > 1:  # in rank order on every rank: the same sums everywhere
+        parts = all_gather_obj((loss_sum, n, top5, conf), dist_info)
+        loss_sum, n, top5 = (sum(p[i] for p in parts) for i in range(3))
+        conf = sum(p[3] for p in parts)
     out = {"val_loss": loss_sum / max(1, n), "top1": 100.0 * conf.diag().sum().item() / max(1, n),
            "top5": 100.0 * top5 / max(1, n)}
     if full:
@@ -642,7 +652,8 @@ def evaluate_checkpoint(path, data: Optional[str] = None, *, out_dir=None, batch
         val_split = (saved.get("classifier") or {}).get("val_split", 0.1)
     if seed is None:
         seed = (saved.get("train") or {}).get("seed", 0)
-    dev = resolve_device(device)
+    dist_info = setup_distributed(device)  # under torchrun: join the group, each process takes its part
+    dev = dist_info.device
     model, names = load_classifier(path, dev, fast=fast, tome=tome)
     pre = Preprocessing.of(model)
     c = model.config
@@ -653,7 +664,8 @@ def evaluate_checkpoint(path, data: Optional[str] = None, *, out_dir=None, batch
     lut = match_classes(info.class_names, names, named=bool(pre.class_names), class_map=class_map,
                         data=repr(info.spec))
     val = _relabel(val, lut)
-    ev = evaluate(model, val, batch_size=batch_size, device=dev, full=True, tta_flip=bool(pre.extra.get("tta_flip")))
+    ev = evaluate(model, val, batch_size=batch_size, device=dev, full=True, tta_flip=bool(pre.extra.get("tta_flip")),
+                  dist_info=dist_info)
     present = sorted(set(lut))  # the checkpoint's classes the data holds
     out = Path(out_dir) if out_dir else (p if p.is_dir() else p.parent)
     out.mkdir(parents=True, exist_ok=True)
@@ -667,8 +679,10 @@ def evaluate_checkpoint(path, data: Optional[str] = None, *, out_dir=None, batch
     from ..io.checkpoint import atomic_write
 
     text = json.dumps(result, indent=2) + "\n"
-    atomic_write(out / "eval.json", lambda tmp: Path(tmp).write_text(text))
-    plot_confusion(ev["confusion"], names, out / "eval_confusion.png", title=f"{info.spec}: top-1 {ev['top1']:.2f}%")
+    if dist_info.is_main:  # under torchrun every process holds the same result; one writes it
+        atomic_write(out / "eval.json", lambda tmp: Path(tmp).write_text(text))
+        plot_confusion(ev["confusion"], names, out / "eval_confusion.png",
+                       title=f"{info.spec}: top-1 {ev['top1']:.2f}%")
     result["outputs"] = [str(out / "eval.json"), str(out / "eval_confusion.png")]
     return result
 

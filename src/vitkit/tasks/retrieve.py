@@ -27,6 +27,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..io.checkpoint import atomic_write, load_vit
 from ..io.files import lock_file, write_pid
 from ..models import Preprocessing
+from ..train.distributed import broadcast_obj, gather_obj, rank_range, setup_distributed
 from ..data.inputs import label_of, open_image
 
 log = logging.getLogger(__name__)
@@ -263,62 +264,130 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
 
         model = optimize(model)
     out = Path(out)
+    dist = setup_distributed("cpu")  # under torchrun: each process embeds its part, rank 0 writes the file
+    if dist.world > 1:
+        return _embed_distributed(dist, out, model, manifest, folder, files, pool, layer, batch_size, overwrite,
+                                  progress, strict)
     with writer_lock(out):  # read, embed and write back as one step: a concurrent embed waits, nothing is lost
         return _embed_into(out, model, manifest, folder, files, pool, layer, batch_size, overwrite, progress, strict)
+
+
+class _EmbedPlan:
+    """What an embeddings file lacks for a folder: its files' resolved paths and keys, the old file's vectors by
+    path (`have`) and the positions still to embed (`todo`)."""
+
+    def __init__(self, out: Path, manifest: dict, folder: Path, files: List[Path], overwrite: bool):
+        old = None
+        if out.exists():
+            try:
+                old = Embeddings.load(out)
+            except DataError:
+                if not overwrite:
+                    raise DataError(f"{str(out)!r} exists and is not a vitkit embeddings file; pass --overwrite to "
+                                    "replace it, or pick another --out") from None
+            if old is not None and not same_model(old.model, manifest):
+                if not overwrite:
+                    raise CheckpointError(f"{str(out)!r} holds embeddings of {_describe(old.model)}, not of "
+                                          f"{_describe(manifest)}; pass --overwrite to replace them, or pick another "
+                                          "--out")
+                old = None
+            root = str(folder.resolve())
+            if old is not None and old.root is not None and old.root != root:
+                if not overwrite:
+                    raise FileExistsError(f"{str(out)!r} holds the embeddings of folder {old.root!r}, not of "
+                                          f"{root!r}; pass --overwrite to replace them, or pick another --out")
+                old = None
+        self.old = old
+        self.have = {p: (k, i) for i, (p, k) in enumerate(zip(old.paths, old.keys))} if old is not None else {}
+        self.paths = [str(p.resolve()) for p in files]
+        self.keys = [_file_key(p) for p in files]
+        self.todo = [i for i, (p, k) in enumerate(zip(self.paths, self.keys))
+                     if p not in self.have or self.have[p][0] != k]
+
+    def save(self, out: Path, dim: int, manifest: dict, folder: Path, files: List[Path], new: np.ndarray,
+             bad: List[Tuple[int, str]], pool: str, layer: Optional[int]) -> Dict:
+        """Write the embeddings file from the reused vectors and `new` (the readable `todo` files' vectors, in order;
+        `bad`: (position in the folder, reason) of the unreadable ones). Returns the counts."""
+        paths, todo = self.paths, self.todo
+        vectors = np.zeros((len(paths), dim), np.float32)
+        todo_set = set(todo)
+        for i, p in enumerate(paths):
+            if i not in todo_set:
+                vectors[i] = self.old.vectors[self.have[p][1]]
+        bad_set = {i for i, _ in bad}
+        vectors[[i for i in todo if i not in bad_set]] = new
+        if bad:
+            if len(bad) == len(paths):
+                raise DataError(f"none of the {len(paths)} image files under {str(folder)!r} could be read; the "
+                                f"first: {bad[0][1]}")
+            for _, why in bad:
+                log.warning("skipped: %s", why)
+        keep = sorted(set(range(len(paths))) - bad_set)
+        labels = [label_of(p, folder) for p in files]
+        Embeddings(vectors[keep], [paths[i] for i in keep], [labels[i] for i in keep],
+                   [self.keys[i] for i in keep], manifest, str(folder.resolve())).save(out)
+        removed = len(set(self.have) - set(paths))
+        return {"out": str(out), "images": len(keep), "embedded": len(todo) - len(bad),
+                "reused": len(paths) - len(todo), "removed": removed, "skipped": [paths[i] for i, _ in bad],
+                "dim": int(dim), "pool": pool, "layer": layer}
 
 
 def _embed_into(out: Path, model, manifest: dict, folder: Path, files: List[Path], pool: str, layer: Optional[int],
                 batch_size: int, overwrite: bool, progress: bool, strict: bool) -> Dict:
     """embed_folder's work under the lock: reuse what `out` holds for this model and folder, embed the rest."""
-    old = None
-    if out.exists():
+    plan = _EmbedPlan(out, manifest, folder, files, overwrite)
+    new, bad = _embed_part(model, manifest, files, plan.todo, pool, layer, batch_size, progress, strict)
+    return plan.save(out, model.embed_dim, manifest, folder, files, new, bad, pool, layer)
+
+
+def _embed_part(model, manifest: dict, files: List[Path], todo: Sequence[int], pool: str, layer: Optional[int],
+                batch_size: int, progress: bool, strict: bool) -> Tuple[np.ndarray, List[Tuple[int, str]]]:
+    """The embeddings of files[todo] (the readable ones, in order) and (position in `files`, reason) of the others."""
+    if not todo:
+        return np.zeros((0, model.embed_dim), np.float32), []
+    new, bad_local = embed_paths(model, [files[i] for i in todo], pool, layer, batch_size, progress, strict,
+                                 source=str(manifest.get("checkpoint") or "the model"))
+    return new, [(todo[j], why) for j, why in bad_local]
+
+
+def _embed_distributed(dist, out: Path, model, manifest: dict, folder: Path, files: List[Path], pool: str,
+                       layer: Optional[int], batch_size: int, overwrite: bool, progress: bool, strict: bool) -> Dict:
+    """embed_folder under torchrun: rank 0 holds the lock and decides what to embed; each process embeds its
+    contiguous part of that (`rank_range`); rank 0 gathers the parts in rank order and writes the file, so it is the
+    one a single process writes. An error anywhere (a bad file with `strict`, an --out of another model) is raised
+    on every process, so none waits for the others forever."""
+    with writer_lock(out) if dist.is_main else contextlib.nullcontext():
+        plan = None
         try:
-            old = Embeddings.load(out)
-        except DataError:
-            if not overwrite:
-                raise DataError(f"{str(out)!r} exists and is not a vitkit embeddings file; pass --overwrite to "
-                                "replace it, or pick another --out") from None
-        if old is not None and not same_model(old.model, manifest):
-            if not overwrite:
-                raise CheckpointError(f"{str(out)!r} holds embeddings of {_describe(old.model)}, not of "
-                                      f"{_describe(manifest)}; pass --overwrite to replace them, or pick another --out")
-            old = None
-        root = str(folder.resolve())
-        if old is not None and old.root is not None and old.root != root:
-            if not overwrite:
-                raise FileExistsError(f"{str(out)!r} holds the embeddings of folder {old.root!r}, not of {root!r}; "
-                                      "pass --overwrite to replace them, or pick another --out")
-            old = None
-    have = {p: (k, i) for i, (p, k) in enumerate(zip(old.paths, old.keys))} if old is not None else {}
-    paths = [str(p.resolve()) for p in files]
-    keys = [_file_key(p) for p in files]
-    todo = [i for i, (p, k) in enumerate(zip(paths, keys)) if p not in have or have[p][0] != k]
-    vectors = np.zeros((len(paths), model.embed_dim), np.float32)
-    todo_set = set(todo)
-    for i, p in enumerate(paths):
-        if i not in todo_set:
-            vectors[i] = old.vectors[have[p][1]]
-    bad: List[Tuple[int, str]] = []
-    if todo:
-        new, bad_local = embed_paths(model, [files[i] for i in todo], pool, layer, batch_size, progress, strict,
-                                     source=str(manifest.get("checkpoint") or "the model"))
-        bad = [(todo[j], why) for j, why in bad_local]
-        bad_set = {j for j, _ in bad_local}
-        vectors[[i for j, i in enumerate(todo) if j not in bad_set]] = new
-    if bad:
-        if len(bad) == len(paths):
-            raise DataError(f"none of the {len(paths)} image files under {str(folder)!r} could be read; the first: "
-                            f"{bad[0][1]}")
-        for _, why in bad:
-            log.warning("skipped: %s", why)
-    keep = sorted(set(range(len(paths))) - {i for i, _ in bad})
-    labels = [label_of(p, folder) for p in files]
-    Embeddings(vectors[keep], [paths[i] for i in keep], [labels[i] for i in keep], [keys[i] for i in keep],
-               manifest, str(folder.resolve())).save(out)
-    removed = len(set(have) - set(paths))
-    return {"out": str(out), "images": len(keep), "embedded": len(todo) - len(bad),
-            "reused": len(paths) - len(todo), "removed": removed, "skipped": [paths[i] for i, _ in bad],
-            "dim": int(vectors.shape[1]), "pool": pool, "layer": layer}
+            plan = _EmbedPlan(out, manifest, folder, files, overwrite) if dist.is_main else None
+            todo = plan.todo if plan is not None else None
+        except Exception as e:  # noqa: BLE001 - sent to every process, raised everywhere below
+            todo = e
+        todo = broadcast_obj(todo, dist)
+        if isinstance(todo, BaseException):
+            raise todo
+        lo, hi = rank_range(len(todo), dist)
+        try:
+            part = _embed_part(model, manifest, files, todo[lo:hi], pool, layer, batch_size,
+                               progress and dist.is_main, strict)
+        except Exception as e:  # noqa: BLE001 - as above
+            part = e
+        parts = gather_obj(part, dist)
+        result = None
+        if dist.is_main:
+            errors = [p for p in parts if isinstance(p, BaseException)]
+            try:
+                if errors:
+                    raise errors[0]
+                new = np.concatenate([p[0] for p in parts])
+                result = plan.save(out, model.embed_dim, manifest, folder, files, new, [b for p in parts for b in p[1]],
+                                   pool, layer)
+            except Exception as e:  # noqa: BLE001 - as above
+                result = e
+        result = broadcast_obj(result, dist)
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 # ---- the index ---------------------------------------------------------------------------------------------------

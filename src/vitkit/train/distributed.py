@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Optional, Tuple
 
 import torch
 
@@ -46,6 +47,37 @@ def broadcast_obj(obj, dist_info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def rank_range(n: int, dist_info: DistInfo) -> Tuple[int, int]:
+    """This rank's contiguous part [lo, hi) of n items: near-equal parts in rank order, so the parts concatenated in
+    rank order are 0..n-1 again (how distributed eval and embed split their data)."""
+    per, extra = divmod(n, dist_info.world)
+    lo = dist_info.rank * per + min(dist_info.rank, extra)
+    return lo, lo + per + (dist_info.rank < extra)
+
+
+def all_gather_obj(obj, dist_info: DistInfo) -> list:
+    """Every rank's `obj` in rank order, on every rank (`[obj]` in a single process). For small objects: sums,
+    counts; `gather_obj` brings large ones to rank 0 only."""
+    if dist_info.world <= 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * dist_info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_obj(obj, dist_info: DistInfo) -> Optional[list]:
+    """Every rank's `obj` in rank order on rank 0, None on the others (`[obj]` in a single process)."""
+    if dist_info.world <= 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * dist_info.world if dist_info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def barrier(dist_info: DistInfo) -> None:

@@ -9,14 +9,16 @@ import torch
 from ..data import make_loader
 
 
-def eval_batches(model, dataset, batch_size: int, device=None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(model, dataset, batch_size: int, device=None, rank: int = 0,
+                 world: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """(x, y) batches of `dataset` in order on `device` (default: the model's), with `model` in eval mode while
-    they are consumed; its mode is restored when the loop ends or stops. Run it under `torch.no_grad()`."""
+    they are consumed; its mode is restored when the loop ends or stops. Run it under `torch.no_grad()`.
+    `rank`/`world`: this process's contiguous slice of each global batch (distributed evaluation)."""
     device = device or next(model.parameters()).device
     was = model.training
     model.eval()
     try:
-        for x, y in make_loader(dataset, batch_size, train=False):
+        for x, y in make_loader(dataset, batch_size, train=False, rank=rank, world=world):
             yield x.to(device), y.to(device)
     finally:
         model.train(was)
