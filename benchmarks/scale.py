@@ -117,10 +117,11 @@ def scan(args) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"{k:>24}: {v:8.2f} s  {args.files / v:>10,.0f} files/s  (median of {args.repeat})")
-    tmp.cleanup()
     ratio = med["old serial scan"] / med["first scan, processes"]
     print(f"ratio old serial scan / first scan: {ratio:.2f}; / cached rescan: "
-          f"{med['old serial scan'] / med['cached rescan']:.2f} ({args.files:,} files, {os.cpu_count()} cores)")
+          f"{med['old serial scan'] / med['cached rescan']:.2f} ({args.files:,} files, {os.cpu_count()} cores)",
+          flush=True)
+    tmp.cleanup()  # after the figures: a million files take a while to delete
     return {"files": args.files, "generate_s": gen, "seconds": med, "ratio": ratio,
             "ratio_cached": med["old serial scan"] / med["cached rescan"]}
 

@@ -424,9 +424,9 @@ def cmd_index(args) -> int:
 
     if args.action == "build":
         index = build_index_folder(args.embeddings, args.out, args.kind, overwrite=args.overwrite, nlist=args.nlist,
-                                   nprobe=args.nprobe, M=args.M, ef_search=args.ef_search)
+                                   nprobe=args.nprobe, M=args.M, ef_search=args.ef_search, ondisk=args.ondisk)
         _print_json({"index": str(Path(args.out)), "kind": index.kind, "count": len(index), "dim": index.dim,
-                     "params": index.params})
+                     "params": index.params, "storage": index.storage})
     else:
         _print_json({"index": args.index, **add_to_index(args.index, args.embeddings)})
     return 0
@@ -434,8 +434,8 @@ def cmd_index(args) -> int:
 
 def _index_arguments(p):
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    b = sub.add_parser("build", help="a new index from an embeddings file")
-    b.add_argument("embeddings", help="a file from `vitkit embed`")
+    b = sub.add_parser("build", help="a new index from one embeddings file or several (one per process or shard)")
+    b.add_argument("embeddings", nargs="+", help="files from `vitkit embed` (ids follow their order)")
     b.add_argument("--out", required=True, help="index folder (index.faiss + manifest.json)")
     b.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat",
                    help="flat: exact inner product (default); ivf / hnsw: approximate, for large collections")
@@ -443,6 +443,9 @@ def _index_arguments(p):
     b.add_argument("--nprobe", type=int, default=16, help="IVF cells searched per query")
     b.add_argument("--M", type=int, default=32, help="HNSW links per node")
     b.add_argument("--ef-search", type=int, default=64, help="HNSW candidates per query")
+    b.add_argument("--ondisk", action=argparse.BooleanOptionalAction, default=None,
+                   help="IVF: train once on a sample, add each file as a shard and merge the shards on disk "
+                   "(index.ivfdata, searched memory-mapped); default: on for --kind ivf with several files")
     b.add_argument("--overwrite", action="store_true")
     a = sub.add_parser("add", help="append the embeddings not yet in an index (same model only)")
     a.add_argument("index", help="an index folder")
@@ -457,7 +460,7 @@ def cmd_search(args) -> int:
     from .tasks.retrieve import search
 
     _print_json(search(args.index, args.queries, args.k, checkpoint=args.checkpoint, grid=args.grid,
-                       nprobe=args.nprobe, ef_search=args.ef_search))
+                       nprobe=args.nprobe, ef_search=args.ef_search, mmap=args.mmap))
     return 0
 
 
@@ -469,6 +472,7 @@ cmd_search.add_arguments = lambda p: (
     p.add_argument("--grid", default="search.png", help="PNG of queries and neighbours ('' for none)"),
     p.add_argument("--nprobe", type=int, default=None, help="IVF: cells searched per query"),
     p.add_argument("--ef-search", type=int, default=None, help="HNSW: candidates per query"),
+    p.add_argument("--mmap", action="store_true", help="open the index memory-mapped (an on-disk index always is)"),
 )
 
 

@@ -391,6 +391,56 @@ def _embed_distributed(dist, out: Path, model, manifest: dict, folder: Path, fil
 
 
 # ---- the index ---------------------------------------------------------------------------------------------------
+IVFDATA = "index.ivfdata"  # a merged on-disk index's inverted lists, beside its index.faiss
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (inner product = cosine); zero rows stay zero."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _ivf_training_plan(n: int, nlist: Optional[int]) -> Tuple[int, Optional[np.ndarray]]:
+    """(cells, the positions of the training sample among n vectors, or None for all of them). faiss wants >= 39
+    training points per cell and 4·sqrt(N) cells is its rule of thumb; k-means on 64 points per cell is plenty for
+    the cells' job (routing queries) and keeps training short. Seeded: the same n gives the same sample."""
+    nlist = nlist or int(max(1, min(4 * np.sqrt(n), n // 39)))
+    if n < nlist:
+        raise DataError(f"an IVF index with {nlist} cells needs at least {nlist} vectors to train on, got {n}; "
+                        "add more vectors at once, lower --nlist, or use --kind flat")
+    return nlist, None if n <= 64 * nlist else np.random.default_rng(0).choice(n, 64 * nlist, replace=False)
+
+
+def _trained_ivf(dim: int, nlist: int, train: np.ndarray):
+    """An empty inner-product IVF-flat index whose `nlist` cells are trained (k-means) on the unit rows `train`."""
+    faiss = _faiss()
+
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(np.ascontiguousarray(train, dtype=np.float32))
+    return index
+
+
+@contextlib.contextmanager
+def _faiss_prints_to_stderr():
+    """faiss's on-disk inverted lists report with printf on stdout ('resizing ...', 'updating ondisk filename ...');
+    send them to stderr while faiss works, so the JSON the CLI prints on stdout stays parseable."""
+    import ctypes
+    import sys
+
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout at all: nothing to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)  # what C buffered goes out to stderr, before stdout is put back
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 class Index:
     """A faiss inner-product index over L2-normalised embeddings (so scores are cosine similarities), with the
     paths/labels of its entries and the model that made them.
@@ -417,6 +467,7 @@ class Index:
                        "ef_construction": int(ef_construction)}
         self.paths: List[Optional[str]] = []
         self.labels: List[Optional[str]] = []
+        self.storage = "memory"  # 'ondisk': merged inverted lists in index.ivfdata; 'mmap': opened memory-mapped
         if kind == "flat":
             self.index = faiss.IndexFlatIP(self.dim)
         elif kind == "hnsw":
@@ -430,27 +481,19 @@ class Index:
         return 0 if self.index is None else int(self.index.ntotal)
 
     def _make_ivf(self, x: np.ndarray) -> None:
-        faiss = _faiss()
-
-        n = len(x)
-        # faiss wants >= 39 training points per cell; 4·sqrt(N) cells is its rule of thumb.
-        nlist = self.params["nlist"] or int(max(1, min(4 * np.sqrt(n), n // 39)))
-        if n < nlist:
-            raise DataError(f"an IVF index with {nlist} cells needs at least {nlist} vectors to train on, got {n}; "
-                            "add more vectors at once, lower --nlist, or use --kind flat")
-        quantizer = faiss.IndexFlatIP(self.dim)
-        index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        # k-means on 64 points per cell is plenty for the cells' job (routing queries) and keeps training short.
-        train = x if n <= 64 * nlist else x[np.random.default_rng(0).choice(n, 64 * nlist, replace=False)]
-        index.train(train)
-        index.nprobe = min(self.params["nprobe"], nlist)
+        nlist, sample = _ivf_training_plan(len(x), self.params["nlist"])
+        self.index = _trained_ivf(self.dim, nlist, x if sample is None else x[sample])
+        self.index.nprobe = min(self.params["nprobe"], nlist)
         self.params["nlist"] = nlist
-        self.index = index
 
     def add(self, vectors, paths: Optional[Sequence[str]] = None, labels: Optional[Sequence] = None,
             model: Optional[dict] = None) -> "Index":
         """Append (N, D) embeddings (normalised here), with their paths and labels. `model` (a manifest) must
         match the index's model when both are known."""
+        if self.storage != "memory":
+            raise DataError(f"this index is {'merged on disk' if self.storage == 'ondisk' else 'memory-mapped'} and "
+                            "read-only; build a new one with `vitkit index build` from all the embeddings files (or "
+                            "load it without mmap)")
         x = np.ascontiguousarray(torch.as_tensor(vectors).float().numpy() if torch.is_tensor(vectors) else vectors,
                                  dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.dim:
@@ -461,7 +504,7 @@ class Index:
                 self.model = model
             else:
                 check_same_model(self.model, model)
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        x = _unit(x)
         if paths is not None and len(paths) != len(x):
             raise DataError(f"got {len(x)} embeddings but {len(paths)} paths")
         if self.index is None:
@@ -496,8 +539,11 @@ class Index:
                  for r, (s, i) in enumerate(zip(srow, irow)) if i >= 0] for srow, irow in zip(scores, ids)]
 
     def manifest(self) -> dict:
-        return {"format": INDEX_FORMAT, "kind": self.kind, "dim": self.dim, "count": len(self),
-                "params": self.params, "model": self.model, "paths": self.paths, "labels": self.labels}
+        m = {"format": INDEX_FORMAT, "kind": self.kind, "dim": self.dim, "count": len(self),
+             "params": self.params, "model": self.model, "paths": self.paths, "labels": self.labels}
+        if self.storage == "ondisk":  # only then: an in-memory index's manifest is the one vitkit 0.1.0 wrote
+            m["storage"] = "ondisk"
+        return m
 
     def save(self, path) -> Path:
         """A folder with `index.faiss` and `manifest.json` (each written atomically; the manifest's count ties
@@ -506,6 +552,9 @@ class Index:
 
         if self.index is None:
             raise DataError("cannot save an IVF index that has no vectors yet")
+        if self.storage != "memory":
+            raise DataError("an on-disk or memory-mapped index is saved where it was built; load it without mmap to "
+                            "save a copy")
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise DataError(f"{str(path)!r} is a file; an index is saved as a folder, pick another --out")
@@ -515,7 +564,10 @@ class Index:
         return path
 
     @classmethod
-    def load(cls, path) -> "Index":
+    def load(cls, path, mmap: bool = False) -> "Index":
+        """An index folder. `mmap`: map index.faiss into memory instead of reading it (the OS pages in what searches
+        touch: fast to open, shared between processes, more than RAM). A merged on-disk index (`build_index_folder`
+        of several files) is always opened so: its inverted lists stay in index.ivfdata beside it."""
         faiss = _faiss()
 
         path = Path(path)
@@ -534,8 +586,20 @@ class Index:
         except Exception as e:
             why = f" ({e})" if isinstance(e, ConfigError) else ""
             raise DataError(f"{str(mpath)!r} is not a vitkit index manifest{why}; rebuild the index") from None
+        flags = 0
+        if m.get("storage") == "ondisk":
+            if not (path / IVFDATA).is_file():
+                raise DataError(f"{str(path)!r} is an on-disk index but {IVFDATA} is missing beside index.faiss; copy "
+                                "the whole folder, or rebuild the index")
+            self.storage, flags = "ondisk", faiss.IO_FLAG_ONDISK_SAME_DIR  # the lists: IVFDATA in the same folder
+        elif mmap:
+            # IVF: its inverted lists mapped; flat and HNSW: their stored vectors (IndexFlatCodes) mapped. The two
+            # flags do not combine (an IVF read with MMAP_IFC fails).
+            self.storage = "mmap"
+            flags = faiss.IO_FLAG_MMAP if self.kind == "ivf" else getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
         try:
-            self.index = faiss.read_index(str(ipath))
+            with _faiss_prints_to_stderr():
+                self.index = faiss.read_index(str(ipath), flags)
         except Exception as e:
             raise DataError(f"{str(ipath)!r} cannot be read ({str(e).splitlines()[0]}); rebuild the index") from None
         want = {"flat": faiss.IndexFlat, "hnsw": faiss.IndexHNSW, "ivf": faiss.IndexIVF}[self.kind]
@@ -751,16 +815,17 @@ def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: 
 
 
 def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None, nprobe: Optional[int] = None,
-           ef_search: Optional[int] = None) -> dict:
+           ef_search: Optional[int] = None, mmap: bool = False) -> dict:
     """The k nearest entries of an index folder to each query image, embedded by the index's model (or by
-    `checkpoint`, which must be the same model); with `grid`, also a PNG of queries and neighbours."""
+    `checkpoint`, which must be the same model); with `grid`, also a PNG of queries and neighbours. `mmap`: open
+    the index memory-mapped (`Index.load`)."""
     from .. import validate as v
     from ..data.inputs import load_batch
 
     v.integer(k, "k", lo=1)  # before the (possibly long) loads
     v.integer(nprobe, "nprobe", lo=1, optional=True)
     v.integer(ef_search, "ef_search", lo=1, optional=True)
-    ix = Index.load(index)
+    ix = Index.load(index, mmap=mmap)
     if nprobe or ef_search:
         ix.set_search_params(nprobe=nprobe, ef_search=ef_search)
     im = ix.model or {}
@@ -779,22 +844,125 @@ def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None,
     return {"index": index, "k": k, "grid": grid or None, "results": out}
 
 
-def build_index_folder(embeddings, out, kind: str = "flat", *, overwrite: bool = False, **params) -> Index:
-    """An index of an embeddings file, saved as the folder `out`; an existing index is replaced only when
-    `overwrite`. One writer at a time per folder (writer_lock): another waits."""
+def build_index_folder(embeddings, out, kind: str = "flat", *, overwrite: bool = False, ondisk: Optional[bool] = None,
+                       **params) -> Index:
+    """An index of one embeddings file or several (a list: one per process or per shard, in order; ids follow
+    that order), saved as the folder `out`; an existing index is replaced only when `overwrite`. One writer at a time
+    per folder (writer_lock): another waits.
+
+    `ondisk` (IVF only; the default for an IVF index of several files): the IVF cells are trained once on a sample
+    of all the vectors, each file's vectors go into their own shard index, and the shards' inverted lists are
+    merged into one file on disk (faiss `merge_ondisk`: index.ivfdata beside index.faiss), read memory-mapped by
+    `Index.load`, so neither the build nor a search holds all the vectors in memory. Its neighbours are those of
+    the same index built in memory. Otherwise the files' vectors are put together in memory."""
     from .. import validate as v
 
     out = Path(out)
+    files = [embeddings] if isinstance(embeddings, (str, os.PathLike)) else list(embeddings)
+    if not files:
+        raise ConfigError("no embeddings files given; pass one or more files from `vitkit embed`")
     for k, lo in (("nprobe", 1), ("M", 2), ("ef_search", 1), ("nlist", 1)):  # before the load (Index rechecks)
         if k in params:
             v.integer(params[k], k, lo=lo, optional=k == "nlist")
+    ondisk = kind == "ivf" and len(files) > 1 if ondisk is None else bool(ondisk)
+    if ondisk and kind != "ivf":
+        raise ConfigError(f"an on-disk index is an IVF index; pass --kind ivf (got --kind {kind})")
     with writer_lock(out):
         if (out / "manifest.json").exists() and not overwrite:
             raise FileExistsError(f"index {str(out)!r} exists; pass --overwrite to replace it, or `vitkit index "
                                   "add` to append to it")
-        index = build_index(Embeddings.load(embeddings), kind, **params)
+        if ondisk:
+            return _build_ondisk(files, out, **params)
+        embs = [Embeddings.load(f) for f in files]
+        _check_shards(files, embs)
+        emb = embs[0] if len(embs) == 1 else Embeddings(
+            np.concatenate([e.vectors for e in embs]), [p for e in embs for p in e.paths],
+            [lab for e in embs for lab in e.labels], [k for e in embs for k in e.keys], embs[0].model)
+        index = build_index(emb, kind, **params)
         index.save(out)
+        (out / IVFDATA).unlink(missing_ok=True)  # an on-disk index's lists this one replaced
     return index
+
+
+def _check_shards(files: Sequence, embs: Sequence[Embeddings], seen: Optional[set] = None) -> None:
+    """Embeddings files indexed together must come from one model and must not repeat an image."""
+    seen = set() if seen is None else seen
+    for f, e in zip(files, embs):
+        check_same_model(embs[0].model, e.model, what=f"embeddings file {str(files[0])!r}")
+        for p in e.paths:
+            if p in seen:
+                raise DataError(f"image {p!r} is in two of the embeddings files (again in {str(f)!r}); index each "
+                                "image once: embed disjoint folders, or pass each file once")
+            seen.add(p)
+
+
+def _build_ondisk(files: Sequence, out: Path, nlist: Optional[int] = None, nprobe: int = 16, **params) -> Index:
+    """build_index_folder's on-disk IVF: one pass over the files for the count and the training sample (the same
+    sample `Index.add` would draw from all the vectors at once, so the cells are the ones an in-memory build trains),
+    one pass adding each file as a shard (ids = positions in the files' order), then merge_ondisk. The files are read
+    one at a time; the work happens in a hidden folder inside `out` and its results are renamed into place."""
+    import shutil
+    import tempfile
+
+    from faiss.contrib.ondisk import merge_ondisk
+
+    faiss = _faiss()
+    counts: List[int] = []
+    seen: set = set()
+    paths: List[str] = []
+    labels: List[Optional[str]] = []
+    model, dim = None, None
+    for f in files:
+        e = Embeddings.load(f)
+        if model is None:
+            model, dim = e.model, e.vectors.shape[1]
+        check_same_model(model, e.model, what=f"embeddings file {str(files[0])!r}")
+        if e.vectors.shape[1] != dim:
+            raise DataError(f"{str(f)!r} holds {e.vectors.shape[1]}-dimensional embeddings, {str(files[0])!r} "
+                            f"{dim}-dimensional; index embeddings of one model and layer")
+        _check_shards([f], [e], seen)
+        counts.append(len(e))
+        paths += e.paths
+        labels += e.labels
+    n = sum(counts)
+    nlist, sample = _ivf_training_plan(n, nlist)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    train = np.zeros((n if sample is None else len(sample), dim), np.float32)
+    for i, f in enumerate(files):  # the sample's rows, in the sample's order (k-means starts from its order)
+        x = _unit(Embeddings.load(f).vectors)
+        if sample is None:
+            train[offsets[i]:offsets[i + 1]] = x
+        else:
+            at = np.nonzero((sample >= offsets[i]) & (sample < offsets[i + 1]))[0]
+            train[at] = x[sample[at] - offsets[i]]
+    trained = _trained_ivf(dim, nlist, train)
+    del train
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
+    try:
+        shards = []
+        for i, f in enumerate(files):
+            shard = faiss.clone_index(trained)
+            shard.add_with_ids(_unit(Embeddings.load(f).vectors), np.arange(offsets[i], offsets[i + 1], dtype=np.int64))
+            shards.append(str(work / f"shard{i:05d}.faiss"))
+            faiss.write_index(shard, shards[-1])
+            del shard
+        merged = faiss.clone_index(trained)
+        merged.nprobe = min(nprobe, nlist)  # as an in-memory build sets it
+        with _faiss_prints_to_stderr():
+            merge_ondisk(merged, shards, str(work / IVFDATA))
+            faiss.write_index(merged, str(work / "index.faiss"))
+        del merged
+        index = Index(dim, "ivf", model, nlist=nlist, nprobe=nprobe, **params)
+        index.params["nlist"] = nlist
+        index.paths, index.labels, index.storage = paths, labels, "ondisk"
+        os.replace(work / IVFDATA, out / IVFDATA)
+        os.replace(work / "index.faiss", out / "index.faiss")
+        manifest = {**index.manifest(), "count": n}  # the faiss index is on disk now, not in `index`
+        atomic_write(out / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Index.load(out)
 
 
 def add_to_index(index, embeddings) -> dict:
