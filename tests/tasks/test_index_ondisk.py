@@ -53,6 +53,7 @@ def test_merged_ondisk_index_returns_the_in_memory_neighbours(tmp_path):
     shutil.move(str(tmp_path / "ix"), str(tmp_path / "moved"))  # the folder travels with its lists
     disk = Index.load(tmp_path / "moved")
     assert disk.storage == "ondisk" and disk.paths == memory.paths and disk.labels == memory.labels
+    assert not _in_memory(disk) and _in_memory(memory)
     for nprobe in (2, 8):  # a few cells; every cell (exact)
         disk.set_search_params(nprobe=nprobe)
         memory.set_search_params(nprobe=nprobe)
@@ -66,6 +67,17 @@ def test_merged_ondisk_index_returns_the_in_memory_neighbours(tmp_path):
         disk.add(queries[:1])
 
 
+def _in_memory(ix) -> bool:
+    """Whether faiss holds the index's vectors in its own memory (not a mapped file)."""
+    import faiss
+
+    if ix.kind == "ivf":
+        return type(faiss.downcast_InvertedLists(faiss.extract_index_ivf(ix.index).invlists)).__name__ != \
+            "OnDiskInvertedLists"
+    flat = faiss.downcast_index(ix.index.storage) if ix.kind == "hnsw" else ix.index
+    return bool(flat.codes.is_owned)
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
 def test_an_index_opens_memory_mapped_and_searches_the_same(tmp_path, kind):
     (f,) = _files(tmp_path, sizes=(400,))
@@ -75,6 +87,9 @@ def test_an_index_opens_memory_mapped_and_searches_the_same(tmp_path, kind):
     q = Embeddings.load(f).vectors[:20]
     for a, b in zip(plain.search(q, 5), mapped.search(q, 5)):
         np.testing.assert_array_equal(a, b)
+    assert not _in_memory(mapped) and _in_memory(plain)
+    with pytest.raises(DataError, match="read-only"):  # faiss would abort the process writing to a mapped file
+        mapped.add(q[:1])
     assert "storage" not in json.loads((tmp_path / "ix" / "manifest.json").read_text())  # the 0.1.0 manifest
 
 
