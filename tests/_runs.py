@@ -1,5 +1,6 @@
 """Helpers for the tests that train tiny runs: a classifier task and engine config of a given size, a callback
-that cuts a run after an epoch (as a kill would, but in-process), and killing a subprocess with SIGKILL."""
+that cuts a run after an epoch (as a kill would, but in-process), killing a subprocess with SIGKILL, and a
+torchrun launch of a few CPU processes."""
 import os
 import signal
 
@@ -45,3 +46,16 @@ def kill9(proc) -> None:
     finally:
         if proc.stderr:
             proc.stderr.close()
+
+
+def torchrun(args, nproc: int = 2, timeout: float = 280):
+    """`python -m torch.distributed.run --standalone --nproc_per_node=NPROC ARGS...` on this checkout's src (gloo on
+    the CPU, one OpenMP thread per process, passive waits): the finished CompletedProcess, output captured."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    src = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "src"))
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

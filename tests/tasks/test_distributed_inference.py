@@ -2,9 +2,6 @@
 and the result is the one process's: the same metrics, the same embeddings file (order, paths, values to 1e-6); an
 error in any process's part stops every process with the one-line error instead of leaving the others waiting."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -14,6 +11,8 @@ import torch
 import vitkit
 from vitkit.cli import main
 from vitkit.tasks.retrieve import Embeddings
+
+from _runs import torchrun
 
 from ._digits import mnist5k, write_digits
 
@@ -45,12 +44,7 @@ def test_eval_and_embed_under_torchrun_equal_one_process(tmp_path, capsys):
     (tmp_path / "bad" / "9" / "zz.png").write_bytes(b"not a png")  # last in order: the second process's part
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    src = os.path.join(os.path.dirname(__file__), "..", "..", "src")
-    env["PYTHONPATH"] = os.path.abspath(src) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(ckpt), str(tmp_path / "imgs"), str(tmp_path / "bad"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    proc = torchrun([script, ckpt, tmp_path / "imgs", tmp_path / "bad", tmp_path])
     assert proc.returncode == 0, proc.stderr[-3000:]
     # every process: eval and embed succeeded, the strict embed failed with the one-line error
     assert [json.loads((tmp_path / f"rc{r}.json").read_text()) for r in (0, 1)] == [[0, 0, 2], [0, 0, 2]]
