@@ -626,7 +626,8 @@ def evaluate_checkpoint(path, data: Optional[str] = None, *, out_dir=None, batch
     Classes are matched by name (`match_classes`): the data may hold a subset of the checkpoint's classes, and
     `class_map` {data name: checkpoint name} maps the ones named otherwise. `val_split`/`seed` (how a
     PATH/<class>/* folder is split) default to the run's own, so the held-out images are the ones the run held out.
-    `data` defaults to the dataset the checkpoint was trained on."""
+    `data` defaults to the dataset the checkpoint was trained on. Under torchrun (WORLD_SIZE > 1) every process
+    calls it: each evaluates its slice of every batch, all get the one-process result, rank 0 writes the files."""
     import json
 
     from .. import validate as v

@@ -245,7 +245,8 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
                  strict: bool = False, fast: bool = False) -> Dict:
     """Embed every image under `folder` into the embeddings file `out`. When `out` exists (same model), only the
     new or changed files (by path, mtime and size) are embedded; removed files are dropped. Unreadable images are
-    skipped with a warning (`strict`: stop at the first). Returns counts."""
+    skipped with a warning (`strict`: stop at the first). Returns counts. Under torchrun (WORLD_SIZE > 1) every
+    process calls it: each embeds a contiguous part and rank 0 writes the file a single process would."""
     from .. import validate as v
 
     v.integer(batch_size, "batch_size", lo=1)
