@@ -35,7 +35,7 @@ import os
 import random
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -409,10 +409,6 @@ def _decode(sample: dict, in_chans: int, side: int, num_classes: int, label_map)
     return square_resize(im, side), (label_map[y] if label_map is not None else y)
 
 
-class _Fault(Exception):
-    """A worker's DataError, carried to the main process as a message (raised there as one line)."""
-
-
 class ShardLoader:
     """Batches (x, y) of one epoch of a `ShardDataset`; see the module docstring for the order. `batch_size` is the
     global batch (each process gets its contiguous slice of it); `start_batch` resumes mid-epoch; `len()` is the
@@ -469,23 +465,25 @@ class ShardLoader:
                 yield from self._shard(i)
             return
 
-        def passes():
-            rng = random.Random(_mix(self.seed, self.epoch, gw, 7))
-            if self.resampled:
-                while True:
-                    yield from self._shard(rng.randrange(len(split)))
-            mine, p = list(self.shards[w]), 0
-            if not mine:
-                return
-            while True:
-                yield from (s for i in mine for s in self._shard(i))
-                p += 1
-                random.Random(_mix(self.seed, self.epoch, gw, p)).shuffle(mine)  # the next pass's order
-
         from webdataset.filters import _shuffle
 
-        yield from _shuffle(passes(), SHUFFLE_BUFFER, SHUFFLE_INITIAL, rng=random.Random(_mix(self.seed, self.epoch,
-                                                                                                gw, 3)))
+        if self.resampled:
+            pick = random.Random(_mix(self.seed, self.epoch, gw, 7))
+
+            def drawn():
+                while True:
+                    yield from self._shard(pick.randrange(len(split)))
+
+            yield from _shuffle(drawn(), SHUFFLE_BUFFER, SHUFFLE_INITIAL,
+                                rng=random.Random(_mix(self.seed, self.epoch, gw, 3)))
+            return
+        mine, p = list(self.shards[w]), 0
+        while mine:  # pass after pass, each shuffled on its own: the first pass holds every sample once
+            stream = (s for i in mine for s in self._shard(i))
+            yield from _shuffle(stream, SHUFFLE_BUFFER, SHUFFLE_INITIAL,
+                                rng=random.Random(_mix(self.seed, self.epoch, gw, 3, p)))
+            p += 1
+            random.Random(_mix(self.seed, self.epoch, gw, p)).shuffle(mine)  # the next pass's shard order
 
     def _shard(self, i: int) -> Iterator[dict]:
         """Shard i's samples; when read through, checked against `_info.json` (count, sha256)."""
@@ -543,8 +541,8 @@ class ShardLoader:
 
     # -- in the main process -----------------------------------------------------------------------------------
     def _items(self) -> Iterator[dict]:
-        """The workers' batches: in-process without workers, else through a DataLoader whose worker j plays
-        logical worker (j + start_batch) % W, so that the first batch after a resume is batch start_batch."""
+        """The workers' batches: in-process without workers, else through a DataLoader (worker j is logical
+        worker j); `__iter__` puts them in batch order."""
         if self.workers <= 0 and self.n_logical == 1:
             yield from self._worker_batches(0)
             return
@@ -593,10 +591,7 @@ class _Stream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         wi = torch.utils.data.get_worker_info()
-        j = wi.id if wi is not None else 0
-        ld = self.loader
-        w = (j + ld.start_batch) % ld.n_logical if ld.train else j
-        return ld._worker_batches(w)
+        return self.loader._worker_batches(wi.id if wi is not None else 0)
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
@@ -670,11 +665,12 @@ def _size_stats(sizes: List[Tuple[int, int]]) -> dict:
 
 def write_shards(source: str, out, *, shard_size="500MB", resize: Optional[int] = None, seed: int = 0,
                  data_dir="data", download: bool = False, val_split: float = 0.1, strict: bool = False,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, max_count: Optional[int] = None) -> dict:
     """Write a data set (any `--data` spec, or a folder path) as WebDataset shards in `out` (which must not exist or
     be empty): `train-NNNNNN.tar` in a seeded shuffled order (so every shard mixes the classes),
     `validation-NNNNNN.tar`, and `_info.json` (see the module docstring). Returns the `_info.json` content.
-    The shards are written into a temporary folder beside `out` and renamed into place at the end."""
+    The shards are written into a temporary folder beside `out` and renamed into place at the end. `max_count`: at
+    most this many samples per shard as well (equal shards, e.g. for as many shards as processes × workers)."""
     from . import open_data
 
     wds = _wds()
@@ -710,7 +706,7 @@ def write_shards(source: str, out, *, shard_size="500MB", resize: Optional[int] 
                 random.Random(seed).shuffle(order)
             counts: Dict[str, int] = {}
             pattern = str(tmp / f"{split_name}-%06d.tar")
-            with wds.ShardWriter(pattern, maxsize=maxsize, maxcount=10**9, verbose=0) as sink:
+            with wds.ShardWriter(pattern, maxsize=maxsize, maxcount=max_count or 10**9, verbose=0) as sink:
                 k = 0
                 for i in order:
                     try:
