@@ -147,21 +147,32 @@ def test_mid_epoch_resume_yields_the_same_batches(shards):
                 assert torch.equal(a, b) and torch.equal(ya, yb)
 
 
-def test_training_resumed_mid_epoch_ends_with_the_same_weights(shards, tmp_path):
+@pytest.mark.parametrize("kind", ["shards", "memory"])
+def test_training_resumed_mid_epoch_ends_with_the_same_weights(shards, tmp_path, kind):
     from _runs import Interrupt
 
     from vitkit import create_model
+    from vitkit.data import AugmentConfig, BatchTransform, InMemoryDataset
     from vitkit.tasks.classify import classification_loss
     from vitkit.train import Trainer, TrainConfig
 
     _, out = shards
 
+    def data():
+        if kind == "shards":
+            return _ds(out, aug=True)
+        g = torch.Generator().manual_seed(0)
+        ds = InMemoryDataset(torch.randint(0, 256, (32, 3, 12, 12), dtype=torch.uint8, generator=g),
+                             torch.arange(32) % 4)
+        ds.transform = BatchTransform(12, [0.5] * 3, [0.25] * 3, AugmentConfig(translate=0.1, hflip=True))
+        return ds
+
     def trainer(name, **kw):
         torch.manual_seed(0)
         model = create_model(img_size=12, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=4)
         cfg = TrainConfig(name=name, runs_dir=str(tmp_path), epochs=2, batch_size=4, lr=1e-2, quiet=True,
-                          save_every=3, workers=1, **kw)
-        return Trainer(model, _ds(out, aug=True), cfg, classification_loss(0.1))
+                          save_every=3, workers=1 if kind == "shards" else 0, **kw)
+        return Trainer(model, data(), cfg, classification_loss(0.1))
 
     whole = trainer("whole")
     whole.fit()
@@ -301,3 +312,10 @@ def test_cli_shards_then_train_and_eval_on_them(tmp_path, capsys):
     assert cfg["data"]["spec"] == f"wds:{out}" and cfg["profile"]["num_train"] == 28
     assert main(["eval", str(runs / "wds"), "--json"]) == 0  # on the run's own held-out shards
     assert json.loads(capsys.readouterr().out)["num_images"] == 4
+    # --resize: the shorter side brought down (JPEGs stay JPEG, PNGs PNG), the statistics say what is stored
+    assert main(["shards", f"folder:{folder}", "--out", str(tmp_path / "small"), "--resize", "8", "--quiet",
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["image_stats"]["sizes"]["width"]["max"] == 8 and info["image_stats"]["sizes"]["height"]["max"] == 9
+    samples = _samples(open_data(f"wds:{tmp_path / 'small'}").shards.train.urls)
+    assert {k for s in samples for k in s if k in ("jpg", "png")} == {"jpg", "png"} and len(samples) == 28

@@ -51,6 +51,7 @@ FORMAT_VERSION = 1
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 VERIFY_UPFRONT_BYTES = 256 << 20  # sets up to this size are checksummed when opened; larger ones while streaming
 SHUFFLE_BUFFER, SHUFFLE_INITIAL = 2000, 500  # samples (raw bytes) a worker shuffles among
+SHARD_MTIME = 1_700_000_000  # the members' modification time in written shards (fixed: reproducible shards)
 
 
 def _wds():
@@ -602,6 +603,8 @@ class _Item:
     label: int
     path: Optional[str] = None
     array: Optional[np.ndarray] = None  # (C, H, W) uint8
+    size: Tuple[int, int] = (0, 0)  # files: (width, height) as shown, from the scan's header read
+    grey: bool = False  # files: a grey Pillow mode (kept grey when re-encoded)
 
 
 def _encode(item: _Item, resize: Optional[int]) -> Tuple[bytes, str, Tuple[int, int]]:
@@ -613,16 +616,10 @@ def _encode(item: _Item, resize: Optional[int]) -> Tuple[bytes, str, Tuple[int, 
         ext = os.path.splitext(item.path)[1].lower()
         kind = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}.get(ext)
         if kind and not resize:
-            from .images import oriented_size
-
-            data = Path(item.path).read_bytes()
-            with Image.open(io.BytesIO(data)) as probe:
-                return data, kind, tuple(oriented_size(probe))
+            return Path(item.path).read_bytes(), kind, item.size
         from .images import read_image
 
-        with Image.open(item.path) as probe:
-            grey = probe.mode in ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
-        im = read_image(item.path, 1 if grey else 3)
+        im = read_image(item.path, 1 if item.grey else 3)
         fmt = "jpg" if kind == "jpg" else "png"
     else:
         a = item.array
@@ -639,12 +636,17 @@ def _encode(item: _Item, resize: Optional[int]) -> Tuple[bytes, str, Tuple[int, 
     return buf.getvalue(), fmt, im.size
 
 
+_GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
 def _items_of(src, which: str) -> Tuple[List[_Item], List[str]]:
     """A DataSource split ('train' | 'val') as items to write, with each item's name (its file, or its index)."""
     if src.scan is not None:
         idx = src.train_idx if which == "train" else src.val_idx
         root = src.scan.root
-        items = [_Item(int(src.scan.labels[i]), path=src.scan.files[i]) for i in idx]
+        sc = src.scan
+        items = [_Item(int(sc.labels[i]), path=sc.files[i], size=tuple(int(v) for v in sc.sizes[i]),
+                       grey=sc.modes[i] in _GREY_MODES) for i in idx]
         return items, [os.path.relpath(it.path, root) for it in items]
     ds = src.train if which == "train" else src.val
     arr = ds.images.numpy()
@@ -706,7 +708,10 @@ def write_shards(source: str, out, *, shard_size="500MB", resize: Optional[int] 
                 random.Random(seed).shuffle(order)
             counts: Dict[str, int] = {}
             pattern = str(tmp / f"{split_name}-%06d.tar")
-            with wds.ShardWriter(pattern, maxsize=maxsize, maxcount=max_count or 10**9, verbose=0) as sink:
+            # a whole-second mtime: no PAX header per member (half the tar parsing when read), and the same
+            # bytes (and sha256) each time the same data is written
+            with wds.ShardWriter(pattern, maxsize=maxsize, maxcount=max_count or 10**9, verbose=0,
+                                 mtime=SHARD_MTIME) as sink:
                 k = 0
                 for i in order:
                     try:
