@@ -319,3 +319,32 @@ def test_cli_shards_then_train_and_eval_on_them(tmp_path, capsys):
     assert info["image_stats"]["sizes"]["width"]["max"] == 8 and info["image_stats"]["sizes"]["height"]["max"] == 9
     samples = _samples(open_data(f"wds:{tmp_path / 'small'}").shards.train.urls)
     assert {k for s in samples for k in s if k in ("jpg", "png")} == {"jpg", "png"} and len(samples) == 28
+
+
+def test_shards_described_as_timm_writes_them_are_profiled_by_reading(shards, tmp_path):
+    """An _info.json with timm's keys only (no class names, no profile): classes by index, the profile measured on
+    the first training samples."""
+    import shutil
+
+    out = tmp_path / "timm"
+    shutil.copytree(shards[1], out)
+    info = json.loads((out / "_info.json").read_text())
+    keep = {"train": {k: info["splits"]["train"][k] for k in ("name", "num_samples", "filenames", "shard_lengths")},
+            "validation": {k: info["splits"]["validation"][k] for k in ("name", "num_samples", "filenames",
+                                                                         "shard_lengths")}}
+    (out / "_info.json").write_text(json.dumps({"num_classes": 4, "splits": keep}))
+    src = open_data(f"wds:{out}")
+    prof = src.profile()
+    assert src.info.class_names == ["0", "1", "2", "3"] and prof.num_train == 32 and sum(prof.class_counts) == 32
+    assert prof.sample_size == 32 and not prof.grey and "no profile in _info.json" in prof.notes[-1]
+
+
+def test_bf16_check_on_shards_holds_out_whole_shards(shards):
+    from vitkit.tasks.classify import _shard_check_batches
+
+    train = _ds(shards[1])
+    batches, held = _shard_check_batches(train, 4, 6)
+    assert len(batches) == 6 and all(len(y) == 4 for _, y in batches)
+    seen = {i for x, _ in batches for i in _identity(x)}
+    kept = [i for x, _ in held for i in _identity(x)]
+    assert len(kept) == 8 and not seen & set(kept)  # the last 2 shards (a quarter), never trained on
