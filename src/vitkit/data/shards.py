@@ -413,7 +413,8 @@ def _decode(sample: dict, in_chans: int, side: int, num_classes: int, label_map)
 class ShardLoader:
     """Batches (x, y) of one epoch of a `ShardDataset`; see the module docstring for the order. `batch_size` is the
     global batch (each process gets its contiguous slice of it); `start_batch` resumes mid-epoch; `len()` is the
-    whole epoch's step count either way."""
+    whole epoch's step count either way. `drop_last` is accepted as `Loader` takes it: a training epoch here is
+    always whole steps, an evaluation pass every sample."""
 
     def __init__(self, dataset: ShardDataset, batch_size: int, *, train: bool, seed: int = 0, epoch: int = 0,
                  rank: int = 0, world: int = 1, workers: int = 0, drop_last: Optional[bool] = None, mixup=None,
