@@ -302,12 +302,14 @@ def test_cli_shards_then_train_and_eval_on_them(tmp_path, capsys):
     assert main(["shards", str(folder), "--out", str(out)]) == 2  # never written over
     err = capsys.readouterr().err.strip()
     assert err.startswith("vitkit: error: --out:") and "not empty" in err and "\n" not in err
+    _rewrite_shard(out, "train-000001.tar", lambda s: [{**s[0], "jpg": b"broken"}] + s[1:] if "jpg" in s[0]
+                   else [{**s[0], "png": b"broken"}] + s[1:])  # one bad sample: left out, counted in the report
     runs = tmp_path / "runs"
-    assert main(["train", "--data", f"wds:{out}", "--runs-dir", str(runs), "--epochs", "2", "--max-steps", "3",
-                 "--batch-size", "8", "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--patch-size", "4",
+    assert main(["train", "--data", f"wds:{out}", "--runs-dir", str(runs), "--epochs", "2", "--max-steps", "7",
+                 "--batch-size", "4", "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--patch-size", "4",
                  "--img-size", "12", "--precision", "fp32", "--quiet", "--save-every", "2", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["steps"] == 3 and summary["eval"]["num_images"] == 4
+    assert summary["steps"] == 7 and summary["eval"]["num_images"] == 4 and summary["skipped_images"] == 1
     cfg = json.loads((runs / "wds" / "config.json").read_text())
     assert cfg["data"]["spec"] == f"wds:{out}" and cfg["profile"]["num_train"] == 28
     assert main(["eval", str(runs / "wds"), "--json"]) == 0  # on the run's own held-out shards

@@ -315,7 +315,7 @@ def _train(task: ClassifierConfig, train_cfg: TrainConfig, recipe: Optional[Reci
         return {k: ev[k] for k in ("val_loss", "top1", "top5")}
 
     def end_fn(trainer, summary):
-        return _final_report(trainer, val, info, task, last_eval.get("ev"))
+        return _final_report(trainer, val, info, task, last_eval.get("ev"), bad=getattr(train, "skipped", 0))
 
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank and not train_cfg.resume:
@@ -534,9 +534,10 @@ def _print_plan(info, profile, final: Recipe, sources, planned, model, budget, s
     log.info("\n".join(lines))
 
 
-def _final_report(trainer, val, info, task: ClassifierConfig, last: Optional[dict] = None) -> dict:
+def _final_report(trainer, val, info, task: ClassifierConfig, last: Optional[dict] = None, bad: int = 0) -> dict:
     """After training: the best checkpoint evaluated in full (the last evaluation's, when the best is the last
-    epoch); learning curves and confusion matrix as PNG."""
+    epoch); learning curves and confusion matrix as PNG. `bad`: samples the training stream left out (shards: this
+    process's count), reported with the files the scan skipped."""
     from ..io import load
 
     run = trainer.run.path
@@ -552,10 +553,10 @@ def _final_report(trainer, val, info, task: ClassifierConfig, last: Optional[dic
           f"- top-1 **{ev['top1']:.2f}%**, top-5 {ev['top5']:.2f}%, loss {ev['val_loss']:.4f} "
           f"on {ev['num_images']} images ({info.spec})",
           "- per class: " + ", ".join(f"{n} {a:.1f}%" for n, a in zip(info.class_names, ev["per_class"])),
-          f"- skipped unreadable images: {len(info.skipped)}", "",
+          f"- skipped unreadable images: {len(info.skipped) + bad}", "",
           "![learning curves](curves.png) ![confusion matrix](confusion.png)", ""]
     return {"eval": {k: ev[k] for k in ("top1", "top5", "val_loss", "num_images", "per_class")},
-            "skipped_images": len(info.skipped), "markdown": "\n".join(md)}
+            "skipped_images": len(info.skipped) + bad, "markdown": "\n".join(md)}
 
 
 # ---- evaluate and predict a checkpoint ------------------------------------------------------------------------
