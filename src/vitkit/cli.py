@@ -148,8 +148,10 @@ _ENGINE_FLAGS: Dict[str, dict] = {
     "seed": dict(type=int),
     "eval_every": dict(type=int, help="evaluate every N epochs and at the end (default: every epoch, or under "
                        "--time-budget as often as keeps evaluation near 3%% of the training time)"),
+    "save_every": dict(type=int, metavar="STEPS", help="also checkpoint every STEPS steps inside an epoch; a resume "
+                       "goes on from the same batch of the epoch (for long epochs, e.g. streamed shards)"),
     "device": dict(help="auto | cpu | cuda | cuda:N | mps"),
-    "workers": dict(type=int, help="DataLoader workers for image folders"),
+    "workers": dict(type=int, help="DataLoader workers for image folders and shards"),
     "quiet": dict(action="store_true", help="no progress bar; log lines only"),
 }
 
@@ -167,8 +169,6 @@ def _add_engine_args(p, **help_: str) -> None:
 
 @command("train", "train a ViT classifier on a dataset (run folder: runs/<name>/)")
 def cmd_train(args) -> int:
-    from pathlib import Path
-
     from .tasks.classify import ClassifierConfig, train_classifier
     from .tasks.recipe import Recipe, recipe_from_flags
 
@@ -181,7 +181,7 @@ def cmd_train(args) -> int:
                             init_format=args.init_format, data_dir=args.data_dir, download=args.download,
                             val_split=args.val_split, strict=args.strict, max_train=args.max_train,
                             max_val=args.max_val)
-    name = Path(args.data[len("folder:"):]).name if args.data.startswith("folder:") else args.data
+    name = _data_name(args.data)
     tc = train_config_from_flags(vars(args), {}, name, skip=Recipe.__dataclass_fields__)  # the planner's to choose
     if args.quiet:  # no progress bar: the plan and one log line per epoch instead
         for logger in ("vitkit.train", "vitkit.tasks.classify"):
@@ -196,6 +196,19 @@ def cmd_train(args) -> int:
 
     _report_run(args, summary, outcome)
     return 0
+
+
+def _data_name(spec: str) -> str:
+    """A run name after a data spec: the folder's name for folder:PATH and wds:DIR (the shards' folder for a
+    pattern or a list), else the spec itself (mnist5k, cifar10, ...)."""
+    from pathlib import Path
+
+    if spec.startswith("folder:"):
+        return Path(spec[len("folder:"):]).name
+    if spec.startswith("wds:"):
+        p = Path(spec[len("wds:"):].split(",")[0])
+        return (p.name if "{" not in p.name and not p.name.endswith(".tar") else p.parent.name) or "shards"
+    return spec
 
 
 _STARTED = None  # the command's start on Trainer's clock (set in main): a time budget covers the whole command
@@ -225,7 +238,8 @@ def _add_data_args(p, train: bool) -> None:
 def _add_train_args(p) -> None:
     a = p.add_argument
     a("--data", default="mnist5k", help="mnist5k (default, embedded) | digits | folder:PATH | mnist | fashion_mnist "
-      "| cifar10 | cifar100")
+      "| cifar10 | cifar100 | wds:DIR (shards from `vitkit shards`; or wds:DIR/train-{000000..000009}.tar, "
+      "wds:a.tar,b.tar)")
     a("--model", default=None, help="a registered model (`vitkit models`); default: the dataset's recipe")
     a("--model-arg", type=_kv, action="append", metavar="KEY=VALUE",
       help="model option, e.g. --model-arg drop_path_rate=0.1 (repeatable)")
@@ -301,6 +315,45 @@ cmd_eval.add_arguments = lambda p: (
     p.add_argument("--json", action="store_true", help="print the full result as JSON"),
     _add_data_args(p, train=False),
     *_add_fast_args(p),
+)
+
+
+@command("shards", "write a data set as WebDataset tar shards (timm's layout) for --data wds:DIR")
+def cmd_shards(args) -> int:
+    from .data.shards import write_shards
+
+    info = write_shards(args.source, args.out, shard_size=args.shard_size, resize=args.resize, seed=args.seed,
+                        data_dir=args.data_dir, download=args.download, val_split=args.val_split or 0.1,
+                        strict=args.strict, progress=not args.quiet)
+    if args.json:
+        _print_json({k: v for k, v in info.items() if k != "profile"})
+        return 0
+    for name, s in info["splits"].items():
+        print(f"{name}: {s['num_samples']:,} samples in {len(s['filenames'])} shard(s), "
+              f"{sum(s['bytes']) / 1e6:.1f} MB")
+    if info["left_out_count"]:
+        print(f"left out {info['left_out_count']} unreadable image(s), e.g. {info['left_out'][0]}")
+    print(f"wrote {args.out} (_info.json: classes, shard lengths, sha256, image statistics); train on it with "
+          f"`vitkit train --data wds:{args.out}`")
+    return 0
+
+
+cmd_shards.add_arguments = lambda p: (
+    p.add_argument("source", metavar="FOLDER_OR_DATASET",
+                   help="a folder of class folders (or folder:PATH), or a built-in set: mnist5k, digits, cifar10, ..."),
+    p.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder for the shards"),
+    p.add_argument("--shard-size", default="500MB", help="bytes per shard (default 500MB)"),
+    p.add_argument("--resize", type=int, default=None, metavar="S",
+                   help="store images with the shorter side brought down to S pixels (default: as they are)"),
+    p.add_argument("--seed", type=int, default=0, help="the shuffle of the training samples over the shards, and "
+                   "a folder's validation split"),
+    p.add_argument("--json", action="store_true", help="print _info.json (without the profile)"),
+    p.add_argument("--quiet", action="store_true", help="no progress bar"),
+    p.add_argument("--val-split", type=float, default=None,
+                   help="held-out fraction of a PATH/<class>/* folder (default 0.1)"),
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of leaving it out"),
+    p.add_argument("--data-dir", default="data", help="where torchvision datasets live (default: ./data)"),
+    p.add_argument("--download", action="store_true", help="download a torchvision dataset (needs a network)"),
 )
 
 

@@ -93,3 +93,18 @@ def test_scale_benchmark_scan_quick(capsys):
     assert set(out["seconds"]) == {"old serial scan", "first scan, threads", "first scan, processes", "cached rescan"}
     assert all(v > 0 for v in out["seconds"].values()) and out["ratio"] > 0 and out["ratio_cached"] > 0
     assert _last_line(capsys).startswith("ratio old serial scan / first scan: ")
+
+
+def test_scale_benchmark_loader_quick(capsys):
+    """benchmarks/scale.py --sections loader on a tiny generated folder: shards, the streamed folder and in-memory
+    tensors each read a whole epoch at their worker counts, the ratio line last."""
+    import scale
+
+    out = scale.main(["--quick", "--sections", "loader"])["loader"]
+    assert set(out["img_per_s"]) == {"shards, 1 worker", "shards, 2 workers", "folder streamed, 1 worker",
+                                     "folder streamed, 2 workers", "in-memory tensors"}
+    assert all(v > 0 for v in out["img_per_s"].values()) and out["ratio"] > 0 and out["ratio_memory"] > 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    counts = {l.rsplit("(", 1)[1] for l in lines if "round 1:" in l}
+    assert len(counts) == 1 and counts != {"0 images)"}  # every path read the same whole epoch
+    assert lines[-1].startswith("ratio shards / folder streamed img/s at 2 workers: ")

@@ -1,14 +1,16 @@
 """Datasets and their transforms: `build_datasets(spec)` → (train, val, info), `make_loader` → batches.
 
-Specs: `mnist5k` (embedded, the default), `digits`, `folder:PATH`, `mnist`, `fashion_mnist`, `cifar10`, `cifar100`.
+Specs: `mnist5k` (embedded, the default), `digits`, `folder:PATH`, `mnist`, `fashion_mnist`, `cifar10`, `cifar100`,
+and `wds:DIR` (WebDataset shards written by `vitkit shards`; also a brace pattern or a comma list of shards).
 
     train, val, info = build_datasets("mnist5k", img_size=28, in_chans=1)
     for x, y in make_loader(train, 128, train=True, seed=0, epoch=0):   # x (B, 1, 28, 28) float, y (B,)
         ...
 
 Built-in datasets are in-memory uint8 tensors augmented per batch (no DataLoader workers); folders are read by
-Pillow per sample through a DataLoader. Both are deterministic given (seed, epoch): the order and the random
-augmentation of batch `step` depend on nothing else, which is what makes resume and multi-process runs exact.
+Pillow per sample through a DataLoader; shards stream through DataLoader workers that decode, with the batch
+augmentation of in-memory data (`vitkit.data.shards`). All are deterministic given (seed, epoch): the order and the
+random augmentation of batch `step` depend on nothing else, which is what makes resume and multi-process runs exact.
 """
 from __future__ import annotations
 
@@ -26,13 +28,14 @@ from .folders import FolderScan, decode_folder, scan_folder
 from .profile import DataProfile, profile_images, stratified_sample
 from .sources import (TORCHVISION, DatasetInfo, ImageFolderDataset, InMemoryDataset, load_digits,
                       load_mnist5k, load_torchvision, skip_bad_collate, stratified_split)
+from .shards import ShardDataset, ShardLoader
 from .images import IMG_EXTENSIONS, collect_images, image_files, list_images, read_image, to_model_mode
 from .transforms import (CIFAR_MEAN, CIFAR_STD, HALF_MEAN, MNIST_MEAN, MNIST_STD, AugmentConfig, BatchTransform,
                          MixUp, default_augment, eval_transform, folder_train_transform)
 
 log = logging.getLogger(__name__)
 
-DATASETS = ["mnist5k", "digits", "folder:PATH", "mnist", "fashion_mnist", "cifar10", "cifar100"]
+DATASETS = ["mnist5k", "digits", "folder:PATH", "mnist", "fashion_mnist", "cifar10", "cifar100", "wds:DIR"]
 
 
 def list_datasets() -> List[str]:
@@ -53,7 +56,9 @@ def _convert_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 
 def _limit(ds, n: Optional[int], seed: int):
-    """A stratified subset of at most n samples (for quick runs and tests)."""
+    """A stratified subset of at most n samples (for quick runs and tests); shards: epochs of n samples."""
+    if isinstance(ds, ShardDataset):
+        return ds.limited(n)
     if n is None or n >= len(ds):
         return ds
     if n < 1:
@@ -92,14 +97,19 @@ class DataSource:
     train_idx: Optional[np.ndarray] = None
     val_idx: Optional[np.ndarray] = None
     held_out_is_test: bool = False  # the held-out split is a test set: report on it, never choose by it
+    shards: Optional[object] = None  # wds: a `vitkit.data.shards.ShardSet`
     _profile: Optional[DataProfile] = None
 
     @property
     def num_train(self) -> int:
+        if self.shards is not None:
+            return self.shards.train.num_samples
         return len(self.train) if self.train is not None else len(self.train_idx)
 
     @property
     def num_val(self) -> int:
+        if self.shards is not None:
+            return self.shards.val.num_samples if self.shards.val is not None else 0
         return len(self.val) if self.val is not None else len(self.val_idx)
 
     def train_labels(self) -> torch.Tensor:
@@ -110,6 +120,9 @@ class DataSource:
     def profile(self, sample: int = 5000) -> DataProfile:
         """Counts, sizes, colour, symmetry and statistics of the training split (pixels measured on up to `sample`
         images, decoded small for folders). Computed once."""
+        if self._profile is None and self.shards is not None:
+            self._profile = _shard_profile(self.shards, sample)
+            self.info.kind = "natural" if self._profile.mirror_symmetric else "oriented"
         if self._profile is None:
             labels = self.train_labels()
             idx = stratified_sample(labels, sample, seed=0)
@@ -151,10 +164,42 @@ class DataSource:
                               class_counts=counts, sizes=sizes, channels=chans)
 
 
+def _shard_profile(shards, sample: int) -> DataProfile:
+    """The profile `_info.json` records (what `vitkit shards` measured when it wrote them), else one measured on
+    the first `sample` images of the training shards (shards written by other tools)."""
+    if shards.profile_dict:
+        return DataProfile.from_dict(shards.profile_dict)
+    ds = ShardDataset(shards.train, len(shards.class_names), 3, 32)
+    xs, ys = [], []
+    for x, y in ShardLoader(ds.limited(min(sample, len(ds))), 256, train=False):
+        xs.append((x * 255).round().to(torch.uint8))
+        ys.append(y)
+    images, labels = torch.cat(xs), torch.cat(ys)
+    k = len(shards.class_names)
+    scale = shards.train.num_samples / max(1, len(labels))
+    counts = [int(round(c * scale)) for c in torch.bincount(labels, minlength=k).tolist()]
+    num_val = shards.val.num_samples if shards.val is not None else 0
+    prof = profile_images(images, labels, k, num_train=shards.train.num_samples, num_val=num_val,
+                          class_counts=counts)
+    prof.notes.append(f"measured on the first {len(labels)} training samples (no profile in _info.json); sizes "
+                      "are after decoding to 32 px")
+    return prof
+
+
 def open_data(spec: str, *, data_dir="data", download: bool = False, val_split: float = 0.1, seed: int = 0,
               strict: bool = False) -> DataSource:
-    """Open a data set spec (see DATASETS) without shaping it: load built-in sets, scan folders (headers only)."""
+    """Open a data set spec (see DATASETS) without shaping it: load built-in sets, scan folders (headers only),
+    check shards against their `_info.json`."""
     spec = str(spec)
+    if spec.startswith("wds:"):
+        from .shards import open_shards
+
+        shards = open_shards(spec[len("wds:"):])
+        n_val = shards.val.num_samples if shards.val is not None else 0
+        info = DatasetInfo(f"wds:{shards.where}", list(shards.class_names), 3, (0, 0), "", shards.train.num_samples,
+                           n_val, [], f"shards: {len(shards.train)} {shards.train.name} shard(s), "
+                           f"{len(shards.val) if shards.val is not None else 0} held-out")
+        return DataSource(spec, info, shards=shards, held_out_is_test=shards.held_out_is_test)
     if spec.startswith("folder:"):
         scan = scan_folder(spec[len("folder:"):], strict=strict)
         split = np.asarray(scan.split)
@@ -222,7 +267,15 @@ def build_datasets(spec, *, img_size=None, in_chans: Optional[int] = None, augme
             m, s = [sum(m) / len(m)] * chans, [sum(s) / len(s)] * chans
     if aug is None:
         aug = None if augment == "none" else default_augment(info.kind, augment)
-    if src.train is not None:
+    if src.shards is not None:  # streamed: decoded in the loader's workers at the model's size
+        size = _size_pair(img_size or min(prof.native_size))
+        k, where = len(info.class_names), str(src.shards.where)
+        train = ShardDataset(src.shards.train, k, chans, max(size), info_path=where)
+        if src.shards.val is None:
+            raise DataError(f"{where} has no held-out split (validation shards); write the shards with `vitkit "
+                            "shards`, which writes one")
+        val = ShardDataset(src.shards.val, k, chans, max(size), info_path=where)
+    elif src.train is not None:
         train, val = src.train, src.val
         if chans != train.images.shape[1]:
             train = InMemoryDataset(_convert_channels(train.images, chans), train.labels)
@@ -260,7 +313,7 @@ def build_datasets(spec, *, img_size=None, in_chans: Optional[int] = None, augme
             tr, va = pos[src.train_idx], pos[src.val_idx]
             tr, va = torch.from_numpy(tr[tr >= 0]), torch.from_numpy(va[va >= 0])
             train, val = InMemoryDataset(images[tr], labels[tr]), InMemoryDataset(images[va], labels[va])
-    if isinstance(train, InMemoryDataset):
+    if isinstance(train, (InMemoryDataset, ShardDataset)):
         train.transform = BatchTransform(size, m, s, aug, min_size=min_size, multiple=multiple)
         val.transform = BatchTransform(size, m, s, None, crop_pct=crop_pct)
     info.in_chans, info.img_size = chans, size
@@ -302,8 +355,9 @@ class Loader:
 
     def __init__(self, dataset, batch_size: int, *, train: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
                  world: int = 1, workers: int = 0, drop_last: Optional[bool] = None, mixup: Optional[MixUp] = None,
-                 start_step: int = 0, total_steps: Optional[int] = None, accum_steps: int = 1):
+                 start_step: int = 0, total_steps: Optional[int] = None, accum_steps: int = 1, start_batch: int = 0):
         self.ds, self.bs, self.train, self.seed, self.epoch = dataset, batch_size, train, seed, epoch
+        self.start_batch = int(start_batch)  # resume mid-epoch: skip the first batches (len() stays the epoch's)
         self.rank, self.world, self.workers, self.mixup = rank, world, workers, mixup
         # where each batch falls in the schedule (0 → 1), for progressive resizing and growing augmentation
         self.start_step, self.total_steps, self.accum_steps = start_step, total_steps, max(1, accum_steps)
@@ -330,6 +384,8 @@ class Loader:
     def _iter_memory(self):
         ds = self.ds
         for step, idx in enumerate(self.batches):
+            if step < self.start_batch:
+                continue
             gen = torch.Generator().manual_seed(_step_seed(self.seed, self.epoch, step))
             lo, local = _shard(idx, self.rank, self.world)
             x = ds.images[local]
@@ -341,11 +397,11 @@ class Loader:
             yield x, y
 
     def _iter_files(self):
-        local = [_shard(idx, self.rank, self.world)[1].tolist() for idx in self.batches]
+        local = [_shard(idx, self.rank, self.world)[1].tolist() for idx in self.batches[self.start_batch:]]
         g = torch.Generator().manual_seed(_step_seed(self.seed, self.epoch, -2))
         dl = torch.utils.data.DataLoader(self.ds, batch_sampler=local, num_workers=self.workers, generator=g,
                                          persistent_workers=False, collate_fn=skip_bad_collate)
-        for step, (x, y) in enumerate(dl):
+        for step, (x, y) in enumerate(dl, start=self.start_batch):
             if len(y) == 0:  # every file of this batch failed to decode
                 continue
             if self.mixup is not None:
@@ -354,8 +410,10 @@ class Loader:
             yield x, y
 
 
-def make_loader(dataset, batch_size: int, **kw) -> Loader:
-    """Batches of `dataset` for one epoch; see `Loader` for the arguments."""
+def make_loader(dataset, batch_size: int, **kw):
+    """Batches of `dataset` for one epoch; see `Loader` for the arguments (`ShardLoader` for shards)."""
+    if isinstance(dataset, ShardDataset):
+        return ShardLoader(dataset, batch_size, **kw)
     return Loader(dataset, batch_size, **kw)
 
 
@@ -410,5 +468,5 @@ __all__ = [
     "list_datasets", "DatasetInfo", "InMemoryDataset",
     "ImageFolderDataset", "BatchTransform", "AugmentConfig", "MixUp", "default_augment", "eval_transform",
     "folder_train_transform", "read_image", "to_model_mode", "stratified_split", "IMG_EXTENSIONS", "DATASETS",
-    "image_files", "list_images", "collect_images",
+    "image_files", "list_images", "collect_images", "ShardDataset", "ShardLoader",
 ]

@@ -19,8 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..data import (BatchTransform, DataOptions, InMemoryDataset, MixUp, build_datasets, collect_images,
-                    eval_transform, read_image)
+from ..data import (BatchTransform, DataOptions, InMemoryDataset, MixUp, ShardDataset, build_datasets,
+                    collect_images, eval_transform, read_image)
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io.plots import plot_confusion, plot_learning_curves
 from ..models import Preprocessing, ViTConfig, create_model, get_config
@@ -325,7 +325,7 @@ def _train(task: ClassifierConfig, train_cfg: TrainConfig, recipe: Optional[Reci
         return {k: ev[k] for k in ("val_loss", "top1", "top5")}
 
     def end_fn(trainer, summary):
-        return _final_report(trainer, val, info, task, last_eval.get("ev"))
+        return _final_report(trainer, val, info, task, last_eval.get("ev"), bad=getattr(train, "skipped", 0))
 
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank and not train_cfg.resume:
@@ -414,8 +414,6 @@ def _bf16_useful(device) -> bool:
 
 def _check_precision(final, sources, train_cfg, cfg, train, planned, info):
     """bf16 was measured faster; keep it only if a paired run shows it trains as well as fp32 on held-out images."""
-    from ..train.probe import precision_agrees
-
     g = torch.Generator().manual_seed(0)
     n = len(train)
     b = min(final.batch_size or 128, max(8, n // 4))
@@ -426,6 +424,13 @@ def _check_precision(final, sources, train_cfg, cfg, train, planned, info):
         planned.reasons["precision"] = (f"fp32: bf16 measured faster, but checking that it trains as well would take "
                                         f"over 3% of the budget ({pair:.2f} s per pair of steps)")
         return final.replace(precision="fp32"), sources, dataclasses.replace(train_cfg, precision="fp32")
+    if isinstance(train, ShardDataset):  # streamed: no random access to single images
+        batches, held_batches = _shard_check_batches(train, b, steps)
+        if not held_batches:
+            planned.reasons["precision"] = ("fp32: bf16 measured faster, but the training shards are too few to hold "
+                                            "some out for checking that it trains as well")
+            return final.replace(precision="fp32"), sources, dataclasses.replace(train_cfg, precision="fp32")
+        return _precision_verdict(final, sources, train_cfg, cfg, info, planned, batches, held_batches)
     order = torch.randperm(n, generator=g)
     held = order[: min(512, n // 4)]
     rest = order[len(held):]
@@ -443,6 +448,43 @@ def _check_precision(final, sources, train_cfg, cfg, train, planned, info):
         idx = held[i:i + 256]
         x = ev(train.images[idx], None) if ev is not None else torch.stack([train[j][0] for j in idx.tolist()])
         held_batches.append((x, train.labels[idx] if ev is not None else torch.tensor([train[j][1] for j in idx.tolist()])))
+    return _precision_verdict(final, sources, train_cfg, cfg, info, planned, batches, held_batches)
+
+
+def _shard_check_batches(train: ShardDataset, b: int, steps: int):
+    """For the bf16 check on shards: `steps` augmented training batches from all but the last training shards, and
+    the last shards (up to ~512 images, at most a quarter of the set) unaugmented as the held-out ones; ([], [])
+    when there is a single shard."""
+    import itertools
+
+    from ..data import make_loader
+    from ..data.shards import ShardSplit
+
+    sp = train.split
+    k, held_n = 0, 0
+    while k < len(sp) - 1 and held_n < min(512, sp.num_samples // 4):
+        k += 1
+        held_n += sp.lengths[-k]
+    if k == 0:
+        return [], []
+
+    def part(sl):
+        return ShardDataset(ShardSplit(sp.name, sp.urls[sl], sp.lengths[sl], sp.sha256[sl], sp.sizes[sl]),
+                            train.num_classes, train.in_chans, train.side, info_path=train.info_path)
+
+    rest, held = part(slice(0, len(sp) - k)), part(slice(len(sp) - k, None))
+    rest.transform = train.transform
+    held.transform = BatchTransform(train.transform.size, train.transform.mean.flatten().tolist(),
+                                    train.transform.std.flatten().tolist())
+    first = list(itertools.islice(make_loader(rest, b, train=True, seed=0, epoch=0), steps))
+    return list(itertools.islice(itertools.cycle(first), steps)), \
+        list(make_loader(held.limited(min(512, held_n)), 256, train=False))
+
+
+def _precision_verdict(final, sources, train_cfg, cfg, info, planned, batches, held_batches):
+    """Keep bf16 if, trained on `batches` from the same start, it reaches fp32's held-out loss (within tolerance)."""
+    from ..train.probe import precision_agrees
+
     ok, stats = precision_agrees(lambda: create_model(config=cfg.replace(num_classes=info.num_classes)), batches,
                                  held_batches, "bf16", lr=final.lr or 1e-3)
     planned.measurements["bf16_check"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}
@@ -502,9 +544,10 @@ def _print_plan(info, profile, final: Recipe, sources, planned, model, budget, s
     log.info("\n".join(lines))
 
 
-def _final_report(trainer, val, info, task: ClassifierConfig, last: Optional[dict] = None) -> dict:
+def _final_report(trainer, val, info, task: ClassifierConfig, last: Optional[dict] = None, bad: int = 0) -> dict:
     """After training: the best checkpoint evaluated in full (the last evaluation's, when the best is the last
-    epoch); learning curves and confusion matrix as PNG."""
+    epoch); learning curves and confusion matrix as PNG. `bad`: samples the training stream left out (shards: this
+    process's count), reported with the files the scan skipped."""
     from ..io import load
 
     run = trainer.run.path
@@ -520,10 +563,10 @@ def _final_report(trainer, val, info, task: ClassifierConfig, last: Optional[dic
           f"- top-1 **{ev['top1']:.2f}%**, top-5 {ev['top5']:.2f}%, loss {ev['val_loss']:.4f} "
           f"on {ev['num_images']} images ({info.spec})",
           "- per class: " + ", ".join(f"{n} {a:.1f}%" for n, a in zip(info.class_names, ev["per_class"])),
-          f"- skipped unreadable images: {len(info.skipped)}", "",
+          f"- skipped unreadable images: {len(info.skipped) + bad}", "",
           "![learning curves](curves.png) ![confusion matrix](confusion.png)", ""]
     return {"eval": {k: ev[k] for k in ("top1", "top5", "val_loss", "num_images", "per_class")},
-            "skipped_images": len(info.skipped), "markdown": "\n".join(md)}
+            "skipped_images": len(info.skipped) + bad, "markdown": "\n".join(md)}
 
 
 # ---- evaluate and predict a checkpoint ------------------------------------------------------------------------
@@ -611,6 +654,8 @@ def _relabel(ds, lut: List[int]):
     if lut == list(range(len(lut))):
         return ds
     table = torch.tensor(lut, dtype=torch.long)
+    if isinstance(ds, ShardDataset):
+        return ds.relabel(lut)
     if isinstance(ds, InMemoryDataset):
         return InMemoryDataset(ds.images, table[ds.labels], ds.transform)
     ds.samples = [(f, lut[y]) for f, y in ds.samples]

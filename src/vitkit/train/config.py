@@ -11,7 +11,7 @@ from ..runtime import check_device
 
 DEFAULT_EPOCHS = 10  # the engine's schedule when a TrainConfig sets neither epochs nor time_budget
 # What `--resume` may change (applied, and recorded in config.json's history); every other option is the run's own.
-RESUMABLE = ("epochs", "time_budget", "max_steps", "eval_every", "workers", "device", "quiet")
+RESUMABLE = ("epochs", "time_budget", "max_steps", "eval_every", "save_every", "workers", "device", "quiet")
 
 
 @dataclass
@@ -40,6 +40,8 @@ class TrainConfig:
     seed: int = 0
     eval_every: Optional[int] = None  # evaluate every N epochs and at the end (a checkpoint every epoch); None:
     # every epoch, or under a time budget as often as keeps evaluation near EVAL_SHARE of the training time
+    save_every: Optional[int] = None  # also checkpoint every N steps inside an epoch (with the data position, so
+    # a resume continues mid-epoch with exactly the batches the interrupted epoch had left); None: epoch ends only
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     workers: int = 0  # DataLoader workers for file-based data
     quiet: bool = False  # no progress bar
@@ -72,6 +74,7 @@ class TrainConfig:
         v.number(self.layer_decay, "layer_decay", lo=0, hi=1, lo_open=True, optional=True)
         v.integer(self.seed, "seed", lo=0, hi=2**32 - 1)
         v.integer(self.eval_every, "eval_every", lo=1, optional=True)
+        v.integer(self.save_every, "save_every", lo=1, optional=True)
         v.integer(self.workers, "workers", lo=0)
         v.choice(self.best_mode, "best_mode", ("max", "min"))
         check_device(self.device)
@@ -157,4 +160,4 @@ def refuse_on_resume(path, names) -> None:
     if names:
         raise ConfigError(f"--resume {path}: {', '.join(names)} cannot change when a run resumes (it goes on with "
                           "the options it was started with; only --epochs, --time-budget, --max-steps, "
-                          "--eval-every, --workers and --device can); drop them, or start a new run")
+                          "--eval-every, --save-every, --workers and --device can); drop them, or start a new run")

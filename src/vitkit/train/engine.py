@@ -20,9 +20,10 @@ savable by `vitkit.save` (its class registered with `vitkit.io.register_model_ty
 `to_dict()`); `model.pretrained_cfg` (class names, preprocessing) travels into every checkpoint.
 
 The run folder and its files are `rundir`'s; the time-budget plan is `budget`'s. Checkpoints are taken at epoch
-ends; `resume` continues from the last one and, on the CPU, ends bit-identical to an uninterrupted run. A resume
-may change only RESUMABLE fields; a new `epochs`/`time_budget` lays the cosine over the new total from the current
-step (so a finished run trains on), and `config.json`'s `history` records each resume.
+ends, and every `save_every` steps inside an epoch with the data position (epoch, batch); `resume` continues from
+the last one (mid-epoch: the loader starts at that batch) and, on the CPU, ends bit-identical to an uninterrupted
+run. A resume may change only RESUMABLE fields; a new `epochs`/`time_budget` lays the cosine over the new total from
+the current step (so a finished run trains on), and `config.json`'s `history` records each resume.
 """
 from __future__ import annotations
 
@@ -98,17 +99,25 @@ class Trainer:
         self.time_spent, self.reserve = float(time_spent), float(reserve)
         self.step_cost = step_cost or (lambda progress: 1.0)
         self._save_secs = 0.0  # the last checkpoint's cost: the budget keeps room for one per epoch
+        self._data_pos: Optional[dict] = None  # where in an epoch a mid-epoch checkpoint was taken (see _save_mid)
 
     # ---- set-up ---------------------------------------------------------------------------------------------
-    def _loader(self, epoch: int):
+    def _loader(self, epoch: int, start_batch: int = 0):
+        """The epoch's batches; `start_batch` > 0 resumes mid-epoch (the loaders skip to it without producing the
+        batches before; a task's own callable is advanced past them)."""
         if callable(self.train_data) and not hasattr(self.train_data, "__len__"):
-            return self.train_data(epoch, self.dist.rank, self.dist.world)
+            batches = self.train_data(epoch, self.dist.rank, self.dist.world)
+            if start_batch:
+                import itertools
+
+                return itertools.islice(batches, start_batch, None)
+            return batches
         from ..data import make_loader
 
         return make_loader(self.train_data, self.cfg.batch_size, train=True, seed=self.cfg.seed, epoch=epoch,
                            rank=self.dist.rank, world=self.dist.world, workers=self.cfg.workers,
                            start_step=self.step, total_steps=self.plan.get("total"), accum_steps=self.cfg.accum_steps,
-                           **self.loader_kwargs)
+                           start_batch=start_batch, **self.loader_kwargs)
 
     def _steps_per_epoch(self) -> int:
         n = len(self._loader(0))
@@ -160,6 +169,8 @@ class Trainer:
              "rng_cpu": torch.get_rng_state(), "best": self.best, "best_epoch": self.best_epoch,
              "elapsed": self._spent(), "plan": dict(self.plan),
              "finished": self.finished, "history": self.history}
+        if self._data_pos is not None:
+            s["data_pos"] = dict(self._data_pos)
         if self.device.type == "cuda":
             s["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         if self.ema is not None:
@@ -201,6 +212,7 @@ class Trainer:
         self.best, self.best_epoch = s["best"], s["best_epoch"]
         self.elapsed, self.plan, self.finished = float(s["elapsed"]), dict(s["plan"]), bool(s["finished"])
         self.history = list(s["history"])
+        self._data_pos = s.get("data_pos")  # a mid-epoch checkpoint: the loop goes on from there
 
     def _resume_changes(self, resumed: RunDir) -> Dict[str, list]:
         """The resume-safe fields this resume changes against the run's config.json ({field: [old, new]}), with
@@ -323,7 +335,10 @@ class Trainer:
             t_ep, n_img = self.clock(), 0
             sums: Dict[str, float] = {}
             n_batches = 0
-            loader = self._loader(ep)
+            pos, self._data_pos = self._resumed_position(ep), None
+            if pos:
+                sums, n_batches = dict(pos["sums"]), int(pos["batch"])  # the epoch's means cover all its batches
+            loader = self._loader(ep, pos["batch"] if pos else 0)
             micro = 0
             t_step = self.clock()
             for batch in loader:
@@ -362,6 +377,8 @@ class Trainer:
                     self._bar.set_postfix(loss=f"{lval:.4f}", lr=f"{lr:.2e}",
                                           img_s=f"{n_img / max(1e-9, now - t_ep):.0f}", refresh=False)
                     self._bar.update(1)
+                if c.save_every and self.step % c.save_every == 0:
+                    self._save_mid(ep, loader, n_batches, sums)
                 if budgeted:
                     stop = self._budget_step(step_times, eval_secs)
                 if self.step >= self.plan["total"] or stop or (c.max_steps and self.step >= c.max_steps):
@@ -398,6 +415,33 @@ class Trainer:
             if final:
                 break
         return self._finish()
+
+    def _resumed_position(self, epoch: int) -> Optional[dict]:
+        """The data position a resumed mid-epoch checkpoint holds for `epoch` (else None), checked to be usable."""
+        pos = self._data_pos
+        if not pos or int(pos["epoch"]) != epoch:
+            return None
+        if (pos.get("world"), pos.get("workers")) != (self.dist.world, self.cfg.workers):
+            log.warning("resuming epoch %d at batch %d with %d process(es) x %d worker(s) (it ran with %s x %s): the "
+                        "rest of the epoch takes the new split of the data, not the interrupted one's", epoch + 1,
+                        pos["batch"], self.dist.world, self.cfg.workers, pos.get("world"), pos.get("workers"))
+        return pos
+
+    def _save_mid(self, epoch: int, loader, n_batches: int, sums: Dict[str, float]) -> None:
+        """A checkpoint inside an epoch (`save_every`): the state with the data position, so that a resume skips
+        the batches this epoch has used and yields exactly the ones it had left. Not at an epoch's last batch
+        (the epoch-end checkpoint follows)."""
+        try:
+            if n_batches >= len(loader):
+                return
+        except TypeError:  # a task's own iterable without a length
+            pass
+        self._data_pos = {"epoch": epoch, "batch": n_batches, "sums": dict(sums), "world": self.dist.world,
+                          "workers": self.cfg.workers}
+        if self.dist.is_main:
+            self._save(False)
+        self._data_pos = None
+        barrier(self.dist)
 
     def _eval_every(self) -> int:
         """Epochs between evaluations: the flag's, else the one planned under a time budget, else 1."""
