@@ -1,8 +1,11 @@
-"""Distributed set-up: join the process group torchrun describes, and the two collectives the engine uses."""
+"""Distributed set-up: join the process group torchrun describes (one machine or many, any rendezvous), the few
+collectives the engine uses, and who launched this process group (for torchrun's elastic restarts)."""
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -46,6 +49,28 @@ def broadcast_obj(obj, dist_info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_obj(obj, dist_info: DistInfo) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] in a single process)."""
+    if dist_info.world <= 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * dist_info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def launch_identity(dist_info: DistInfo) -> Optional[dict]:
+    """Under torchrun (every rank calls it): the launch this process group belongs to — its rendezvous id and the
+    torchrun agents (host:pid, each worker's parent) of all ranks. The agents outlive the restarts of their workers
+    (`--max-restarts`, or a node joining), so a restarted group recognises the run folder its first attempt made.
+    None outside torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    agents = all_gather_obj(f"{socket.gethostname()}:{os.getppid()}", dist_info)
+    return {"run_id": os.environ["TORCHELASTIC_RUN_ID"], "agents": sorted(set(agents))}
 
 
 def barrier(dist_info: DistInfo) -> None:
