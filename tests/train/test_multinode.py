@@ -197,3 +197,28 @@ def test_elastic_resume_continues_only_a_run_of_the_same_launch(tmp_path, monkey
     assert not resumes({"launch": None})
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     assert elastic_resume(cfg) is cfg  # not under torchrun
+
+
+def test_one_process_fsdp_writes_sharded_state_and_a_resume_keeps_the_strategy(tmp_path):
+    """In one process `strategy="fsdp"` shards nothing but still checkpoints with DCP (so the run can resume in
+    any number of processes), resumes from it, and refuses to resume as DDP."""
+    from vitkit.data import InMemoryDataset
+    from vitkit.errors import ConfigError
+    from vitkit.train import Trainer
+
+    images = torch.randint(0, 255, (32, 1, 28, 28), dtype=torch.uint8)
+    data = InMemoryDataset(images, torch.arange(32) % 10)
+
+    def fit(**kw):
+        model = vitkit.create_model("vit_mini_patch7_28", embed_dim=16, depth=1, num_heads=2)
+        cfg = TrainConfig(**{"name": "f", "runs_dir": str(tmp_path), "batch_size": 16, "quiet": True, **kw})
+        return Trainer(model, data, cfg, lambda net, b: (torch.nn.functional.cross_entropy(net(b[0]), b[1]), {}),
+                       ).fit()
+
+    fit(epochs=1, strategy="fsdp", ema_decay=0.9)
+    state = torch.load(tmp_path / "f" / "last.state.pt", weights_only=True)
+    assert state["sharded"] == "state.dcp/step-000000002" and state["ema_updates"] == 2
+    with pytest.raises(ConfigError, match="trained with --strategy fsdp"):
+        fit(resume=str(tmp_path / "f"), epochs=2, ema_decay=0.9)
+    assert fit(resume=str(tmp_path / "f"), epochs=2, strategy="fsdp", ema_decay=0.9)["steps"] == 4
+    assert sorted(p.name for p in (tmp_path / "f" / "state.dcp").iterdir()) == ["step-000000004"]
