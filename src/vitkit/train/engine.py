@@ -20,12 +20,13 @@ savable by `vitkit.save` (its class registered with `vitkit.io.register_model_ty
 `to_dict()`); `model.pretrained_cfg` (class names, preprocessing) travels into every checkpoint.
 
 The run folder and its files are `rundir`'s; the time-budget plan is `budget`'s. Checkpoints are taken at epoch
-ends; `resume` continues from the last one and, on the CPU, ends bit-identical to an uninterrupted run. Under torchrun the global batch is split over the processes
-(DDP averages the gradients), so 1, 2 or N processes train the same steps; with `strategy="fsdp"` the model is
-sharded (`sharded.shard_model`), the training state is a sharded torch.distributed.checkpoint that resumes in any
-number of processes, and rank 0 gathers the full weights for evaluation and the `.safetensors` checkpoints (after
-`fit`, `trainer.model` is the sharded module). A resume may change only RESUMABLE fields; a new `epochs`/`time_budget` lays the cosine over the new total from the current
-step (so a finished run trains on), and `config.json`'s `history` records each resume.
+ends; `resume` continues from the last one and, on the CPU, ends bit-identical to an uninterrupted run. Under
+torchrun the global batch is split over the processes (DDP averages the gradients), so 1, 2 or N processes train
+the same steps; with `strategy="fsdp"` the model is sharded (`sharded.shard_model`), the training state is a
+sharded torch.distributed.checkpoint that resumes in any number of processes, and rank 0 gathers the full weights
+for evaluation and the `.safetensors` checkpoints (after `fit`, `trainer.model` is the sharded module). A resume may
+change only RESUMABLE fields; a new `epochs`/`time_budget` lays the cosine over the new total from the current step
+(so a finished run trains on), and `config.json`'s `history` records each resume.
 """
 from __future__ import annotations
 
