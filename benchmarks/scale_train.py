@@ -1,8 +1,9 @@
 """Training throughput in 1 process vs 2 processes on this machine: vitkit's engine (`Trainer`) on in-memory
 tensors, one process using every core vs two torchrun processes of one thread each (gloo), with DDP and with FSDP
-(`--strategy fsdp`). The runs alternate (1, DDP, FSDP, 1, DDP, FSDP, ...) so drifts of a shared machine hit them
-alike; each reports its steady images/s (the steps after the first `warmup`), and the medians are compared. The
-last line is the ratio of 2-process DDP to 1 process (> 1: two processes train faster).
+(`--strategy fsdp`, in the same launch as DDP, the order alternating). The launches alternate (1, 2, 1, 2, ...) so
+drifts of a shared machine hit them alike; each reports its steady images/s (the steps after the first `warmup`),
+and the medians are compared. The last line is the ratio of 2-process DDP to 1 process (> 1: two processes train
+faster).
 
     python benchmarks/scale_train.py            # width 192, depth 6, 32 px patch 4 (64 tokens), global batch 64
     python benchmarks/scale_train.py --quick    # a tiny model, a few steps (the test suite runs this)
@@ -26,7 +27,8 @@ sys.path.insert(0, SRC)
 
 
 def worker(a) -> None:
-    """One training run (under torchrun or alone): its steady images/s into `a.out` (rank 0)."""
+    """Training runs (under torchrun or alone), one per strategy in `a.strategy` (comma-separated), in this process
+    group one after the other: each one's steady images/s into `a.out` (rank 0)."""
     import torch
     import torch.nn.functional as F
 
@@ -34,63 +36,62 @@ def worker(a) -> None:
     from vitkit.data import InMemoryDataset
     from vitkit.train import Trainer, TrainConfig
 
-    torch.manual_seed(0)
-    n = a.batch * (a.steps + a.warmup)
-    data = InMemoryDataset(torch.randint(0, 256, (n, 3, a.img, a.img), dtype=torch.uint8), torch.arange(n) % 10)
-    model = vitkit.create_model("vit_mini_patch7_28", img_size=a.img, patch_size=a.patch, in_chans=3, num_classes=10,
-                                embed_dim=a.dim, depth=a.depth, num_heads=max(1, a.dim // 64))
-    stamps = []
+    speeds = {}
+    for strategy in a.strategy.split(","):
+        torch.manual_seed(0)
+        n = a.batch * (a.steps + a.warmup)
+        data = InMemoryDataset(torch.randint(0, 256, (n, 3, a.img, a.img), dtype=torch.uint8),
+                               torch.arange(n) % 10)
+        model = vitkit.create_model("vit_mini_patch7_28", img_size=a.img, patch_size=a.patch, in_chans=3,
+                                    num_classes=10, embed_dim=a.dim, depth=a.depth, num_heads=max(1, a.dim // 64))
+        stamps = []
 
-    def loss_fn(net, batch):
-        stamps.append(time.perf_counter())  # a step starts: the previous one has ended
-        x, y = batch
-        return F.cross_entropy(net(x), y), {}
+        def loss_fn(net, batch):
+            stamps.append(time.perf_counter())  # a step starts: the previous one has ended
+            x, y = batch
+            return F.cross_entropy(net(x), y), {}
 
-    cfg = TrainConfig(name="bench", runs_dir=a.runs, epochs=1, batch_size=a.batch, lr=1e-4, precision="fp32",
-                      quiet=True, strategy=a.strategy, best_metric="")
-    trainer = Trainer(model, data, cfg, loss_fn)
-    trainer.fit()
-    if trainer.dist.is_main:
+        cfg = TrainConfig(name=strategy, runs_dir=a.runs, epochs=1, batch_size=a.batch, lr=1e-4, precision="fp32",
+                          quiet=True, strategy=strategy, best_metric="")
+        trainer = Trainer(model, data, cfg, loss_fn)
+        trainer.fit()
         steady = stamps[a.warmup:]  # step warmup's start .. the last step's start
+        speeds[strategy] = a.batch * (len(steady) - 1) / (steady[-1] - steady[0])
+    if trainer.dist.is_main:
         with open(a.out, "w") as f:
-            json.dump({"img_per_s": a.batch * (len(steady) - 1) / (steady[-1] - steady[0])}, f)
+            json.dump(speeds, f)
 
 
-def _run(kind: str, a, cores: int) -> float:
-    """One launch of `kind` ('1 process', 'ddp', 'fsdp'); its images/s."""
+def _run(strategies: str, processes: int, a, cores: int) -> dict:
+    """One launch: 1 process using every core, or 2 torchrun processes of half the cores each, training with each
+    of `strategies` in turn; {strategy: images/s}."""
     with tempfile.TemporaryDirectory() as tmp:
-        return _launch(kind, a, cores, tmp)
-
-
-def _launch(kind: str, a, cores: int, tmp: str) -> float:
-    out = os.path.join(tmp, "speed.json")
-    flags = ["--worker", "--out", out, "--runs", tmp, "--batch", str(a.batch), "--steps", str(a.steps),
-             "--warmup", str(a.warmup), "--img", str(a.img), "--patch", str(a.patch), "--dim", str(a.dim),
-             "--depth", str(a.depth)]
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), VITKIT_DEVICE="cpu",
-               OMP_WAIT_POLICY="PASSIVE")
-    if kind == "1 process":
-        env["OMP_NUM_THREADS"] = str(cores)
-        cmd = [sys.executable, __file__, *flags, "--strategy", "ddp"]
-    else:
-        env["OMP_NUM_THREADS"] = str(max(1, cores // 2))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__, *flags,
-               "--strategy", kind]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} run failed:\n{proc.stderr[-3000:]}")
-    with open(out) as f:
-        return json.load(f)["img_per_s"]
+        out = os.path.join(tmp, "speed.json")
+        flags = ["--worker", "--out", out, "--runs", tmp, "--strategy", strategies, "--batch", str(a.batch),
+                 "--steps", str(a.steps), "--warmup", str(a.warmup), "--img", str(a.img), "--patch", str(a.patch),
+                 "--dim", str(a.dim), "--depth", str(a.depth)]
+        env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), VITKIT_DEVICE="cpu",
+                   OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(max(1, cores // processes)))
+        cmd = [sys.executable, __file__, *flags]
+        if processes > 1:
+            cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", __file__]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{processes}-process run failed:\n{proc.stderr[-3000:]}")
+        with open(out) as f:
+            return json.load(f)
 
 
 def train_section(a) -> dict:
-    """1 process (all cores) vs 2 processes (DDP, FSDP), alternating launches; medians of images/s."""
+    """1 process (all cores) vs 2 processes (DDP, FSDP: one launch, the two in alternating order), launches
+    alternating; medians of images/s."""
     cores = os.cpu_count() or 2
     kinds = ["1 process", "ddp", "fsdp"]
     speeds = {k: [] for k in kinds}
-    for _ in range(a.reps):
-        for k in kinds:
-            speeds[k].append(_run(k, a, cores))
+    for rep in range(a.reps):
+        speeds["1 process"].append(_run("ddp", 1, a, cores)["ddp"])
+        for k, v in _run("ddp,fsdp" if rep % 2 == 0 else "fsdp,ddp", 2, a, cores).items():
+            speeds[k].append(v)
     med = {k: statistics.median(v) for k, v in speeds.items()}
     rows = [{"run": k, "processes": 1 if k == "1 process" else 2,
              "threads_per_process": cores if k == "1 process" else max(1, cores // 2),
