@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 from .errors import ConfigError, VitkitError
-from .train import RESUMABLE, TrainConfig, refuse_on_resume, train_config_from_flags
+from .train import RESUMABLE, TrainConfig, elastic_resume, refuse_on_resume, train_config_from_flags
 
 # subcommand name → (add_arguments(parser), run(args) -> exit code). Filled in below, one block per subcommand.
 COMMANDS: Dict[str, tuple] = {}
@@ -145,6 +145,9 @@ _ENGINE_FLAGS: Dict[str, dict] = {
     "ema_decay": dict(flag="--ema", type=float, metavar="DECAY", help="EMA of weights, e.g. 0.999"),
     "layer_decay": dict(type=float, help="layer-wise lr decay for fine-tuning, e.g. 0.75"),
     "compile": dict(action=argparse.BooleanOptionalAction, help="torch.compile the model"),
+    "strategy": dict(choices=["ddp", "fsdp"], help="several processes (torchrun): ddp (default) keeps a full copy "
+                     "of the model in each; fsdp shards weights, gradients and optimizer state (FSDP2, per block) "
+                     "and checkpoints with torch.distributed.checkpoint"),
     "seed": dict(type=int),
     "eval_every": dict(type=int, help="evaluate every N epochs and at the end (default: every epoch, or under "
                        "--time-budget as often as keeps evaluation near 3%% of the training time)"),
@@ -183,6 +186,7 @@ def cmd_train(args) -> int:
                             max_val=args.max_val)
     name = _data_name(args.data)
     tc = train_config_from_flags(vars(args), {}, name, skip=Recipe.__dataclass_fields__)  # the planner's to choose
+    tc = elastic_resume(tc)  # torchrun restarted this command: continue the run its first attempt began
     if args.quiet:  # no progress bar: the plan and one log line per epoch instead
         for logger in ("vitkit.train", "vitkit.tasks.classify"):
             logging.getLogger(logger).setLevel(logging.INFO)
@@ -646,7 +650,7 @@ def cmd_pretrain(args) -> int:
                          data_dir=args.data_dir, download=args.download, max_train=args.max_train,
                          max_val=args.max_val)
     name = f"mae_{args.data.replace(':', '_').replace('/', '_')}"
-    summary = pretrain_mae(task, train_config_from_flags(vars(args), recipe, name))
+    summary = pretrain_mae(task, elastic_resume(train_config_from_flags(vars(args), recipe, name)))
     _report_run(args, summary, lambda: f"held-out masked loss {summary['final'].get('val_loss', float('nan')):.4f}; "
                                        f"fine-tune with: vitkit train --data {args.data} --init {summary['run_dir']}")
     return 0
@@ -699,8 +703,8 @@ def cmd_train_gen(args) -> int:
                            init=args.init,
                            max_train=args.max_train, sample_steps=args.sample_steps, sample_cfg=args.sample_cfg,
                            **({"max_val": args.max_val} if args.max_val is not None else {}))
-    summary = train_generator(task, train_config_from_flags(vars(args), recipe,
-                                                                 f"dit_{args.data.replace(':', '_')}"))
+    tc = train_config_from_flags(vars(args), recipe, f"dit_{args.data.replace(':', '_')}")
+    summary = train_generator(task, elastic_resume(tc))
     _report_run(args, summary, lambda: f"held-out {args.objective} loss "
                                        f"{summary['final'].get('val_loss', float('nan')):.4f}; "
                                        f"samples: {summary.get('samples')}")

@@ -49,6 +49,18 @@ def test_benchmarks_quick(capsys):
     assert _last_line(capsys).startswith("ratio vitkit/timm")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_scale_train_quick(capsys):
+    """1 process vs 2 torchrun processes (DDP, FSDP) of vitkit's engine: three launches of a tiny model."""
+    import scale_train
+
+    out = scale_train.main(["--quick"])
+    assert [(r["run"], r["processes"]) for r in out["rows"]] == [("1 process", 1), ("ddp", 2), ("fsdp", 2)]
+    assert all(r["img_per_s"] > 0 for r in out["rows"]) and out["ratio_ddp"] > 0 and out["ratio_fsdp"] > 0
+    assert _last_line(capsys).startswith("ratio ddp-2proc/1proc")
+
+
 def test_gpu_benchmark_runs_or_says_why_not(capsys):
     import torch
 

@@ -38,3 +38,13 @@ def test_a_resumed_run_ignores_the_recipe_and_skip_leaves_fields_to_the_task():
     assert (tc.resume, tc.epochs, tc.lr, tc.time_budget) == ("runs/x", 4, TrainConfig().lr, None)
     tc = train_config_from_flags({"lr": 0.5, "seed": 7}, recipe, skip=("lr", "seed"))
     assert (tc.lr, tc.seed) == (TrainConfig().lr, TrainConfig().seed)
+
+
+def test_strategy_is_ddp_or_fsdp_and_fsdp_takes_no_fp16():
+    assert TrainConfig().strategy == "ddp" and train_config_from_flags({"strategy": "fsdp"}).strategy == "fsdp"
+    with pytest.raises(ConfigError, match="strategy") as e:
+        TrainConfig(strategy="zero3")
+    assert e.value.field == "strategy"
+    with pytest.raises(ConfigError, match="use --precision bf16"):
+        TrainConfig(strategy="fsdp", precision="fp16")
+    TrainConfig(strategy="fsdp", precision="bf16")

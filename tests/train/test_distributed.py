@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _runs import without_key_bias as _without_key_bias
 from vitkit.cli import main
 
 # A small lr: Adam moves a weight whose gradient is ~0 by up to ~lr per step, so float-rounding differences
@@ -17,18 +18,6 @@ from vitkit.cli import main
 ARGS = ["train", "--data", "mnist5k", "--max-train", "256", "--max-val", "64", "--epochs", "2", "--batch-size", "64",
         "--model", "vit_mini_patch7_28", "--model-arg", "embed_dim=32", "--model-arg", "depth=2",
         "--model-arg", "num_heads=2", "--lr", "1e-4", "--quiet"]
-
-
-def _without_key_bias(sd):
-    """The weights less the key third of each qkv bias: it adds q.b_k to every logit of a query's row, which the
-    softmax cancels, so its true gradient is 0 and Adam turns the rounding noise in it into steps of ~lr, differently
-    in 1 and 2 processes (measured: ~1e-5 there, ~1e-8 everywhere else)."""
-    out = dict(sd)
-    for k, v in sd.items():
-        if k.endswith("attn.qkv.bias"):
-            q, _, val = v.chunk(3)
-            out[k] = torch.cat([q, val])
-    return out
 
 
 @pytest.mark.slow

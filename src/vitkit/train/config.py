@@ -37,6 +37,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 → no EMA; else the EMA weights are evaluated and saved
     layer_decay: Optional[float] = None  # layer-wise lr decay (fine-tuning), e.g. 0.75
     compile: bool = False
+    strategy: str = "ddp"  # how several processes train: ddp (a full replica each) | fsdp (FSDP2: weights, grads
+    # and optimizer state sharded per transformer block; sharded torch.distributed.checkpoint state)
     seed: int = 0
     eval_every: Optional[int] = None  # evaluate every N epochs and at the end (a checkpoint every epoch); None:
     # every epoch, or under a time budget as often as keeps evaluation near EVAL_SHARE of the training time
@@ -70,6 +72,10 @@ class TrainConfig:
             v.number(getattr(self, k), k, lo=0)
         v.number(self.clip_grad, "clip_grad", lo=0, optional=True)
         v.choice(self.precision, "precision", ("fp32", "bf16", "fp16"))
+        v.choice(self.strategy, "strategy", ("ddp", "fsdp"))
+        if self.strategy == "fsdp" and self.precision == "fp16":
+            raise ConfigError("--precision fp16 needs a loss scaler that agrees across shards, which --strategy fsdp "
+                              "does not have; use --precision bf16 (or fp32) with fsdp", field="precision")
         v.number(self.ema_decay, "ema_decay", lo=0, hi=1, hi_open=True)
         v.number(self.layer_decay, "layer_decay", lo=0, hi=1, lo_open=True, optional=True)
         v.integer(self.seed, "seed", lo=0, hi=2**32 - 1)

@@ -1,8 +1,8 @@
 """The training engine: one loop for every model vitkit trains (classifier, MAE, DiT).
 
 A task brings the model, the data and two functions; the engine owns everything else — run folder, optimizer,
-schedule (epochs or a wall-clock budget), precision, accumulation, clipping, EMA, distributed, checkpoints,
-resume, metrics, progress bar and the NaN guard:
+schedule (epochs or a wall-clock budget), precision, accumulation, clipping, EMA, distributed (DDP, or FSDP2 with
+`strategy="fsdp"`), checkpoints, resume, metrics, progress bar and the NaN guard:
 
     cfg = TrainConfig(name="mnist", epochs=10, lr=1e-3)
     def loss_fn(model, batch):                 # batch = what the loader yields, already on the device
@@ -22,17 +22,24 @@ savable by `vitkit.save` (its class registered with `vitkit.io.register_model_ty
 The run folder and its files are `rundir`'s; the time-budget plan is `budget`'s. Checkpoints are taken at epoch
 ends, and every `save_every` steps inside an epoch with the data position (epoch, batch); `resume` continues from
 the last one (mid-epoch: the loader starts at that batch) and, on the CPU, ends bit-identical to an uninterrupted
-run. A resume may change only RESUMABLE fields; a new `epochs`/`time_budget` lays the cosine over the new total from
-the current step (so a finished run trains on), and `config.json`'s `history` records each resume.
+run. Under torchrun the global batch is split over the processes (DDP averages the gradients), so 1, 2 or N
+processes train the same steps; with `strategy="fsdp"` the model is sharded (`sharded.shard_model`), the training
+state is a sharded torch.distributed.checkpoint that resumes in any number of processes, and rank 0 gathers the full
+weights for evaluation and the `.safetensors` checkpoints (after `fit`, `trainer.model` is the sharded module). A
+resume may change only RESUMABLE fields; a new `epochs`/`time_budget` lays the cosine over the new total from the
+current step (so a finished run trains on), and `config.json`'s `history` records each resume.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
 import shutil
+import signal
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -42,10 +49,11 @@ from ..errors import ConfigError, VitkitError
 from ..io.checkpoint import atomic_write
 from . import budget
 from .config import DEFAULT_EPOCHS, RESUMABLE, TrainConfig
-from .distributed import DistInfo, barrier, broadcast_obj, setup_distributed
+from .distributed import DistInfo, barrier, broadcast_obj, launch_identity, setup_distributed
 from .ema import EMA
 from .optim import build_optimizer, lr_at, set_lr
 from .rundir import STATE_FILE, RunDir, claim_run
+from .sharded import SHARDED_DIR, gather_full, load_sharded, prune_sharded, save_sharded, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +144,23 @@ class Trainer:
     def _prepare(self) -> None:
         c = self.cfg
         torch.manual_seed(c.seed + 1000 * self.dist.rank)  # dropout / drop-path stream, per rank
+        self.ema = EMA(self.model, c.ema_decay) if c.ema_decay > 0 else None
+        self.fsdp = c.strategy == "fsdp"  # sharded checkpoints, whatever the number of processes
+        self.sharded = self.fsdp and self.dist.world > 1  # sharded weights: only with something to shard over
+        self._replica = None  # under sharding: rank 0's full copy, for evaluation and .safetensors checkpoints
+        if self.sharded:
+            if self.dist.is_main:
+                self._replica = copy.deepcopy(self.eval_model)
+            shard_model(self.model, c.precision, self.device)
+            if self.ema is not None:
+                shard_model(self.ema.module)  # sharded alike, so the average runs shard by shard
+        # after sharding: the optimizer holds the sharded parameters (and so only this rank's part of its state)
         self.optimizer = build_optimizer(self.model, c.lr, c.weight_decay, c.betas, c.layer_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
-        self.ema = EMA(self.model, c.ema_decay) if c.ema_decay > 0 else None
         net = self.model
         if c.compile:
             net = torch.compile(net)
-        if self.dist.world > 1:
+        if self.dist.world > 1 and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -160,31 +178,54 @@ class Trainer:
 
     @property
     def eval_model(self) -> nn.Module:
+        """What is evaluated and saved: the EMA weights when EMA is on; under sharding, rank 0's full copy of them
+        as `_gather` last left it."""
+        if getattr(self, "_replica", None) is not None:
+            return self._replica
         return self.ema.module if self.ema is not None else self.model
 
+    def _gather(self) -> None:
+        """Under sharding (every rank calls it): the full evaluated weights into rank 0's copy."""
+        if self.sharded:
+            gather_full(self.ema.module if self.ema is not None else self.model, self._replica)
+
     # ---- checkpoints ----------------------------------------------------------------------------------------
-    def _state(self) -> dict:
-        s = {"step": self.step, "epoch": self.epoch, "model": self.model.state_dict(),
-             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+    def _state(self, sharded: Optional[str] = None) -> dict:
+        """The training state for last.state.pt; with `sharded` (the DCP folder that holds the weights, optimizer
+        and EMA state, relative to the run folder) only the rest."""
+        s = {"step": self.step, "epoch": self.epoch, "scaler": self.scaler.state_dict(),
              "rng_cpu": torch.get_rng_state(), "best": self.best, "best_epoch": self.best_epoch,
              "elapsed": self._spent(), "plan": dict(self.plan),
              "finished": self.finished, "history": self.history}
         if self._data_pos is not None:
             s["data_pos"] = dict(self._data_pos)
+        if sharded is None:
+            s.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+            if self.ema is not None:
+                s["ema"] = self.ema.state_dict()
+        else:
+            s.update(sharded=sharded, ema_updates=self.ema.updates if self.ema is not None else None)
         if self.device.type == "cuda":
             s["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        if self.ema is not None:
-            s["ema"] = self.ema.state_dict()
         return s
 
-    def _save(self, is_best: bool) -> None:
+    def _save_sharded(self) -> str:
+        """Every rank writes its shards of this step's state (DCP); returns the folder, relative to the run's."""
+        name = f"{SHARDED_DIR}/step-{self.step:09d}"
+        save_sharded(self._run_path / name, self.model, self.optimizer,
+                     self.ema.module if self.ema is not None else None)
+        return name
+
+    def _save(self, is_best: bool, sharded: Optional[str] = None) -> None:
         from ..io import save
 
         meta = {"epoch": self.epoch, "step": self.step, "run": self.cfg.name,
                 "metrics": self.history[-1] if self.history else {}}
         save(self.eval_model, self.run.path / "last.safetensors", extra=meta)
-        state = self._state()
+        state = self._state(sharded)
         atomic_write(self.run.path / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        if sharded is not None:  # last.state.pt names the new step now: the older ones can go
+            prune_sharded(self.run.path, keep=sharded)
         if is_best:
             # copy rather than save again: the same bytes, and still atomic
             atomic_write(self.run.path / "best.safetensors",
@@ -198,13 +239,24 @@ class Trainer:
             raise ConfigError(f"cannot resume {str(path)!r}: last.state.pt is unreadable ({e})") from None
         from ..io import load_state_dict_checked
 
-        load_state_dict_checked(self.model, s["model"], source=str(f))
-        self.optimizer.load_state_dict(s["optimizer"])
+        if ("sharded" in s) != self.fsdp:
+            raise ConfigError(f"cannot resume {str(path)!r}: it was trained with --strategy "
+                              f"{'fsdp' if 'sharded' in s else 'ddp'}; resume it with the same strategy")
+        if self.ema is not None and s.get("ema", s.get("ema_updates")) is None:
+            raise ConfigError(f"{str(path)!r} was trained without EMA; resume it with the same options")
+        if self.fsdp:
+            load_sharded(path / s["sharded"], self.model, self.optimizer,
+                         self.ema.module if self.ema is not None else None)
+            if self.ema is not None:
+                self.ema.updates = int(s["ema_updates"])
+            if self.dist.is_main:  # steps a killed process half-wrote after the one last.state.pt names
+                prune_sharded(path, keep=s["sharded"])
+        else:
+            load_state_dict_checked(self.model, s["model"], source=str(f))
+            self.optimizer.load_state_dict(s["optimizer"])
+            if self.ema is not None:
+                self.ema.load_state_dict(s["ema"])
         self.scaler.load_state_dict(s["scaler"])
-        if self.ema is not None:
-            if "ema" not in s:
-                raise ConfigError(f"{str(path)!r} was trained without EMA; resume it with the same options")
-            self.ema.load_state_dict(s["ema"])
         torch.set_rng_state(s["rng_cpu"])
         if "rng_cuda" in s and self.device.type == "cuda":
             torch.cuda.set_rng_state(s["rng_cuda"], self.device)
@@ -242,9 +294,10 @@ class Trainer:
                               "train it further, resume it with a larger --epochs or --time-budget")
         return changed
 
-    def _record_resume(self, changed: Dict[str, list]) -> None:
+    def _record_resume(self, changed: Dict[str, list], launch: Optional[dict] = None) -> None:
         """config.json: the changed values written in (it describes the run as it now goes on), and one `history`
-        entry for this resume: when, at which epoch and step, and what changed."""
+        entry for this resume: when, at which epoch and step, in how many processes (and which torchrun launch),
+        and what changed."""
         saved = self.run.read_config(missing_ok=True)
         if saved is None:
             return
@@ -257,7 +310,7 @@ class Trainer:
 
         saved.setdefault("history", []).append({
             "resumed": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pid": os.getpid(),
-            "epoch": self.epoch, "step": self.step,
+            "epoch": self.epoch, "step": self.step, "world_size": self.dist.world, "launch": launch,
             "changed": {k: {"from": old, "to": new} for k, (old, new) in changed.items()}})
         self.run.write_json("config.json", saved)
 
@@ -298,6 +351,9 @@ class Trainer:
                         tmp.unlink()
             else:
                 self.run.start()
+        # the run folder on every rank (rank 0 claimed it): sharded checkpoints are written by all
+        self._run_path = Path(broadcast_obj(str(self.run.path) if self.dist.is_main else None, self.dist))
+        launch = launch_identity(self.dist)  # under torchrun: lets a restarted group find this run (elastic_resume)
         changed = {}
         if c.resume:
             resumed = RunDir.to_resume(c.resume)  # also on ranks other than 0, which hold no claimed folder
@@ -307,9 +363,10 @@ class Trainer:
         self._t0 = self.clock()
         if self.dist.is_main and not c.resume:
             self.run.write_json("config.json", {"train": c.to_dict(), **self.resolved,
-                                                "world_size": self.dist.world, "torch": torch.__version__})
+                                                "world_size": self.dist.world, "torch": torch.__version__,
+                                                "launch": launch})
         elif self.dist.is_main:
-            self._record_resume(changed)
+            self._record_resume(changed, launch)
         barrier(self.dist)
         try:
             return self._loop()
@@ -344,7 +401,11 @@ class Trainer:
             for batch in loader:
                 batch = _to_device(batch, self.device)
                 last_micro = (micro + 1) % c.accum_steps == 0
-                sync = nullcontext() if last_micro or self.dist.world == 1 else self.net.no_sync()
+                if self.sharded:  # FSDP2: reduce-scatter the gradients on the last micro-batch only
+                    self.model.set_requires_gradient_sync(last_micro)
+                    sync = nullcontext()
+                else:
+                    sync = nullcontext() if last_micro or self.dist.world == 1 else self.net.no_sync()
                 with sync:
                     with self._autocast():
                         loss, metrics = self.loss_fn(self.net, batch)
@@ -369,6 +430,7 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(self.model)
                 self.step += 1
+                _test_crash(self.step, self.dist.rank)
                 now = self.clock()
                 step_times.append((now - t_step) / self.step_cost(self._progress(self.step - 1)))
                 t_step = now
@@ -393,6 +455,7 @@ class Trainer:
             row.update({"lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1),
                         "img_per_s": n_img / max(1e-9, train_secs), "seconds": train_secs})
             evaluate = final or self.epoch % self._eval_every() == 0
+            self._gather()  # under sharding, rank 0's copy gets the weights to evaluate and save
             if evaluate:
                 t_ev = self.clock()
                 row.update(self._evaluate())
@@ -438,8 +501,10 @@ class Trainer:
             pass
         self._data_pos = {"epoch": epoch, "batch": n_batches, "sums": dict(sums), "world": self.dist.world,
                           "workers": self.cfg.workers}
+        self._gather()  # under FSDP (every rank): the full weights for last.safetensors, then each rank's shards
+        sharded = self._save_sharded() if self.fsdp else None
         if self.dist.is_main:
-            self._save(False)
+            self._save(False, sharded)
         self._data_pos = None
         barrier(self.dist)
 
@@ -504,8 +569,9 @@ class Trainer:
         return {k: (float(v) if isinstance(v, (int, float)) or torch.is_tensor(v) else v) for k, v in out.items()}
 
     def _end_epoch(self, row: dict, final: bool, evaluated: bool = True) -> None:
-        """Rank 0: record the row, decide best (on evaluated epochs), write metrics and checkpoints. Everyone
-        waits for it."""
+        """Rank 0: record the row, decide best (on evaluated epochs), write metrics and checkpoints (with FSDP,
+        every rank first writes its shards of the training state). Everyone waits for it."""
+        sharded = self._save_sharded() if self.fsdp else None
         if self.dist.is_main:
             self.history.append(row)
             metric = self.cfg.best_metric
@@ -518,7 +584,7 @@ class Trainer:
                 better = True  # no selection: best.safetensors is the latest evaluated checkpoint
                 self.best_epoch = self.epoch
             self.finished = final
-            self._save(better)
+            self._save(better, sharded)
             self.run.write_metrics(self.history)
             self._log_row(row)
         barrier(self.dist)
@@ -552,6 +618,15 @@ class Trainer:
             self.run.write_report(summary, self.history, md_extra)
         barrier(self.dist)
         return summary
+
+
+def _test_crash(step: int, rank: int) -> None:
+    """Test hook: VITKIT_TEST_CRASH=<rank>:<step> SIGKILLs that rank's process right after that optimizer step, on
+    torchrun's first attempt only (TORCHELASTIC_RESTART_COUNT 0 or unset), as a machine failure would; unset (always,
+    outside tests) it does nothing."""
+    spec = os.environ.get("VITKIT_TEST_CRASH")
+    if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and spec == f"{rank}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _to_device(batch, device: torch.device):

@@ -3,11 +3,14 @@
 Its files: `config.json` (everything resolved, enough to repeat the run), `metrics.csv` (one row per epoch;
 held-out columns on evaluated epochs), `last.safetensors` / `best.safetensors` (weights — the EMA weights when EMA
 is on — through `vitkit.save`), `last.state.pt` (training state: raw weights, optimizer, scaler, EMA, RNG, step,
-epoch, the time-budget plan; plain tensors and dicts for `torch.load(weights_only=True)`), `report.json`,
+epoch, the time-budget plan; plain tensors and dicts for `torch.load(weights_only=True)`; under `--strategy fsdp`
+it holds the same less the tensors, which are in `state.dcp/step-N/`, a sharded torch.distributed.checkpoint that
+last.state.pt names), `report.json`,
 `report.md`. Every file is written atomically, so a kill at any moment leaves the last good checkpoint. `.lock`
 holds the pid of the process that owns the folder, under an OS lock (`claim_run`). Readers open a run with
 `RunDir.open(path)` and `read_config()`, which turn a missing folder or a missing or damaged config.json into one
-line; `resume_configs` gives the configs to resume a run with.
+line; `resume_configs` gives the configs to resume a run with; `elastic_resume` turns the command torchrun starts
+again after a failure into a resume of the run its first attempt began.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import logging
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -26,6 +29,8 @@ from ..errors import ConfigError, RunExistsError
 from ..io.checkpoint import atomic_write
 from ..io.files import LockHeld, lock_file, write_pid
 from .config import RESUMABLE, TrainConfig, refuse_on_resume
+from .distributed import broadcast_obj, launch_identity, setup_distributed
+from .sharded import SHARDED_DIR
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +50,9 @@ def _is_tmp(name: str) -> bool:
 
 
 def _only_unfinished(names: List[str]) -> bool:
-    """What a run that died before its first checkpoint leaves: config.json (or not even that) and temp files."""
-    return all(n == CONFIG_FILE or _is_tmp(n) for n in names)
+    """What a run that died before its first checkpoint leaves: config.json (or not even that), temp files, and
+    sharded state that no last.state.pt points at yet."""
+    return all(n in (CONFIG_FILE, SHARDED_DIR) or _is_tmp(n) for n in names)
 
 
 class RunDir:
@@ -308,6 +314,30 @@ def resume_configs(train_cfg: TrainConfig, task: str, section: str, task_cls, wh
     tc.resume, tc.quiet, tc.device, tc.workers = str(path), train_cfg.quiet, train_cfg.device, train_cfg.workers
     tc.name, tc.runs_dir, tc.overwrite = path.name, str(path.parent), False
     return task_cfg, tc
+
+
+def elastic_resume(cfg: TrainConfig) -> TrainConfig:
+    """`cfg`, made a resume of its own run folder when torchrun has started this command again (`--max-restarts`
+    after a worker failed, or the group re-formed when a node joined) and the folder holds a checkpoint that the same
+    launch wrote: same rendezvous id and at least one of the same torchrun agents (see `launch_identity`). A folder
+    another launch wrote is left to the usual "run exists" refusal. Every rank calls it (it joins the process
+    group); unchanged outside torchrun or with --resume given."""
+    if cfg.resume or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return cfg
+    info = setup_distributed(cfg.device)
+    me = launch_identity(info)
+    path = Path(cfg.runs_dir) / cfg.name
+    ours = False
+    if info.is_main and (path / STATE_FILE).is_file():
+        saved = RunDir.open(path).read_config(missing_ok=True) or {}
+        launches = [saved.get("launch")] + [h.get("launch") for h in saved.get("history") or []]
+        ours = any(isinstance(x, dict) and x.get("run_id") == me["run_id"] and set(x.get("agents") or ()) &
+                   set(me["agents"]) for x in launches)
+    if not broadcast_obj(ours, info):
+        return cfg
+    if info.is_main:
+        log.warning("torchrun restarted this run: resuming %s from its last checkpoint", path)
+    return replace(cfg, resume=str(path), overwrite=False)
 
 
 def read_config(path, doing: str = "cannot read") -> dict:
