@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import vitkit
 from vitkit.cli import main
 from vitkit.errors import CheckpointError, ConfigError, DataError
+from vitkit.models.precision import TOLERANCES
 from vitkit.data.inputs import load_batch
 from vitkit.tasks.retrieve import (Embeddings, Index, build_index, embed_folder, embed_images, knn_classify,
                                    map_at_r, recall_at_k, retrieval_report)
@@ -178,13 +179,23 @@ def test_embed_is_incremental_and_index_search_end_to_end(tmp_path, capsys, digi
     inc, full = Embeddings.load(emb), Embeddings.load(tmp_path / "full.st")
     assert inc.paths == full.paths
     np.testing.assert_allclose(inc.vectors, full.vectors, atol=1e-5)
-    # --fast (the compiled exact path) gives the same embeddings under the same manifest
+    # --fast in fp32 (the exact fast path) gives the same embeddings under the same manifest
     code, out, err = _run(capsys, ["embed", str(digits_model), str(gallery), "--out", str(tmp_path / "fast.st"),
-                                   "--quiet", "--fast"])
+                                   "--quiet", "--fast", "--precision", "fp32"])
     assert code == 0, err
     fast = Embeddings.load(tmp_path / "fast.st")
-    assert fast.paths == full.paths and fast.model == full.model
+    assert fast.paths == full.paths and fast.model == full.model and full.model["precision"] == "fp32"
     np.testing.assert_allclose(fast.vectors, full.vectors, atol=1e-4)
+    # --fast alone (precision auto) records what it chose; its vectors stay within that precision's tolerance
+    code, out, err = _run(capsys, ["embed", str(digits_model), str(gallery), "--out", str(tmp_path / "auto.st"),
+                                   "--quiet", "--fast"])
+    assert code == 0, err
+    auto = Embeddings.load(tmp_path / "auto.st")
+    chosen = auto.model["precision"]
+    assert chosen in ("fp32", "bf16", "int8") and auto.paths == full.paths
+    assert {k: v for k, v in auto.model.items() if not k.startswith("precision")} == \
+        {k: v for k, v in full.model.items() if not k.startswith("precision")}
+    assert np.min(np.sum(auto.vectors * full.vectors, axis=1)) >= TOLERANCES[chosen].cosine - 1e-3
 
     ix = tmp_path / "ix"
     code, out, err = _run(capsys, ["index", "build", str(tmp_path / "full.st"), "--out", str(ix)])

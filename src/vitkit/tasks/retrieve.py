@@ -27,6 +27,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..io.checkpoint import atomic_write, load_vit
 from ..io.files import lock_file, write_pid
 from ..models import Preprocessing
+from ..models.fast import precision_record
 from ..data.inputs import label_of, open_image
 
 log = logging.getLogger(__name__)
@@ -241,10 +242,12 @@ def embed_paths(model, paths: Sequence, pool: str, layer: Optional[int], batch_s
 
 def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Optional[int] = None,
                  batch_size: int = 64, overwrite: bool = False, progress: bool = True, model=None,
-                 strict: bool = False, fast: bool = False) -> Dict:
+                 strict: bool = False, fast: bool = False, precision: str = "auto") -> Dict:
     """Embed every image under `folder` into the embeddings file `out`. When `out` exists (same model), only the
     new or changed files (by path, mtime and size) are embedded; removed files are dropped. Unreadable images are
-    skipped with a warning (`strict`: stop at the first). Returns counts."""
+    skipped with a warning (`strict`: stop at the first). `fast`: vitkit.optimize in `precision` ("auto": the
+    fastest whose embeddings agree with fp32's on the first batch); the manifest records the precision. Returns
+    counts."""
     from .. import validate as v
 
     v.integer(batch_size, "batch_size", lo=1)
@@ -258,13 +261,28 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
     pool = pool or default_pool(model, layer)
     _check_pool(model, pool, layer)
     manifest = model_manifest(model, checkpoint, pool, layer)
-    if fast and layer is None:  # the exact fast path (vitkit.optimize): same embeddings, same manifest
+    if fast and layer is None:  # vitkit.optimize: the same embeddings in fp32, within TOLERANCES otherwise
         from ..models.fast import optimize
 
-        model = optimize(model)
+        model = optimize(model, precision=precision)
     out = Path(out)
     with writer_lock(out):  # read, embed and write back as one step: a concurrent embed waits, nothing is lost
         return _embed_into(out, model, manifest, folder, files, pool, layer, batch_size, overwrite, progress, strict)
+
+
+def _vectors_precision(old: Optional["Embeddings"], model, reused: int, new: int) -> dict:
+    """The manifest's precision entry for a file of `reused` vectors from `old` and `new` ones from `model`: one
+    precision, or 'mixed' (with a warning) when an update embeds in another precision than the file holds."""
+    rec = precision_record(model)
+    was = (old.model or {}).get("precision", "fp32") if old is not None and reused else None
+    if was is not None and new and was != rec["precision"]:
+        log.warning("the embeddings file holds %s vectors; these %d new ones are %s: the file is now of mixed "
+                    "precision (embed again with --overwrite and one --precision to make it uniform)",
+                    was, new, rec["precision"])
+        return {"precision": "mixed", "precisions": sorted({*was.split("+"), rec["precision"]} - {"mixed"})}
+    if was is not None and not new:
+        return {"precision": was}
+    return rec
 
 
 def _embed_into(out: Path, model, manifest: dict, folder: Path, files: List[Path], pool: str, layer: Optional[int],
@@ -313,6 +331,7 @@ def _embed_into(out: Path, model, manifest: dict, folder: Path, files: List[Path
             log.warning("skipped: %s", why)
     keep = sorted(set(range(len(paths))) - {i for i, _ in bad})
     labels = [label_of(p, folder) for p in files]
+    manifest = dict(manifest, **_vectors_precision(old, model, reused=len(paths) - len(todo), new=len(todo)))
     Embeddings(vectors[keep], [paths[i] for i in keep], [labels[i] for i in keep], [keys[i] for i in keep],
                manifest, str(folder.resolve())).save(out)
     removed = len(set(have) - set(paths))
@@ -392,6 +411,11 @@ class Index:
                 self.model = model
             else:
                 check_same_model(self.model, model)
+                mine, theirs = self.model.get("precision", "fp32"), model.get("precision", "fp32")
+                if mine != theirs:  # vectors of two precisions: searchable, but say so in the manifest
+                    log.warning("adding %s embeddings to an index of %s ones: the index is now of mixed precision",
+                                theirs, mine)
+                    self.model = dict(self.model, precision="mixed")
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         if paths is not None and len(paths) != len(x):
             raise DataError(f"got {len(x)} embeddings but {len(paths)} paths")
@@ -607,10 +631,12 @@ def embed_dataset(model, dataset, pool: str, layer: Optional[int], batch_size: i
 def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, layer: Optional[int] = None,
                        batch_size: int = 256, knn_k: int = 20, temperature: float = 0.07, data_dir="data",
                        download: bool = False, max_train: Optional[int] = None, max_val: Optional[int] = None,
-                       progress: bool = True, model=None, out=None) -> Dict:
+                       progress: bool = True, model=None, out=None, fast: bool = False,
+                       precision: str = "auto") -> Dict:
     """Recall@1/5/10, mAP@R and DINO's weighted k-NN accuracy of a checkpoint's embeddings on a labelled dataset:
     the held-out split is the queries, the training split the database; images are preprocessed as the
-    checkpoint says (no augmentation). With `out`, the result is also written there as JSON (atomically)."""
+    checkpoint says (no augmentation). With `out`, the result is also written there as JSON (atomically).
+    `fast`: embed with vitkit.optimize in `precision` (the result records which)."""
     from .. import validate as v
     from ..data import build_datasets
 
@@ -629,12 +655,16 @@ def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, lay
                                       augment="none", mean=pre.mean, std=pre.std,
                                       crop_pct=float(pre.crop_pct), data_dir=data_dir,
                                       download=download, max_train=max_train, max_val=max_val)
+    if fast and layer is None:
+        from ..models.fast import optimize
+
+        model = optimize(model, precision=precision)
     db, db_labels = embed_dataset(model, train, pool, layer, batch_size, progress)
     q, q_labels = embed_dataset(model, val, pool, layer, batch_size, progress)
     report = retrieval_report(q, q_labels, db, db_labels, knn_k=knn_k, temperature=temperature)
     res = {"checkpoint": str(checkpoint), "data": info.spec, "pool": pool, "layer": layer,
            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()},
-           "knn": {"k": knn_k, "temperature": temperature}}
+           "knn": {"k": knn_k, "temperature": temperature}, **precision_record(model)}
     if out:
         text = json.dumps(res, indent=2) + "\n"
         atomic_write(Path(out), lambda tmp: Path(tmp).write_text(text))
@@ -681,10 +711,24 @@ def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: 
     return save_png(fig, path, dpi=GRID_DPI)
 
 
+def warn_precision(index_precision: str, query_precision: str, what: str) -> bool:
+    """Warn (once per search) when the queries were embedded in another precision than the index's vectors: the
+    scores then carry both precisions' rounding. Returns whether it warned."""
+    if index_precision == query_precision:
+        return False
+    log.warning("%s holds %s embeddings but the queries are %s: scores may differ slightly from a same-precision "
+                "search (search with --precision %s, or rebuild the index in %s)", what, index_precision,
+                query_precision, index_precision if index_precision in ("fp32", "bf16", "int8") else "fp32",
+                query_precision)
+    return True
+
+
 def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None, nprobe: Optional[int] = None,
-           ef_search: Optional[int] = None) -> dict:
+           ef_search: Optional[int] = None, precision: Optional[str] = None) -> dict:
     """The k nearest entries of an index folder to each query image, embedded by the index's model (or by
-    `checkpoint`, which must be the same model); with `grid`, also a PNG of queries and neighbours."""
+    `checkpoint`, which must be the same model); with `grid`, also a PNG of queries and neighbours. `precision`:
+    embed the queries with vitkit.optimize in that precision (default: the plain fp32 model); a precision other
+    than the index's is a warning."""
     from .. import validate as v
     from ..data.inputs import load_batch
 
@@ -702,7 +746,13 @@ def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None,
         raise FileNotFoundError(f"the index's model {ckpt!r} is gone; pass --checkpoint with the same model")
     model = load_vit(ckpt, "search")  # an MAE: its encoder
     check_same_model(im, model_manifest(model, ckpt, im.get("pool"), im.get("layer")), what=f"index {str(index)!r}")
-    q = embed_images(model, load_batch(queries, model), im.get("pool"), im.get("layer"))
+    batch = load_batch(queries, model)
+    if precision is not None and im.get("layer") is None:
+        from ..models.fast import optimize
+
+        model = optimize(model, precision=precision)
+    q = embed_images(model, batch, im.get("pool"), im.get("layer"))
+    warn_precision(im.get("precision", "fp32"), precision_record(model)["precision"], f"index {str(index)!r}")
     results = ix.neighbours(q, k)
     out = [{"query": str(Path(p).resolve()), "neighbours": r} for p, r in zip(queries, results)]
     if grid:
