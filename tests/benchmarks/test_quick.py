@@ -25,6 +25,7 @@ def _is_memory_figure(b) -> bool:
 def test_benchmarks_quick(capsys):
     import highres
     import infer
+    import precision
     import train
 
     out = infer.main(["--quick"])
@@ -40,6 +41,12 @@ def test_benchmarks_quick(capsys):
                                                             ("timm", True)]
     assert all(r["items_per_s"] > 0 and _is_memory_figure(r["peak_bytes"]) for r in out["rows"])
     assert _last_line(capsys).startswith("ratio vitkit/timm")
+
+    out = precision.main(["--quick"])
+    paths = [r["path"] for r in out["results"]]
+    assert paths[:2] == ["timm eager fp32", "vitkit fp32"] and "vitkit int8" in paths  # int8: every oneDNN build
+    assert all(r["img_s"] > 0 and r["of_matmul"] > 0 for r in out["results"])
+    assert _last_line(capsys).startswith("ratio vit_tiny b2: vitkit ")
 
     out = highres.main(["--quick"])
     assert [(r["img"], r["lib"]) for r in out["infer"]] == [(64, "vitkit"), (64, "timm"), (192, "vitkit"),

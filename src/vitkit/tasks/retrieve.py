@@ -274,15 +274,16 @@ def _vectors_precision(old: Optional["Embeddings"], model, reused: int, new: int
     """The manifest's precision entry for a file of `reused` vectors from `old` and `new` ones from `model`: one
     precision, or 'mixed' (with a warning) when an update embeds in another precision than the file holds."""
     rec = precision_record(model)
-    was = (old.model or {}).get("precision", "fp32") if old is not None and reused else None
-    if was is not None and new and was != rec["precision"]:
-        log.warning("the embeddings file holds %s vectors; these %d new ones are %s: the file is now of mixed "
-                    "precision (embed again with --overwrite and one --precision to make it uniform)",
-                    was, new, rec["precision"])
-        return {"precision": "mixed", "precisions": sorted({*was.split("+"), rec["precision"]} - {"mixed"})}
-    if was is not None and not new:
-        return {"precision": was}
-    return rec
+    if old is None or not reused:
+        return rec
+    kept = {k: v for k, v in (old.model or {}).items() if k.startswith("precision")} or {"precision": "fp32"}
+    if not new or kept["precision"] == rec["precision"]:
+        return kept
+    log.warning("the embeddings file holds %s vectors; these %d new ones are %s: the file is now of mixed "
+                "precision (embed again with --overwrite and one --precision to make it uniform)",
+                kept["precision"], new, rec["precision"])
+    return {"precision": "mixed",
+            "precisions": sorted({*kept.get("precisions", [kept["precision"]]), rec["precision"]})}
 
 
 def _embed_into(out: Path, model, manifest: dict, folder: Path, files: List[Path], pool: str, layer: Optional[int],
