@@ -90,3 +90,16 @@ def test_training_benchmarks_quick(capsys):
                          "patchify stem instead of conv"]
     assert all(0 <= r["top1"] <= 100 and r["steps"] > 0 for r in out.values())
     assert _last_line(capsys).startswith("best option / base top-1 ratio: ")
+
+
+@pytest.mark.slow
+def test_train_precision_benchmark_quick(capsys):
+    """train_precision.py --quick: steps/s of fp32 and bf16 autocast, and two budgeted `vitkit train` runs."""
+    import train_precision
+
+    out = train_precision.main(["--quick"])
+    sps = out["speed"]["vit_mini_patch7_28"]
+    assert set(sps) == {"fp32", "bf16"} and min(sps.values()) > 0
+    assert [r["precision"] for r in out["runs"]] == ["fp32", "bf16"]
+    assert all(0 <= r["top1"] <= 100 and r["steps"] > 0 for r in out["runs"])
+    assert _last_line(capsys).startswith("ratio bf16/fp32 training steps/s")
