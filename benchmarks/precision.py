@@ -218,7 +218,7 @@ def main(argv=None) -> dict:
     if a.timm_checkpoint:
         from vitkit.io import load_pretrained
 
-        model = load_pretrained(a.timm_checkpoint, name=a.timm_model).eval()
+        model = load_pretrained(a.timm_checkpoint, model=a.timm_model).eval()
         xs, ys = load_folder(a.folder, model, a.per_class)
         acc += accuracy_rows(model, xs, ys, 32, f"{a.timm_model} ({os.path.basename(a.timm_checkpoint)}) on "
                              f"{len(ys)} images of {a.folder}")
