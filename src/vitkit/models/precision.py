@@ -175,7 +175,7 @@ class Choice:
         agree = "" if self.precision == "fp32" else "; vs fp32: " + ", ".join(
             f"{k} {v:.4f}" if k != "top1" else f"top-1 agreement {100 * v:.1f}%" for k, v in a.items())
         speed = ("" if self.precision == "fp32" or "fp32" not in self.seconds
-                 else f", {self.seconds['fp32'] / self.seconds[self.precision]:.2f}x fp32")
+                 else f", {self.seconds['fp32'] / max(self.seconds[self.precision], 1e-12):.2f}x fp32")
         rej = "".join(f"; {p} not kept: {why}" for p, why in self.rejected.items())
         return (f"precision {self.precision}{speed} (auto, batch {self.batch}: {ms}"
                 f"{', cached' if self.cached else ''}{agree}{rej})")
@@ -218,7 +218,7 @@ def choose(run: Callable[[str], torch.Tensor], names: Sequence[str], key: str, l
             rejected[p] = f"not faster than fp32 here ({1e3 * seconds[p]:.0f} vs {1e3 * seconds['fp32']:.0f} ms)"
     kept = [p for p in names if p not in rejected]
     pick = min(kept, key=lambda p: seconds[p])
-    return Choice(pick, {p: round(s, 5) for p, s in seconds.items()},
+    return Choice(pick, {p: float(f"{s:.4g}") for p, s in seconds.items()},
                   {p: {k: round(v, 6) for k, v in st.items()} for p, st in stats.items()}, rejected, batch, hit)
 
 
