@@ -1,7 +1,7 @@
 """Shared benchmark machinery: interleaved timing with medians, a same-run matmul reference, peak memory.
 
-Timing: the candidates run in turns (A, B, A, B, ...) in one process, each turn preceded by a 2048^3 fp32 matmul, so
-slow drifts of a shared machine hit all of them alike; we report medians, and for "fraction of matmul" the median of
+Timing: the candidates run in turns (A, B, A, B, ...) in one process, each turn preceded by a 2048^3 fp32 matmul (the
+faster of MKL and oneDNN here, picked once at the start), so slow drifts of a shared machine hit all of them alike; we report medians, and for "fraction of matmul" the median of
 per-turn ratios (the model's GFLOP/s over the matmul GFLOP/s measured just before it).
 
 Peak memory: a fresh child process builds the model, runs the step once unmeasured (the one-time allocations of
@@ -48,17 +48,46 @@ def bf16_fast() -> bool:
         return False
 
 
-_A = _B = None
+_A = _B = _MM = None
 QUICK_MM = 768  # the matmul size of --quick runs (their figures are not judged)
 
 
-def matmul_seconds(n: int = 2048) -> float:
+def fp32_gemms(a: torch.Tensor, b: torch.Tensor) -> Dict[str, Callable[[], object]]:
+    """Every fp32 GEMM a @ b this build offers: MKL (`torch.mm`) and oneDNN (a prepacked `_linear_pointwise`, the
+    kernel vitkit.optimize runs; on AMD EPYC about twice MKL's rate)."""
+    out = {"MKL": lambda: torch.mm(a, b)}
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        w = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous())
+        out["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+    return out
+
+
+def _fastest_gemm(n: int):
+    """The fastest fp32 n^3 GEMM here (median of 3 each, in turns): the reference of every 'of matmul' figure, so
+    that a fraction above 100% cannot come from comparing with the slower library."""
     global _A, _B
-    if _A is None or _A.shape[0] != n:
-        _A, _B = torch.randn(n, n), torch.randn(n, n)
-        _A @ _B
+    _A, _B = torch.randn(n, n), torch.randn(n, n)
+    cands = fp32_gemms(_A, _B)
+    times = {k: [] for k in cands}
+    for _ in range(4):
+        for k, fn in cands.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    best = min(cands, key=lambda k: statistics.median(times[k][1:]))
+    print(f"# 'of matmul' reference: fp32 {n}^3 through {best} ("
+          + ", ".join(f"{k} {2 * n ** 3 / statistics.median(v[1:]) / 1e9:.0f}" for k, v in times.items())
+          + " GFLOP/s)", flush=True)
+    return cands[best]
+
+
+def matmul_seconds(n: int = 2048) -> float:
+    global _MM
+    if _MM is None or _A is None or _A.shape[0] != n:
+        _MM = _fastest_gemm(n)
     t = time.perf_counter()
-    _A @ _B
+    with torch.inference_mode():
+        _MM()
     return time.perf_counter() - t
 
 

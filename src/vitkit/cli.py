@@ -215,13 +215,23 @@ def _data_name(spec: str) -> str:
     return spec
 
 
+def _fast(args) -> bool:
+    """--fast, or a --precision (which only the fast path has)."""
+    return bool(getattr(args, "fast", False) or getattr(args, "precision", None))
+
+
 _STARTED = None  # the command's start on Trainer's clock (set in main): a time budget covers the whole command
 
 
 def _add_fast_args(p, tome: bool = True) -> tuple:
-    """--fast (the exact fast path, vitkit.optimize) and --tome R (token merging: faster, slightly less exact)."""
+    """--fast (vitkit.optimize), --precision (its precision; implies --fast) and --tome R (token merging: faster,
+    slightly less exact)."""
     out = (p.add_argument("--fast", action="store_true",
-                          help="the exact fast inference path (vitkit.optimize: prepacked oneDNN kernels on CPU, torch.compile on GPU)"),)
+                          help="the fast inference path (vitkit.optimize: prepacked oneDNN kernels on CPU, "
+                          "torch.compile on GPU) in --precision"),
+           p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default=None,
+                          help="the fast path's precision (implies --fast); auto (default): the fastest that agrees "
+                          "with fp32 on the first batch; fp32 is exact"))
     if tome:
         out += (p.add_argument("--tome", type=int, default=0, metavar="R",
                                help="merge R tokens per block (ToMe): faster, slightly less accurate"),)
@@ -293,7 +303,8 @@ def cmd_eval(args) -> int:
     res = evaluate_checkpoint(args.checkpoint, args.data, out_dir=args.out, batch_size=args.batch_size,
                               device=args.device, data_dir=args.data_dir, download=args.download,
                               val_split=args.val_split, seed=args.seed, strict=args.strict, max_val=args.max_val,
-                              fast=args.fast, tome=args.tome, class_map=args.class_map)
+                              fast=_fast(args), tome=args.tome, class_map=args.class_map,
+                              precision=args.precision or "auto")
     if not _is_rank0():  # under torchrun every process holds the result; rank 0 prints it
         return 0
     if args.json:
@@ -366,7 +377,7 @@ def cmd_predict(args) -> int:
     from .tasks.classify import predict
 
     res = predict(args.checkpoint, args.images, topk=args.topk, batch_size=args.batch_size, device=args.device,
-                  strict=args.strict, fast=args.fast, tome=args.tome)
+                  strict=args.strict, fast=_fast(args), tome=args.tome, precision=args.precision or "auto")
     if args.json:
         _print_json(res)
     else:
@@ -452,7 +463,7 @@ def cmd_embed(args) -> int:
 
     res = embed_folder(args.checkpoint, args.folder, args.out, pool=args.pool, layer=args.layer,
                        batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet,
-                       strict=args.strict, fast=args.fast)
+                       strict=args.strict, fast=_fast(args), precision=args.precision or "auto")
     if _is_rank0():  # under torchrun every process embeds a part and holds the result; rank 0 prints it
         _print_json(res)
     return 0
@@ -517,7 +528,7 @@ def cmd_search(args) -> int:
     from .tasks.retrieve import search
 
     _print_json(search(args.index, args.queries, args.k, checkpoint=args.checkpoint, grid=args.grid,
-                       nprobe=args.nprobe, ef_search=args.ef_search, mmap=args.mmap))
+                       nprobe=args.nprobe, ef_search=args.ef_search, mmap=args.mmap, precision=args.precision))
     return 0
 
 
@@ -530,6 +541,9 @@ cmd_search.add_arguments = lambda p: (
     p.add_argument("--nprobe", type=int, default=None, help="IVF: cells searched per query"),
     p.add_argument("--ef-search", type=int, default=None, help="HNSW: candidates per query"),
     p.add_argument("--mmap", action="store_true", help="open the index memory-mapped (an on-disk index always is)"),
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default=None,
+                   help="embed the queries with vitkit.optimize in this precision (default: the plain fp32 model); "
+                   "one other than the index's is a warning"),
 )
 
 
@@ -540,7 +554,8 @@ def cmd_eval_retrieval(args) -> int:
     res = evaluate_retrieval(args.checkpoint, args.data, pool=args.pool, layer=args.layer,
                              batch_size=args.batch_size, knn_k=args.knn_k, temperature=args.temperature,
                              data_dir=args.data_dir, download=args.download, max_train=args.max_train,
-                             max_val=args.max_val, progress=not args.quiet, out=args.out)
+                             max_val=args.max_val, progress=not args.quiet, out=args.out, fast=_fast(args),
+                             precision=args.precision or "auto")
     _print_json(res)
     return 0
 
@@ -559,6 +574,7 @@ cmd_eval_retrieval.add_arguments = lambda p: (
     p.add_argument("--download", action="store_true"),
     p.add_argument("--out", default=None, help="also write the JSON here"),
     p.add_argument("--quiet", action="store_true"),
+    *_add_fast_args(p, tome=False),
 )
 
 
@@ -595,6 +611,7 @@ def cmd_serve(args) -> int:
     from .serve import ServeConfig, serve
 
     cfg = ServeConfig(args.checkpoint, index=args.index, device=args.device, fast=not args.no_fast,
+                      precision=args.precision, calibration=args.calibration,
                       max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                       max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
                       timeout_s=args.timeout, api_key=args.api_key, cors_origins=tuple(args.cors_origin or ()),
@@ -611,6 +628,11 @@ cmd_serve.add_arguments = lambda p: (
     p.add_argument("--port", type=int, default=8000),
     p.add_argument("--device", default="auto"),
     p.add_argument("--no-fast", action="store_true", help="plain PyTorch instead of vitkit.optimize's fast path"),
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                   help="the fast path's precision; auto (default): the fastest that agrees with fp32, measured at "
+                   "--max-batch-size when the server starts"),
+    p.add_argument("--calibration", default=None, metavar="DIR",
+                   help="images auto checks agreement on (default: the index's images, else synthetic ones)"),
     p.add_argument("--max-batch-size", type=int, default=32, help="images per forward (dynamic batching)"),
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill"),
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests past which the server answers 503"),

@@ -25,6 +25,7 @@ def _is_memory_figure(b) -> bool:
 def test_benchmarks_quick(capsys):
     import highres
     import infer
+    import precision
     import train
 
     out = infer.main(["--quick"])
@@ -40,6 +41,12 @@ def test_benchmarks_quick(capsys):
                                                             ("timm", True)]
     assert all(r["items_per_s"] > 0 and _is_memory_figure(r["peak_bytes"]) for r in out["rows"])
     assert _last_line(capsys).startswith("ratio vitkit/timm")
+
+    out = precision.main(["--quick"])
+    paths = [r["path"] for r in out["results"]]
+    assert paths[:2] == ["timm eager fp32", "vitkit fp32"] and "vitkit int8" in paths  # int8: every oneDNN build
+    assert all(r["img_s"] > 0 and r["of_matmul"] > 0 for r in out["results"])
+    assert _last_line(capsys).startswith("ratio vit_tiny b2: vitkit ")
 
     out = highres.main(["--quick"])
     assert [(r["img"], r["lib"]) for r in out["infer"]] == [(64, "vitkit"), (64, "timm"), (192, "vitkit"),
@@ -120,3 +127,16 @@ def test_scale_benchmark_loader_quick(capsys):
     counts = {l.rsplit("(", 1)[1] for l in lines if "round 1:" in l}
     assert len(counts) == 1 and counts != {"0 images)"}  # every path read the same whole epoch
     assert lines[-1].startswith("ratio shards / folder streamed img/s at 2 workers: ")
+
+
+@pytest.mark.slow
+def test_train_precision_benchmark_quick(capsys):
+    """train_precision.py --quick: steps/s of fp32 and bf16 autocast, and two budgeted `vitkit train` runs."""
+    import train_precision
+
+    out = train_precision.main(["--quick"])
+    sps = out["speed"]["vit_mini_patch7_28"]
+    assert set(sps) == {"fp32", "bf16"} and min(sps.values()) > 0
+    assert [r["precision"] for r in out["runs"]] == ["fp32", "bf16"]
+    assert all(0 <= r["top1"] <= 100 and r["steps"] > 0 for r in out["runs"])
+    assert _last_line(capsys).startswith("ratio bf16/fp32 training steps/s")

@@ -7,9 +7,12 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from vitkit.cli import main
+
+from .conftest import make_client, wait_ready
 
 PNG = {"content-type": "image/png"}
 
@@ -167,3 +170,28 @@ def test_model_card_health_metrics_and_schema(client, served):
     assert "http" not in page.text.replace("http-equiv", "")  # nothing loaded from elsewhere
     assert client.get("/static/app.js").status_code == 200
     assert client.get("/static/..%2F__init__.py").status_code == 404
+
+
+def test_fast_serving_picks_its_precision_on_the_index_images(served, monkeypatch, tmp_path, caplog):
+    """--fast (the default) with precision auto: measured at max_batch_size when the server starts, agreement
+    checked on the index's real images, the pick on the model card; labels as the plain path gives them."""
+    monkeypatch.setenv("VITKIT_CACHE", str(tmp_path / "cache"))
+    ckpt, _, files, index, _ = served
+    with caplog.at_level("INFO"), make_client(checkpoint=str(ckpt), index=str(index), fast=True,
+                                              max_batch_size=8) as c:
+        wait_ready(c)
+        card = c.get("/v1/model").json()
+        fast_labels = [c.post("/v1/classify", files={"file": (f.name, f.read_bytes(), "image/png")}).json()["label"] for f in files[:5]]
+    assert card["precision"] in ("fp32", "bf16", "int8")
+    # fp32 and int8 at least are candidates on the CPU's oneDNN path, so auto measured and chose
+    assert card["precision_choice"]["batch"] == 8 and card["precision_choice"]["precision"] == card["precision"]
+    assert any("agreement checked on 8 real images" in r.getMessage() for r in caplog.records)
+    with make_client(checkpoint=str(ckpt)) as c:
+        wait_ready(c)
+        plain = [c.post("/v1/classify", files={"file": (f.name, f.read_bytes(), "image/png")}).json()["label"] for f in files[:5]]
+    assert fast_labels == plain
+    from vitkit.serve import ServeConfig
+    from vitkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="precision must be"):
+        ServeConfig(checkpoint=str(ckpt), precision="fp16")

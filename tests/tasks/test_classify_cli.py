@@ -183,15 +183,26 @@ def test_time_budget_none_switches_to_epochs(tmp_path, capsys):
 
 
 def test_fast_and_tome_flags(trained, tmp_path, capsys):
-    """--fast (compiled exact path) gives the plain model's probabilities; --tome R runs eval with merged tokens."""
+    """--fast --precision fp32 (the exact fast path) gives the plain model's probabilities; --fast alone (auto)
+    its top-1 labels, and says which precision it picked; --tome R runs eval with merged tokens."""
     _digits_as_pngs(tmp_path / "imgs", n=6)
     assert main(["predict", str(trained), str(tmp_path / "imgs"), "--json", "--topk", "3"]) == 0
     plain = json.loads(capsys.readouterr().out)
-    assert main(["predict", str(trained), str(tmp_path / "imgs"), "--json", "--topk", "3", "--fast"]) == 0
+    assert main(["predict", str(trained), str(tmp_path / "imgs"), "--json", "--topk", "3", "--precision", "fp32"]) == 0
     fast = json.loads(capsys.readouterr().out)
     for a, b in zip(plain, fast):
         assert [t["label"] for t in a["topk"]] == [t["label"] for t in b["topk"]]
         assert max(abs(x["prob"] - y["prob"]) for x, y in zip(a["topk"], b["topk"])) <= 1e-4
+    assert main(["predict", str(trained), str(tmp_path / "imgs"), "--json", "--topk", "3", "--fast"]) == 0
+    assert [a["label"] for a in plain] == [b["label"] for b in json.loads(capsys.readouterr().out)]
+    assert main(["eval", str(trained), "--data", "mnist5k", "--max-val", "100", "--fast", "--json",
+                 "--out", str(tmp_path / "evf")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["fast"] and res["precision"] in ("fp32", "bf16", "int8")
+    # auto measured every candidate this machine has (int8 at least, on the oneDNN path) and recorded it
+    assert set(res["precision_choice"]["seconds"]) == {"fp32", *res["precision_choice"]["agreement"]}
+    assert res["precision_choice"]["precision"] == res["precision"]
+    assert json.loads((tmp_path / "evf" / "eval.json").read_text())["precision"] == res["precision"]
     assert main(["eval", str(trained), "--data", "mnist5k", "--max-val", "100", "--tome", "2", "--json",
                  "--out", str(tmp_path / "ev")]) == 0
     res = json.loads(capsys.readouterr().out)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import vitkit
 from vitkit.cli import main
 from vitkit.errors import CheckpointError, ConfigError, DataError
+from vitkit.models.precision import TOLERANCES
 from vitkit.data.inputs import load_batch
 from vitkit.tasks.retrieve import (Embeddings, Index, build_index, embed_folder, embed_images, knn_classify,
                                    map_at_r, recall_at_k, retrieval_report)
@@ -178,13 +179,23 @@ def test_embed_is_incremental_and_index_search_end_to_end(tmp_path, capsys, digi
     inc, full = Embeddings.load(emb), Embeddings.load(tmp_path / "full.st")
     assert inc.paths == full.paths
     np.testing.assert_allclose(inc.vectors, full.vectors, atol=1e-5)
-    # --fast (the compiled exact path) gives the same embeddings under the same manifest
+    # --fast in fp32 (the exact fast path) gives the same embeddings under the same manifest
     code, out, err = _run(capsys, ["embed", str(digits_model), str(gallery), "--out", str(tmp_path / "fast.st"),
-                                   "--quiet", "--fast"])
+                                   "--quiet", "--fast", "--precision", "fp32"])
     assert code == 0, err
     fast = Embeddings.load(tmp_path / "fast.st")
-    assert fast.paths == full.paths and fast.model == full.model
+    assert fast.paths == full.paths and fast.model == full.model and full.model["precision"] == "fp32"
     np.testing.assert_allclose(fast.vectors, full.vectors, atol=1e-4)
+    # --fast alone (precision auto) records what it chose; its vectors stay within that precision's tolerance
+    code, out, err = _run(capsys, ["embed", str(digits_model), str(gallery), "--out", str(tmp_path / "auto.st"),
+                                   "--quiet", "--fast"])
+    assert code == 0, err
+    auto = Embeddings.load(tmp_path / "auto.st")
+    chosen = auto.model["precision"]
+    assert chosen in ("fp32", "bf16", "int8") and auto.paths == full.paths
+    assert {k: v for k, v in auto.model.items() if not k.startswith("precision")} == \
+        {k: v for k, v in full.model.items() if not k.startswith("precision")}
+    assert np.min(np.sum(auto.vectors * full.vectors, axis=1)) >= TOLERANCES[chosen].cosine - 1e-3
 
     ix = tmp_path / "ix"
     code, out, err = _run(capsys, ["index", "build", str(tmp_path / "full.st"), "--out", str(ix)])
@@ -477,3 +488,38 @@ def test_search_grid_draws_downscaled_images(tmp_path, monkeypatch):
     assert len(shapes) == 2 and max(max(s[:2]) for s in shapes) <= 320
     assert shapes[0][:2] == (213, 320) and shapes[1][:2] == (320, 160)  # aspect kept
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_embeddings_record_their_precision_and_search_warns_across_precisions(tmp_path, digits_model, caplog):
+    """An index is never searched with queries of another precision without a warning; an embeddings file updated
+    in another precision says it is mixed."""
+    from vitkit.tasks.retrieve import build_index_folder, search
+
+    _, (xte, yte) = mnist5k()
+    gallery = tmp_path / "gallery"
+    paths = write_digits(gallery, xte[:40], yte[:40])
+    emb = tmp_path / "e.safetensors"
+    embed_folder(digits_model, gallery, emb, progress=False, fast=True, precision="int8")
+    first = Embeddings.load(emb)
+    assert first.model["precision"] == "int8"
+    build_index_folder(emb, tmp_path / "ix")
+    with caplog.at_level("WARNING", logger="vitkit.tasks.retrieve"):
+        search(str(tmp_path / "ix"), [str(paths[0])], k=3)
+    assert any("holds int8 embeddings but the queries are fp32" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vitkit.tasks.retrieve"):
+        res = search(str(tmp_path / "ix"), [str(paths[0])], k=3, precision="int8")
+    assert not [r for r in caplog.records if "queries are" in r.getMessage()]
+    assert res["results"][0]["neighbours"][0]["path"] == str(paths[0].resolve())
+    # two new digits embedded in fp32 into the int8 file: the file says it is mixed, and warns
+    write_digits(gallery, xte[40:42], yte[40:42], prefix="new")
+    with caplog.at_level("WARNING", logger="vitkit.tasks.retrieve"):
+        embed_folder(digits_model, gallery, emb, progress=False)
+    assert any("mixed" in r.getMessage() for r in caplog.records)
+    mixed = Embeddings.load(emb)
+    assert mixed.model["precision"] == "mixed" and mixed.model["precisions"] == ["fp32", "int8"]
+    # re-embedding nothing keeps the file's precision; a fresh fp32 file is fp32
+    embed_folder(digits_model, gallery, emb, progress=False)
+    assert Embeddings.load(emb).model["precision"] == "mixed"
+    embed_folder(digits_model, gallery, tmp_path / "f.safetensors", progress=False)
+    assert Embeddings.load(tmp_path / "f.safetensors").model["precision"] == "fp32"

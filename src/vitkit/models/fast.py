@@ -26,17 +26,21 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import hashlib
 import logging
 import sys
+import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import ConfigError
 from . import kernels
 from .deit import VisionTransformerDistilled
 from .merging import merge_tokens, parse_r, size_bias
+from .precision import PRECISIONS, Choice, candidates, choose, shape_key, unavailable
 from .tome import apply_tome
 from .vit import Block, LayerScale, VisionTransformer, require_vit
 
@@ -87,17 +91,17 @@ def onednn_supported(model: nn.Module) -> Tuple[bool, str]:
 
 class _PackedLinear:
     """y = x W^T + b [+ other | → activation] as one prepacked oneDNN matmul with a fused epilogue, from a linear
-    layer's weight (out, in) and bias. `scale` folds a following per-channel scale (LayerScale) into W and b."""
+    layer's weight (out, in) and bias. `scale` folds a following per-channel scale (LayerScale) into W and b.
+    dtype=torch.bfloat16: weights and bias in bf16, the input cast to bf16, fp32 accumulation inside oneDNN, a bf16
+    output; `add` then sums into the fp32 residual stream (which stays fp32, as under autocast)."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 scale: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None):
-        w = weight.detach()
-        b = bias.detach() if bias is not None else None
-        if scale is not None:
-            w = w * scale.detach()[:, None]
-            b = b * scale.detach() if b is not None else None
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
-        self.bias = b.contiguous() if b is not None else None
+                 scale: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None,
+                 dtype: torch.dtype = torch.float32):
+        w, b = _folded(weight, bias, scale)
+        self.dtype = dtype
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype).contiguous())
+        self.bias = b.to(dtype).contiguous() if b is not None else None
         self.attr, self.algorithm, self.act = "none", "", None
         if isinstance(act, nn.GELU):  # exact (erf) or tanh GELU run inside the matmul's epilogue
             self.attr, self.algorithm = "gelu", act.approximate
@@ -105,12 +109,118 @@ class _PackedLinear:
             self.act = act  # any other activation runs after the matmul
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.attr, [], self.algorithm)
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, self.attr, [],
+                                               self.algorithm)
         return self.act(y) if self.act is not None else y
 
     def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """x W^T + b + other (the residual), in one pass."""
+        """x W^T + b + other (the residual), in one pass in fp32; in bf16, the bf16 product added to the fp32
+        residual."""
+        if self.dtype != torch.float32:
+            return torch.add(other, self(x))
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weight, self.bias, "add")
+
+
+class _Int8Linear:
+    """y = x W^T + b [+ other | → GELU] with W in int8, symmetric per output channel, and x quantised to uint8 per
+    call (dynamic, per tensor: its scale follows each batch, nothing to calibrate). oneDNN's int8 matmul
+    (`onednn::qlinear_pointwise`: VNNI/AMX dot products, int32 accumulation) runs it with the bias, GELU and the
+    residual add fused, as the fp32 path does; fp32 in, fp32 out. Where that op is missing, PyTorch's
+    `quantized::linear_dynamic` (fbgemm) runs the matmul and the epilogue runs after it."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 scale: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None):
+        w, b = _folded(weight, bias, scale)
+        w = w.float().contiguous()
+        self.w_scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).contiguous()
+        qw = torch.round(w / self.w_scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.w_zp = torch.zeros(w.shape[0], dtype=torch.long)
+        self.bias = b.float().contiguous() if b is not None else None
+        self.gelu = act.approximate if isinstance(act, nn.GELU) else None
+        self.act = act if self.gelu is None and act is not None and not isinstance(act, nn.Identity) else None
+        self.fused = int8_fused_available()
+        if self.fused:
+            self.weight = torch.ops.onednn.qlinear_prepack(qw, None)
+        else:
+            with warnings.catch_warnings(), _quantized_engine(int8_engine()):
+                warnings.simplefilter("ignore", UserWarning)
+                q = torch._make_per_channel_quantized_tensor(qw, self.w_scale.double(), self.w_zp, 0)
+                self.weight = torch.ops.quantized.linear_prepack(q, self.bias)
+
+    @staticmethod
+    def _quantize(x: torch.Tensor):
+        """x → (uint8 values, scale, zero point), from x's own range: PyTorch's dynamic per-tensor quantisation, in
+        vitkit's kernel where it is built (two passes over x instead of four)."""
+        mod = kernels.cpu_attention()
+        if mod is not None:
+            return mod.quantize_u8(x.float())
+        with warnings.catch_warnings():  # PyTorch flags its quantized-tensor API as deprecated; its kernels stay
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch.quantize_per_tensor_dynamic(x.float().contiguous(), torch.quint8, False)
+        return q.int_repr(), q.q_scale(), q.q_zero_point()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            y = torch.ops.quantized.linear_dynamic(x.float(), self.weight, False)
+            y = F.gelu(y, approximate=self.gelu) if self.gelu is not None else y
+            return self.act(y) if self.act is not None else y
+        qx, s, zp = self._quantize(x)
+        post, algo = ("gelu", self.gelu) if self.gelu is not None else ("none", "")
+        y = torch.ops.onednn.qlinear_pointwise(qx, s, zp, self.weight, self.w_scale, self.w_zp, self.bias, 1.0, 0,
+                                               torch.float32, post, [], algo)
+        return self.act(y) if self.act is not None else y
+
+    def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """x W^T + b + other (the fp32 residual), the add fused into the matmul where oneDNN runs it."""
+        if not self.fused:
+            return torch.add(other, self(x))
+        qx, s, zp = self._quantize(x)
+        return torch.ops.onednn.qlinear_pointwise.binary(qx, s, zp, self.weight, self.w_scale, self.w_zp,
+                                                         other.contiguous(), self.bias, 1.0, 0, torch.float32, 1.0, 0,
+                                                         "add", 1.0, "none", [], "")
+
+
+def int8_fused_available() -> bool:
+    """Whether this build has oneDNN's int8 matmul with fused epilogues (x86 PyTorch builds do)."""
+    return hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack")
+
+
+def _folded(weight, bias, scale):
+    """(W, b) detached, with a following per-channel scale (LayerScale) folded in."""
+    w = weight.detach()
+    b = bias.detach() if bias is not None else None
+    if scale is not None:
+        w = w * scale.detach()[:, None]
+        b = b * scale.detach() if b is not None else None
+    return w, b
+
+
+def int8_engine() -> Optional[str]:
+    """The quantised engine for int8 linears here: oneDNN where the build has it (VNNI/AMX), else x86/fbgemm."""
+    engines = torch.backends.quantized.supported_engines
+    return next((e for e in ("onednn", "x86", "fbgemm") if e in engines), None)
+
+
+class _quantized_engine:
+    """Set torch.backends.quantized.engine for a block (prepacking picks its kernels from it), then restore it."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __enter__(self):
+        self.old = torch.backends.quantized.engine
+        torch.backends.quantized.engine = self.engine
+
+    def __exit__(self, *exc):
+        torch.backends.quantized.engine = self.old
+
+
+def _linear(weight, bias=None, scale=None, act=None, precision: str = "fp32"):
+    """The packed linear of a precision ("fp32", "bf16", "int8")."""
+    if precision == "int8":
+        return _Int8Linear(weight, bias, scale=scale, act=act)
+    return _PackedLinear(weight, bias, scale=scale, act=act,
+                         dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
 def _layer_scale(ls: nn.Module) -> Optional[torch.Tensor]:
@@ -120,25 +230,27 @@ def _layer_scale(ls: nn.Module) -> Optional[torch.Tensor]:
 class _PackedBlock:
     """A pre-norm ViT block (`vit.Block`) on prepacked weights, with ToMe's merging and a prefix-only mode."""
 
-    def __init__(self, blk: Block, kernel=None):
+    def __init__(self, blk: Block, kernel=None, precision: str = "fp32"):
         attn = blk.attn
+        self.precision = precision
         # vitkit's attention kernel (kernels.py) reads q, k, v in place from the qkv output: not with q/k norms
         self.kernel = kernel if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity) else None
         self.norm1, self.norm2 = blk.norm1, blk.norm2
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
         self.attend = attn.attend  # the eager attention (fused kernels, proportional attention's size bias)
-        self.qkv = _PackedLinear(attn.qkv.weight, attn.qkv.bias)
+        self.qkv = _linear(attn.qkv.weight, attn.qkv.bias, precision=precision)
         self._qkv_linear, self._q_kv = attn.qkv, None  # (q, kv) split, made when a prefix-only call needs it
-        self.proj = _PackedLinear(attn.proj.weight, attn.proj.bias, scale=_layer_scale(blk.ls1))
-        self.fc1 = _PackedLinear(blk.mlp.fc1.weight, blk.mlp.fc1.bias, act=blk.mlp.act)
-        self.fc2 = _PackedLinear(blk.mlp.fc2.weight, blk.mlp.fc2.bias, scale=_layer_scale(blk.ls2))
+        self.proj = _linear(attn.proj.weight, attn.proj.bias, scale=_layer_scale(blk.ls1), precision=precision)
+        self.fc1 = _linear(blk.mlp.fc1.weight, blk.mlp.fc1.bias, act=blk.mlp.act, precision=precision)
+        self.fc2 = _linear(blk.mlp.fc2.weight, blk.mlp.fc2.bias, scale=_layer_scale(blk.ls2), precision=precision)
 
     def _split_qkv(self) -> Tuple[_PackedLinear, _PackedLinear]:
         if self._q_kv is None:
             w, b = self._qkv_linear.weight, self._qkv_linear.bias
             rows = (slice(0, w.shape[1]), slice(w.shape[1], None))  # q, then k and v
-            self._q_kv = tuple(_PackedLinear(w[r], b[r] if b is not None else None) for r in rows)
+            self._q_kv = tuple(_linear(w[r], b[r] if b is not None else None, precision=self.precision)
+                               for r in rows)
         return self._q_kv
 
     def __call__(self, x: torch.Tensor, size: Optional[torch.Tensor] = None, r: int = 0, num_protected: int = 1,
@@ -149,18 +261,18 @@ class _PackedBlock:
         H, hd = self.num_heads, self.head_dim
         h = self.norm1(x.reshape(B * N, C))
         if keep is None and self.kernel is not None and N <= kernels.MAX_TOKENS:
-            qkv = self.qkv(h).view(B, N, 3, H, hd)
+            qkv = self.qkv(h).float().view(B, N, 3, H, hd)  # the kernel is fp32 (a no-op cast in fp32 and int8)
             bias = size_bias(size, qkv.dtype)
             o = self.kernel.attention(qkv, N, bias.view(B, N) if bias is not None else None)  # (B, N, H, hd)
             metric = qkv[:, :, 1].mean(dim=2) if r > 0 else None  # the keys, averaged over heads
             return self._mlp(self.proj.add(o.view(B * N, C), x.reshape(B * N, C)), B, N, C, size, metric, r,
                              num_protected)
         if keep is None:
-            q, k, v = self.qkv(h).view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = self.qkv(h).float().view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
         else:  # keys and values for every token, queries for the kept ones only
             q_lin, kv_lin = self._split_qkv()
-            k, v = kv_lin(h).view(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
-            q = q_lin(h.view(B, N, C)[:, :keep].reshape(B * keep, C)).view(B, keep, H, hd).transpose(1, 2)
+            k, v = kv_lin(h).float().view(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            q = q_lin(h.view(B, N, C)[:, :keep].reshape(B * keep, C)).float().view(B, keep, H, hd).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
         metric = k.mean(dim=1) if r > 0 and keep is None else None
         if keep is not None:
@@ -189,10 +301,12 @@ class OptimizedViT(nn.Module):
     `.backend` says which path runs."""
 
     def __init__(self, model: VisionTransformer, backend: str = "auto", pad_batches: bool = True,
-                 attention_kernel: bool = True):
+                 attention_kernel: bool = True, precision: str = "fp32"):
         super().__init__()
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.model = model.eval().requires_grad_(False)
         if backend in ("auto", "onednn"):
             ok, why = onednn_supported(model)
@@ -203,10 +317,50 @@ class OptimizedViT(nn.Module):
         self.pad_batches = pad_batches
         self._fns = {}
         self._sizes = {}  # method name → batch sizes compiled so far
-        kernel = kernels.cpu_attention() if backend == "onednn" and attention_kernel else None
-        self.attention = "vitkit" if kernel is not None else "sdpa"  # which attention kernel the oneDNN path runs
-        self._blocks: List[_PackedBlock] = [_PackedBlock(b, kernel) for b in model.blocks] if backend == "onednn" else []
+        self._kernel = kernels.cpu_attention() if backend == "onednn" and attention_kernel else None
+        self.attention = "vitkit" if self._kernel is not None else "sdpa"  # the oneDNN path's attention kernel
+        device = next(model.parameters()).device
+        self.choice: Optional[Choice] = None  # what precision="auto" measured and picked (after the first call)
+        self._auto: Optional[Tuple[str, ...]] = None  # the candidates still to measure, at the first call
+        if precision == "auto":
+            found = candidates(device, backend)
+            self._auto = found if len(found) > 1 else None
+            precision = "fp32"
+        elif unavailable(precision, device, backend):
+            log.warning("precision %s is not available here (%s); running fp32", precision,
+                        unavailable(precision, device, backend))
+            precision = "fp32"
+        self._packed: dict = {}  # precision → the oneDNN path's packed blocks
+        self._set_precision(precision)
         self.training = False
+
+    def _set_precision(self, precision: str) -> None:
+        self.precision = precision
+        if self.backend == "onednn":
+            if precision not in self._packed:
+                self._packed[precision] = [_PackedBlock(b, self._kernel, precision) for b in self.model.blocks]
+            self._blocks: List[_PackedBlock] = self._packed[precision]
+        else:
+            self._blocks = []
+        self._fns, self._sizes = {}, {}
+
+    def _decide(self, name: str, fn, x: torch.Tensor) -> None:
+        """precision="auto", at the first call: measure the candidates on this batch, keep the fastest that agrees
+        with fp32 (`vitkit.models.precision`), drop the others' packed weights."""
+        names, self._auto = self._auto, None
+        cfg = getattr(self.model, "config", None)
+        digest = hashlib.sha1(repr(cfg).encode()).hexdigest()[:12]
+        sig = (f"{type(self.model).__name__} {digest} {tuple(x.shape[1:])} {self.backend} {name} "
+               f"tome {self.model.tome_r or 0}")
+        key = shape_key(sig, x.shape[0], x.device)
+
+        def run(p: str) -> torch.Tensor:
+            self._set_precision(p)
+            return self._run(name, fn, x, measuring=True)
+        self.choice = choose(run, names, key, logits=name == "forward", batch=x.shape[0])
+        self._packed = {}
+        self._set_precision(self.choice.precision)
+        log.info("vitkit.optimize: %s", self.choice.summary())
 
     def _apply(self, fn, *args, **kwargs):
         if self.backend == "onednn":  # the prepacked weights are CPU float32 copies: they cannot follow
@@ -251,10 +405,13 @@ class OptimizedViT(nn.Module):
             return x if name == "forward_features" else self.model.forward_head(x, name == "embed_images", size=size)
 
     # ---- torch.compile / eager ----
-    def _run(self, name: str, fn, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, name: str, fn, x: torch.Tensor, measuring: bool = False) -> torch.Tensor:
+        if self._auto is not None:
+            self._decide(name, fn, x)
         if self.backend == "onednn":
             return self._onednn(name, x)
-        if self.backend == "eager":
+        fn = self._in_precision(fn)
+        if self.backend == "eager" or measuring:  # auto measures the compile backend's candidates eagerly
             with torch.inference_mode():
                 return fn(x)
         if name not in self._fns:
@@ -273,6 +430,17 @@ class OptimizedViT(nn.Module):
             return self._run(name, fn, x[:b])
         sizes.add(x.shape[0])
         return out[:b] if pad_to is not None else out
+
+    def _in_precision(self, fn):
+        """`fn` under bf16 autocast (fp32 outputs) when this precision is bf16 off the oneDNN path."""
+        if self.precision != "bf16":
+            return fn
+        device = next(self.model.parameters()).device.type
+
+        def run(x):
+            with torch.autocast(device, dtype=torch.bfloat16):
+                return fn(x).float()
+        return run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) → logits (B, classes)."""
@@ -293,6 +461,15 @@ class OptimizedViT(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         with torch.inference_mode():
             return self.model.forward_head(x, pre_logits=pre_logits)
+
+
+def precision_record(model) -> dict:
+    """What a report or manifest records of the precision a (possibly optimized) model ran in: {"precision": ...}
+    and, where `auto` chose it, {"precision_choice": what it measured}."""
+    out = {"precision": getattr(model, "precision", "fp32") if isinstance(model, OptimizedViT) else "fp32"}
+    if isinstance(model, OptimizedViT) and model.choice is not None:
+        out["precision_choice"] = model.choice.to_dict()
+    return out
 
 
 def compile_frozen(fn):
@@ -316,21 +493,32 @@ def optimize(
     pad_batches: bool = True,
     tune_allocator: bool = True,
     attention_kernel: bool = True,
+    precision: str = "fp32",
+    calibration: Optional[torch.Tensor] = None,
 ) -> OptimizedViT:
-    """The fastest exact inference version of `model` (left untouched: the result holds a copy).
+    """The fastest inference version of `model` (left untouched: the result holds a copy).
     backend: "auto" (oneDNN on an fp32 CPU model where available, else torch.compile), "onednn", "compile" or
     "eager" (see the module docstring). tome_r > 0 merges that many tokens per block (ToMe; faster, slightly less
     accurate); tome_r=0 keeps the exact outputs (≤1e-4 from eager, ~1e-6 in practice). tune_allocator: keep
     activation memory in the heap on CPU (see `tune_malloc()`). attention_kernel: on the oneDNN path, vitkit's own
-    attention kernel for sequences up to 1,024 tokens (`kernels.py`; built on first use, ~30 s once)."""
+    attention kernel for sequences up to 1,024 tokens (`kernels.py`; built on first use, ~30 s once).
+    precision: "fp32" (default: exact), "bf16" (bf16 matmuls, fp32 accumulation, norms, softmax and residual
+    stream), "int8" (int8 linears, dynamic per-tensor activations, per-channel weights; oneDNN path only), or
+    "auto": measure the candidates on the first batch (or `calibration`, a batch of real images) and keep the
+    fastest whose outputs agree with fp32 within `vitkit.models.precision.TOLERANCES`; `.choice` says what it
+    measured. A precision this machine cannot run falls back to fp32 with a one-line warning."""
     require_vit(model, "optimize")
     model = copy.deepcopy(model)
     if tome_r:
         apply_tome(model, tome_r)
-    fast = OptimizedViT(model, backend=backend, pad_batches=pad_batches, attention_kernel=attention_kernel)
+    fast = OptimizedViT(model, backend=backend, pad_batches=pad_batches, attention_kernel=attention_kernel,
+                        precision=precision)
     if tune_allocator and fast.backend != "eager" and next(model.parameters()).device.type == "cpu":
         tune_malloc()
+    if calibration is not None and fast._auto is not None:
+        fast(calibration)
     return fast
 
 
-__all__ = ["optimize", "OptimizedViT", "compile_frozen", "tune_malloc", "onednn_supported", "BACKENDS"]
+__all__ = ["optimize", "OptimizedViT", "compile_frozen", "tune_malloc", "onednn_supported", "BACKENDS", "PRECISIONS",
+           "precision_record"]

@@ -1,4 +1,5 @@
-"""vitkit's own CPU kernel: exact attention for short sequences (`csrc/attention.cpp`), used by `vitkit.optimize`.
+"""vitkit's own CPU kernels (`csrc/attention.cpp`), used by `vitkit.optimize`: exact attention for short sequences,
+and the int8 path's dynamic uint8 quantisation of each linear's input (`quantize_u8`).
 
 It is compiled on first use with PyTorch's extension builder (a C++ compiler and ninja, as for torch.compile; ~30 s
 once, then loaded from PyTorch's extension cache in about a second). Wherever it cannot be built or fails its
@@ -80,7 +81,16 @@ def _self_check(mod) -> bool:
         got = mod.attention(qkv, 37, bias)
         part = mod.attention(qkv, 5, None)
         want_part = F.scaled_dot_product_attention(q[:, :, :5], k, v).transpose(1, 2)
-    return bool((got - want).abs().max() <= 1e-5 and (part - want_part).abs().max() <= 1e-5)
+    ok = bool((got - want).abs().max() <= 1e-5 and (part - want_part).abs().max() <= 1e-5)
+    x = torch.randn(3, 1000, generator=g) * 3 + 1
+    import warnings
+
+    with warnings.catch_warnings():  # PyTorch's quantized-tensor API warns that it is deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        ref = torch.quantize_per_tensor_dynamic(x, torch.quint8, False)
+    q, scale, zp = mod.quantize_u8(x)
+    return ok and bool(q.dtype == torch.uint8 and abs(scale - ref.q_scale()) <= 1e-6 * ref.q_scale() and
+                       zp == ref.q_zero_point() and (q.int() - ref.int_repr().int()).abs().max() <= 1)
 
 
 __all__ = ["cpu_attention", "MAX_TOKENS"]

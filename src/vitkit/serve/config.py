@@ -19,6 +19,9 @@ class ServeConfig:
     index: Optional[str] = None
     device: str = "auto"
     fast: bool = True                    # vitkit.optimize for classify and embed (explain needs the plain model)
+    precision: str = "auto"              # the fast path's precision; auto: measured at max_batch_size at load
+    calibration: Optional[str] = None    # a folder of images auto checks agreement on (else the index's, else
+                                         # synthetic images)
     max_batch_size: int = 32             # images per forward
     max_wait_ms: float = 5.0             # how long the first request of a batch waits for company
     max_queue: int = 256                 # waiting requests past which the server answers 503 + Retry-After
@@ -43,6 +46,8 @@ class ServeConfig:
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api_key is empty; give a non-empty key, or none to turn auth off", field="api_key")
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins or ()))
+        if self.precision not in ("auto", "fp32", "bf16", "int8"):
+            raise ConfigError(f"precision must be auto, fp32, bf16 or int8, got {self.precision!r}", field="precision")
 
     def key(self) -> Optional[str]:
         """The bearer token: api_key, else $VITKIT_API_KEY, else None (no auth)."""

@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..models.fast import precision_record
 from .config import ServeConfig
 from .errors import ServeError
 
@@ -55,7 +56,6 @@ class Service:
             cfg.extra["before_load"]()
         self.device = resolve_device(cfg.device)
         self.model, self.names = load_classifier(cfg.checkpoint, self.device)
-        self.fast = optimize(self.model) if cfg.fast else self.model
         self.pcfg = preprocessing(self.model)
         self.transform = eval_transform(Preprocessing.from_dict(self.pcfg))
         self.channels = self.model.config.in_chans
@@ -65,6 +65,13 @@ class Service:
         self.sha256 = file_sha256(ckpt)
         if cfg.index:
             self._load_index(cfg.index, ckpt)
+        self.fast = (optimize(self.model, precision=cfg.precision, calibration=self._calibration())
+                     if cfg.fast else self.model)
+        if self.index is not None:
+            from ..tasks.retrieve import warn_precision
+
+            warn_precision((self.index.model or {}).get("precision", "fp32"), precision_record(self.fast)["precision"],
+                           f"index {cfg.index!r}")
         self.info = self._describe(ckpt)
         if cfg.warmup:
             for n in sorted({1, cfg.max_batch_size}):
@@ -74,6 +81,37 @@ class Service:
             self.explain([(torch.zeros(*self.input_size), ("rollout", "mean", 0.0))])
         log.info("serving %s (%s) in %.1f s", ckpt, self.info["backend"], time.perf_counter() - t0)
         self.ready = True
+
+    def _calibration(self) -> Optional[torch.Tensor]:
+        """precision="auto" measures at max_batch_size and checks agreement with fp32 on real images where it has
+        them (--calibration's folder, else the index's images); on synthetic ones (smooth noise) otherwise."""
+        if self.cfg.precision != "auto":
+            return None
+        from ..data import list_images
+        from ..data.inputs import open_image
+        from ..errors import DataError
+
+        n = self.cfg.max_batch_size
+        files = []
+        if self.cfg.calibration:
+            files = list_images(Path(self.cfg.calibration))[:n]
+        elif self.index is not None:
+            files = [Path(p) for p in self.index.paths if p and Path(p).is_file()][:n]
+        xs = []
+        for f in files:
+            try:
+                xs.append(self.transform(open_image(f, self.channels)))
+            except (DataError, OSError) as e:  # a bad calibration file is skipped, not fatal
+                log.warning("calibration image %s skipped (%s)", f, e)
+        if xs:
+            xs = (xs * (n // len(xs) + 1))[:n]
+            log.info("precision auto: agreement checked on %d real images", len(files))
+            return torch.stack(xs).to(self.device)
+        log.info("precision auto: agreement checked on synthetic images (pass --calibration DIR for real ones)")
+        g = torch.Generator().manual_seed(0)
+        h, w = self.input_size[1:]
+        low = torch.randn(n, self.channels, max(1, h // 8), max(1, w // 8), generator=g)
+        return torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False).to(self.device)
 
     def _load_index(self, path, ckpt) -> None:
         """The index, refused unless it was built with this very model (same weights, pooling, layer, size)."""
@@ -106,6 +144,7 @@ class Service:
                 "params": sum(p.numel() for p in self.model.parameters()), "config": c.to_dict(),
                 "classes": self.names, "preprocessing": {k: v for k, v in self.pcfg.items() if k != "class_names"},
                 "device": str(self.device), "backend": getattr(self.fast, "backend", "eager"),
+                **precision_record(self.fast),
                 "embedding": {"pool": self.pool, "layer": self.layer, "dim": int(self.model.embed_dim)},
                 "index": ({"count": len(self.index), "kind": self.index.kind} if self.index is not None else None),
                 "report": report,

@@ -24,6 +24,7 @@ from ..data import (BatchTransform, DataOptions, InMemoryDataset, MixUp, ShardDa
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io.plots import plot_confusion, plot_learning_curves
 from ..models import Preprocessing, ViTConfig, create_model, get_config
+from ..models.fast import precision_record
 from ..runtime import resolve_device
 from ..train import DistInfo, RunDir, Trainer, TrainConfig, claim_run, eval_batches, resume_configs, setup_distributed
 from ..train.distributed import all_gather_obj
@@ -570,9 +571,10 @@ def _final_report(trainer, val, info, task: ClassifierConfig, last: Optional[dic
 
 
 # ---- evaluate and predict a checkpoint ------------------------------------------------------------------------
-def load_classifier(path, device="cpu", fast: bool = False, tome: int = 0):
+def load_classifier(path, device="cpu", fast: bool = False, tome: int = 0, precision: str = "auto"):
     """A vitkit classifier checkpoint (or run folder) → model in eval mode, with its class names.
-    `fast` runs the exact fast path (`vitkit.optimize`); `tome` > 0 merges that many tokens per block."""
+    `fast` runs the fast path (`vitkit.optimize`) in `precision` ("auto": the fastest that agrees with fp32 on the
+    first batch; "fp32" is exact); `tome` > 0 merges that many tokens per block."""
     from ..io.checkpoint import load_vit
 
     model = load_vit(path, "classifying").to(device)
@@ -588,7 +590,8 @@ def load_classifier(path, device="cpu", fast: bool = False, tome: int = 0):
     if fast or tome:
         from ..models.fast import optimize
 
-        model = optimize(model, tome_r=tome, backend="auto" if fast else "eager")
+        model = optimize(model, tome_r=tome, backend="auto" if fast else "eager",
+                         precision=precision if fast else "fp32")
     return model, list(names)
 
 
@@ -665,7 +668,8 @@ def _relabel(ds, lut: List[int]):
 def evaluate_checkpoint(path, data: Optional[str] = None, *, out_dir=None, batch_size: int = 500, device="auto",
                         data_dir="data", download=False, val_split: Optional[float] = None,
                         seed: Optional[int] = None, strict: bool = False, max_val: Optional[int] = None,
-                        fast: bool = False, tome: int = 0, class_map: Optional[Dict[str, str]] = None) -> dict:
+                        fast: bool = False, tome: int = 0, class_map: Optional[Dict[str, str]] = None,
+                        precision: str = "auto") -> dict:
     """Top-1/top-5, per-class accuracy and confusion matrix of a checkpoint on a dataset's validation split;
     writes eval.json and eval_confusion.png into `out_dir` (default: the run folder, or next to the file).
     Classes are matched by name (`match_classes`): the data may hold a subset of the checkpoint's classes, and
@@ -700,7 +704,7 @@ def evaluate_checkpoint(path, data: Optional[str] = None, *, out_dir=None, batch
         seed = (saved.get("train") or {}).get("seed", 0)
     dist_info = setup_distributed(device)  # under torchrun: join the group, each process takes its part
     dev = dist_info.device
-    model, names = load_classifier(path, dev, fast=fast, tome=tome)
+    model, names = load_classifier(path, dev, fast=fast, tome=tome, precision=precision)
     pre = Preprocessing.of(model)
     c = model.config
     _, val, info = build_datasets(data, img_size=c.img_size, in_chans=c.in_chans, augment="none",
@@ -719,7 +723,7 @@ def evaluate_checkpoint(path, data: Optional[str] = None, *, out_dir=None, batch
               "top1": round(ev["top1"], 3), "top5": round(ev["top5"], 3), "val_loss": round(ev["val_loss"], 5),
               "per_class": {str(names[i]): round(ev["per_class"][i], 2) for i in present},
               "confusion": ev["confusion"], "class_names": names, "skipped_images": len(info.skipped),
-              "fast": bool(fast), "tome_r": int(tome)}
+              "fast": bool(fast), "tome_r": int(tome), **precision_record(model)}
     if len(present) < len(names) or class_map:
         result["data_classes"] = {str(n): str(names[i]) for n, i in zip(info.class_names, lut)}
     from ..io.checkpoint import atomic_write
@@ -735,7 +739,7 @@ def evaluate_checkpoint(path, data: Optional[str] = None, *, out_dir=None, batch
 
 @torch.no_grad()
 def predict(checkpoint, paths: Sequence, *, topk: int = 5, batch_size: int = 64, device="auto",
-            strict: bool = False, fast: bool = False, tome: int = 0) -> List[dict]:
+            strict: bool = False, fast: bool = False, tome: int = 0, precision: str = "auto") -> List[dict]:
     """Top-k labels (by name) with probabilities for each image; images are batched. Unreadable images are
     reported with an 'error' entry (or raise with `strict`); NaN or infinite outputs are a CheckpointError."""
     from .. import validate as v
@@ -745,7 +749,7 @@ def predict(checkpoint, paths: Sequence, *, topk: int = 5, batch_size: int = 64,
     v.integer(batch_size, "batch_size", lo=1)
     v.integer(tome, "tome", lo=0)
     dev = resolve_device(device)
-    model, names = load_classifier(checkpoint, dev, fast=fast, tome=tome)
+    model, names = load_classifier(checkpoint, dev, fast=fast, tome=tome, precision=precision)
     pre, c = Preprocessing.of(model), model.config
     tf = eval_transform(pre, c.img_size)
     files = collect_images(paths)

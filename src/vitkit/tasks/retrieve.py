@@ -28,6 +28,7 @@ from ..io.checkpoint import atomic_write, load_vit
 from ..io.files import lock_file, write_pid
 from ..models import Preprocessing
 from ..train.distributed import broadcast_obj, gather_obj, rank_range, setup_distributed
+from ..models.fast import precision_record
 from ..data.inputs import label_of, open_image
 
 log = logging.getLogger(__name__)
@@ -242,11 +243,13 @@ def embed_paths(model, paths: Sequence, pool: str, layer: Optional[int], batch_s
 
 def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Optional[int] = None,
                  batch_size: int = 64, overwrite: bool = False, progress: bool = True, model=None,
-                 strict: bool = False, fast: bool = False) -> Dict:
+                 strict: bool = False, fast: bool = False, precision: str = "auto") -> Dict:
     """Embed every image under `folder` into the embeddings file `out`. When `out` exists (same model), only the
     new or changed files (by path, mtime and size) are embedded; removed files are dropped. Unreadable images are
     skipped with a warning (`strict`: stop at the first). Returns counts. Under torchrun (WORLD_SIZE > 1) every
-    process calls it: each embeds a contiguous part and rank 0 writes the file a single process would."""
+    process calls it: each embeds a contiguous part and rank 0 writes the file a single process would. `fast`:
+    vitkit.optimize in `precision` ("auto": the fastest whose embeddings agree with fp32's on the first batch); the
+    manifest records the precision."""
     from .. import validate as v
 
     v.integer(batch_size, "batch_size", lo=1)
@@ -260,10 +263,10 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
     pool = pool or default_pool(model, layer)
     _check_pool(model, pool, layer)
     manifest = model_manifest(model, checkpoint, pool, layer)
-    if fast and layer is None:  # the exact fast path (vitkit.optimize): same embeddings, same manifest
+    if fast and layer is None:  # vitkit.optimize: the same embeddings in fp32, within TOLERANCES otherwise
         from ..models.fast import optimize
 
-        model = optimize(model)
+        model = optimize(model, precision=precision)
     out = Path(out)
     dist = setup_distributed("cpu")  # under torchrun: each process embeds its part, rank 0 writes the file
     if dist.world > 1:
@@ -271,6 +274,22 @@ def embed_folder(checkpoint, folder, out, pool: Optional[str] = None, layer: Opt
                                   progress, strict)
     with writer_lock(out):  # read, embed and write back as one step: a concurrent embed waits, nothing is lost
         return _embed_into(out, model, manifest, folder, files, pool, layer, batch_size, overwrite, progress, strict)
+
+
+def _vectors_precision(old: Optional["Embeddings"], model, reused: int, new: int) -> dict:
+    """The manifest's precision entry for a file of `reused` vectors from `old` and `new` ones from `model`: one
+    precision, or 'mixed' (with a warning) when an update embeds in another precision than the file holds."""
+    rec = precision_record(model)
+    if old is None or not reused:
+        return rec
+    kept = {k: v for k, v in (old.model or {}).items() if k.startswith("precision")} or {"precision": "fp32"}
+    if not new or kept["precision"] == rec["precision"]:
+        return kept
+    log.warning("the embeddings file holds %s vectors; these %d new ones are %s: the file is now of mixed "
+                "precision (embed again with --overwrite and one --precision to make it uniform)",
+                kept["precision"], new, rec["precision"])
+    return {"precision": "mixed",
+            "precisions": sorted({*kept.get("precisions", [kept["precision"]]), rec["precision"]})}
 
 
 class _EmbedPlan:
@@ -338,6 +357,7 @@ def _embed_into(out: Path, model, manifest: dict, folder: Path, files: List[Path
     """embed_folder's work under the lock: reuse what `out` holds for this model and folder, embed the rest."""
     plan = _EmbedPlan(out, manifest, folder, files, overwrite)
     new, bad = _embed_part(model, manifest, files, plan.todo, pool, layer, batch_size, progress, strict)
+    manifest = dict(manifest, **_vectors_precision(plan.old, model, len(plan.paths) - len(plan.todo), len(plan.todo)))
     return plan.save(out, model.embed_dim, manifest, folder, files, new, bad, pool, layer)
 
 
@@ -381,6 +401,8 @@ def _embed_distributed(dist, out: Path, model, manifest: dict, folder: Path, fil
                 if errors:
                     raise errors[0]
                 new = np.concatenate([p[0] for p in parts])
+                manifest = dict(manifest, **_vectors_precision(plan.old, model, len(plan.paths) - len(plan.todo),
+                                                               len(plan.todo)))
                 result = plan.save(out, model.embed_dim, manifest, folder, files, new, [b for p in parts for b in p[1]],
                                    pool, layer)
             except Exception as e:  # noqa: BLE001 - as above
@@ -505,6 +527,11 @@ class Index:
                 self.model = model
             else:
                 check_same_model(self.model, model)
+                mine, theirs = self.model.get("precision", "fp32"), model.get("precision", "fp32")
+                if mine != theirs:  # vectors of two precisions: searchable, but say so in the manifest
+                    log.warning("adding %s embeddings to an index of %s ones: the index is now of mixed precision",
+                                theirs, mine)
+                    self.model = dict(self.model, precision="mixed")
         x = _unit(x)
         if paths is not None and len(paths) != len(x):
             raise DataError(f"got {len(x)} embeddings but {len(paths)} paths")
@@ -741,10 +768,12 @@ def embed_dataset(model, dataset, pool: str, layer: Optional[int], batch_size: i
 def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, layer: Optional[int] = None,
                        batch_size: int = 256, knn_k: int = 20, temperature: float = 0.07, data_dir="data",
                        download: bool = False, max_train: Optional[int] = None, max_val: Optional[int] = None,
-                       progress: bool = True, model=None, out=None) -> Dict:
+                       progress: bool = True, model=None, out=None, fast: bool = False,
+                       precision: str = "auto") -> Dict:
     """Recall@1/5/10, mAP@R and DINO's weighted k-NN accuracy of a checkpoint's embeddings on a labelled dataset:
     the held-out split is the queries, the training split the database; images are preprocessed as the
-    checkpoint says (no augmentation). With `out`, the result is also written there as JSON (atomically)."""
+    checkpoint says (no augmentation). With `out`, the result is also written there as JSON (atomically).
+    `fast`: embed with vitkit.optimize in `precision` (the result records which)."""
     from .. import validate as v
     from ..data import build_datasets
 
@@ -763,12 +792,16 @@ def evaluate_retrieval(checkpoint, data: str, *, pool: Optional[str] = None, lay
                                       augment="none", mean=pre.mean, std=pre.std,
                                       crop_pct=float(pre.crop_pct), data_dir=data_dir,
                                       download=download, max_train=max_train, max_val=max_val)
+    if fast and layer is None:
+        from ..models.fast import optimize
+
+        model = optimize(model, precision=precision)
     db, db_labels = embed_dataset(model, train, pool, layer, batch_size, progress)
     q, q_labels = embed_dataset(model, val, pool, layer, batch_size, progress)
     report = retrieval_report(q, q_labels, db, db_labels, knn_k=knn_k, temperature=temperature)
     res = {"checkpoint": str(checkpoint), "data": info.spec, "pool": pool, "layer": layer,
            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()},
-           "knn": {"k": knn_k, "temperature": temperature}}
+           "knn": {"k": knn_k, "temperature": temperature}, **precision_record(model)}
     if out:
         text = json.dumps(res, indent=2) + "\n"
         atomic_write(Path(out), lambda tmp: Path(tmp).write_text(text))
@@ -815,11 +848,24 @@ def save_grid(path, queries: Sequence, results: List[List[dict]], query_labels: 
     return save_png(fig, path, dpi=GRID_DPI)
 
 
+def warn_precision(index_precision: str, query_precision: str, what: str) -> bool:
+    """Warn (once per search) when the queries were embedded in another precision than the index's vectors: the
+    scores then carry both precisions' rounding. Returns whether it warned."""
+    if index_precision == query_precision:
+        return False
+    log.warning("%s holds %s embeddings but the queries are %s: scores may differ slightly from a same-precision "
+                "search (search with --precision %s, or rebuild the index in %s)", what, index_precision,
+                query_precision, index_precision if index_precision in ("fp32", "bf16", "int8") else "fp32",
+                query_precision)
+    return True
+
+
 def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None, nprobe: Optional[int] = None,
-           ef_search: Optional[int] = None, mmap: bool = False) -> dict:
+           ef_search: Optional[int] = None, mmap: bool = False, precision: Optional[str] = None) -> dict:
     """The k nearest entries of an index folder to each query image, embedded by the index's model (or by
     `checkpoint`, which must be the same model); with `grid`, also a PNG of queries and neighbours. `mmap`: open
-    the index memory-mapped (`Index.load`)."""
+    the index memory-mapped (`Index.load`). `precision`: embed the queries with vitkit.optimize in that precision
+    (default: the plain fp32 model); a precision other than the index's is a warning."""
     from .. import validate as v
     from ..data.inputs import load_batch
 
@@ -837,7 +883,13 @@ def search(index, queries: Sequence, k: int = 10, *, checkpoint=None, grid=None,
         raise FileNotFoundError(f"the index's model {ckpt!r} is gone; pass --checkpoint with the same model")
     model = load_vit(ckpt, "search")  # an MAE: its encoder
     check_same_model(im, model_manifest(model, ckpt, im.get("pool"), im.get("layer")), what=f"index {str(index)!r}")
-    q = embed_images(model, load_batch(queries, model), im.get("pool"), im.get("layer"))
+    batch = load_batch(queries, model)
+    if precision is not None and im.get("layer") is None:
+        from ..models.fast import optimize
+
+        model = optimize(model, precision=precision)
+    q = embed_images(model, batch, im.get("pool"), im.get("layer"))
+    warn_precision(im.get("precision", "fp32"), precision_record(model)["precision"], f"index {str(index)!r}")
     results = ix.neighbours(q, k)
     out = [{"query": str(Path(p).resolve()), "neighbours": r} for p, r in zip(queries, results)]
     if grid:

@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 using Vec = at::vec::Vectorized<float>;
@@ -124,7 +126,58 @@ torch::Tensor attention(const torch::Tensor& qkv, int64_t nq, const c10::optiona
   return out;
 }
 
+// x (fp32, any shape) -> (uint8 values, scale, zero point): PyTorch's dynamic per-tensor quantisation
+// (`quantize_per_tensor_dynamic(x, quint8, reduce_range=False)`: the range [min(x, 0), max(x, 0)] over 256 levels)
+// in two passes over x (one min/max, one quantise) writing plain uint8, where PyTorch takes four (min, max, quantise
+// and the `int_repr` copy). The int8 path of vitkit.optimize quantises every linear's input this way.
+std::tuple<torch::Tensor, double, int64_t> quantize_u8(const torch::Tensor& x_) {
+  TORCH_CHECK(x_.scalar_type() == at::kFloat && x_.device().is_cpu(), "quantize_u8: expected a float32 CPU tensor");
+  auto x = x_.contiguous();
+  const float* p = x.data_ptr<float>();
+  const int64_t n = x.numel();
+  constexpr int64_t W = Vec::size();
+  using Pair = std::pair<float, float>;
+  Pair mm = at::parallel_reduce(
+      0, n, 1 << 15, Pair(0.0f, 0.0f),
+      [&](int64_t b, int64_t e, Pair acc) {
+        Vec lo(acc.first), hi(acc.second);
+        int64_t i = b;
+        for (; i + W <= e; i += W) {
+          Vec v = Vec::loadu(p + i);
+          lo = at::vec::minimum(lo, v);
+          hi = at::vec::maximum(hi, v);
+        }
+        float l[W], h[W];
+        lo.store(l);
+        hi.store(h);
+        for (int64_t k = 0; k < W; ++k) acc = Pair(std::min(acc.first, l[k]), std::max(acc.second, h[k]));
+        for (; i < e; ++i) acc = Pair(std::min(acc.first, p[i]), std::max(acc.second, p[i]));
+        return acc;
+      },
+      [](Pair a, Pair b) { return Pair(std::min(a.first, b.first), std::max(a.second, b.second)); });
+  // as PyTorch's choose_qparams (quint8, no reduced range): float32 scale, zero point clamped into [0, 255]
+  float scale = (static_cast<double>(mm.second) - mm.first) / 255.0;
+  if (scale == 0.0f || !std::isfinite(1.0f / scale)) scale = 0.1f;
+  double zp_real = 0.0 - mm.first / static_cast<double>(scale);
+  int64_t zp = static_cast<int64_t>(std::nearbyint(std::min(255.0, std::max(0.0, zp_real))));
+  auto q = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  uint8_t* o = q.data_ptr<uint8_t>();
+  const float inv = 1.0f / scale;
+  const Vec vinv(inv), vzp(static_cast<float>(zp)), vlo(0.0f), vhi(255.0f);
+  at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) {
+    float buf[W];
+    int64_t i = b;
+    for (; i + W <= e; i += W) {
+      at::vec::clamp(((Vec::loadu(p + i) * vinv).round() + vzp), vlo, vhi).store(buf);
+      for (int64_t k = 0; k < W; ++k) o[i + k] = static_cast<uint8_t>(buf[k]);
+    }
+    for (; i < e; ++i) o[i] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, std::nearbyint(p[i] * inv) + zp)));
+  });
+  return std::make_tuple(q, static_cast<double>(scale), zp);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quantize_u8", &quantize_u8, "dynamic per-tensor uint8 quantisation: (values, scale, zero point)");
   m.def("attention", &attention, "exact multi-head self-attention from a fused (B, N, 3, H, D) qkv buffer",
         pybind11::arg("qkv"), pybind11::arg("nq"), pybind11::arg("key_bias") = pybind11::none());
 }

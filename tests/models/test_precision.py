@@ -1,0 +1,197 @@
+"""vitkit.optimize(precision=...): bf16 and int8 against fp32 on fixed inputs (the tolerances are
+vitkit.models.precision.TOLERANCES: bf16 relative error <= 0.03, int8 <= 0.08, top-1 agreement >= 99%), `auto` never
+keeping a candidate that fails its agreement check, the timing cache keyed by CPU model, and the fallbacks."""
+import json
+import logging
+
+import pytest
+import torch
+
+import vitkit
+from vitkit.errors import ConfigError
+from vitkit.models import fast as fast_mod
+from vitkit.models import precision as prec
+from vitkit.models.precision import TOLERANCES, Choice, agreement, agrees, choose
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITKIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def model(digits_model):
+    """The suite's trained digit ViT (tests/conftest.py): real weights, so precisions are compared as in use."""
+    return vitkit.load(digits_model).eval()
+
+
+@pytest.fixture(scope="module")
+def images(model):
+    """64 held-out digits the model never saw, normalised as it expects."""
+    from tasks._digits import mnist5k
+
+    _, (x, _) = mnist5k()
+    return (x[:64] - 0.5) / 0.5
+
+
+@pytest.fixture(scope="module")
+def confident(model, images):
+    """The 32 of those digits with the clearest fp32 decision (top-1 logit margin), where no precision's rounding
+    may flip the class: auto's own check on them must pass for bf16 and int8 alike."""
+    with torch.inference_mode():
+        top2 = model(images).topk(2, dim=1).values
+    return images[(top2[:, 0] - top2[:, 1]).argsort(descending=True)[:32]]
+
+
+def _plain(model, x):
+    with torch.inference_mode():
+        return model(x), model.forward_features(x)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_each_precision_agrees_with_fp32_within_its_tolerance(model, images, precision, caplog):
+    fast = vitkit.optimize(model, precision=precision)
+    want, want_tokens = _plain(model, images)
+    if precision == "bf16" and not prec.bf16_native(torch.device("cpu")):
+        assert fast.precision == "fp32"  # no native bf16 here: the fallback (tested on its own below)
+        return
+    assert fast.precision == precision and fast.backend == "onednn"
+    got, tokens = fast(images), fast.forward_features(images)
+    tol = TOLERANCES[precision]
+    stats = agreement(got, want, logits=True)
+    # the stated tolerances: relative error within TOLERANCES; top-1 equal to fp32's on at least 60 of the 64
+    # digits (a digit on the fence between two classes may tip, differently on different CPUs' kernels)
+    assert 1e-5 < stats["rel"] <= tol.rel, stats  # it really ran in the reduced precision
+    assert stats["top1"] >= 60 / 64, stats
+    assert agreement(tokens, want_tokens, logits=False)["rel"] <= tol.rel
+    emb = fast.embed_images(images)
+    with torch.inference_mode():
+        want_emb = model.forward_head(model.forward_features(images), pre_logits=True)
+    assert agreement(emb, want_emb, logits=False)["cosine"] >= tol.cosine
+    assert got.dtype == torch.float32 and emb.dtype == torch.float32
+
+
+def test_int8_without_onednn_fused_op_uses_pytorch_quantized_linear(model, images, monkeypatch):
+    """Where the build lacks oneDNN's fused int8 matmul, quantized::linear_dynamic runs it; same tolerance."""
+    fused = vitkit.optimize(model, precision="int8")(images)
+    monkeypatch.setattr(fast_mod, "int8_fused_available", lambda: False)
+    fallback = vitkit.optimize(model, precision="int8")
+    assert not fallback._blocks[0].fc1.fused
+    got = fallback(images)
+    want, _ = _plain(model, images)
+    stats = agreement(got, want, logits=True)
+    assert stats["rel"] <= TOLERANCES["int8"].rel and stats["top1"] >= 60 / 64, stats
+    assert agreement(got, fused, logits=True)["rel"] <= TOLERANCES["int8"].rel
+
+
+def test_unavailable_precision_falls_back_to_fp32_with_one_line_notice(model, images, monkeypatch, caplog):
+    monkeypatch.setattr(prec, "bf16_native", lambda device: False)
+    with caplog.at_level(logging.WARNING, logger="vitkit.models.fast"):
+        fast = vitkit.optimize(model, precision="bf16")
+    assert fast.precision == "fp32"
+    assert len(caplog.records) == 1 and "bf16 is not available here" in caplog.records[0].getMessage()
+    assert "\n" not in caplog.records[0].getMessage()
+    want, _ = _plain(model, images)
+    torch.testing.assert_close(fast(images), want, atol=1e-4, rtol=1e-4)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vitkit.models.fast"):
+        eager = vitkit.optimize(model, precision="int8", backend="eager")
+    assert eager.precision == "fp32" and "oneDNN path only" in caplog.records[0].getMessage()
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        vitkit.optimize(model, precision="fp16")
+
+
+def test_bf16_off_the_onednn_path_runs_under_autocast(model, images, monkeypatch):
+    monkeypatch.setattr(prec, "bf16_native", lambda device: True)
+    eager = vitkit.optimize(model, precision="bf16", backend="eager")
+    want, _ = _plain(model, images)
+    got = eager(images)
+    assert eager.precision == "bf16" and got.dtype == torch.float32
+    stats = agreement(got, want, logits=True)
+    assert 1e-5 < stats["rel"] <= TOLERANCES["bf16"].rel
+
+
+class _Times(dict):
+    """A precision cache that claims every key was measured with these times."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def get(self, key, default=None):
+        return {"seconds": self.seconds}
+
+
+def test_auto_never_keeps_a_candidate_that_fails_its_check(model, confident, monkeypatch):
+    """int8 is made the fastest and broken (outputs scaled): auto must not pick it, and must say why."""
+    monkeypatch.setattr(prec, "candidates", lambda device, backend: ("fp32", "bf16", "int8"))
+    monkeypatch.setattr(prec, "bf16_native", lambda device: True)
+    monkeypatch.setattr(prec, "_read_cache", lambda: _Times({"fp32": 1.0, "bf16": 0.5, "int8": 0.1}))
+    monkeypatch.setattr(fast_mod, "candidates", prec.candidates)
+    broken = fast_mod._Int8Linear.__call__
+    monkeypatch.setattr(fast_mod._Int8Linear, "__call__", lambda self, x: broken(self, x) * 1.5)
+    monkeypatch.setattr(fast_mod._Int8Linear, "add", lambda self, x, other: other + broken(self, x) * 1.5)
+    fast = vitkit.optimize(model, precision="auto", calibration=confident)
+    assert fast.precision == "bf16", fast.choice
+    assert "int8" in fast.choice.rejected and "differ from fp32" in fast.choice.rejected["int8"]
+    assert fast.choice.cached
+    # ... and with bf16 broken too, fp32 (always a candidate, always agreeing) is what is left
+    packed = fast_mod._PackedLinear.__call__
+    monkeypatch.setattr(fast_mod._PackedLinear, "__call__", lambda self, x: packed(self, x) * (
+        0.0 if self.dtype == torch.bfloat16 else 1.0))
+    fast = vitkit.optimize(model, precision="auto", calibration=confident)
+    assert fast.precision == "fp32" and set(fast.choice.rejected) == {"bf16", "int8"}
+
+
+def test_choose_picks_the_fastest_that_agrees_and_caches_per_cpu(monkeypatch, tmp_path):
+    calls = []
+    outs = {"fp32": torch.tensor([[4.0, 1.0, 0.0]] * 8), "bf16": torch.tensor([[4.01, 1.0, 0.0]] * 8),
+            "int8": torch.tensor([[0.0, 1.0, 4.0]] * 8)}  # int8 flips every top-1
+
+    def run(p):
+        calls.append(p)
+        return outs[p]
+    monkeypatch.setattr(prec, "cpu_key", lambda: "CPU A | family 1")
+    key = prec.shape_key("sig", 8, torch.device("cpu"))
+    c = choose(run, ("fp32", "bf16", "int8"), key, logits=True, batch=8, reps=2)
+    assert isinstance(c, Choice) and not c.cached and len(calls) == 3 + 3 * 2
+    assert "int8" in c.rejected and c.agreement["int8"]["top1"] == 0.0
+    assert c.precision in ("fp32", "bf16") and "precision " in c.summary()
+    entries = json.loads(prec.cache_path().read_text())["entries"]
+    assert list(entries) == [key] and "CPU A" in key
+    calls.clear()
+    again = choose(run, ("fp32", "bf16", "int8"), key, logits=True, batch=8)
+    assert again.cached and calls == ["fp32", "bf16", "int8"]  # the agreement check only, no timing
+    assert again.seconds == c.seconds
+    # another CPU model: another key, measured anew, both kept
+    monkeypatch.setattr(prec, "cpu_key", lambda: "CPU B | family 2")
+    key_b = prec.shape_key("sig", 8, torch.device("cpu"))
+    calls.clear()
+    assert not choose(run, ("fp32", "bf16"), key_b, logits=True, batch=8, reps=1).cached and len(calls) == 4
+    assert set(json.loads(prec.cache_path().read_text())["entries"]) == {key, key_b}
+
+
+def test_agreement_rules():
+    ref = torch.tensor([[3.0, 0.0]] * 200)
+    one_flip = ref.clone()
+    one_flip[0] = torch.tensor([0.0, 3.0])
+    tol = TOLERANCES["bf16"]
+    # 1 flip in 200 (99.5%) is within top-1 >= 99% ... but 1 in 8 is not (1% of 8 rounds down to no image)
+    st = agreement(one_flip, ref, logits=True)
+    assert st["top1"] == pytest.approx(0.995)
+    assert agrees(dict(st, rel=0.0), tol, 200) and not agrees(dict(st, rel=0.031), tol, 200)
+    st8 = agreement(one_flip[:8], ref[:8], logits=True)
+    assert st8["top1"] == 0.875 and not agrees(dict(st8, rel=0.0), tol, 8)
+    assert agrees(agreement(ref[:8], ref[:8], logits=True), tol, 8)
+    assert not agrees({"rel": float("nan"), "cosine": 1.0}, tol, 8)
+    feats = agreement(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]]), logits=False)
+    assert feats["cosine"] == 0.0 and not agrees(feats, tol, 2)
+
+
+def test_precision_record_and_auto_on_a_machine_with_one_candidate(model, images, monkeypatch):
+    monkeypatch.setattr(fast_mod, "candidates", lambda device, backend: ("fp32",))
+    fast = vitkit.optimize(model, precision="auto")
+    fast(images)
+    assert fast.precision == "fp32" and fast.choice is None
+    assert fast_mod.precision_record(fast) == {"precision": "fp32"}
+    assert fast_mod.precision_record(model) == {"precision": "fp32"}
