@@ -42,10 +42,9 @@ def machine() -> str:
 
 def bf16_fast() -> bool:
     """Whether this CPU has native bf16 matmul (AVX512-BF16 or AMX), i.e. bf16 is worth measuring."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    from vitkit.models.precision import bf16_native
+
+    return bf16_native(torch.device("cpu"))
 
 
 _A = _B = _MM = None

@@ -326,9 +326,8 @@ class OptimizedViT(nn.Module):
             found = candidates(device, backend)
             self._auto = found if len(found) > 1 else None
             precision = "fp32"
-        elif unavailable(precision, device, backend):
-            log.warning("precision %s is not available here (%s); running fp32", precision,
-                        unavailable(precision, device, backend))
+        elif (why := unavailable(precision, device, backend)) is not None:
+            log.warning("precision %s is not available here (%s); running fp32", precision, why)
             precision = "fp32"
         self._packed: dict = {}  # precision → the oneDNN path's packed blocks
         self._set_precision(precision)

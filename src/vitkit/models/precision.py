@@ -77,6 +77,8 @@ def bf16_native(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively here (AVX512-BF16 or AMX through oneDNN; a GPU that supports bf16)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

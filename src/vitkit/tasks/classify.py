@@ -25,6 +25,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..io.plots import plot_confusion, plot_learning_curves
 from ..models import Preprocessing, ViTConfig, create_model, get_config
 from ..models.fast import precision_record
+from ..models.precision import bf16_native
 from ..runtime import resolve_device
 from ..train import DistInfo, RunDir, Trainer, TrainConfig, claim_run, eval_batches, resume_configs, setup_distributed
 from ..train.distributed import all_gather_obj
@@ -358,7 +359,7 @@ def _plan(task, user: Recipe, profile, src, budget, spent, device, pretrained) -
     from ..train.probe import step_seconds
 
     batch = user.batch_size or None
-    precisions = ("fp32", "bf16") if _bf16_useful(device) else ("fp32",)
+    precisions = ("fp32", "bf16") if bf16_native(device) else ("fp32",)  # the planner still measures
     if user.precision:
         precisions = (user.precision,)
     cache: Dict[tuple, float] = {}
@@ -399,18 +400,6 @@ def _plan(task, user: Recipe, profile, src, budget, spent, device, pretrained) -
     return plan_recipe(profile, user, budget=budget, spent=spent, timer=timer, precisions=precisions, init=init,
                        held_out_is_test=src.held_out_is_test, fixed_fields=fixed,
                        compile_timer=compile_timer if pretrained is None else None)
-
-
-def _bf16_useful(device) -> bool:
-    """bf16 autocast is a candidate where the hardware does bf16 matmuls natively (the planner still measures)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _check_precision(final, sources, train_cfg, cfg, train, planned, info):
