@@ -105,11 +105,12 @@ def run_timm(data: str, budget: float, seed: int = 0) -> dict:
             loss.backward()
             opt.step()
             step += 1
-            if step == 20 and total is None:  # lay the cosine over what is left, keeping time to evaluate
-                per_step = (time.perf_counter() - t_train) / 20
+            if total is None and (step == 20 or time.perf_counter() - t_train > budget / 4):
+                # lay the cosine over what is left, keeping time to evaluate (after a quarter of a short budget)
+                per_step = (time.perf_counter() - t_train) / step
                 eval_guess = len(x_te) * per_step / bs / 3 + 2
                 left = budget - (time.perf_counter() - t0) - eval_guess
-                total = 20 + int(left / per_step)
+                total = step + max(0, int(left / per_step))
             if total is not None and time.perf_counter() - t0 + (eval_guess or 0) >= budget:
                 total = step
                 break

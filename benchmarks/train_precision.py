@@ -96,11 +96,11 @@ def main(argv=None) -> dict:
     p.add_argument("--data", default="mnist5k", help="the data of the budgeted runs")
     p.add_argument("--budget", default="3m", help="the budget of each run ('none' to skip the runs)")
     p.add_argument("--json", help="also write the figures here")
-    p.add_argument("--quick", action="store_true", help="tiny steps and 20 s runs of the demo model only")
+    p.add_argument("--quick", action="store_true", help="tiny steps and 8 s runs of the demo model only")
     a = p.parse_args(argv)
     specs = [DEMO, TINY]
     if a.quick:
-        specs, a.steps, a.budget = [dict(DEMO, batch=8)], 2, "20s"
+        specs, a.steps, a.budget = [dict(DEMO, batch=8)], 2, "8s"
     print(f"# train_precision.py on {machine()}; native bf16: {bf16_native(torch.device('cpu'))}", flush=True)
     rows, speed = [], {}
     for spec in specs:

@@ -92,7 +92,7 @@ def test_training_benchmarks_quick(capsys):
     assert all(v > 0 for v in out["rates"].values()) and out["ratio"] > 0 and len(out["rates"]) == 2
     assert _last_line(capsys).startswith("ratio data path / in memory: ")
 
-    out = train_budget.main(["--quick", "--budget", "20s"])
+    out = train_budget.main(["--quick", "--budget", "8s"])
     assert set(out) == {"vitkit", "timm"} and all(0 <= r["top1"] <= 100 and r["steps"] > 0 for r in out.values())
     assert out["vitkit"]["plan"] and out["vitkit"]["precision"] in ("fp32", "bf16")
     assert _last_line(capsys).startswith("ratio vitkit/timm top-1: ")
