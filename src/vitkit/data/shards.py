@@ -17,10 +17,11 @@ Streaming an epoch (`ShardLoader`, all of it deterministic given seed and epoch)
 - every global batch takes batch_size / L samples from each stream (one more from the first batch_size % L), placed
   in stream order; process r reads streams r, r + P, r + 2P, ... (P processes; P must divide L), spread over its
   DataLoader workers. So the global batches, augmentation included, are the same in 1 process or P processes with
-  any number of workers: what changes is only who reads which stream (MixUp/CutMix aside: they mix within a process's batch, as for all data). An epoch is `num_samples // batch_size`
-  steps; a stream whose shards run out starts another shuffled pass and one with more leaves the rest (as timm's
-  reader does). Workers decode to uint8 squares; the batch augmentation runs in the main process with the same
-  per-step generators as in-memory data, each sample drawing its place's in the global batch.
+  any number of workers: what changes is only who reads which stream (MixUp/CutMix aside: they mix within a
+  process's batch, as for all data). An epoch is `num_samples // batch_size` steps; a stream whose shards run out
+  starts another shuffled pass and one with more leaves the rest (as timm's reader does). Workers decode to uint8
+  squares; the batch augmentation runs in the main process with the same per-step generators as in-memory data,
+  each sample taking the draws of its place in the global batch.
 - resume: `start_batch` replays each stream up to its next batch without decoding, so a resumed epoch yields
   exactly the batches the uninterrupted one would have, in any number of processes that divides L.
 - a sample that does not decode, or has no `.cls`, is left out of its batch (one image short) and counted.
