@@ -152,7 +152,7 @@ def test_the_global_batches_are_the_same_in_any_number_of_processes_and_workers(
         assert steps(world, workers) == one, (world, workers)
     assert steps(2, 0, start=2) == one[2:]
     assert steps(1, 0, streams=2) != one  # ... which the streams decide
-    with pytest.raises(ConfigError, match="streams 4 do not divide over 3 processes"):
+    with pytest.raises(ConfigError, match="4 shard streams do not divide over 3 processes"):
         make_loader(ds, 9, train=True, rank=0, world=3, streams=4)
 
 

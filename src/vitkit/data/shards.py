@@ -353,11 +353,14 @@ def epoch_shards(n_shards: int, *, seed: int, epoch: int, streams: int, train: b
 def stream_count(streams: Optional[int], world: int, workers: int) -> int:
     """The shard streams of a training run: `streams` when given, else processes × workers (one stream per
     reader, as many as the first launch reads at once); a ConfigError when the processes cannot share them."""
+    import math
+
     n = int(streams) if streams else world * max(1, workers)
     if n < 1 or n % world:
-        raise ConfigError(f"streams {n} do not divide over {world} processes (each reads the same number of shard "
-                          f"streams); start the run with --streams a multiple of every process count it may resume "
-                          f"on, e.g. {world * max(1, -(-n // world))}", field="streams")
+        raise ConfigError(f"{n} shard streams do not divide over {world} processes (each process reads as many): "
+                          f"run in a number of processes that divides {n}, or start the run with --streams a "
+                          f"multiple of every process count it will run on (e.g. {math.lcm(n, world)})",
+                          field="streams")
     return n
 
 
