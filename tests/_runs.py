@@ -1,6 +1,6 @@
 """Helpers for the tests that train tiny runs: a classifier task and engine config of a given size, a callback
 that cuts a run after an epoch (as a kill would, but in-process), killing a subprocess with SIGKILL, a torchrun
-launch of a few CPU processes, and the weights to compare between runs in different numbers of processes."""
+launch of a few CPU processes."""
 import os
 import signal
 
@@ -61,15 +61,3 @@ def torchrun(args, nproc: int = 2, timeout: float = 280):
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def without_key_bias(sd):
-    """The weights less the key third of each qkv bias: it adds q.b_k to every logit of a query's row, which the
-    softmax cancels, so its true gradient is 0 and Adam turns the rounding noise in it into steps of ~lr, differently
-    in 1 and 2 processes (measured: ~1e-5 there, ~1e-8 everywhere else)."""
-    out = dict(sd)
-    for k, v in sd.items():
-        if k.endswith("attn.qkv.bias"):
-            q, _, val = v.chunk(3)
-            out[k] = torch.cat([q, val])
-    return out

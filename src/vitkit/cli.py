@@ -155,6 +155,9 @@ _ENGINE_FLAGS: Dict[str, dict] = {
                        "goes on from the same batch of the epoch (for long epochs, e.g. streamed shards)"),
     "device": dict(help="auto | cpu | cuda | cuda:N | mps"),
     "workers": dict(type=int, help="DataLoader workers for image folders and shards"),
+    "streams": dict(type=int, metavar="N", help="shards (wds:): the global batch takes an equal part from each of N "
+                    "streams of shards, so any process count that divides N trains on the same batches and can "
+                    "resume the run (default: processes x workers of the first launch)"),
     "quiet": dict(action="store_true", help="no progress bar; log lines only"),
 }
 

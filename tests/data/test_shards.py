@@ -133,6 +133,29 @@ def test_split_by_rank_and_worker_covers_every_sample_once_per_epoch(shards):
     assert ld.resampled and len(ld) == 4 and [len(y) for _, y in ld] == [1] * 4
 
 
+def test_the_global_batches_are_the_same_in_any_number_of_processes_and_workers(shards):
+    """With the run's streams fixed (4), every step's global batch, augmentation included, is the same whether 1, 2 or
+    4 processes read them, with or without DataLoader workers, resumed mid-epoch or not."""
+    from vitkit.errors import ConfigError
+
+    ds = _ds(shards[1], aug=True)
+
+    def steps(world, workers, start=0, streams=4, bs=8):
+        per_rank = [list(make_loader(ds, bs, train=True, seed=5, epoch=1, rank=r, world=world,
+                                     workers=workers, streams=streams, start_batch=start)) for r in range(world)]
+        assert all(len(b) == 4 - start for b in per_rank)
+        return [collections.Counter(i for b in per_rank for i in _identity(b[j][0])) for j in range(4 - start)]
+
+    one = steps(1, 0)
+    assert all(sum(c.values()) == 8 for c in one) and len(set().union(*one)) == 32  # 4 steps of 8: each sample once
+    for world, workers in ((1, 2), (2, 1), (4, 0)):
+        assert steps(world, workers) == one, (world, workers)
+    assert steps(2, 0, start=2) == one[2:]
+    assert steps(1, 0, streams=2) != one  # ... which the streams decide
+    with pytest.raises(ConfigError, match="4 shard streams do not divide over 3 processes"):
+        make_loader(ds, 9, train=True, rank=0, world=3, streams=4)
+
+
 def test_mid_epoch_resume_yields_the_same_batches(shards):
     _, out = shards
     for world, rank, workers in ((1, 0, 2), (2, 1, 0)):

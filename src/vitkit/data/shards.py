@@ -10,17 +10,20 @@ class names, and image statistics (size distribution, channel mean/std: vitkit's
 reads instead of scanning).
 
 Streaming an epoch (`ShardLoader`, all of it deterministic given seed and epoch):
-- the shard list is shuffled by (seed, epoch), dealt to the processes (rank r takes every world-th shard) and then
-  to each process's DataLoader workers; each worker reads its shards in turn through a seeded sample shuffle
-  buffer. With fewer shards than processes × workers each worker draws shards with replacement instead
-  (resampled mode), seeded by (seed, epoch, worker).
-- an epoch is `num_samples // batch_size` steps on every process (DDP needs the same count everywhere); batch i of a
-  process comes from its worker i % W, so a worker whose shards run out starts another shuffled pass and one
-  with more leaves the rest (as timm's reader does). Workers decode to uint8 squares; the batch augmentation runs
-  in the main process with the same per-step generators as in-memory data, so a step's batch depends on nothing
-  but (seed, epoch, step, rank, processes, workers).
-- resume: `start_batch` replays each worker's sample stream up to its next batch without decoding, so a resumed
-  epoch yields exactly the batches the uninterrupted one would have.
+- the shard list is shuffled by (seed, epoch) and dealt to a fixed number L of streams (the run's `streams`:
+  stream g takes every L-th shard from the g-th); each stream reads its shards in turn through a shuffle buffer
+  seeded by (seed, epoch, g). With fewer shards than streams each stream draws shards with replacement instead
+  (resampled mode), seeded by (seed, epoch, g).
+- every global batch takes batch_size / L samples from each stream (one more from the first batch_size % L), placed
+  in stream order; process r reads streams r, r + P, r + 2P, ... (P processes; P must divide L), spread over its
+  DataLoader workers. So the global batches, augmentation included, are the same in 1 process or P processes with
+  any number of workers: what changes is only who reads which stream (MixUp/CutMix aside: they mix within a
+  process's batch, as for all data). An epoch is `num_samples // batch_size` steps; a stream whose shards run out
+  starts another shuffled pass and one with more leaves the rest (as timm's reader does). Workers decode to uint8
+  squares; the batch augmentation runs in the main process with the same per-step generators as in-memory data,
+  each sample taking the draws of its place in the global batch.
+- resume: `start_batch` replays each stream up to its next batch without decoding, so a resumed epoch yields
+  exactly the batches the uninterrupted one would have, in any number of processes that divides L.
 - a sample that does not decode, or has no `.cls`, is left out of its batch (one image short) and counted.
 - `_info.json` must match the shards: every listed shard present with its byte size; sample counts and sha256 are
   checked up front for small sets and, for large ones, as each shard is read through. A mismatch is one DataError.
@@ -332,20 +335,33 @@ class _ShardReader:
             raw.close()
 
 
-# ---- which shards each worker reads ----------------------------------------------------------------------------
-def epoch_shards(n_shards: int, *, seed: int, epoch: int, rank: int, world: int, workers: int,
-                 train: bool) -> Tuple[List[List[int]], bool]:
-    """The shard indices each of this process's `workers` (logical) workers reads in `epoch`, and whether the
-    epoch is resampled (fewer shards than processes × workers: each worker then draws shards with replacement,
-    and the lists are empty). Training shuffles the shard order by (seed, epoch); evaluation keeps it."""
-    w = max(1, workers)
+# ---- which shards each stream reads ----------------------------------------------------------------------------
+def epoch_shards(n_shards: int, *, seed: int, epoch: int, streams: int, train: bool) -> Tuple[List[List[int]], bool]:
+    """The shard indices each of the `streams` streams reads in `epoch` (stream g: every `streams`-th shard of the
+    order, from the g-th), and whether the epoch is resampled (fewer shards than streams: each stream then draws
+    shards with replacement, and the lists are empty). Training shuffles the order by (seed, epoch); evaluation
+    keeps it."""
+    n = max(1, streams)
     order = list(range(n_shards))
     if train:
         random.Random(_mix(seed, epoch, 1)).shuffle(order)
-        if n_shards < world * w:
-            return [[] for _ in range(w)], True
-    mine = order[rank::world]
-    return [mine[i::w] for i in range(w)], False
+        if n_shards < n:
+            return [[] for _ in range(n)], True
+    return [order[g::n] for g in range(n)], False
+
+
+def stream_count(streams: Optional[int], world: int, workers: int) -> int:
+    """The shard streams of a training run: `streams` when given, else processes × workers (one stream per
+    reader, as many as the first launch reads at once); a ConfigError when the processes cannot share them."""
+    import math
+
+    n = int(streams) if streams else world * max(1, workers)
+    if n < 1 or n % world:
+        raise ConfigError(f"{n} shard streams do not divide over {world} processes (each process reads as many): "
+                          f"run in a number of processes that divides {n}, or start the run with --streams a "
+                          f"multiple of every process count it will run on (e.g. {math.lcm(n, world)})",
+                          field="streams")
+    return n
 
 
 # ---- the datasets the loader reads -----------------------------------------------------------------------------
@@ -412,45 +428,44 @@ def _decode(sample: dict, in_chans: int, side: int, num_classes: int, label_map)
 
 class ShardLoader:
     """Batches (x, y) of one epoch of a `ShardDataset`; see the module docstring for the order. `batch_size` is the
-    global batch (each process gets its contiguous slice of it); `start_batch` resumes mid-epoch; `len()` is the
-    whole epoch's step count either way. `drop_last` is accepted as `Loader` takes it: a training epoch here is
-    always whole steps, an evaluation pass every sample."""
+    global batch (each process gets its streams' part of it); `streams` (training) the run's number of shard
+    streams (`stream_count`); `start_batch` resumes mid-epoch; `len()` is the whole epoch's step count either way.
+    `drop_last` is accepted as `Loader` takes it: a training epoch here is always whole steps, an evaluation pass
+    every sample."""
 
     def __init__(self, dataset: ShardDataset, batch_size: int, *, train: bool, seed: int = 0, epoch: int = 0,
                  rank: int = 0, world: int = 1, workers: int = 0, drop_last: Optional[bool] = None, mixup=None,
-                 start_step: int = 0, total_steps: Optional[int] = None, accum_steps: int = 1, start_batch: int = 0):
+                 start_step: int = 0, total_steps: Optional[int] = None, accum_steps: int = 1, start_batch: int = 0,
+                 streams: Optional[int] = None):
         self.ds, self.bs, self.train, self.seed, self.epoch = dataset, batch_size, train, seed, epoch
         self.rank, self.world, self.workers, self.mixup = rank, world, workers, mixup
         self.start_step, self.total_steps, self.accum_steps = start_step, total_steps, max(1, accum_steps)
         self.start_batch = int(start_batch)
-        per = -(-batch_size // world) if train else batch_size
-        self.lo = min(rank * per, batch_size) if train else 0
-        self.local_bs = max(1, min(per, batch_size - self.lo)) if train else batch_size
         n_shards = len(dataset.split)
-        w = max(1, workers)
-        if not train:  # every sample once, in shard order; a limit reads one stream from the start
-            w = 1 if dataset.limit else max(1, min(w, n_shards))
-        self.n_logical = w
-        self.shards, self.resampled = epoch_shards(n_shards, seed=seed, epoch=epoch, rank=rank if train else 0,
-                                                   world=world if train else 1, workers=w, train=train)
         if train:
+            n = self.n_streams = stream_count(streams, world, workers)
+            # stream g's samples in every global batch and where they sit in it: bs // n each, one more for the
+            # first bs % n streams (the processes' shares stay equal: they divide both bs and n)
+            self.take = [batch_size // n + (g < batch_size % n) for g in range(n)]
+            self.offset = [sum(self.take[:g]) for g in range(n)]
+            mine = list(range(rank, n, world))  # this process's streams
+            readers = min(max(1, workers), len(mine))
+            self.readers = [mine[r::readers] for r in range(readers)]  # each DataLoader worker's streams
+            self.local_bs = sum(self.take[g] for g in mine)
             self.steps = max(1, len(dataset) // batch_size)
-        else:
-            counts = self._eval_counts()
-            self.steps = sum(-(-c // self.local_bs) for c in counts)
+        else:  # every sample once, in shard order, over the workers; a limit reads one stream from the start
+            n = self.n_streams = 1 if dataset.limit else max(1, min(max(1, workers), n_shards))
+            self.readers = [[g] for g in range(n)]
+            self.local_bs = batch_size
+        self.shards, self.resampled = epoch_shards(n_shards, seed=seed, epoch=epoch, streams=n, train=train)
+        if not train:
+            counts = [len(self.ds)] if self.ds.limit else [sum(dataset.split.lengths[i] for i in s)
+                                                           for s in self.shards]
+            self.steps = sum(-(-c // batch_size) for c in counts)
         self.skipped = 0  # bad samples left out of this epoch's batches (this process)
 
     def __len__(self) -> int:
         return self.steps
-
-    def _eval_counts(self) -> List[int]:
-        if self.ds.limit:
-            return [len(self.ds)]
-        return [sum(self.ds.split.lengths[i] for i in s) for s in self.shards]
-
-    def quota(self, w: int) -> int:
-        """Batches logical worker `w` yields in a training epoch: batch i comes from worker i % W."""
-        return max(0, -(-(self.steps - w) // self.n_logical))
 
     def progress(self, batch: int) -> float:
         if not self.total_steps:
@@ -458,34 +473,34 @@ class ShardLoader:
         return min(1.0, (self.start_step + batch // self.accum_steps) / self.total_steps)
 
     # -- in the workers ----------------------------------------------------------------------------------------
-    def _raw(self, w: int) -> Iterator[dict]:
-        """Logical worker `w`'s raw samples (undecoded): its shards pass after pass (training: through a seeded
-        shuffle buffer; resampled: shards drawn with replacement), or its shards once (evaluation)."""
-        split, gw = self.ds.split, self.rank * self.n_logical + w
+    def _raw(self, g: int) -> Iterator[dict]:
+        """Stream `g`'s raw samples (undecoded): its shards pass after pass (training: through a shuffle buffer
+        seeded by (seed, epoch, g); resampled: shards drawn with replacement), or its shards once (evaluation)."""
+        split = self.ds.split
         if not self.train:
-            for i in self.shards[w]:
+            for i in self.shards[g]:
                 yield from self._shard(i)
             return
 
         from webdataset.filters import _shuffle
 
         if self.resampled:
-            pick = random.Random(_mix(self.seed, self.epoch, gw, 7))
+            pick = random.Random(_mix(self.seed, self.epoch, g, 7))
 
             def drawn():
                 while True:
                     yield from self._shard(pick.randrange(len(split)))
 
             yield from _shuffle(drawn(), SHUFFLE_BUFFER, SHUFFLE_INITIAL,
-                                rng=random.Random(_mix(self.seed, self.epoch, gw, 3)))
+                                rng=random.Random(_mix(self.seed, self.epoch, g, 3)))
             return
-        mine, p = list(self.shards[w]), 0
+        mine, p = list(self.shards[g]), 0
         while mine:  # pass after pass, each shuffled on its own: the first pass holds every sample once
             stream = (s for i in mine for s in self._shard(i))
             yield from _shuffle(stream, SHUFFLE_BUFFER, SHUFFLE_INITIAL,
-                                rng=random.Random(_mix(self.seed, self.epoch, gw, 3, p)))
+                                rng=random.Random(_mix(self.seed, self.epoch, g, 3, p)))
             p += 1
-            random.Random(_mix(self.seed, self.epoch, gw, p)).shuffle(mine)  # the next pass's shard order
+            random.Random(_mix(self.seed, self.epoch, g, p)).shuffle(mine)  # the next pass's shard order
 
     def _shard(self, i: int) -> Iterator[dict]:
         """Shard i's samples; when read through, checked against `_info.json` (count, sha256)."""
@@ -497,95 +512,124 @@ class ShardLoader:
             yield s
         _compare(split.urls[i], split.lengths[i], split.sha256[i], n, reader.digest, self.ds.info_path)
 
-    def _worker_batches(self, w: int) -> Iterator[dict]:
-        """Logical worker `w`'s batches as uint8 arrays with their global batch index; a DataError becomes a
-        `fault` item (raised as one line in the main process)."""
+    def _decoded(self, raw: Iterator[dict], n: int) -> Tuple[torch.Tensor, torch.Tensor, list, int]:
+        """The next `n` samples of `raw` decoded: (uint8 images, labels, bad samples [(key, why)], samples read)."""
+        ds = self.ds
+        xs, ys, bad, read = [], [], [], 0
+        for _ in range(n):
+            s = next(raw, None)
+            if s is None:
+                break
+            read += 1
+            try:
+                x, y = _decode(s, ds.in_chans, ds.side, ds.num_classes, ds.label_map)
+                xs.append(x)
+                ys.append(y)
+            except ValueError as e:
+                bad.append((f"{os.path.basename(s.get('__url__', '?'))}:{s.get('__key__', '?')}", str(e)))
+        x = torch.from_numpy(np.stack(xs)) if xs else torch.zeros((0, ds.in_chans, ds.side, ds.side), dtype=torch.uint8)
+        return x, torch.tensor(ys, dtype=torch.long), bad, read
+
+    def _reader_items(self, r: int) -> Iterator[dict]:
+        """Reader (DataLoader worker) `r`'s items; a DataError becomes a `fault` item (raised as one line in the main
+        process)."""
         try:
-            yield from self._batches(w)
+            yield from self._train_parts(r) if self.train else self._eval_batches(r)
         except DataError as e:
             yield {"fault": str(e)}
 
-    def _batches(self, w: int) -> Iterator[dict]:
-        ds, W = self.ds, self.n_logical
-        raw = self._raw(w)
-        if self.train:
-            done = max(0, -(-(self.start_batch - w) // W))  # batches of this worker before start_batch
-            for _ in range(done * self.local_bs):  # replayed without decoding
-                if next(raw, None) is None:
-                    return
-            todo = range(done, self.quota(w))
-        else:
-            todo = iter(int, 1)  # until the stream ends
-        limit = len(ds) if (not self.train and ds.limit) else None
-        seen = 0
-        for j in todo:
-            xs, ys, bad = [], [], []
-            for _ in range(self.local_bs if limit is None else min(self.local_bs, limit - seen)):
-                s = next(raw, None)
-                if s is None:
+    def _train_parts(self, r: int) -> Iterator[dict]:
+        """For each batch from `start_batch` on, reader `r`'s part of it: its streams' samples, decoded."""
+        raws = {}
+        for g in self.readers[r]:
+            raws[g] = self._raw(g)
+            for _ in range(self.start_batch * self.take[g]):  # the batches before, replayed without decoding
+                if next(raws[g], None) is None:
                     break
-                seen += 1
-                try:
-                    x, y = _decode(s, ds.in_chans, ds.side, ds.num_classes, ds.label_map)
-                    xs.append(x)
-                    ys.append(y)
-                except ValueError as e:
-                    bad.append((f"{os.path.basename(s.get('__url__', '?'))}:{s.get('__key__', '?')}", str(e)))
-            if not xs and not bad:
-                return  # evaluation: the stream has ended
-            if not xs:
-                raise DataError(f"none of the {len(bad)} samples of a batch decodes (e.g. {bad[0][0]}: {bad[0][1]}); "
-                                "the shards are damaged: rewrite them with `vitkit shards`")
-            yield {"x": torch.from_numpy(np.stack(xs)), "y": torch.tensor(ys, dtype=torch.long),
-                   "index": j * W + w, "bad": bad}
+        for j in range(self.start_batch, self.steps):
+            parts = []
+            for g in self.readers[r]:
+                x, y, bad, _ = self._decoded(raws[g], self.take[g])
+                parts.append({"stream": g, "x": x, "y": y, "bad": bad})
+            yield {"index": j, "parts": parts}
+
+    def _eval_batches(self, r: int) -> Iterator[dict]:
+        """Evaluation: stream `r`'s samples in batches until it ends (or the dataset's limit)."""
+        raw, limit, seen = self._raw(r), (len(self.ds) if self.ds.limit else None), 0
+        while True:
+            x, y, bad, read = self._decoded(raw, self.bs if limit is None else min(self.bs, limit - seen))
+            seen += read
+            if read == 0:
+                return
+            if not len(y):
+                self._no_image(bad)
+            yield {"x": x, "y": y, "bad": bad}
             if limit is not None and seen >= limit:
                 return
 
+    @staticmethod
+    def _no_image(bad: list):
+        raise DataError(f"none of the {len(bad)} samples of a batch decodes (e.g. {bad[0][0]}: {bad[0][1]}); the "
+                        "shards are damaged: rewrite them with `vitkit shards`")
+
     # -- in the main process -----------------------------------------------------------------------------------
     def _items(self) -> Iterator[dict]:
-        """The workers' batches: in-process without workers, else through a DataLoader (worker j is logical
-        worker j); `__iter__` puts them in batch order."""
-        if self.workers <= 0 and self.n_logical == 1:
-            yield from self._worker_batches(0)
+        """The readers' items: in-process without workers, else through a DataLoader (worker r is reader r)."""
+        if self.workers <= 0:
+            yield from self._reader_items(0)
             return
-        dl = torch.utils.data.DataLoader(_Stream(self), batch_size=None, num_workers=self.n_logical,
+        dl = torch.utils.data.DataLoader(_Stream(self), batch_size=None, num_workers=len(self.readers),
                                          generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, 5)),
                                          persistent_workers=False)
         yield from dl
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        pending: Dict[int, dict] = {}
-        expected = self.start_batch
+        pending: Dict[int, list] = {}
+        n_mine = sum(len(s) for s in self.readers)
         for item in self._items():
             if "fault" in item:
                 raise DataError(item["fault"])
             if not self.train:
-                yield self._finish(item, None)
+                yield self._finish(item["x"], item["y"], item["bad"], None, None)
                 continue
-            pending[item["index"]] = item
-            while expected in pending:  # in batch order, whatever order the workers delivered in
-                yield self._finish(pending.pop(expected), expected)
-                expected += 1
+            parts = pending.setdefault(item["index"], [])
+            parts += item["parts"]
+            if len(parts) == n_mine:  # every stream's part is in (each reader delivers its batches in order)
+                yield self._assemble(item["index"], sorted(pending.pop(item["index"]), key=lambda p: p["stream"]))
         if self.skipped:
             log.warning("left out %d bad sample(s) of %s in epoch %d (%d so far)", self.skipped,
                         self.ds.split.name, self.epoch + 1, self.ds.skipped)
 
-    def _finish(self, item: dict, step: Optional[int]):
-        x, y = item["x"], item["y"]
-        if item["bad"]:
-            self.skipped += len(item["bad"])
-            self.ds.count_bad(item["bad"])
+    def _assemble(self, step: int, parts: List[dict]):
+        """Batch `step` of this process from its streams' parts, each at its own place in the global batch (so the
+        augmentation drawn for a sample does not depend on how the streams are spread over processes)."""
+        x = torch.cat([p["x"] for p in parts])
+        y = torch.cat([p["y"] for p in parts])
+        bad = [b for p in parts for b in p["bad"]]
+        if not len(y):
+            self._no_image(bad)
+        where = torch.cat([torch.arange(self.offset[p["stream"]], self.offset[p["stream"]] + len(p["y"]))
+                           for p in parts])
+        return self._finish(x, y, bad, step, where)
+
+    def _finish(self, x: torch.Tensor, y: torch.Tensor, bad: list, step: Optional[int], where):
+        if bad:
+            self.skipped += len(bad)
+            self.ds.count_bad(bad)
         gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch, step if step is not None else 0, 11))
         p = self.progress(step) if step is not None else 1.0
         tf = self.ds.transform
-        x = tf(x, gen, self.lo, self.bs if self.train else len(x), progress=p) if tf is not None else x.float() / 255
+        if tf is not None:
+            x = tf(x, gen, where if self.train else 0, self.bs if self.train else len(x), progress=p)
+        else:
+            x = x.float() / 255
         if self.mixup is not None and self.train:
             x, y = self.mixup(x, y, gen, progress=p)
         return x, y
 
 
 class _Stream(torch.utils.data.IterableDataset):
-    """The DataLoader's view of a ShardLoader: each worker yields its logical worker's batches."""
+    """The DataLoader's view of a ShardLoader: each worker yields its reader's items."""
 
     def __init__(self, loader: ShardLoader):
         super().__init__()
@@ -593,7 +637,7 @@ class _Stream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         wi = torch.utils.data.get_worker_info()
-        return self.loader._worker_batches(wi.id if wi is not None else 0)
+        return self.loader._reader_items(wi.id if wi is not None else 0)
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
@@ -767,4 +811,4 @@ def write_shards(source: str, out, *, shard_size="500MB", resize: Optional[int] 
 
 
 __all__ = ["INFO_FILE", "ShardSplit", "ShardSet", "ShardDataset", "ShardLoader", "open_shards", "write_shards",
-           "epoch_shards", "parse_size"]
+           "epoch_shards", "stream_count", "parse_size"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -100,11 +100,13 @@ class BatchTransform:
         return (int(round(self.size[0] * scale / self.multiple)) * self.multiple,
                 int(round(self.size[1] * scale / self.multiple)) * self.multiple)
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator, lo: int = 0, B: Optional[int] = None,
-                 progress: float = 1.0) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, lo: Union[int, torch.Tensor] = 0,
+                 B: Optional[int] = None, progress: float = 1.0) -> torch.Tensor:
+        """`x` is images lo..lo+b-1 of a global batch of B (or, `lo` a tensor, the images at those places of it):
+        each image's random draws are its place's, whichever process holds it."""
         b = x.shape[0]
         B = b if B is None else B
-        sl = slice(lo, lo + b)
+        sl = lo if isinstance(lo, torch.Tensor) else slice(lo, lo + b)
         a = self.aug
         size = self.size_at(progress) if a is not None else self.size
         strength = a.strength(progress) if a is not None else 0.0

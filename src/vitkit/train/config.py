@@ -46,6 +46,9 @@ class TrainConfig:
     # a resume continues mid-epoch with exactly the batches the interrupted epoch had left); None: epoch ends only
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     workers: int = 0  # DataLoader workers for file-based data
+    streams: Optional[int] = None  # shards (wds:): the global batch takes an equal part from each of this many
+    # shard streams, so every process count that divides it trains on the same batches; None: processes × workers
+    # of the first launch (recorded in config.json, so a resume reads the same streams)
     quiet: bool = False  # no progress bar
     best_metric: str = "top1"  # picks best.safetensors; "" → no selection (best = last), for when the
     best_mode: str = "max"  # max | min      evaluation set is the test set and must not choose the checkpoint
@@ -82,6 +85,7 @@ class TrainConfig:
         v.integer(self.eval_every, "eval_every", lo=1, optional=True)
         v.integer(self.save_every, "save_every", lo=1, optional=True)
         v.integer(self.workers, "workers", lo=0)
+        v.integer(self.streams, "streams", lo=1, optional=True)
         v.choice(self.best_mode, "best_mode", ("max", "min"))
         check_device(self.device)
         if len(tuple(self.betas)) != 2:

@@ -27,7 +27,9 @@ processes train the same steps; with `strategy="fsdp"` the model is sharded (`sh
 state is a sharded torch.distributed.checkpoint that resumes in any number of processes, and rank 0 gathers the full
 weights for evaluation and the `.safetensors` checkpoints (after `fit`, `trainer.model` is the sharded module). A
 resume may change only RESUMABLE fields; a new `epochs`/`time_budget` lays the cosine over the new total from the
-current step (so a finished run trains on), and `config.json`'s `history` records each resume.
+current step (so a finished run trains on), and `config.json`'s `history` records each resume. The key third of
+each qkv bias is held still (its gradient is exactly 0 in exact arithmetic: `optim.inert_key_biases`), so rounding
+noise there does not become Adam steps and 1 and N processes end with the same weights, all of them.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ from . import budget
 from .config import DEFAULT_EPOCHS, RESUMABLE, TrainConfig
 from .distributed import DistInfo, barrier, broadcast_obj, launch_identity, setup_distributed
 from .ema import EMA
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, inert_key_biases, lr_at, set_lr
 from .rundir import STATE_FILE, RunDir, claim_run
 from .sharded import SHARDED_DIR, gather_full, load_sharded, prune_sharded, save_sharded, shard_model
 
@@ -120,12 +122,15 @@ class Trainer:
 
                 return itertools.islice(batches, start_batch, None)
             return batches
-        from ..data import make_loader
+        from ..data import ShardDataset, make_loader
 
+        kw = dict(self.loader_kwargs)
+        if isinstance(self.train_data, ShardDataset):
+            kw["streams"] = self.cfg.streams
         return make_loader(self.train_data, self.cfg.batch_size, train=True, seed=self.cfg.seed, epoch=epoch,
                            rank=self.dist.rank, world=self.dist.world, workers=self.cfg.workers,
                            start_step=self.step, total_steps=self.plan.get("total"), accum_steps=self.cfg.accum_steps,
-                           start_batch=start_batch, **self.loader_kwargs)
+                           start_batch=start_batch, **kw)
 
     def _steps_per_epoch(self) -> int:
         n = len(self._loader(0))
@@ -156,6 +161,7 @@ class Trainer:
                 shard_model(self.ema.module)  # sharded alike, so the average runs shard by shard
         # after sharding: the optimizer holds the sharded parameters (and so only this rank's part of its state)
         self.optimizer = build_optimizer(self.model, c.lr, c.weight_decay, c.betas, c.layer_decay)
+        self._inert = inert_key_biases(self.model)  # key biases: gradient masked to exactly 0 before each step
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
         net = self.model
         if c.compile:
@@ -342,6 +348,12 @@ class Trainer:
     def _fit(self) -> dict:
         c = self.cfg
         self._t0 = self.clock()
+        from ..data import ShardDataset
+
+        if c.streams is None and isinstance(self.train_data, ShardDataset):  # fixed now, recorded in config.json
+            from ..data.shards import stream_count
+
+            c.streams = stream_count(None, self.dist.world, c.workers)
         self._prepare()
         if self.dist.is_main:
             if c.resume:
@@ -419,6 +431,9 @@ class Trainer:
                 micro += 1
                 if not last_micro:
                     continue
+                for p, mask in self._inert:
+                    if p.grad is not None:
+                        p.grad.mul_(mask)
                 lr = lr_at(self.step, self.plan["total"], self.plan["warmup"], c.lr, c.min_lr)
                 set_lr(self.optimizer, lr)
                 if c.clip_grad:
@@ -480,14 +495,11 @@ class Trainer:
         return self._finish()
 
     def _resumed_position(self, epoch: int) -> Optional[dict]:
-        """The data position a resumed mid-epoch checkpoint holds for `epoch` (else None), checked to be usable."""
+        """The data position a resumed mid-epoch checkpoint holds for `epoch` (else None). Good for any number of
+        processes and workers: the loaders' global batches do not depend on them (shards: on the run's streams)."""
         pos = self._data_pos
         if not pos or int(pos["epoch"]) != epoch:
             return None
-        if (pos.get("world"), pos.get("workers")) != (self.dist.world, self.cfg.workers):
-            log.warning("resuming epoch %d at batch %d with %d process(es) x %d worker(s) (it ran with %s x %s): the "
-                        "rest of the epoch takes the new split of the data, not the interrupted one's", epoch + 1,
-                        pos["batch"], self.dist.world, self.cfg.workers, pos.get("world"), pos.get("workers"))
         return pos
 
     def _save_mid(self, epoch: int, loader, n_batches: int, sums: Dict[str, float]) -> None:

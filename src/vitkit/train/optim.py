@@ -1,9 +1,10 @@
-"""Optimizer and schedule: AdamW with decay on matrices only, layer-wise lr decay, warm-up + cosine per step."""
+"""Optimizer and schedule: AdamW with decay on matrices only, layer-wise lr decay, warm-up + cosine per step, and
+the key biases that no gradient should move (`inert_key_biases`)."""
 from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -50,6 +51,40 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05, bet
     # foreach kernels: fewer, larger ops — noticeably faster than the per-tensor loop on CPU for small models.
     return torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=tuple(betas), eps=eps,
                              foreach=True)
+
+
+def inert_key_biases(model: nn.Module) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(qkv.bias, mask: 0 on its key third, 1 elsewhere) of every attention without QK-norm. Its key bias b_k adds
+    q.b_k to all the logits of a query's row, which the softmax cancels: the gradient is exactly 0 in exact
+    arithmetic, so what reaches it is rounding noise (different in 1 and N processes) that Adam would scale into
+    steps of ~lr. The engine multiplies the gradient by the mask, so b_k stays where it was (BEiT/EVA in timm keep
+    it at 0 alike); with QK-norm the keys are normalised after the bias, which then matters and trains. Under FSDP2
+    the mask is a DTensor sharded as its parameter is."""
+    from ..models.vit import Attention
+
+    out = []
+    for m in model.modules():
+        if not isinstance(m, Attention) or m.qkv.bias is None or not isinstance(m.k_norm, nn.Identity):
+            continue
+        p = m.qkv.bias
+        d = p.shape[0] // 3
+        mask = torch.ones(p.shape, dtype=p.dtype, device=p.device)
+        mask[d:2 * d] = 0
+        if _is_dtensor(p):
+            from torch.distributed.tensor import distribute_tensor
+
+            mask = distribute_tensor(mask, p.device_mesh, p.placements, src_data_rank=None)
+        out.append((p, mask))
+    return out
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """A parameter FSDP2 has sharded (a DTensor); False where torch has no distributed support."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
 
 
 def lr_at(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
