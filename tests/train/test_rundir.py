@@ -76,6 +76,19 @@ def test_resume_and_recipe_of_a_damaged_run_say_which_and_what(tmp_path, capsys,
     assert sorted(p.name for p in run.iterdir()) == [".lock", "config.json", "last.state.pt"]  # nothing touched
 
 
+@pytest.mark.parametrize("config", [{"task": "classify", "train": {}}, {"task": "classify", "classifier": {}},
+                                    {"task": "classify", "train": [], "classifier": {}}])
+def test_a_config_without_its_sections_cannot_resume_and_says_so(tmp_path, capsys, config):
+    """A config.json of the right task that lacks (or mangles) the task's or the training section: one line naming
+    the file and the section, not a KeyError."""
+    run = _run(tmp_path, json.dumps(config).encode())
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(run) in err and "section" in err and "cannot resume" in err, err
+    missing = "train" if not isinstance(config.get("train"), dict) else "classifier"
+    assert repr(missing) in err, err
+
+
 def test_no_checkpoint_is_refused_in_one_place_with_one_message(tmp_path):
     """A run without last.state.pt: the task's resume (resume_configs) and the engine's own (Trainer.fit, the Python
     API) refuse it with the same words."""

@@ -291,6 +291,10 @@ def resume_configs(train_cfg: TrainConfig, task: str, section: str, task_cls, wh
     path = run.path
     if saved.get("task") != task:
         raise ConfigError(f"{str(path)!r} is a {saved.get('task')!r} run, not {what}")
+    for key in (section, "train"):
+        if not isinstance(saved.get(key), dict):
+            raise ConfigError(f"{str(path / 'config.json')!r} has no {key!r} section, so the run cannot resume: "
+                              "restore the file from a backup, or start a new run")
     task_cfg = task_cls(**saved[section])
     tc = TrainConfig.from_dict(saved["train"])
     asked: Dict[str, Any] = {}
