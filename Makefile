@@ -29,7 +29,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs --durations=25 $(PYTEST_ARGS)
 
 # Niced, two workers, one thread each: the machine stays usable. The table counts each file's mutants by outcome.
 MUTANTS ?=
