@@ -164,12 +164,29 @@ def test_model_card_health_metrics_and_schema(client, served):
               "/v2/models/{name}/infer", "/healthz", "/readyz", "/metrics"):
         assert p in paths, p
     assert "multipart/form-data" in paths["/v1/classify"]["post"]["requestBody"]["content"]
-    assert client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
     assert "http" not in page.text.replace("http-equiv", "")  # nothing loaded from elsewhere
     assert client.get("/static/app.js").status_code == 200
     assert client.get("/static/..%2F__init__.py").status_code == 404
+
+
+def test_docs_are_served_by_the_app(client):
+    """/docs (Swagger UI) loads its script, style and icon from the server itself, not a CDN: it works offline."""
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    urls = re.findall(r"""(?:src|href|url)\s*[:=]\s*['"]([^'"]+)['"]""", page.text)
+    assert {"/openapi.json", "/static/swagger-ui-bundle.js", "/static/swagger-ui.css"} <= set(urls), urls
+    assert not [u for u in urls if "//" in u], urls  # same origin only
+    assert "validatorUrl" in page.text  # Swagger UI would otherwise send the schema to validator.swagger.io
+    for url, ctype in (("/static/swagger-ui-bundle.js", "text/javascript"), ("/static/swagger-ui.css", "text/css"),
+                       ("/static/favicon-32x32.png", "image/png")):
+        r = client.get(url)
+        assert r.status_code == 200 and r.headers["content-type"].startswith(ctype) and len(r.content) > 500, url
+    assert "SwaggerUIBundle" in client.get("/static/swagger-ui-bundle.js").text
+    assert client.get("/redoc").status_code == 404  # ReDoc is off: it would load from a CDN
 
 
 def test_fast_serving_picks_its_precision_on_the_index_images(served, monkeypatch, tmp_path, caplog):
