@@ -181,7 +181,7 @@ def create_app(cfg: ServeConfig, service: Optional[Service] = None):
     async def image_input(request: Request):
         """The request's image → the model's input (C, H, W); decoding runs off the event loop."""
         need_ready()
-        data, _ = image_bytes(await read_body(request, cfg.max_upload_bytes), request.headers.get("content-type"))
+        data, _ = image_bytes(await read_body(request, cfg.max_upload_bytes, cfg.body_timeout_s), request.headers.get("content-type"))
         return await run_in_threadpool(lambda: svc.preprocess(decode(data, svc.channels, cfg.max_pixels)))
 
     async def run(task: str, item):
@@ -298,7 +298,7 @@ def create_app(cfg: ServeConfig, service: Optional[Service] = None):
 
         check_name(name)
         try:
-            doc = json.loads(await read_body(request, cfg.max_upload_bytes))
+            doc = json.loads(await read_body(request, cfg.max_upload_bytes, cfg.body_timeout_s))
             inp = doc["inputs"][0]
             shape, dtype, data = [int(s) for s in inp["shape"]], inp["datatype"], inp["data"]
         except ServeError:

@@ -149,7 +149,8 @@ class Service:
                 "index": ({"count": len(self.index), "kind": self.index.kind} if self.index is not None else None),
                 "report": report,
                 "limits": {k: getattr(self.cfg, k) for k in ("max_batch_size", "max_wait_ms", "max_queue",
-                                                             "max_upload_bytes", "max_pixels", "timeout_s")}}
+                                                             "max_upload_bytes", "max_pixels", "timeout_s",
+                                                             "body_timeout_s")}}
 
     def model_name(self, ckpt: Optional[Path] = None) -> str:
         if self.cfg.name:
