@@ -616,8 +616,46 @@ class Trainer:
             else:
                 md_extra = ""
             self.run.write_report(summary, self.history, md_extra)
+            self._stamp_checkpoints(summary)
         barrier(self.dist)
         return summary
+
+    def _stamp_checkpoints(self, summary: dict) -> None:
+        """Put a compact summary of the report into last.safetensors and best.safetensors (metadata `report`), so
+        the training figures travel with a checkpoint copied out of its run folder (`vitkit serve`'s model card).
+        The held-out evaluation (`eval`, of the best checkpoint) goes only into files holding those weights."""
+        from ..io.checkpoint import add_metadata
+
+        for name, epoch in (("best.safetensors", self.best_epoch), ("last.safetensors", self.epoch)):
+            path = self.run.path / name
+            if path.is_file():
+                add_metadata(path, {"report": report_record(summary, self.resolved, epoch,
+                                                            with_eval=epoch == self.best_epoch)})
+
+
+def report_record(summary: dict, resolved: dict, epoch: Optional[int], with_eval: bool = True) -> dict:
+    """The compact part of a run's report that travels inside its checkpoints: run, epochs, steps, training time,
+    the final epoch's metrics, the best, the held-out evaluation (`with_eval`), the data (size, classes), the date
+    and the vitkit version; numbers only where report.json has lists (per-class figures stay in the run folder)."""
+    import datetime
+
+    from .. import __version__
+
+    def numbers(d) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in (d or {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    data = resolved.get("data") if isinstance(resolved.get("data"), dict) else {}
+    rec = {"run": summary.get("name"), "epoch": epoch, "epochs": summary.get("epochs"), "steps": summary.get("steps"),
+           "train_seconds": summary.get("train_seconds"), "world_size": summary.get("world_size"),
+           "best_metric": summary.get("best_metric") or None, "best": summary.get("best"),
+           "best_epoch": summary.get("best_epoch"), "final": numbers(summary.get("final")),
+           "eval": numbers(summary.get("eval")) if with_eval else None,
+           "data": {**{k: v for k, v in data.items() if isinstance(v, (str, int, float)) and v != ""},
+                    **({"num_classes": len(data["class_names"])} if isinstance(data.get("class_names"), list) else {})},
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "vitkit_version": __version__}
+    return {k: v for k, v in rec.items() if v not in (None, {}, "")}
 
 
 def _test_crash(step: int, rank: int) -> None:
