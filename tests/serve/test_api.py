@@ -196,7 +196,8 @@ def test_model_card_has_the_training_figures_in_the_run_folder_and_with_a_bare_c
     for card in cards.values():
         for k in ("top1", "top5"):
             assert card[k] == pytest.approx(report["eval"][k], abs=1e-4), (k, card)
-        assert (card["epochs"], card["steps"], card["eval_images"]) == (2, report["steps"], report["eval"]["num_images"])
+        assert (card["epochs"], card["steps"]) == (2, report["steps"])
+        assert card["eval_images"] == report["eval"]["num_images"]
         assert card["train_seconds"] == pytest.approx(report["train_seconds"]) and card["name"] == "run"
     bare_card = cards["bare"]
     assert bare_card["source"] == "checkpoint" and bare_card["data"]["num_classes"] == 10

@@ -84,9 +84,17 @@ def create_app(cfg: ServeConfig, service: Optional[Service] = None):
         return Batcher(fn, executor, max_batch=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
                        max_queue=cfg.max_queue, on_batch=metrics.batch.labels(task).observe)
 
-    batchers.update(classify=batcher("classify", lambda xs: svc.classify(xs)),
-                    embed=batcher("embed", lambda xs: svc.embed(xs)),
-                    explain=batcher("explain", lambda items: svc.explain(items)))
+    def then_release(fn):
+        def run(xs):
+            try:
+                return fn(xs)
+            finally:
+                svc.release_memory()
+        return run
+
+    batchers.update(classify=batcher("classify", then_release(lambda xs: svc.classify(xs))),
+                    embed=batcher("embed", then_release(lambda xs: svc.embed(xs))),
+                    explain=batcher("explain", then_release(lambda items: svc.explain(items))))
 
     def load() -> None:
         try:
@@ -181,7 +189,8 @@ def create_app(cfg: ServeConfig, service: Optional[Service] = None):
     async def image_input(request: Request):
         """The request's image → the model's input (C, H, W); decoding runs off the event loop."""
         need_ready()
-        data, _ = image_bytes(await read_body(request, cfg.max_upload_bytes, cfg.body_timeout_s), request.headers.get("content-type"))
+        body = await read_body(request, cfg.max_upload_bytes, cfg.body_timeout_s)
+        data, _ = image_bytes(body, request.headers.get("content-type"))
         return await run_in_threadpool(lambda: svc.preprocess(decode(data, svc.channels, cfg.max_pixels)))
 
     async def run(task: str, item):
