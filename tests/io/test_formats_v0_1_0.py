@@ -61,7 +61,7 @@ def test_old_checkpoints_still_say_how_they_were_trained(old):
     rec = read_training(old / "runs" / "cls" / "best.safetensors")
     report = json.loads((old / "runs" / "cls" / "report.json").read_text())
     assert rec["run"] == "cls" and rec["epoch"] == report["best_epoch"] and rec["steps"] == report["steps"]
-    assert rec["final"]["top1"] == pytest.approx(report["final"]["top1"]) and "report" not in rec
+    assert rec["metrics"]["top1"] == pytest.approx(report["final"]["top1"]) and "report" not in rec
 
 
 def test_eval_of_an_old_run_folder_repeats_its_report(old, tmp_path, capsys):

@@ -26,6 +26,7 @@ from ..models.registry import MODEL_TYPES, model_type_of, register_model_type  #
 
 FORMAT = "vitkit"
 FORMAT_VERSION = "1"
+RUN_CHECKPOINTS = ("best.safetensors", "last.safetensors", "model.safetensors")  # what a run folder loads, in order
 
 
 def _model_type(model: nn.Module) -> str:
@@ -121,7 +122,7 @@ def _vitkit_metadata(path) -> Tuple[Path, Dict[str, str]]:
     """The checkpoint file (a run folder's best, last or model.safetensors) and its vitkit metadata."""
     path = Path(path)
     if path.is_dir():
-        for cand in ("best.safetensors", "last.safetensors", "model.safetensors"):
+        for cand in RUN_CHECKPOINTS:
             if (path / cand).is_file():
                 path = path / cand
                 break
@@ -179,7 +180,7 @@ def read_training(path) -> dict:
     out = {"run": meta.get("run"), "epoch": entry("epoch"), "steps": entry("step")}
     metrics = entry("metrics")
     if isinstance(metrics, dict):
-        out["final"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        out["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     return {k: v for k, v in out.items() if v not in (None, {})}
 
 

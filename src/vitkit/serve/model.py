@@ -297,13 +297,14 @@ def training_card(given: Path, ckpt: Path) -> dict:
         from_report = {"run": r.get("name"), "epochs": r.get("epochs"), "steps": r.get("steps"),
                        "train_seconds": r.get("train_seconds"), "best_metric": r.get("best_metric") or None,
                        "best": r.get("best"), "best_epoch": r.get("best_epoch"),
-                       "final": r.get("final") if isinstance(r.get("final"), dict) else None,
+                       "metrics": r.get("final") if isinstance(r.get("final"), dict) and
+                       (mine is None or mine == r.get("epochs")) else None,
                        "eval": r.get("eval") if isinstance(r.get("eval"), dict) and
                        (mine is None or mine == r.get("best_epoch")) else None}
         rec = {**{k: v for k, v in from_report.items() if v is not None}, **rec}
         source = "run folder" if source is None else source + " and run folder"
-    ev, final = rec.get("eval") or {}, rec.get("final") or {}
-    held = ev if "top1" in ev else final
+    ev = rec.get("eval") or {}
+    held = ev if "top1" in ev else rec.get("metrics") or {}  # the full evaluation, else the epoch's own
     card = {"source": source, "name": rec.get("run"), "epochs": rec.get("epochs", rec.get("epoch")),
             "steps": rec.get("steps"), "train_seconds": rec.get("train_seconds"),
             "best_metric": rec.get("best_metric"), "best": rec.get("best"), "top1": held.get("top1"),
@@ -321,10 +322,11 @@ def _latest_eval(folder: Path, ckpt: Path) -> Optional[dict]:
     doc = _json(folder / "eval.json")
     if not isinstance(doc, dict) or "top1" not in doc:
         return None
-    target = Path(str(doc.get("checkpoint", "")))
-    if target.name != ckpt.name and not (target.name == ckpt.parent.name and target.suffix != ".safetensors" and
-                                         next((n for n in ("best.safetensors", "last.safetensors", "model.safetensors")
-                                               if (ckpt.parent / n).is_file()), None) == ckpt.name):
+    from ..io.checkpoint import RUN_CHECKPOINTS
+
+    named = Path(str(doc.get("checkpoint", ""))).name
+    folder_loads = next((n for n in RUN_CHECKPOINTS if (ckpt.parent / n).is_file()), None)
+    if named != ckpt.name and not (named == ckpt.parent.name and folder_loads == ckpt.name):
         return None
     when = datetime.datetime.fromtimestamp((folder / "eval.json").stat().st_mtime, datetime.timezone.utc)
     return {"data": doc.get("data"), "top1": doc.get("top1"), "top5": doc.get("top5"),

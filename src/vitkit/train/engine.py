@@ -629,14 +629,16 @@ class Trainer:
         for name, epoch in (("best.safetensors", self.best_epoch), ("last.safetensors", self.epoch)):
             path = self.run.path / name
             if path.is_file():
-                add_metadata(path, {"report": report_record(summary, self.resolved, epoch,
+                row = next((r for r in reversed(self.history) if r.get("epoch") == epoch), {})
+                add_metadata(path, {"report": report_record(summary, self.resolved, epoch, row,
                                                             with_eval=epoch == self.best_epoch)})
 
 
-def report_record(summary: dict, resolved: dict, epoch: Optional[int], with_eval: bool = True) -> dict:
-    """The compact part of a run's report that travels inside its checkpoints: run, epochs, steps, training time,
-    the final epoch's metrics, the best, the held-out evaluation (`with_eval`), the data (size, classes), the date
-    and the vitkit version; numbers only where report.json has lists (per-class figures stay in the run folder)."""
+def report_record(summary: dict, resolved: dict, epoch: Optional[int], row: Optional[dict] = None,
+                  with_eval: bool = True) -> dict:
+    """The compact part of a run's report that travels inside a checkpoint: run, epochs, steps, training time, the
+    metrics of the checkpoint's own epoch (`epoch`, `row`), the best, the held-out evaluation (`with_eval`), the
+    data (size, classes), the date and the vitkit version; numbers only (per-class lists stay in the run folder)."""
     import datetime
 
     from .. import __version__
@@ -649,7 +651,7 @@ def report_record(summary: dict, resolved: dict, epoch: Optional[int], with_eval
     rec = {"run": summary.get("name"), "epoch": epoch, "epochs": summary.get("epochs"), "steps": summary.get("steps"),
            "train_seconds": summary.get("train_seconds"), "world_size": summary.get("world_size"),
            "best_metric": summary.get("best_metric") or None, "best": summary.get("best"),
-           "best_epoch": summary.get("best_epoch"), "final": numbers(summary.get("final")),
+           "best_epoch": summary.get("best_epoch"), "metrics": numbers(row),
            "eval": numbers(summary.get("eval")) if with_eval else None,
            "data": {**{k: v for k, v in data.items() if isinstance(v, (str, int, float)) and v != ""},
                     **({"num_classes": len(data["class_names"])} if isinstance(data.get("class_names"), list) else {})},
