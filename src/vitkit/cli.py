@@ -614,7 +614,8 @@ def cmd_serve(args) -> int:
                       precision=args.precision, calibration=args.calibration,
                       max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                       max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
-                      timeout_s=args.timeout, body_timeout_s=args.body_timeout, api_key=args.api_key, cors_origins=tuple(args.cors_origin or ()),
+                      timeout_s=args.timeout, body_timeout_s=args.body_timeout, api_key=args.api_key,
+                      cors_origins=tuple(args.cors_origin or ()),
                       name=args.name)
     serve(cfg, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0

@@ -1,6 +1,7 @@
 """Every refusal the server promises, each with its status and a one-line JSON reason: oversize bodies (413),
 decompression bombs (413), non-images (415), undecodable images (422), wrong or missing auth (401), a full queue
-(503 + Retry-After), a slow answer (504), a body sent too slowly (408), a model still loading or failing to load (503); uploads never touch disk."""
+(503 + Retry-After), a slow answer (504), a body sent too slowly (408), a model still loading or failing to load
+(503); uploads never touch disk."""
 import io
 import threading
 import time
