@@ -640,9 +640,12 @@ def report_record(summary: dict, resolved: dict, epoch: Optional[int], row: Opti
     metrics of the checkpoint's own epoch (`epoch`, `row`), the best, the held-out evaluation (`with_eval`), the
     data (size, classes), the date and the vitkit version; numbers only (per-class lists stay in the run folder)."""
     import datetime
+    from importlib import metadata
 
-    from .. import __version__
-
+    try:  # the installed distribution's version (the package facade, vitkit.__version__, sits above train/)
+        version = metadata.version("vitkit")
+    except metadata.PackageNotFoundError:
+        version = None
     def numbers(d) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in (d or {}).items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -656,7 +659,7 @@ def report_record(summary: dict, resolved: dict, epoch: Optional[int], row: Opti
            "data": {**{k: v for k, v in data.items() if isinstance(v, (str, int, float)) and v != ""},
                     **({"num_classes": len(data["class_names"])} if isinstance(data.get("class_names"), list) else {})},
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "vitkit_version": __version__}
+           "vitkit_version": version}
     return {k: v for k, v in rec.items() if v not in (None, {}, "")}
 
 
