@@ -617,7 +617,8 @@ def cmd_serve(args) -> int:
                       precision=args.precision, calibration=args.calibration,
                       max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                       max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
-                      timeout_s=args.timeout, api_key=args.api_key, cors_origins=tuple(args.cors_origin or ()),
+                      timeout_s=args.timeout, body_timeout_s=args.body_timeout, api_key=args.api_key,
+                      cors_origins=tuple(args.cors_origin or ()),
                       name=args.name)
     serve(cfg, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0
@@ -643,6 +644,8 @@ cmd_serve.add_arguments = lambda p: (
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="decoded image cap, the decompression-bomb "
                    "guard (413 above it)"),
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before a request is answered 504"),
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds a client has to send its whole request "
+                   "body before it is answered 408 (a slow upload cannot hold a connection forever; 0: no limit)"),
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $VITKIT_API_KEY)"),
     p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="allow browser calls from this origin (repeatable; CORS is off without it)"),

@@ -53,6 +53,17 @@ def test_old_metadata_reads_into_the_same_preprocessing_and_classes(old):
     assert cfg == saved
 
 
+def test_old_checkpoints_still_say_how_they_were_trained(old):
+    """Before checkpoints carried the run's report, every save recorded its epoch, step and metrics: those are what
+    `read_training` (the serve model card's source for a bare checkpoint) gives for an old file."""
+    from vitkit.io.checkpoint import read_training
+
+    rec = read_training(old / "runs" / "cls" / "best.safetensors")
+    report = json.loads((old / "runs" / "cls" / "report.json").read_text())
+    assert rec["run"] == "cls" and rec["epoch"] == report["best_epoch"] and rec["steps"] == report["steps"]
+    assert rec["metrics"]["top1"] == pytest.approx(report["final"]["top1"]) and "report" not in rec
+
+
 def test_eval_of_an_old_run_folder_repeats_its_report(old, tmp_path, capsys):
     report = json.loads((old / "runs" / "cls" / "report.json").read_text())
     rc = main(["eval", str(old / "runs" / "cls"), "--data", "mnist5k", "--max-val", "32", "--out", str(tmp_path / "ev"),

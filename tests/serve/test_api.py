@@ -164,12 +164,64 @@ def test_model_card_health_metrics_and_schema(client, served):
               "/v2/models/{name}/infer", "/healthz", "/readyz", "/metrics"):
         assert p in paths, p
     assert "multipart/form-data" in paths["/v1/classify"]["post"]["requestBody"]["content"]
-    assert client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
     assert "http" not in page.text.replace("http-equiv", "")  # nothing loaded from elsewhere
     assert client.get("/static/app.js").status_code == 200
     assert client.get("/static/..%2F__init__.py").status_code == 404
+
+
+def test_model_card_has_the_training_figures_in_the_run_folder_and_with_a_bare_checkpoint(tmp_path):
+    """Training puts a compact report into its checkpoints, so the card shows the held-out figures, epochs, steps,
+    time, data and date both for a run folder and for its best.safetensors copied elsewhere; `vitkit eval`'s
+    eval.json beside the file shows as the latest evaluation."""
+    import json
+    import shutil
+
+    from _runs import tiny_task, tiny_tc
+    from vitkit.tasks.classify import evaluate_checkpoint, train_classifier
+
+    tiny = {"embed_dim": 32, "depth": 1, "num_heads": 2, "global_pool": "avg"}
+    train_classifier(tiny_task(tiny, 128, 32), tiny_tc(tmp_path, "run", epochs=2))
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    bare = tmp_path / "elsewhere" / "model.safetensors"
+    bare.parent.mkdir()
+    shutil.copyfile(run / "best.safetensors", bare)
+    evaluate_checkpoint(bare, "mnist5k", max_val=20)
+    cards = {}
+    for name, path in (("run", run), ("bare", bare)):
+        with make_client(checkpoint=str(path), warmup=False) as c:
+            cards[name] = wait_ready(c).get("/v1/model").json()["report"]
+    for card in cards.values():
+        for k in ("top1", "top5"):
+            assert card[k] == pytest.approx(report["eval"][k], abs=1e-4), (k, card)
+        assert (card["epochs"], card["steps"]) == (2, report["steps"])
+        assert card["eval_images"] == report["eval"]["num_images"]
+        assert card["train_seconds"] == pytest.approx(report["train_seconds"]) and card["name"] == "run"
+    bare_card = cards["bare"]
+    assert bare_card["source"] == "checkpoint" and bare_card["data"]["num_classes"] == 10
+    assert bare_card["data"]["num_train"] == 128 and bare_card["date"][:2] == "20" and bare_card["vitkit_version"]
+    assert bare_card["latest_eval"]["num_images"] == 20 and bare_card["latest_eval"]["data"] == "mnist5k"
+    assert "latest_eval" not in cards["run"]  # no eval.json in the run folder
+
+
+def test_docs_are_served_by_the_app(client):
+    """/docs (Swagger UI) loads its script, style and icon from the server itself, not a CDN: it works offline."""
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    urls = re.findall(r"""(?:src|href|url)\s*[:=]\s*['"]([^'"]+)['"]""", page.text)
+    assert {"/openapi.json", "/static/swagger-ui-bundle.js", "/static/swagger-ui.css"} <= set(urls), urls
+    assert not [u for u in urls if "//" in u], urls  # same origin only
+    assert "validatorUrl" in page.text  # Swagger UI would otherwise send the schema to validator.swagger.io
+    for url, ctype in (("/static/swagger-ui-bundle.js", "text/javascript"), ("/static/swagger-ui.css", "text/css"),
+                       ("/static/favicon-32x32.png", "image/png")):
+        r = client.get(url)
+        assert r.status_code == 200 and r.headers["content-type"].startswith(ctype) and len(r.content) > 500, url
+    assert "SwaggerUIBundle" in client.get("/static/swagger-ui-bundle.js").text
+    assert client.get("/redoc").status_code == 404  # ReDoc is off: it would load from a CDN
 
 
 def test_fast_serving_picks_its_precision_on_the_index_images(served, monkeypatch, tmp_path, caplog):

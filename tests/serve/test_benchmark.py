@@ -19,10 +19,16 @@ def test_serve_benchmark_quick(capsys):
     spec = importlib.util.spec_from_file_location("serve_benchmark", os.path.join(BENCH, "serve.py"))
     serve = importlib.util.module_from_spec(spec)  # by path: `import serve` would find this test package
     spec.loader.exec_module(serve)
-    out = serve.main(["--quick", "--no-fast", "--seconds", "0.5"])
+    out = serve.main(["--quick", "--seconds", "0.5", "--precision", "int8"])  # int8: every oneDNN build has it
     rows = out["rows"]
-    assert [(r["server"], r["clients"]) for r in rows] == [("vitkit", 1), ("plain", 1), ("vitkit", 8), ("plain", 8)]
+    picked = out["precision"]["vit_mini_patch7_28"]["precision"]
+    assert picked == "int8"  # plain-same runs the plain endpoint at the precision vitkit runs at
+    assert [(r["server"], r["clients"]) for r in rows] == [(s, n) for n in (1, 8) for s in ("vitkit", "plain",
+                                                                                              "plain-same")]
     assert all(r["errors"] == 0 and r["requests"] > 0 and r["req_s"] > 0 for r in rows)
     assert all(r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] for r in rows)
-    assert all(r["mean_batch"] >= 1 and r["peak_mb"] > 0 for r in rows)
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ratio vitkit/plain at 8 clients")
+    assert all(r["mean_batch"] >= 1 and r["peak_mb"] > 0 and r["rss_start_mb"] > 0 for r in rows)
+    text = capsys.readouterr().out
+    assert f"vitkit serve runs at precision {picked}" in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("ratio vitkit/plain at 8 clients") and f"batching alone (vs plain-same at {picked})" in last

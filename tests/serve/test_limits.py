@@ -1,6 +1,7 @@
 """Every refusal the server promises, each with its status and a one-line JSON reason: oversize bodies (413),
 decompression bombs (413), non-images (415), undecodable images (422), wrong or missing auth (401), a full queue
-(503 + Retry-After), a slow answer (504), a model still loading or failing to load (503); uploads never touch disk."""
+(503 + Retry-After), a slow answer (504), a body sent too slowly (408), a model still loading or failing to load
+(503); uploads never touch disk."""
 import io
 import threading
 import time
@@ -167,6 +168,49 @@ def test_a_slow_answer_is_504(served):
         _refused(c.post("/v1/classify", content=_noise(), headers=PNG), 504, "timeout")
 
 
+async def _asgi_post(app, path: str, chunks: list, delay: float) -> tuple:
+    """POST `chunks` as the request body straight into the ASGI app, `delay` seconds before each (a slow client,
+    without sockets): (status, JSON answer)."""
+    import asyncio
+    import json
+
+    sent, answered = [], asyncio.Event()
+    chunks = list(chunks)
+
+    async def receive():
+        if chunks:
+            await asyncio.sleep(delay)
+            body = chunks.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(chunks)}
+        await answered.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            answered.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1),
+             "server": ("testserver", 80), "headers": [(b"host", b"testserver"), (b"content-type", b"image/png")]}
+    await app(scope, receive, send)
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def test_a_body_sent_too_slowly_is_408(served):
+    """--body-timeout bounds the upload itself (--timeout only the wait for the model): a client that trickles its
+    body is answered 408 instead of holding the connection; one that sends in time is served."""
+    data = _noise()
+    parts = [data[i:i + 64] for i in range(0, len(data), 64)]
+    with make_client(checkpoint=str(served[0]), body_timeout_s=0.5, warmup=False) as c:
+        wait_ready(c)
+        status, doc = c.portal.call(_asgi_post, c.app, "/v1/classify", parts, 0.2)
+        assert (status, doc["error"]) == (408, "body_timeout") and "--body-timeout" in doc["detail"], doc
+        status, doc = c.portal.call(_asgi_post, c.app, "/v1/classify", parts, 0.0)
+        assert status == 200 and doc["label"], doc
+        assert 'vitkit_errors_total{kind="body_timeout"} 1.0' in c.get("/metrics").text
+
+
 def test_not_ready_until_loaded_and_a_failed_load_says_why(served, tmp_path):
     gate = threading.Event()
     with make_client(checkpoint=str(served[0]), extra={"before_load": lambda: gate.wait(30)}) as c:
@@ -204,7 +248,8 @@ def test_serve_config_and_cli_flags_are_checked_in_one_line(capsys):
     from vitkit.errors import ConfigError
     from vitkit.serve import ServeConfig
 
-    for bad in ({"max_batch_size": 0}, {"max_queue": -1}, {"max_wait_ms": float("nan")}, {"api_key": " "}):
+    for bad in ({"max_batch_size": 0}, {"max_queue": -1}, {"max_wait_ms": float("nan")}, {"api_key": " "},
+                {"body_timeout_s": -1}):
         with pytest.raises(ConfigError):
             ServeConfig("x", **bad)
     assert main(["serve", "x", "--max-batch-size", "0"]) == 2

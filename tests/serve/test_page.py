@@ -2,7 +2,8 @@
 browser download is not used) against `vitkit serve` started as a command on the tiny digit model with an index.
 A digit is uploaded, and the test checks the predicted label (the one `vitkit predict` gives), the attention
 overlay and its controls, the neighbour grid, that nothing is loaded from another origin (the page works offline),
-keyboard and label basics, and the layout at phone width. The screenshot goes to the test's temp folder (and to
+keyboard and label basics, the layout at phone width, and that /docs (Swagger UI) renders from the server's own
+files. The screenshot goes to the test's temp folder (and to
 $VITKIT_SCREENSHOT when set: docs/serve.png is made so)."""
 import os
 import shutil
@@ -117,6 +118,12 @@ def test_page_in_a_real_browser(chromium, server, served, tmp_path):
             page.set_viewport_size({"width": 375, "height": 740})  # phone width: nothing wider than the screen
             assert page.evaluate("document.documentElement.scrollWidth") <= 375
             page.screenshot(path=str(tmp_path / "serve-phone.png"), full_page=True)
+
+            # /docs: Swagger UI renders the API from this server's files alone (the request check above covers it)
+            page.set_viewport_size({"width": 1100, "height": 760})
+            page.goto(server + "/docs")
+            sync_api.expect(page.locator(".swagger-ui .info .title")).to_contain_text("vitkit serve", timeout=20_000)
+            sync_api.expect(page.locator(".opblock-summary-path", has_text="/v1/classify").first).to_be_visible()
         finally:
             browser.close()
     assert not foreign, f"the page loaded from other origins: {foreign}"

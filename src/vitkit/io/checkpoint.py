@@ -3,6 +3,9 @@ and the preprocessing, so a file rebuilds its own model with no other input. Not
 
 Metadata keys (all JSON strings): `format` = "vitkit", `version`, `model_type` (e.g. "vit"), `config`,
 `pretrained_cfg` (class_names, mean, std, interpolation, crop_pct, input_size and anything else that travels).
+Written by training: `epoch`, `step`, `run`, `metrics` (the latest epoch's row) at every save, and `report` (a
+compact summary of the run's report.json: held-out top-1/top-5, epochs, steps, time, data, date, vitkit version)
+when the run ends, so a checkpoint copied out of its run folder still says how it was trained.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from ..models.registry import MODEL_TYPES, model_type_of, register_model_type  #
 
 FORMAT = "vitkit"
 FORMAT_VERSION = "1"
+RUN_CHECKPOINTS = ("best.safetensors", "last.safetensors", "model.safetensors")  # what a run folder loads, in order
 
 
 def _model_type(model: nn.Module) -> str:
@@ -118,7 +122,7 @@ def _vitkit_metadata(path) -> Tuple[Path, Dict[str, str]]:
     """The checkpoint file (a run folder's best, last or model.safetensors) and its vitkit metadata."""
     path = Path(path)
     if path.is_dir():
-        for cand in ("best.safetensors", "last.safetensors", "model.safetensors"):
+        for cand in RUN_CHECKPOINTS:
             if (path / cand).is_file():
                 path = path / cand
                 break
@@ -144,6 +148,40 @@ def read_pretrained_cfg(path) -> dict:
         raise CheckpointError(f"{str(path)!r} has damaged vitkit metadata (pretrained_cfg is a "
                               f"{type(pcfg).__name__}); re-save it")
     return pcfg
+
+
+def add_metadata(path, extra: Dict[str, object]) -> None:
+    """Add or replace metadata entries of a vitkit checkpoint (values JSON-encoded unless strings), rewriting it
+    atomically with the same tensors: how a run's final report joins weights that were saved before it existed."""
+    from safetensors.torch import load_file, save_file
+
+    path, meta = _vitkit_metadata(path)
+    tensors = load_file(str(path))
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_training(path) -> dict:
+    """What a vitkit checkpoint (or run folder) says about the training that made it, from its metadata alone: the
+    run's compact report when the run finished (`report`), else the epoch, step, run name and latest metrics every
+    save records (a run stopped early, or a checkpoint older than `report`); {} when it holds none (not trained by
+    vitkit's engine). Damaged entries are left out rather than refusing a loadable checkpoint."""
+    _, meta = _vitkit_metadata(path)
+
+    def entry(key):
+        try:
+            return json.loads(meta[key])
+        except (KeyError, ValueError):
+            return None
+
+    report = entry("report")
+    if isinstance(report, dict):
+        return report
+    out = {"run": meta.get("run"), "epoch": entry("epoch"), "steps": entry("step")}
+    metrics = entry("metrics")
+    if isinstance(metrics, dict):
+        out["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    return {k: v for k, v in out.items() if v not in (None, {})}
 
 
 def load(path, map_location="cpu") -> nn.Module:

@@ -16,11 +16,12 @@ from .errors import QueueFull, ServeError
 def _require() -> None:
     try:
         import fastapi  # noqa: F401
+        import fastapi_swagger  # noqa: F401
         import prometheus_client  # noqa: F401
         import python_multipart  # noqa: F401
     except ImportError as e:
-        raise ImportError(f"vitkit serve needs FastAPI, python-multipart and prometheus-client ({e.name} is "
-                          "missing); install them with: pip install 'vitkit[serve]'") from None
+        raise ImportError(f"vitkit serve needs FastAPI, fastapi-swagger, python-multipart and prometheus-client "
+                          f"({e.name} is missing); install them with: pip install 'vitkit[serve]'") from None
 
 
 def app(config: ServeConfig):

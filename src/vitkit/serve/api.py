@@ -29,9 +29,12 @@ from .uploads import b64_image, decode, image_bytes, read_body
 
 log = logging.getLogger(__name__)
 
-PUBLIC = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/", "/static/app.js", "/static/app.css",
-          "/docs", "/openapi.json"}
 STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+# Swagger UI's own files, served from the fastapi-swagger package so /docs needs no CDN (works offline)
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript; charset=utf-8", "swagger-ui.css": "text/css; charset=utf-8",
+               "favicon-32x32.png": "image/png"}
+PUBLIC = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/", "/docs", "/openapi.json",
+          *(f"/static/{n}" for n in (*STATIC, *DOCS_ASSETS))}
 # the page loads nothing from anywhere but this server (no CDN): the browser enforces it
 PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
@@ -56,6 +59,11 @@ def _page(name: str) -> bytes:
     return resources.files("vitkit.serve").joinpath("static", name).read_bytes()
 
 
+def _docs_asset(name: str) -> bytes:
+    """One of Swagger UI's files as the fastapi-swagger package ships them (Swagger UI 5: reads OpenAPI 3.1)."""
+    return resources.files("fastapi_swagger").joinpath("resources", name).read_bytes()
+
+
 def create_app(cfg: ServeConfig, service: Optional[Service] = None):
     """A FastAPI app serving `cfg.checkpoint`. The model loads in the background when the app starts (its
     lifespan), so /healthz answers at once and /readyz turns 200 once the model is loaded and warmed up."""
@@ -76,9 +84,17 @@ def create_app(cfg: ServeConfig, service: Optional[Service] = None):
         return Batcher(fn, executor, max_batch=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
                        max_queue=cfg.max_queue, on_batch=metrics.batch.labels(task).observe)
 
-    batchers.update(classify=batcher("classify", lambda xs: svc.classify(xs)),
-                    embed=batcher("embed", lambda xs: svc.embed(xs)),
-                    explain=batcher("explain", lambda items: svc.explain(items)))
+    def then_release(fn):
+        def run(xs):
+            try:
+                return fn(xs)
+            finally:
+                svc.release_memory()
+        return run
+
+    batchers.update(classify=batcher("classify", then_release(lambda xs: svc.classify(xs))),
+                    embed=batcher("embed", then_release(lambda xs: svc.embed(xs))),
+                    explain=batcher("explain", then_release(lambda items: svc.explain(items))))
 
     def load() -> None:
         try:
@@ -102,7 +118,10 @@ def create_app(cfg: ServeConfig, service: Optional[Service] = None):
                 await b.stop()
             executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="vitkit serve", version=__version__, lifespan=lifespan,
+    # /docs is served below from local files (FastAPI's own loads Swagger UI from a CDN); no ReDoc (no package
+    # ships its files)
+    app = FastAPI(title="vitkit serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  swagger_ui_oauth2_redirect_url=None,
                   description="A vitkit classifier over HTTP: classify, explain, embed, search, KServe v2.")
     app.state.service, app.state.metrics, app.state.batchers = svc, metrics, batchers
     if cfg.cors_origins:
@@ -170,7 +189,8 @@ def create_app(cfg: ServeConfig, service: Optional[Service] = None):
     async def image_input(request: Request):
         """The request's image → the model's input (C, H, W); decoding runs off the event loop."""
         need_ready()
-        data, _ = image_bytes(await read_body(request, cfg.max_upload_bytes), request.headers.get("content-type"))
+        body = await read_body(request, cfg.max_upload_bytes, cfg.body_timeout_s)
+        data, _ = image_bytes(body, request.headers.get("content-type"))
         return await run_in_threadpool(lambda: svc.preprocess(decode(data, svc.channels, cfg.max_pixels)))
 
     async def run(task: str, item):
@@ -287,7 +307,7 @@ def create_app(cfg: ServeConfig, service: Optional[Service] = None):
 
         check_name(name)
         try:
-            doc = json.loads(await read_body(request, cfg.max_upload_bytes))
+            doc = json.loads(await read_body(request, cfg.max_upload_bytes, cfg.body_timeout_s))
             inp = doc["inputs"][0]
             shape, dtype, data = [int(s) for s in inp["shape"]], inp["datatype"], inp["data"]
         except ServeError:
@@ -337,9 +357,26 @@ def create_app(cfg: ServeConfig, service: Optional[Service] = None):
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str):
+        if name in DOCS_ASSETS:
+            if name not in pages:
+                pages[name] = await run_in_threadpool(_docs_asset, name)
+            return Response(pages[name], media_type=DOCS_ASSETS[name],
+                            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=86400"})
         if name not in STATIC:  # a fixed set of files: no path from the request is opened
             raise ServeError(404, "not_found", f"no static file {name!r}")
         return Response(pages[name], media_type=STATIC[name], headers={"X-Content-Type-Options": "nosniff"})
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request):
+        """Swagger UI over /openapi.json, its script, style and icon from this server (no CDN: works offline)."""
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=root + app.openapi_url, title=f"{app.title} - API",
+            swagger_js_url=f"{root}/static/swagger-ui-bundle.js", swagger_css_url=f"{root}/static/swagger-ui.css",
+            swagger_favicon_url=f"{root}/static/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None})  # Swagger UI would post the schema to validator.swagger.io
 
     return app
 

@@ -28,6 +28,7 @@ class ServeConfig:
     max_upload_bytes: int = 10 * 2**20   # request bodies above this are refused with 413
     max_pixels: int = 40_000_000         # decoded image size cap (the decompression-bomb guard): 413
     timeout_s: float = 30.0              # a request still unanswered after this gets 504
+    body_timeout_s: float = 60.0         # a request body not fully received after this gets 408 (0: no limit)
     api_key: Optional[str] = None        # bearer token for every route but the health checks (and the static page)
     cors_origins: Tuple[str, ...] = ()   # CORS stays off unless origins are given
     name: Optional[str] = None           # the model's name in the KServe v2 routes (default: the checkpoint's stem)
@@ -39,7 +40,7 @@ class ServeConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}", field=name)
-        for name in ("max_wait_ms", "timeout_s"):
+        for name in ("max_wait_ms", "timeout_s", "body_timeout_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}", field=name)

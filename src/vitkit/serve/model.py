@@ -24,7 +24,21 @@ log = logging.getLogger(__name__)
 # explain options a request may set (each its own batch group); the values `vitkit explain` accepts
 EXPLAIN_METHODS = ("rollout", "attention")
 HEAD_FUSIONS = ("mean", "max", "min")
+TRIM_EVERY_S = 1.0  # how often the model worker hands free heap pages back (measured: RSS flat, cost not seen)
 DISPLAY = 224  # the explain PNGs are drawn at least this many pixels high, so a 28-pixel digit is visible
+
+
+def _libc_trim():
+    """glibc's malloc_trim, or None elsewhere."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class Service:
@@ -38,6 +52,16 @@ class Service:
         self.model = self.fast = self.index = None
         self.names: List[str] = []
         self.info: dict = {}
+        self._trim, self._trimmed = _libc_trim(), 0.0
+
+    def release_memory(self) -> None:
+        """Give the heap's free pages back to the system (glibc malloc_trim), at most once every TRIM_EVERY_S on
+        the model worker: the fast path keeps freed buffers in the heap (models.fast.tune_malloc), and with batch
+        sizes varying from request to request that heap fragments and resident memory creeps up over a long run."""
+        if self._trim is None or time.monotonic() - self._trimmed < TRIM_EVERY_S:
+            return
+        self._trim(0)
+        self._trimmed = time.monotonic()
 
     # ---- loading ---------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -123,22 +147,9 @@ class Service:
         check_same_model(im, model_manifest(self.model, ckpt, self.pool, self.layer), what=f"index {str(path)!r}")
 
     def _describe(self, ckpt: Path) -> dict:
-        """GET /v1/model: what is served, with the training figures of the run's report when it has one."""
+        """GET /v1/model: what is served, with the training figures (`training_card`) and the limits."""
         c = self.model.config
-        report = {}
-        for folder in (Path(self.cfg.checkpoint), ckpt.parent):
-            if (folder / "report.json").is_file():
-                try:
-                    r = json.loads((folder / "report.json").read_text())
-                    ev = r.get("eval") or {}
-                    report = {k: v for k, v in {
-                        "name": r.get("name"), "epochs": r.get("epochs"), "steps": r.get("steps"),
-                        "train_seconds": r.get("train_seconds"), "best_metric": r.get("best_metric"),
-                        "best": r.get("best"), "top1": ev.get("top1"), "top5": ev.get("top5"),
-                        "eval_images": ev.get("num_images")}.items() if v is not None}
-                except (OSError, ValueError, AttributeError):
-                    report = {}
-                break
+        report = training_card(Path(self.cfg.checkpoint), ckpt)
         return {"name": self.model_name(ckpt), "checkpoint": ckpt.name, "sha256": self.sha256,
                 "architecture": f"ViT {c.embed_dim}-d, {c.depth} blocks, {c.num_heads} heads, patch {c.patch_size}",
                 "params": sum(p.numel() for p in self.model.parameters()), "config": c.to_dict(),
@@ -149,7 +160,8 @@ class Service:
                 "index": ({"count": len(self.index), "kind": self.index.kind} if self.index is not None else None),
                 "report": report,
                 "limits": {k: getattr(self.cfg, k) for k in ("max_batch_size", "max_wait_ms", "max_queue",
-                                                             "max_upload_bytes", "max_pixels", "timeout_s")}}
+                                                             "max_upload_bytes", "max_pixels", "timeout_s",
+                                                             "body_timeout_s")}}
 
     def model_name(self, ckpt: Optional[Path] = None) -> str:
         if self.cfg.name:
@@ -263,6 +275,71 @@ class Service:
         return [[{"rank": n["rank"], "id": n["id"], "label": n["label"], "score": n["score"],
                   "name": Path(n["path"]).name, "image_url": f"/v1/images/{n['id']}",
                   "thumbnail_url": f"/v1/images/{n['id']}?size=96"} for n in row] for row in rows]
+
+
+def training_card(given: Path, ckpt: Path) -> dict:
+    """The model card's training figures, flat: from the checkpoint's own metadata (the run's compact report, which
+    travels with a checkpoint copied anywhere, else the epoch and metrics every save records), completed by the run
+    folder's report.json where the checkpoint sits in one (older checkpoints). `top1`/`top5` are the held-out figures
+    of these weights; `latest_eval` is `vitkit eval`'s eval.json beside the checkpoint when it is about this file."""
+    from ..errors import VitkitError
+    from ..io.checkpoint import read_training
+
+    try:
+        rec = read_training(ckpt)
+    except VitkitError:
+        rec = {}
+    source = "checkpoint" if rec else None
+    folder = given if given.is_dir() else ckpt.parent
+    r = _json(folder / "report.json")
+    if isinstance(r, dict):
+        mine = rec.get("epoch")  # the epoch of these weights: the report's evaluation is of its best epoch's
+        from_report = {"run": r.get("name"), "epochs": r.get("epochs"), "steps": r.get("steps"),
+                       "train_seconds": r.get("train_seconds"), "best_metric": r.get("best_metric") or None,
+                       "best": r.get("best"), "best_epoch": r.get("best_epoch"),
+                       "metrics": r.get("final") if isinstance(r.get("final"), dict) and
+                       (mine is None or mine == r.get("epochs")) else None,
+                       "eval": r.get("eval") if isinstance(r.get("eval"), dict) and
+                       (mine is None or mine == r.get("best_epoch")) else None}
+        rec = {**{k: v for k, v in from_report.items() if v is not None}, **rec}
+        source = "run folder" if source is None else source + " and run folder"
+    ev = rec.get("eval") or {}
+    held = ev if "top1" in ev else rec.get("metrics") or {}  # the full evaluation, else the epoch's own
+    card = {"source": source, "name": rec.get("run"), "epochs": rec.get("epochs", rec.get("epoch")),
+            "steps": rec.get("steps"), "train_seconds": rec.get("train_seconds"),
+            "best_metric": rec.get("best_metric"), "best": rec.get("best"), "top1": held.get("top1"),
+            "top5": held.get("top5"), "eval_images": ev.get("num_images"), "data": rec.get("data"),
+            "date": rec.get("date"), "vitkit_version": rec.get("vitkit_version"), "latest_eval": _latest_eval(
+                folder, ckpt)}
+    return {k: v for k, v in card.items() if v is not None}
+
+
+def _latest_eval(folder: Path, ckpt: Path) -> Optional[dict]:
+    """eval.json (`vitkit eval`) beside the checkpoint, when it evaluated this file (by name, or the run folder
+    whose best it is): its data, top-1/top-5, image count, precision and when it ran."""
+    import datetime
+
+    doc = _json(folder / "eval.json")
+    if not isinstance(doc, dict) or "top1" not in doc:
+        return None
+    from ..io.checkpoint import RUN_CHECKPOINTS
+
+    named = Path(str(doc.get("checkpoint", ""))).name
+    folder_loads = next((n for n in RUN_CHECKPOINTS if (ckpt.parent / n).is_file()), None)
+    if named != ckpt.name and not (named == ckpt.parent.name and folder_loads == ckpt.name):
+        return None
+    when = datetime.datetime.fromtimestamp((folder / "eval.json").stat().st_mtime, datetime.timezone.utc)
+    return {"data": doc.get("data"), "top1": doc.get("top1"), "top5": doc.get("top5"),
+            "num_images": doc.get("num_images"), "precision": doc.get("precision"),
+            "date": when.isoformat(timespec="seconds")}
+
+
+def _json(path: Path):
+    """A JSON file's content, or None when it is missing or unreadable (the card then leaves it out)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _colour(m: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ application/octet-stream) body, or JSON `{"image": "<base64 or data: URI>"}`. De
 `vitkit.data.read_image`, the reading policy `vitkit predict` uses, behind a pixel-count cap (decompression bombs)."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -16,14 +17,27 @@ from ..errors import DataError
 from .errors import ServeError
 
 
-async def read_body(request, limit: int) -> bytes:
+async def read_body(request, limit: int, timeout: float = 0.0) -> bytes:
     """The request body, refused with 413 past `limit` bytes: first by its Content-Length, then while it streams
-    (a chunked upload has none), so an oversized body is never held whole."""
+    (a chunked upload has none), so an oversized body is never held whole; and with 408 when it has not fully
+    arrived `timeout` seconds (0: no limit) after the read began, so a client that trickles its body a byte at a
+    time cannot hold a connection and a handler forever (--timeout bounds only the wait for the model, and uvicorn
+    has no body timeout)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large(int(declared), limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    chunks, size, stream = [], 0, request.stream()
+    while True:
+        try:
+            chunk = await (asyncio.wait_for(anext(stream), max(deadline - loop.time(), 0.0)) if timeout
+                           else anext(stream))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ServeError(408, "body_timeout", f"the request body did not fully arrive within {timeout:g} s "
+                             "(--body-timeout); send it faster", {"Connection": "close"}) from None
         size += len(chunk)
         if size > limit:
             raise too_large(size, limit)

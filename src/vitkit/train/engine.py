@@ -628,8 +628,51 @@ class Trainer:
             else:
                 md_extra = ""
             self.run.write_report(summary, self.history, md_extra)
+            self._stamp_checkpoints(summary)
         barrier(self.dist)
         return summary
+
+    def _stamp_checkpoints(self, summary: dict) -> None:
+        """Put a compact summary of the report into last.safetensors and best.safetensors (metadata `report`), so
+        the training figures travel with a checkpoint copied out of its run folder (`vitkit serve`'s model card).
+        The held-out evaluation (`eval`, of the best checkpoint) goes only into files holding those weights."""
+        from ..io.checkpoint import add_metadata
+
+        for name, epoch in (("best.safetensors", self.best_epoch), ("last.safetensors", self.epoch)):
+            path = self.run.path / name
+            if path.is_file():
+                row = next((r for r in reversed(self.history) if r.get("epoch") == epoch), {})
+                add_metadata(path, {"report": report_record(summary, self.resolved, epoch, row,
+                                                            with_eval=epoch == self.best_epoch)})
+
+
+def report_record(summary: dict, resolved: dict, epoch: Optional[int], row: Optional[dict] = None,
+                  with_eval: bool = True) -> dict:
+    """The compact part of a run's report that travels inside a checkpoint: run, epochs, steps, training time, the
+    metrics of the checkpoint's own epoch (`epoch`, `row`), the best, the held-out evaluation (`with_eval`), the
+    data (size, classes), the date and the vitkit version; numbers only (per-class lists stay in the run folder)."""
+    import datetime
+    from importlib import metadata
+
+    try:  # the installed distribution's version (the package facade, vitkit.__version__, sits above train/)
+        version = metadata.version("vitkit")
+    except metadata.PackageNotFoundError:
+        version = None
+    def numbers(d) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in (d or {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    data = resolved.get("data") if isinstance(resolved.get("data"), dict) else {}
+    rec = {"run": summary.get("name"), "epoch": epoch, "epochs": summary.get("epochs"), "steps": summary.get("steps"),
+           "train_seconds": summary.get("train_seconds"), "world_size": summary.get("world_size"),
+           "best_metric": summary.get("best_metric") or None, "best": summary.get("best"),
+           "best_epoch": summary.get("best_epoch"), "metrics": numbers(row),
+           "eval": numbers(summary.get("eval")) if with_eval else None,
+           "data": {**{k: v for k, v in data.items() if isinstance(v, (str, int, float)) and v != ""},
+                    **({"num_classes": len(data["class_names"])} if isinstance(data.get("class_names"), list) else {})},
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "vitkit_version": version}
+    return {k: v for k, v in rec.items() if v not in (None, {}, "")}
 
 
 def _test_crash(step: int, rank: int) -> None:

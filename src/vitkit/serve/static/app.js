@@ -45,10 +45,20 @@ async function loadCard() {
   addRow(list, "Classes", card.classes.length + ": " + card.classes.slice(0, 20).join(", ") +
          (card.classes.length > 20 ? ", …" : ""));
   const r = card.report || {};
-  if (r.top1 !== undefined) addRow(list, "Held-out top-1", r.top1.toFixed(2) + " %" +
+  if (r.top1 !== undefined) addRow(list, "Held-out accuracy", "top-1 " + r.top1.toFixed(2) + " %" +
+                                   (r.top5 !== undefined ? ", top-5 " + r.top5.toFixed(2) + " %" : "") +
                                    (r.eval_images ? " on " + r.eval_images + " images" : ""));
-  if (r.epochs !== undefined) addRow(list, "Training", r.epochs + " epochs, " + r.steps + " steps, " +
-                                     Math.round(r.train_seconds) + " s");
+  if (r.epochs !== undefined) {
+    const parts = [r.epochs + " epochs"];
+    if (r.steps !== undefined) parts.push(r.steps + " steps");
+    if (r.train_seconds !== undefined) parts.push(Math.round(r.train_seconds) + " s");
+    if (r.data && r.data.num_train) parts.push(r.data.num_train + " images");
+    if (r.date) parts.push(r.date.slice(0, 10));
+    addRow(list, "Training", parts.join(", "));
+  }
+  const e = r.latest_eval;
+  if (e && e.top1 != null) addRow(list, "Latest eval", "top-1 " + e.top1.toFixed(2) + " % on " + e.num_images +
+                                  " images of " + e.data + " (" + e.date.slice(0, 10) + ")");
   addRow(list, "Runs on", card.device + " (" + card.backend + ")");
   if (card.index) addRow(list, "Index", card.index.count + " images (" + card.index.kind + ")");
   addRow(list, "Checkpoint", card.checkpoint + " · sha256 " + card.sha256.slice(0, 12));
