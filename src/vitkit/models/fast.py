@@ -357,11 +357,18 @@ class OptimizedViT(nn.Module):
         wrapper's copy of the model (exact in fp32) and keep the linears whose measured int8 error is too large in
         bf16 (fp32 without native bf16); see `vitkit.models.quantize`. Repacks the weights."""
         device = next(self.model.parameters()).device
-        self.int8_plan = calibrate(self.model, images, fallback="bf16" if bf16_native(device) else "fp32")
-        self._packed = {}
-        self._set_precision(self.precision)
+        self.use_int8_plan(calibrate(self.model, images, fallback="bf16" if bf16_native(device) else "fp32"))
         log.info("vitkit.optimize: %s", self.int8_plan.summary())
         return self.int8_plan
+
+    def use_int8_plan(self, plan: Int8Plan) -> None:
+        """Run int8 with these per-linear precisions (`plan.layers`; e.g. edited to keep more linears out of int8)
+        and repack. The smoothing is not applied here: `calibrate_int8` folds it into the model."""
+        if len(plan.layers) != len(self.model.blocks):
+            raise ConfigError(f"the int8 plan has {len(plan.layers)} blocks, the model {len(self.model.blocks)}")
+        self.int8_plan = plan
+        self._packed = {}
+        self._set_precision(self.precision)
 
     def _decide(self, name: str, fn, x: torch.Tensor) -> None:
         """precision="auto", at the first call: measure the candidates on this batch, keep the fastest that agrees
