@@ -28,8 +28,9 @@ from ..errors import ConfigError
 KINDS = ("qkv", "proj", "fc1", "fc2")
 SMOOTH_ALPHA = 0.5   # SmoothQuant's migration strength: 0.5 measured best of {0.5, 0.7} on ViT-Ti/ImageNet
 # a linear whose int8 output differs from its fp32 output by more than this (relative L2, on the calibration
-# images) stays in bf16. ViT-Ti/ImageNet after smoothing: qkv/proj/fc1 0.4-1.8%, fc2 2-9%.
-MAX_LAYER_ERROR = 0.03
+# images) stays in bf16. ViT-Ti/16 ImageNet after smoothing: qkv/proj/fc1 1.1-2.6%, fc2 1.9-6.3%; 0.04 keeps 2 of 48
+# linears (blocks 6 and 7's fc2) out of int8 for top-1 82.74% (fp32 82.70%), 0.03 keeps 7 for 82.78%.
+MAX_LAYER_ERROR = 0.04
 
 
 @dataclasses.dataclass
