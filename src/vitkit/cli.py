@@ -636,7 +636,8 @@ cmd_serve.add_arguments = lambda p: (
                    help="the fast path's precision; auto (default): the fastest that agrees with fp32, measured at "
                    "--max-batch-size when the server starts"),
     p.add_argument("--calibration", default=None, metavar="DIR",
-                   help="images auto checks agreement on (default: the index's images, else synthetic ones)"),
+                   help="images int8 is calibrated on and auto checks agreement on (default: the index's images, "
+                   "else synthetic ones)"),
     p.add_argument("--max-batch-size", type=int, default=32, help="images per forward (dynamic batching)"),
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill"),
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests past which the server answers 503"),

@@ -45,6 +45,7 @@ def test_benchmarks_quick(capsys):
     out = precision.main(["--quick"])
     paths = [r["path"] for r in out["results"]]
     assert paths[:2] == ["timm eager fp32", "vitkit fp32"] and "vitkit int8" in paths  # int8: every oneDNN build
+    assert "vitkit int8-mixed" in paths  # calibrated int8, some fc2 in bf16
     assert all(r["img_s"] > 0 and r["of_matmul"] > 0 for r in out["results"])
     assert _last_line(capsys).startswith("ratio vit_tiny b2: vitkit ")
 

@@ -195,3 +195,88 @@ def test_precision_record_and_auto_on_a_machine_with_one_candidate(model, images
     assert fast.precision == "fp32" and fast.choice is None
     assert fast_mod.precision_record(fast) == {"precision": "fp32"}
     assert fast_mod.precision_record(model) == {"precision": "fp32"}
+
+
+# ---- calibrated int8 (vitkit.models.quantize) ---------------------------------------------------------------------
+def _outlier_model(fc2_outlier: bool = False):
+    """A tiny random ViT whose first block has one LayerNorm output channel 50x the others (its qkv column scaled
+    down to match, so fp32 outputs are the same function) and, with fc2_outlier, one fc1 channel feeding fc2 with
+    values ~100x the rest: the two kinds of outlier real ImageNet ViTs have (vitkit.models.quantize)."""
+    from vitkit.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("vit_mini_patch4_28", depth=2).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.05) if p.dim() > 1 else p.normal_(0, 0.02)
+        for blk in m.blocks:
+            blk.norm1.weight.fill_(1.0), blk.norm2.weight.fill_(1.0)
+        blk = m.blocks[0]
+        blk.norm1.weight[3] = 50.0
+        blk.attn.qkv.weight[:, 3] /= 50.0
+        if fc2_outlier:
+            blk.mlp.fc1.weight[5] *= 100.0
+            blk.mlp.fc1.bias[5] = 100.0
+    return m
+
+
+def test_smoothing_is_exact_in_fp32():
+    """SmoothQuant's factors folded into the norms and v change the weights but not the fp32 function."""
+    from vitkit.models import quantize
+
+    m = _outlier_model()
+    x = torch.randn(8, 1, 28, 28)
+    smoothed = __import__("copy").deepcopy(m)
+    quantize.smooth(smoothed, quantize.input_ranges(smoothed, x), alpha=0.5)
+    assert not torch.equal(smoothed.blocks[0].norm1.weight, m.blocks[0].norm1.weight)
+    assert not torch.equal(smoothed.blocks[0].attn.qkv.weight[-32:], m.blocks[0].attn.qkv.weight[-32:])  # v rows
+    with torch.inference_mode():
+        torch.testing.assert_close(smoothed(x), m(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(smoothed.forward_features(x), m.forward_features(x), atol=1e-5, rtol=1e-4)
+    # the outlier channel's range is what smoothing moved into the weights
+    after = quantize.input_ranges(smoothed, x)[0]["qkv"]
+    before = quantize.input_ranges(m, x)[0]["qkv"]
+    assert after.max() / after.median() < 0.2 * before.max() / before.median()
+
+
+def test_calibrated_int8_fixes_outliers_and_keeps_noisy_linears_out_of_int8(caplog):
+    """On outlier channels, calibrated int8 (smoothing + a too-noisy fc2 kept in bf16/fp32) stays within int8's
+    tolerance of fp32 (relative error <= TOLERANCES['int8'].rel = 0.08) and has under a quarter of plain dynamic
+    int8's error, and the plan says which linear it kept out of int8."""
+    from vitkit.models import quantize
+
+    m = _outlier_model(fc2_outlier=True)
+    g = torch.Generator().manual_seed(1)
+    cal, x = torch.randn(32, 1, 28, 28, generator=g), torch.randn(16, 1, 28, 28, generator=g)
+    with torch.inference_mode():
+        want = m.forward_features(x)
+    plain = vitkit.optimize(m, precision="int8")
+    with caplog.at_level(logging.INFO, logger="vitkit.models.fast"):
+        cal8 = vitkit.optimize(m, precision="int8", calibration=cal)
+    assert cal8.precision == "int8" and cal8.int8_plan is not None and "calibrated on 32 images" in caplog.text
+    assert cal8.int8_plan.layers[0]["fc2"] != "int8" and cal8.int8_plan.errors[0]["fc2"] > quantize.MAX_LAYER_ERROR
+    assert cal8.int8_plan.layers[1] == {k: "int8" for k in ("qkv", "proj", "fc1", "fc2")}
+    assert cal8._blocks[0].layers["fc2"] != "int8" and cal8._blocks[0].layers["qkv"] == "int8"
+    err_plain = agreement(plain.forward_features(x), want, logits=False)["rel"]
+    err_cal = agreement(cal8.forward_features(x), want, logits=False)["rel"]
+    assert 1e-4 < err_cal <= TOLERANCES["int8"].rel and err_cal < err_plain / 4, (err_cal, err_plain)
+    rec = fast_mod.precision_record(cal8)
+    assert rec["precision"] == "int8" and rec["int8"]["kept"] == {"0.fc2": cal8.int8_plan.layers[0]["fc2"]}
+    assert rec["int8"]["smoothing_alpha"] == 0.5 and rec["int8"]["calibration_images"] == 32
+    # the caller's model is untouched (the smoothing went into optimize's private copy)
+    assert m.blocks[0].norm1.weight[3] == 50.0
+
+
+def test_calibrated_int8_on_real_weights_and_auto_calibrates(model, images, confident):
+    """The digit model: calibrated int8 within int8's tolerance of fp32 (as test_each_precision...), and auto's int8
+    candidate is the calibrated one (calibrated on the images given, or on its first batch)."""
+    fast = vitkit.optimize(model, precision="int8", calibration=images[32:])
+    want, _ = _plain(model, images)
+    stats = agreement(fast(images), want, logits=True)
+    assert 1e-5 < stats["rel"] <= TOLERANCES["int8"].rel and stats["top1"] >= 60 / 64, stats
+    auto = vitkit.optimize(model, precision="auto")
+    auto(confident)
+    if "int8" in prec.candidates(torch.device("cpu"), auto.backend):
+        assert auto.int8_plan is not None and auto.int8_plan.images == len(confident)
+    with pytest.raises(ConfigError, match="calibration must be a"):
+        vitkit.optimize(model, precision="int8", calibration=images[0])

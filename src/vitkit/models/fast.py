@@ -40,7 +40,8 @@ from ..errors import ConfigError
 from . import kernels
 from .deit import VisionTransformerDistilled
 from .merging import merge_tokens, parse_r, size_bias
-from .precision import PRECISIONS, Choice, candidates, choose, shape_key, unavailable
+from .precision import PRECISIONS, Choice, bf16_native, candidates, choose, shape_key, unavailable
+from .quantize import Int8Plan, calibrate
 from .tome import apply_tome
 from .vit import Block, LayerScale, VisionTransformer, require_vit
 
@@ -230,26 +231,31 @@ def _layer_scale(ls: nn.Module) -> Optional[torch.Tensor]:
 class _PackedBlock:
     """A pre-norm ViT block (`vit.Block`) on prepacked weights, with ToMe's merging and a prefix-only mode."""
 
-    def __init__(self, blk: Block, kernel=None, precision: str = "fp32"):
+    def __init__(self, blk: Block, kernel=None, precision: str = "fp32", layers: Optional[dict] = None):
+        """layers: per linear ("qkv", "proj", "fc1", "fc2") the precision it runs in where `precision` is "int8"
+        (a calibrated `Int8Plan` keeps some in bf16/fp32); all int8 without it."""
         attn = blk.attn
         self.precision = precision
+        kind = {k: (layers or {}).get(k, precision) if precision == "int8" else precision
+                for k in ("qkv", "proj", "fc1", "fc2")}
+        self.layers = kind
         # vitkit's attention kernel (kernels.py) reads q, k, v in place from the qkv output: not with q/k norms
         self.kernel = kernel if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity) else None
         self.norm1, self.norm2 = blk.norm1, blk.norm2
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
         self.attend = attn.attend  # the eager attention (fused kernels, proportional attention's size bias)
-        self.qkv = _linear(attn.qkv.weight, attn.qkv.bias, precision=precision)
+        self.qkv = _linear(attn.qkv.weight, attn.qkv.bias, precision=kind["qkv"])
         self._qkv_linear, self._q_kv = attn.qkv, None  # (q, kv) split, made when a prefix-only call needs it
-        self.proj = _linear(attn.proj.weight, attn.proj.bias, scale=_layer_scale(blk.ls1), precision=precision)
-        self.fc1 = _linear(blk.mlp.fc1.weight, blk.mlp.fc1.bias, act=blk.mlp.act, precision=precision)
-        self.fc2 = _linear(blk.mlp.fc2.weight, blk.mlp.fc2.bias, scale=_layer_scale(blk.ls2), precision=precision)
+        self.proj = _linear(attn.proj.weight, attn.proj.bias, scale=_layer_scale(blk.ls1), precision=kind["proj"])
+        self.fc1 = _linear(blk.mlp.fc1.weight, blk.mlp.fc1.bias, act=blk.mlp.act, precision=kind["fc1"])
+        self.fc2 = _linear(blk.mlp.fc2.weight, blk.mlp.fc2.bias, scale=_layer_scale(blk.ls2), precision=kind["fc2"])
 
     def _split_qkv(self) -> Tuple[_PackedLinear, _PackedLinear]:
         if self._q_kv is None:
             w, b = self._qkv_linear.weight, self._qkv_linear.bias
             rows = (slice(0, w.shape[1]), slice(w.shape[1], None))  # q, then k and v
-            self._q_kv = tuple(_linear(w[r], b[r] if b is not None else None, precision=self.precision)
+            self._q_kv = tuple(_linear(w[r], b[r] if b is not None else None, precision=self.layers["qkv"])
                                for r in rows)
         return self._q_kv
 
@@ -330,6 +336,7 @@ class OptimizedViT(nn.Module):
             log.warning("precision %s is not available here (%s); running fp32", precision, why)
             precision = "fp32"
         self._packed: dict = {}  # precision → the oneDNN path's packed blocks
+        self.int8_plan: Optional[Int8Plan] = None  # set by calibrate_int8: smoothing and per-linear precisions
         self._set_precision(precision)
         self.training = False
 
@@ -337,11 +344,31 @@ class OptimizedViT(nn.Module):
         self.precision = precision
         if self.backend == "onednn":
             if precision not in self._packed:
-                self._packed[precision] = [_PackedBlock(b, self._kernel, precision) for b in self.model.blocks]
+                plan = self.int8_plan.layers if self.int8_plan is not None else [None] * len(self.model.blocks)
+                self._packed[precision] = [_PackedBlock(b, self._kernel, precision, layers)
+                                           for b, layers in zip(self.model.blocks, plan)]
             self._blocks: List[_PackedBlock] = self._packed[precision]
         else:
             self._blocks = []
         self._fns, self._sizes = {}, {}
+
+    def calibrate_int8(self, images: torch.Tensor) -> Int8Plan:
+        """Calibrate the int8 path on `images` (B, C, H, W), preprocessed: fold SmoothQuant's factors into this
+        wrapper's copy of the model (exact in fp32) and keep the linears whose measured int8 error is too large in
+        bf16 (fp32 without native bf16); see `vitkit.models.quantize`. Repacks the weights."""
+        device = next(self.model.parameters()).device
+        self.use_int8_plan(calibrate(self.model, images, fallback="bf16" if bf16_native(device) else "fp32"))
+        log.info("vitkit.optimize: %s", self.int8_plan.summary())
+        return self.int8_plan
+
+    def use_int8_plan(self, plan: Int8Plan) -> None:
+        """Run int8 with these per-linear precisions (`plan.layers`; e.g. edited to keep more linears out of int8)
+        and repack. The smoothing is not applied here: `calibrate_int8` folds it into the model."""
+        if len(plan.layers) != len(self.model.blocks):
+            raise ConfigError(f"the int8 plan has {len(plan.layers)} blocks, the model {len(self.model.blocks)}")
+        self.int8_plan = plan
+        self._packed = {}
+        self._set_precision(self.precision)
 
     def _decide(self, name: str, fn, x: torch.Tensor) -> None:
         """precision="auto", at the first call: measure the candidates on this batch, keep the fastest that agrees
@@ -352,6 +379,9 @@ class OptimizedViT(nn.Module):
         sig = (f"{type(self.model).__name__} {digest} {tuple(x.shape[1:])} {self.backend} {name} "
                f"tome {self.model.tome_r or 0}")
         key = shape_key(sig, x.shape[0], x.device)
+
+        if "int8" in names and self.int8_plan is None:  # no calibration images given: the first batch is
+            self.calibrate_int8(x)
 
         def run(p: str) -> torch.Tensor:
             self._set_precision(p)
@@ -468,6 +498,8 @@ def precision_record(model) -> dict:
     out = {"precision": getattr(model, "precision", "fp32") if isinstance(model, OptimizedViT) else "fp32"}
     if isinstance(model, OptimizedViT) and model.choice is not None:
         out["precision_choice"] = model.choice.to_dict()
+    if out["precision"] == "int8" and model.int8_plan is not None:
+        out["int8"] = model.int8_plan.to_dict()
     return out
 
 
@@ -503,9 +535,13 @@ def optimize(
     attention kernel for sequences up to 1,024 tokens (`kernels.py`; built on first use, ~30 s once).
     precision: "fp32" (default: exact), "bf16" (bf16 matmuls, fp32 accumulation, norms, softmax and residual
     stream), "int8" (int8 linears, dynamic per-tensor activations, per-channel weights; oneDNN path only), or
-    "auto": measure the candidates on the first batch (or `calibration`, a batch of real images) and keep the
-    fastest whose outputs agree with fp32 within `vitkit.models.precision.TOLERANCES`; `.choice` says what it
-    measured. A precision this machine cannot run falls back to fp32 with a one-line warning."""
+    "auto": measure the candidates on the first batch (or `calibration`) and keep the fastest whose outputs agree
+    with fp32 within `vitkit.models.precision.TOLERANCES`; `.choice` says what it measured. A precision this machine
+    cannot run falls back to fp32 with a one-line warning.
+    calibration: a batch of real images (B, C, H, W), preprocessed as the model expects (a few hundred is plenty):
+    int8 (and auto's int8 candidate) is calibrated on it (`vitkit.models.quantize`: SmoothQuant folded into the
+    weights, linears with a large measured int8 error kept in bf16; `.int8_plan` says which). Without it, "int8"
+    quantises every linear as it is and "auto" calibrates on its first batch."""
     require_vit(model, "optimize")
     model = copy.deepcopy(model)
     if tome_r:
@@ -514,6 +550,9 @@ def optimize(
                         precision=precision)
     if tune_allocator and fast.backend != "eager" and next(model.parameters()).device.type == "cpu":
         tune_malloc()
+    if calibration is not None and fast.backend == "onednn" and (fast.precision == "int8" or (
+            fast._auto is not None and "int8" in fast._auto)):
+        fast.calibrate_int8(calibration)
     if calibration is not None and fast._auto is not None:
         fast(calibration)
     return fast

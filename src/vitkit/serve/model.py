@@ -108,8 +108,9 @@ class Service:
 
     def _calibration(self) -> Optional[torch.Tensor]:
         """precision="auto" measures at max_batch_size and checks agreement with fp32 on real images where it has
-        them (--calibration's folder, else the index's images); on synthetic ones (smooth noise) otherwise."""
-        if self.cfg.precision != "auto":
+        them (--calibration's folder, else the index's images); on synthetic ones (smooth noise) otherwise. int8
+        (and auto's int8 candidate) is calibrated on the same images (`vitkit.models.quantize`)."""
+        if self.cfg.precision not in ("auto", "int8"):
             return None
         from ..data import list_images
         from ..data.inputs import open_image
@@ -131,6 +132,8 @@ class Service:
             xs = (xs * (n // len(xs) + 1))[:n]
             log.info("precision auto: agreement checked on %d real images", len(files))
             return torch.stack(xs).to(self.device)
+        if self.cfg.precision == "int8":  # int8 is calibrated on real images only; without them it stays dynamic
+            return None
         log.info("precision auto: agreement checked on synthetic images (pass --calibration DIR for real ones)")
         g = torch.Generator().manual_seed(0)
         h, w = self.input_size[1:]
