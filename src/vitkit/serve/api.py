@@ -77,12 +77,15 @@ def create_app(cfg: ServeConfig, service: Optional[Service] = None):
     key = cfg.key()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitkit-model")  # the one model worker
     batchers: dict = {}
+    incoming = [0]  # requests reading or decoding their image, not yet queued: the batcher waits only for these
+    decoders: list = []  # the decoding limiter, made on the running loop (anyio's needs one)
     metrics = Metrics(lambda: sum(b.depth() for b in batchers.values()))
     pages = {"index.html": _page("index.html"), **{n: _page(n) for n in STATIC}}
 
     def batcher(task: str, fn) -> Batcher:
         return Batcher(fn, executor, max_batch=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
-                       max_queue=cfg.max_queue, on_batch=metrics.batch.labels(task).observe)
+                       max_queue=cfg.max_queue, on_batch=metrics.batch.labels(task).observe,
+                       coming=lambda: incoming[0])
 
     def then_release(fn):
         def run(xs):
@@ -187,16 +190,34 @@ def create_app(cfg: ServeConfig, service: Optional[Service] = None):
             raise ServeError(503, "not_ready", "the model is still loading; retry shortly", {"Retry-After": "1"})
 
     async def image_input(request: Request):
-        """The request's image → the model's input (C, H, W); decoding runs off the event loop."""
+        """The request's image → the model's input (C, H, W); decoding runs off the event loop, on at most as many
+        threads as there are cores, first come first served (dozens of threads decoding at once would starve the
+        model worker of CPU and finish in no particular order: a long latency tail). Counted in `incoming` until
+        `run` queues it (every caller of image_input calls run next)."""
         need_ready()
-        body = await read_body(request, cfg.max_upload_bytes, cfg.body_timeout_s)
-        data, _ = image_bytes(body, request.headers.get("content-type"))
-        return await run_in_threadpool(lambda: svc.preprocess(decode(data, svc.channels, cfg.max_pixels)))
+        import anyio
+        import torch
 
-    async def run(task: str, item):
-        """One item through the task's batcher, or 504 past --timeout."""
+        if not decoders:
+            decoders.append(anyio.CapacityLimiter(max(1, torch.get_num_threads())))
+        incoming[0] += 1
         try:
-            return await asyncio.wait_for(batchers[task].submit(item), cfg.timeout_s or None)
+            body = await read_body(request, cfg.max_upload_bytes, cfg.body_timeout_s)
+            data, _ = image_bytes(body, request.headers.get("content-type"))
+            return await anyio.to_thread.run_sync(
+                lambda: svc.preprocess(decode(data, svc.channels, cfg.max_pixels)), limiter=decoders[0])
+        except BaseException:
+            incoming[0] -= 1
+            raise
+
+    async def run(task: str, item, counted: bool = True):
+        """One item through the task's batcher, or 504 past --timeout; `counted`: it came from image_input."""
+        try:
+            fut = batchers[task].enqueue(item)
+        finally:
+            incoming[0] -= counted
+        try:
+            return await asyncio.wait_for(fut, cfg.timeout_s or None)
         except asyncio.TimeoutError:
             raise ServeError(504, "timeout", f"no answer within {cfg.timeout_s:g} s (--timeout); the server is "
                              "overloaded, retry later", {"Retry-After": "1"}) from None
@@ -316,7 +337,7 @@ def create_app(cfg: ServeConfig, service: Optional[Service] = None):
             raise ServeError(422, "invalid_request", "expected {\"inputs\": [{\"name\", \"shape\", \"datatype\", "
                              "\"data\"}]} (KServe v2)") from None
         xs = await run_in_threadpool(v2_inputs, shape, dtype, data)
-        probs = await asyncio.gather(*(run("classify", x) for x in xs))
+        probs = await asyncio.gather(*(run("classify", x, counted=False) for x in xs))
         out = {"model_name": name, "model_version": svc.sha256[:12], "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": [len(xs), len(svc.names)],
              "data": np.stack(probs).astype(np.float32).ravel().tolist()},
