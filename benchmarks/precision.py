@@ -16,8 +16,8 @@ the checkpoint's embeddings in each precision (eval-retrieval on --data).
     python benchmarks/precision.py --checkpoint runs/demo --data mnist5k --retrieval
     python benchmarks/precision.py --quick                           # seconds: proves the script works
 
-The last line is the bf16/int8 speed-up over timm compiled fp32 and over vitkit fp32 (the best precision that
-`auto` may pick, ViT-S/16 at the largest batch).
+The last line is the fastest vitkit path's speed-up over timm compiled fp32 and over vitkit fp32, for the last
+model at the last batch (ViT-B/16 at 32 by default).
 """
 from __future__ import annotations
 
