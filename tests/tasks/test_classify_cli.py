@@ -180,6 +180,10 @@ def test_time_budget_none_switches_to_epochs(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     cfg = json.loads((tmp_path / "nb" / "config.json").read_text())
     assert cfg["train"]["time_budget"] is None and cfg["train"]["epochs"] == 1
+    # on --resume, 'none' alone would read as "not given" (the run would keep its budget): refused, one line
+    assert main(["train", "--resume", str(tmp_path / "nb"), "--time-budget", "none", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--time-budget none with --resume" in err and "--epochs N" in err and len(err.splitlines()) == 1
 
 
 def test_fast_and_tome_flags(trained, tmp_path, capsys):

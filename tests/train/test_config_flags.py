@@ -40,6 +40,16 @@ def test_a_resumed_run_ignores_the_recipe_and_skip_leaves_fields_to_the_task():
     assert (tc.lr, tc.seed) == (TrainConfig().lr, TrainConfig().seed)
 
 
+def test_resume_with_time_budget_none_needs_an_epoch_count():
+    """'none' parses to None, which a resume reads as "not given": alone it would be ignored, so it is refused
+    with a one-line reason; with --epochs the epoch count replaces the run's budget (resume_configs)."""
+    with pytest.raises(ConfigError, match=r"--time-budget none with --resume.*add --epochs N"):
+        train_config_from_flags({"resume": "runs/x", "time_budget": "none"}, {})
+    tc = train_config_from_flags({"resume": "runs/x", "time_budget": "off", "epochs": 6}, {})
+    assert (tc.epochs, tc.time_budget) == (6, None)
+    assert train_config_from_flags({"resume": "runs/x", "time_budget": "5m"}, {}).time_budget == 300.0
+
+
 def test_strategy_is_ddp_or_fsdp_and_fsdp_takes_no_fp16():
     assert TrainConfig().strategy == "ddp" and train_config_from_flags({"strategy": "fsdp"}).strategy == "fsdp"
     with pytest.raises(ConfigError, match="strategy") as e:

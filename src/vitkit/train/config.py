@@ -137,6 +137,10 @@ def train_config_from_flags(flags: Mapping, recipe: Optional[Mapping] = None, na
     """A TrainConfig from the options given (`flags`: TrainConfig fields, None = not given), else the task's
     `recipe`, else the engine's defaults; `skip` fields are left to the task. A resumed run keeps its own values."""
     recipe = dict(recipe or {}) if not flags.get("resume") else {}  # resume_configs restores them
+    if flags.get("resume") and flags.get("time_budget") is not None and parse_budget(flags["time_budget"]) is None \
+            and flags.get("epochs") is None:  # None would read as "not given" and the run would keep its budget
+        raise ConfigError(f"--time-budget {flags['time_budget']} with --resume: a resumed run drops its budget only "
+                          "for an epoch count; add --epochs N (the total to train to)")
     if flags.get("epochs") is not None and flags.get("time_budget") is None:
         recipe.pop("time_budget", None)
     if flags.get("time_budget") is not None:
