@@ -67,6 +67,7 @@ def _docs_asset(name: str) -> bytes:
 def create_app(cfg: ServeConfig, service: Optional[Service] = None):
     """A FastAPI app serving `cfg.checkpoint`. The model loads in the background when the app starts (its
     lifespan), so /healthz answers at once and /readyz turns 200 once the model is loaded and warmed up."""
+    import anyio
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -78,7 +79,7 @@ def create_app(cfg: ServeConfig, service: Optional[Service] = None):
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitkit-model")  # the one model worker
     batchers: dict = {}
     incoming = [0]  # requests reading or decoding their image, not yet queued: the batcher waits only for these
-    decoders: list = []  # the decoding limiter, made on the running loop (anyio's needs one)
+    decoders: list = []  # the decoding limiter (one), made in lifespan: anyio's needs the running loop
     metrics = Metrics(lambda: sum(b.depth() for b in batchers.values()))
     pages = {"index.html": _page("index.html"), **{n: _page(n) for n in STATIC}}
 
@@ -108,8 +109,11 @@ def create_app(cfg: ServeConfig, service: Optional[Service] = None):
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        import torch
+
         for b in batchers.values():
             b.start()
+        decoders[:] = [anyio.CapacityLimiter(max(1, torch.get_num_threads()))]
         loader = None
         if not svc.ready:
             loader = threading.Thread(target=load, name="vitkit-load", daemon=True)
@@ -195,11 +199,6 @@ def create_app(cfg: ServeConfig, service: Optional[Service] = None):
         model worker of CPU and finish in no particular order: a long latency tail). Counted in `incoming` until
         `run` queues it (every caller of image_input calls run next)."""
         need_ready()
-        import anyio
-        import torch
-
-        if not decoders:
-            decoders.append(anyio.CapacityLimiter(max(1, torch.get_num_threads())))
         incoming[0] += 1
         try:
             body = await read_body(request, cfg.max_upload_bytes, cfg.body_timeout_s)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # explain options a request may set (each its own batch group); the values `vitkit explain` accepts
 EXPLAIN_METHODS = ("rollout", "attention")
 HEAD_FUSIONS = ("mean", "max", "min")
-TRIM_EVERY_S = 1.0  # how often the model worker hands free heap pages back (measured: RSS flat; cost within run-to-run noise)
+TRIM_EVERY_S = 1.0  # how often the model worker hands free heap pages back (RSS flat; cost within run-to-run noise)
 DISPLAY = 224  # the explain PNGs are drawn at least this many pixels high, so a 28-pixel digit is visible
 
 
