@@ -97,3 +97,68 @@ def test_the_kernel_can_be_switched_off(monkeypatch):
         assert vitkit.optimize(create_model("vit_mini_patch4_28", depth=1).eval()).attention == "sdpa"
     finally:
         kernels.cpu_attention.cache_clear()
+
+
+# ---- bf16 attention (AVX-512 BF16 dot products), for the bf16 fast path ------------------------------------------
+# Inputs are bf16 (exact in both); the kernel rounds the softmax probabilities to bf16 for E V (8 significant bits)
+# and, with out_bf16, the output too: errors stay within 2^-8 (fp32 out) or 2^-7 (bf16 out) of the largest output.
+@pytest.mark.parametrize("shape,nq,with_bias", [
+    ((2, 197, 6, 64), 197, False),   # ViT-S/16 at 224 px
+    ((2, 197, 6, 64), 1, False),     # the class token only
+    ((3, 50, 2, 32), 50, True),      # ToMe's log-size bias over keys; an even length
+    ((2, 37, 2, 48), 5, True),       # odd length, a head dim of three vectors, a prefix of queries
+    ((1, 5, 1, 16), 3, False),       # shorter than one vector
+    ((1, 300, 1, 128), 300, False),  # two column groups of 64 and ten 32-key blocks
+])
+def test_bf16_kernel_matches_sdpa_or_says_it_cannot_run(kernel, shape, nq, with_bias):
+    B, N, H, D = shape
+    g = torch.Generator().manual_seed(0)
+    qkv = (torch.randn(B, N, 3, H, D, generator=g) * 2).bfloat16()
+    bias = torch.randn(B, N, generator=g) if with_bias else None
+    if not kernel.has_bf16():  # this CPU has no AVX-512 BF16: a clear refusal, and the fast path never calls it
+        assert not kernels.bf16_attention_available()
+        with pytest.raises(RuntimeError, match="no AVX-512 BF16"):
+            kernel.attention_bf16(qkv, nq, bias, True)
+        return
+    want = _reference(qkv.float(), nq, bias)
+    peak = want.abs().max().item()
+    got32 = kernel.attention_bf16(qkv, nq, bias, False)
+    got16 = kernel.attention_bf16(qkv, nq, bias, True)
+    assert got32.dtype == torch.float32 and got16.dtype == torch.bfloat16
+    assert got32.shape == got16.shape == (B, nq, H, D) and got16.is_contiguous()
+    assert (got32 - want).abs().max().item() <= peak * 2 ** -8
+    assert (got16.float() - want).abs().max().item() <= peak * 2 ** -7
+
+
+def test_bf16_kernel_refuses_bad_input(kernel):
+    if not kernel.has_bf16():
+        pytest.skip("this CPU has no AVX-512 BF16 (the refusal is tested above)")
+    with pytest.raises(RuntimeError, match="contiguous bfloat16"):
+        kernel.attention_bf16(torch.randn(2, 10, 3, 2, 16), 10, None, True)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernel.attention_bf16(torch.randn(2, 10, 3, 2, 8).bfloat16(), 10, None, True)
+    with pytest.raises(RuntimeError, match="nq must be"):
+        kernel.attention_bf16(torch.randn(2, 10, 3, 2, 16).bfloat16(), 0, None, True)
+
+
+def test_bf16_fast_path_uses_bf16_attention_where_it_can(kernel, monkeypatch):
+    """precision="bf16" runs the bf16 attention where the CPU has it (the fp32 kernel elsewhere, or with
+    VITKIT_NO_BF16_ATTENTION=1), and either way stays within bf16's tolerance of the fp32 model."""
+    from vitkit.models.precision import TOLERANCES
+
+    torch.manual_seed(0)
+    m = create_model("vit_small_patch16_224", depth=2, img_size=64).eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        plain = m(x)
+    fast = vitkit.optimize(m, precision="bf16")
+    got = fast(x)
+    blocks = [b for packed in fast._packed.values() for b in packed]
+    assert all(b.bf16_attention == kernels.bf16_attention_available() for b in blocks)
+    tol = TOLERANCES["bf16"].rel
+    assert ((got - plain).norm() / plain.norm()).item() <= tol
+    monkeypatch.setenv("VITKIT_NO_BF16_ATTENTION", "1")
+    off = vitkit.optimize(m, precision="bf16")
+    got_off = off(x)
+    assert not any(b.bf16_attention for packed in off._packed.values() for b in packed)
+    assert ((got_off - plain).norm() / plain.norm()).item() <= tol

@@ -1,5 +1,6 @@
-"""vitkit's own CPU kernels (`csrc/attention.cpp`), used by `vitkit.optimize`: exact attention for short sequences,
-and the int8 path's dynamic uint8 quantisation of each linear's input (`quantize_u8`).
+"""vitkit's own CPU kernels (`csrc/attention.cpp`), used by `vitkit.optimize`: exact attention for short sequences
+(fp32, and bf16 with bf16 dot products where the CPU has AVX-512 BF16, for the bf16 path), and the int8 path's
+dynamic uint8 quantisation of each linear's input (`quantize_u8`).
 
 It is compiled on first use with PyTorch's extension builder (a C++ compiler and ninja, as for torch.compile; ~30 s
 once, then loaded from PyTorch's extension cache in about a second). Wherever it cannot be built or fails its
@@ -82,6 +83,15 @@ def _self_check(mod) -> bool:
         part = mod.attention(qkv, 5, None)
         want_part = F.scaled_dot_product_attention(q[:, :, :5], k, v).transpose(1, 2)
     ok = bool((got - want).abs().max() <= 1e-5 and (part - want_part).abs().max() <= 1e-5)
+    if ok and mod.has_bf16():  # bf16 inputs, bf16 dot products: to bf16's precision of these O(1) outputs
+        qkv = torch.randn(2, 37, 3, 2, 32, generator=g).bfloat16()
+        q, k, v = qkv.float().permute(2, 0, 3, 1, 4).unbind(0)
+        with torch.inference_mode():
+            want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :]).transpose(1, 2)
+            got = mod.attention_bf16(qkv, 37, bias, False)
+        if not bool((got - want).abs().max() <= 2e-2):
+            log.info("vitkit's bf16 attention failed its self-check here; bf16 models use the fp32 attention kernel")
+            _bf16_off.append(True)
     x = torch.randn(3, 1000, generator=g) * 3 + 1
     import warnings
 
@@ -93,4 +103,15 @@ def _self_check(mod) -> bool:
                        zp == ref.q_zero_point() and (q.int() - ref.int_repr().int()).abs().max() <= 1)
 
 
-__all__ = ["cpu_attention", "MAX_TOKENS"]
+_bf16_off: list = []  # set when the bf16 attention failed its self-check
+
+
+def bf16_attention_available() -> bool:
+    """Whether the kernel's bf16 attention (AVX-512 BF16 dot products) runs here: the kernel is built, this CPU has
+    the instructions, the self-check passed and VITKIT_NO_BF16_ATTENTION is not set."""
+    mod = cpu_attention()
+    return (mod is not None and not _bf16_off and mod.has_bf16() and
+            os.environ.get("VITKIT_NO_BF16_ATTENTION", "") in ("", "0"))
+
+
+__all__ = ["cpu_attention", "bf16_attention_available", "MAX_TOKENS"]

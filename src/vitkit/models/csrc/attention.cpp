@@ -13,6 +13,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -176,8 +177,203 @@ std::tuple<torch::Tensor, double, int64_t> quantize_u8(const torch::Tensor& x_) 
   return std::make_tuple(q, static_cast<double>(scale), zp);
 }
 
+
+// ---- bf16 attention (AVX-512 BF16 dot products) ----------------------------------------------------------------
+// The same attention from a bf16 qkv buffer (the bf16 path's qkv matmul output), with both products as bf16 dot
+// products accumulated in fp32 (vdpbf16ps, twice fp32's rate on CPUs that have it): S = Q K^T in fp32, softmax in
+// fp32, the probabilities rounded to bf16 for E V (as bf16 autocast's attention does), fp32 output rows divided by
+// their sums and written as bf16 or fp32. Compiled for AVX-512 BF16 by function attributes, so the module still
+// builds and loads everywhere; `has_bf16()` says whether this CPU runs it (the Python side checks it first).
+#include <immintrin.h>
+
+namespace {
+
+#define VITKIT_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+inline uint32_t pair_bits(const at::BFloat16* p) {  // two adjacent bf16 values as one 32-bit word
+  uint32_t w;
+  std::memcpy(&w, p, sizeof(w));
+  return w;
+}
+
+// S (R rows x 32 columns, row stride lds) = Q (R rows, row stride ldq, as D/2 bf16 pairs) K^T from Kp: packed
+// [D/2][ldk] pairs (VNNI layout), columns j0 .. j0 + 31.
+template <int R>
+VITKIT_BF16 inline void qk_tile(const uint32_t* q, int64_t ldq, const uint32_t* kp, int64_t ldk, int64_t pairs,
+                                float* s, int64_t lds, __m512 scale) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(kp + p * ldk);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(kp + p * ldk + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(q[r * ldq + p]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(s + r * lds, _mm512_mul_ps(acc[r][0], scale));
+    _mm512_storeu_ps(s + r * lds + 16, _mm512_mul_ps(acc[r][1], scale));
+  }
+}
+
+// O (R rows x 16 NV columns, fp32) = P (R rows of bf16 pairs, row stride ldp pairs) Vp ([N/2][ldv] pairs)
+template <int R, int NV>
+VITKIT_BF16 inline void pv_tile(const uint32_t* pb, int64_t ldp, const uint32_t* vp, int64_t ldv, int64_t pairs,
+                                float* o, int64_t ldo) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh b[NV];
+    for (int c = 0; c < NV; ++c) b[c] = (__m512bh)_mm512_loadu_si512(vp + p * ldv + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pb[r * ldp + p]));
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o + r * ldo + 16 * c, acc[r][c]);
+}
+
+template <int NV>
+VITKIT_BF16 void pv_rows(const uint32_t* pb, int64_t ldp, const uint32_t* vp, int64_t ldv, int64_t pairs,
+                         float* o, int64_t ldo, int64_t rows) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) pv_tile<4, NV>(pb + r * ldp, ldp, vp, ldv, pairs, o + r * ldo, ldo);
+  for (; r < rows; ++r) pv_tile<1, NV>(pb + r * ldp, ldp, vp, ldv, pairs, o + r * ldo, ldo);
+}
+
+VITKIT_BF16 void attention_bf16_task(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
+                                     int64_t ld_qkv, int64_t N, int64_t nq, int64_t D, float scale, const float* bias,
+                                     void* out, int64_t ld_out, bool out_bf16, std::vector<uint32_t>& kp,
+                                     std::vector<uint32_t>& vp, std::vector<uint32_t>& qp, std::vector<float>& S,
+                                     std::vector<uint32_t>& pb, std::vector<float>& o) {
+  const int64_t dp = D / 2, n32 = (N + 31) / 32 * 32, np = (N + 1) / 2;
+  // K^T and V in VNNI layout (pairs along the reduction), zero-padded; Q as pairs, rows contiguous
+  kp.resize(dp * n32);
+  {  // 16 keys at a time: gather word p of each key row into kp[p][j .. j + 15]; rows past N are zeros
+    const int32_t ld_words = static_cast<int32_t>(ld_qkv / 2);
+    const __m512i step = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(ld_words));
+    const int* kw = reinterpret_cast<const int*>(k);
+    for (int64_t j = 0; j < n32; j += 16) {
+      const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(16, N - j));
+      const __mmask16 m = static_cast<__mmask16>((1u << valid) - 1u);
+      for (int64_t p = 0; p < dp; ++p)
+        _mm512_storeu_si512(kp.data() + p * n32 + j,
+                            _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, step, kw + j * ld_words + p, 4));
+    }
+  }
+  vp.resize(np * D);
+  {  // rows j, j + 1 of V interleaved into bf16 pairs, 16 columns per permute; a missing last row is zeros
+    for (int64_t j = 0; j < N; j += 2) {
+      const uint16_t* r0 = reinterpret_cast<const uint16_t*>(v + j * ld_qkv);
+      const uint16_t* r1 = j + 1 < N ? reinterpret_cast<const uint16_t*>(v + (j + 1) * ld_qkv) : nullptr;
+      uint32_t* dst = vp.data() + (j / 2) * D;
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + d)));
+        const __m512i b = r1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + d)))
+                             : _mm512_setzero_si512();
+        _mm512_storeu_si512(dst + d, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+      }
+    }
+  }
+  qp.resize(nq * dp);
+  for (int64_t i = 0; i < nq; ++i) std::memcpy(qp.data() + i * dp, q + i * ld_qkv, D * sizeof(at::BFloat16));
+  S.resize(nq * n32);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < n32; j0 += 32) {
+    int64_t i = 0;
+    for (; i + 8 <= nq; i += 8)
+      qk_tile<8>(qp.data() + i * dp, dp, kp.data() + j0, n32, dp, S.data() + i * n32 + j0, n32, vscale);
+    for (; i < nq; ++i) qk_tile<1>(qp.data() + i * dp, dp, kp.data() + j0, n32, dp, S.data() + i * n32 + j0, n32, vscale);
+  }
+  // softmax rows in fp32 over whole vectors (the columns past N set to -inf: exp gives 0 there): e = exp(s + bias -
+  // max), rounded to bf16 pairs; 1 / sum kept for the output rows
+  const int64_t n16 = (N + 15) / 16 * 16, ldp = n32 / 2;
+  pb.resize(nq * ldp);
+  std::vector<float> inv(nq);
+  for (int64_t i = 0; i < nq; ++i) {
+    float* row = S.data() + i * n32;
+    if (bias)
+      for (int64_t j = 0; j + 16 <= N; j += 16) _mm512_storeu_ps(row + j, _mm512_add_ps(_mm512_loadu_ps(row + j),
+                                                                                         _mm512_loadu_ps(bias + j)));
+    for (int64_t j = bias ? N / 16 * 16 : N; j < N; ++j) row[j] += bias[j];
+    for (int64_t j = N; j < n16; ++j) row[j] = -std::numeric_limits<float>::infinity();
+    inv[i] = exp_row(row, nullptr, n16);
+    uint16_t* prow = reinterpret_cast<uint16_t*>(pb.data() + i * ldp);
+    for (int64_t j = 0; j < n16; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + j)));
+  }
+  // O = E V in fp32, then each row / its sum, written out
+  o.resize(nq * D);
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) pv_rows<4>(pb.data(), ldp, vp.data() + d0, D, np, o.data() + d0, D, nq);
+  for (; d0 + 16 <= D; d0 += 16) pv_rows<1>(pb.data(), ldp, vp.data() + d0, D, np, o.data() + d0, D, nq);
+  for (int64_t i = 0; i < nq; ++i) {
+    const float* src = o.data() + i * D;
+    const __m512 vinv = _mm512_set1_ps(inv[i]);
+    if (out_bf16) {
+      uint16_t* dst = reinterpret_cast<uint16_t*>(static_cast<at::BFloat16*>(out) + i * ld_out);
+      for (int64_t d = 0; d < D; d += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + d), vinv)));
+    } else {
+      float* dst = static_cast<float*>(out) + i * ld_out;
+      for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(src + d), vinv));
+    }
+  }
+}
+
+}  // namespace
+
+bool has_bf16() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
+
+// qkv: (B, N, 3, H, D) bfloat16, contiguous, D a multiple of 16; key_bias: optional (B, N). Returns (B, nq, H, D)
+// in bf16 (out_bf16) or fp32. Only where has_bf16().
+torch::Tensor attention_bf16(const torch::Tensor& qkv, int64_t nq, const c10::optional<torch::Tensor>& key_bias,
+                             bool out_bf16) {
+  TORCH_CHECK(has_bf16(), "attention_bf16: this CPU has no AVX-512 BF16");
+  TORCH_CHECK(qkv.dim() == 5 && qkv.size(2) == 3, "qkv must be (B, N, 3, H, D), got ", qkv.sizes());
+  TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && qkv.device().is_cpu() && qkv.is_contiguous(),
+              "qkv must be a contiguous bfloat16 CPU tensor");
+  const int64_t B = qkv.size(0), N = qkv.size(1), H = qkv.size(3), D = qkv.size(4), C = H * D;
+  TORCH_CHECK(D % 16 == 0, "attention_bf16: the head dim must be a multiple of 16, got ", D);
+  TORCH_CHECK(nq >= 1 && nq <= N, "nq must be in [1, N]");
+  torch::Tensor bias_t;
+  const float* bias = nullptr;
+  if (key_bias.has_value() && key_bias->defined()) {
+    bias_t = key_bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias_t.numel() == B * N, "key_bias must have B * N elements");
+    bias = bias_t.data_ptr<float>();
+  }
+  auto out = at::empty({B, nq, H, D}, qkv.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+  const at::BFloat16* base = qkv.data_ptr<at::BFloat16>();
+  char* obase = static_cast<char*>(out.data_ptr());
+  const int64_t esize = out_bf16 ? 2 : 4;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> kp, vp, qp, pb;
+    std::vector<float> S, o;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const at::BFloat16* q = base + b * N * 3 * C + h * D;
+      attention_bf16_task(q, q + C, q + 2 * C, 3 * C, N, nq, D, scale, bias ? bias + b * N : nullptr,
+                          obase + (b * nq * C + h * D) * esize, C, out_bf16, kp, vp, qp, S, pb, o);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_u8", &quantize_u8, "dynamic per-tensor uint8 quantisation: (values, scale, zero point)");
   m.def("attention", &attention, "exact multi-head self-attention from a fused (B, N, 3, H, D) qkv buffer",
         pybind11::arg("qkv"), pybind11::arg("nq"), pybind11::arg("key_bias") = pybind11::none());
+  m.def("has_bf16", &has_bf16, "whether this CPU runs attention_bf16 (AVX-512 BF16)");
+  m.def("attention_bf16", &attention_bf16, "attention_bf16(qkv, nq, key_bias=None, out_bf16=True): the same "
+        "attention from a bf16 qkv buffer, with bf16 dot products",
+        pybind11::arg("qkv"), pybind11::arg("nq"), pybind11::arg("key_bias") = pybind11::none(),
+        pybind11::arg("out_bf16") = true);
 }
