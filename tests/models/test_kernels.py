@@ -141,9 +141,11 @@ def test_bf16_kernel_refuses_bad_input(kernel):
         kernel.attention_bf16(torch.randn(2, 10, 3, 2, 16).bfloat16(), 0, None, True)
 
 
-def test_bf16_fast_path_uses_bf16_attention_where_it_can(kernel, monkeypatch):
-    """precision="bf16" runs the bf16 attention where the CPU has it (the fp32 kernel elsewhere, or with
-    VITKIT_NO_BF16_ATTENTION=1), and either way stays within bf16's tolerance of the fp32 model."""
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precision_uses_bf16_attention_where_it_can(kernel, monkeypatch, precision):
+    """precision="bf16" and "int8" run the bf16 attention where the CPU has it (the fp32 kernel elsewhere, or with
+    VITKIT_NO_BF16_ATTENTION=1), and either way stay within the precision's tolerance of the fp32 model."""
+    from vitkit.models.fast import int8_fused_available
     from vitkit.models.precision import TOLERANCES
 
     torch.manual_seed(0)
@@ -151,14 +153,15 @@ def test_bf16_fast_path_uses_bf16_attention_where_it_can(kernel, monkeypatch):
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         plain = m(x)
-    fast = vitkit.optimize(m, precision="bf16")
+    fast = vitkit.optimize(m, precision=precision)
     got = fast(x)
     blocks = [b for packed in fast._packed.values() for b in packed]
-    assert all(b.bf16_attention == kernels.bf16_attention_available() for b in blocks)
-    tol = TOLERANCES["bf16"].rel
+    expect = kernels.bf16_attention_available() and (precision == "bf16" or int8_fused_available())
+    assert all(b.bf16_attention == expect for b in blocks)
+    tol = TOLERANCES[precision].rel
     assert ((got - plain).norm() / plain.norm()).item() <= tol
     monkeypatch.setenv("VITKIT_NO_BF16_ATTENTION", "1")
-    off = vitkit.optimize(m, precision="bf16")
+    off = vitkit.optimize(m, precision=precision)
     got_off = off(x)
     assert not any(b.bf16_attention for packed in off._packed.values() for b in packed)
     assert ((got_off - plain).norm() / plain.norm()).item() <= tol

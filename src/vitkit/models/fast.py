@@ -130,9 +130,11 @@ class _Int8Linear:
     `quantized::linear_dynamic` (fbgemm) runs the matmul and the epilogue runs after it."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 scale: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None):
+                 scale: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None,
+                 out_dtype: torch.dtype = torch.float32):
         w, b = _folded(weight, bias, scale)
         w = w.float().contiguous()
+        self.out_dtype = out_dtype  # bf16 for a qkv whose output goes to the bf16 attention (fused path only)
         self.w_scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).contiguous()
         qw = torch.round(w / self.w_scale[:, None]).clamp(-127, 127).to(torch.int8)
         self.w_zp = torch.zeros(w.shape[0], dtype=torch.long)
@@ -168,7 +170,7 @@ class _Int8Linear:
         qx, s, zp = self._quantize(x)
         post, algo = ("gelu", self.gelu) if self.gelu is not None else ("none", "")
         y = torch.ops.onednn.qlinear_pointwise(qx, s, zp, self.weight, self.w_scale, self.w_zp, self.bias, 1.0, 0,
-                                               torch.float32, post, [], algo)
+                                               self.out_dtype, post, [], algo)
         return self.act(y) if self.act is not None else y
 
     def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -216,10 +218,10 @@ class _quantized_engine:
         torch.backends.quantized.engine = self.old
 
 
-def _linear(weight, bias=None, scale=None, act=None, precision: str = "fp32"):
-    """The packed linear of a precision ("fp32", "bf16", "int8")."""
+def _linear(weight, bias=None, scale=None, act=None, precision: str = "fp32", int8_out=torch.float32):
+    """The packed linear of a precision ("fp32", "bf16", "int8"); int8_out: an int8 linear's output dtype."""
     if precision == "int8":
-        return _Int8Linear(weight, bias, scale=scale, act=act)
+        return _Int8Linear(weight, bias, scale=scale, act=act, out_dtype=int8_out)
     return _PackedLinear(weight, bias, scale=scale, act=act,
                          dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
 
@@ -242,14 +244,17 @@ class _PackedBlock:
         # vitkit's attention kernel (kernels.py) reads q, k, v in place from the qkv output: not with q/k norms
         self.kernel = kernel if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity) else None
         # a bf16 qkv output goes to the kernel's bf16 attention (bf16 dot products) where this CPU has AVX-512 BF16
-        self.bf16_attention = (self.kernel is not None and kind["qkv"] == "bf16" and attn.head_dim % 16 == 0 and
-                               kernels.bf16_attention_available())
+        # (an int8 qkv then writes bf16 straight from its matmul)
+        self.bf16_attention = (self.kernel is not None and kind["qkv"] in ("bf16", "int8") and
+                               attn.head_dim % 16 == 0 and kernels.bf16_attention_available() and
+                               (kind["qkv"] == "bf16" or int8_fused_available()))
         self.attention_out_bf16 = kind["proj"] == "bf16"  # the projection casts its input to bf16 anyway
         self.norm1, self.norm2 = blk.norm1, blk.norm2
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
         self.attend = attn.attend  # the eager attention (fused kernels, proportional attention's size bias)
-        self.qkv = _linear(attn.qkv.weight, attn.qkv.bias, precision=kind["qkv"])
+        self.qkv = _linear(attn.qkv.weight, attn.qkv.bias, precision=kind["qkv"],
+                           int8_out=torch.bfloat16 if self.bf16_attention else torch.float32)
         self._qkv_linear, self._q_kv = attn.qkv, None  # (q, kv) split, made when a prefix-only call needs it
         self.proj = _linear(attn.proj.weight, attn.proj.bias, scale=_layer_scale(blk.ls1), precision=kind["proj"])
         self.fc1 = _linear(blk.mlp.fc1.weight, blk.mlp.fc1.bias, act=blk.mlp.act, precision=kind["fc1"])
