@@ -1,4 +1,5 @@
-"""Where the work runs: the device a name like `auto` or `cuda:1` stands for on this machine.
+"""Where the work runs: the device a name like `auto` or `cuda:1` stands for on this machine, and vitkit's cache
+folder.
 
 Training and inference both resolve devices here; it imports nothing of vitkit's but its errors, so predicting
 or embedding never loads the training engine.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import torch
 
@@ -37,3 +39,8 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError("--device mps was asked for but no Apple GPU is available; use --device cpu")
     return dev
+
+
+def cache_dir() -> Path:
+    """vitkit's cache folder (decoded image folders, measured precision times): $VITKIT_CACHE, else ~/.cache/vitkit."""
+    return Path(os.environ.get("VITKIT_CACHE") or Path.home() / ".cache" / "vitkit")

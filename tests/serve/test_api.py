@@ -237,7 +237,8 @@ def test_fast_serving_picks_its_precision_on_the_index_images(served, monkeypatc
     assert card["precision"] in ("fp32", "bf16", "int8")
     # fp32 and int8 at least are candidates on the CPU's oneDNN path, so auto measured and chose
     assert card["precision_choice"]["batch"] == 8 and card["precision_choice"]["precision"] == card["precision"]
-    assert any("agreement checked on 8 real images" in r.getMessage() for r in caplog.records)
+    assert any("agreement checked (and its int8 candidate calibrated) on 8 real images" in r.getMessage()
+               for r in caplog.records)
     with make_client(checkpoint=str(ckpt)) as c:
         wait_ready(c)
         plain = [c.post("/v1/classify", files={"file": (f.name, f.read_bytes(), "image/png")}).json()["label"] for f in files[:5]]

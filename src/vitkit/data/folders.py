@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DataError
+from ..runtime import cache_dir
 from . import images as _images
 from .images import IMG_EXTENSIONS, is_image_name, oriented_size
 
@@ -41,11 +42,6 @@ def _cache_tag() -> str:
     """The cache format's version and the image-reading policy's: a changed decoding never serves stale pixels."""
     return f"{CACHE_VERSION}.{_images.POLICY_VERSION}"
 _PARALLEL_MIN = 2000  # below this many files, decoding in this process is faster than starting workers
-
-
-def cache_dir() -> Path:
-    """Where decoded folders are cached: $VITKIT_CACHE, else ~/.cache/vitkit."""
-    return Path(os.environ.get("VITKIT_CACHE") or Path.home() / ".cache" / "vitkit")
 
 
 @dataclass

@@ -28,6 +28,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ..runtime import cache_dir
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -129,7 +131,8 @@ def cpu_key() -> str:
 
 
 def cache_path() -> Path:
-    return Path(os.environ.get("VITKIT_CACHE") or Path.home() / ".cache" / "vitkit") / "precision.json"
+    """The measured times: precision.json in vitkit's cache folder ($VITKIT_CACHE, else ~/.cache/vitkit)."""
+    return cache_dir() / "precision.json"
 
 
 def shape_key(signature: str, batch: int, device: torch.device) -> str:

@@ -130,8 +130,11 @@ class Service:
             except (DataError, OSError) as e:  # a bad calibration file is skipped, not fatal
                 log.warning("calibration image %s skipped (%s)", f, e)
         if xs:
+            decoded = len(xs)
             xs = (xs * (n // len(xs) + 1))[:n]
-            log.info("precision auto: agreement checked on %d real images", len(files))
+            what = ("int8 calibrated" if self.cfg.precision == "int8" else
+                    "precision auto: agreement checked (and its int8 candidate calibrated)")
+            log.info("%s on %d real images", what, decoded)
             return torch.stack(xs).to(self.device)
         if self.cfg.precision == "int8":  # int8 is calibrated on real images only; without them it stays dynamic
             return None
