@@ -39,7 +39,11 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_le
         import uvicorn
     except ImportError:
         raise ImportError("vitkit serve needs uvicorn; install it with: pip install 'vitkit[serve]'") from None
-    uvicorn.run(app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    # asyncio's loop and h11 even where uvloop and httptools are installed (uvicorn would take them): with both,
+    # ViT-S/16 at 32 clients measured 28.0-28.3 req/s and 60.7 ms CPU per request against 31.8-31.9 and 54.8
+    # without (benchmarks/serve.py, interleaved pairs, docs/serve.md): their loop competes with the model's threads
+    uvicorn.run(app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                loop="asyncio", http="h11")
 
 
 __all__ = ["ServeConfig", "ServeError", "QueueFull", "API_KEY_ENV", "app", "serve"]
