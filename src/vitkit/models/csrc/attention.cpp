@@ -83,6 +83,14 @@ inline void scale_row(float* x, float a, int64_t n) {
   for (; j < n; ++j) x[j] *= a;
 }
 
+// The optional per-key bias (B, N) as a contiguous fp32 buffer kept alive by `hold`, or nullptr without one.
+const float* key_bias_ptr(const c10::optional<torch::Tensor>& key_bias, int64_t numel, torch::Tensor& hold) {
+  if (!key_bias.has_value() || !key_bias->defined()) return nullptr;
+  hold = key_bias->to(at::kFloat).contiguous();
+  TORCH_CHECK(hold.numel() == numel, "key_bias must have B * N elements");
+  return hold.data_ptr<float>();
+}
+
 }  // namespace
 
 // qkv: (B, N, 3, H, D) float32, contiguous (the fused qkv matmul's output, viewed). key_bias: optional (B, N)
@@ -95,12 +103,7 @@ torch::Tensor attention(const torch::Tensor& qkv, int64_t nq, const c10::optiona
   TORCH_CHECK(nq >= 1 && nq <= N, "nq must be in [1, N]");
   TORCH_CHECK(3 * C < std::numeric_limits<int>::max() && N <= 65536, "sizes too large for this kernel");
   torch::Tensor bias_t;
-  const float* bias = nullptr;
-  if (key_bias.has_value() && key_bias->defined()) {
-    bias_t = key_bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bias_t.numel() == B * N, "key_bias must have B * N elements");
-    bias = bias_t.data_ptr<float>();
-  }
+  const float* bias = key_bias_ptr(key_bias, B * N, bias_t);
   auto out = at::empty({B, nq, H, D}, qkv.options());
   const float* base = qkv.data_ptr<float>();
   float* obase = out.data_ptr<float>();
@@ -343,12 +346,7 @@ torch::Tensor attention_bf16(const torch::Tensor& qkv, int64_t nq, const c10::op
   TORCH_CHECK(D % 16 == 0, "attention_bf16: the head dim must be a multiple of 16, got ", D);
   TORCH_CHECK(nq >= 1 && nq <= N, "nq must be in [1, N]");
   torch::Tensor bias_t;
-  const float* bias = nullptr;
-  if (key_bias.has_value() && key_bias->defined()) {
-    bias_t = key_bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bias_t.numel() == B * N, "key_bias must have B * N elements");
-    bias = bias_t.data_ptr<float>();
-  }
+  const float* bias = key_bias_ptr(key_bias, B * N, bias_t);
   auto out = at::empty({B, nq, H, D}, qkv.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
   const at::BFloat16* base = qkv.data_ptr<at::BFloat16>();
   char* obase = static_cast<char*>(out.data_ptr());
