@@ -245,9 +245,9 @@ class _PackedBlock:
         self.kernel = kernel if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity) else None
         # a bf16 qkv output goes to the kernel's bf16 attention (bf16 dot products) where this CPU has AVX-512 BF16
         # (an int8 qkv then writes bf16 straight from its matmul)
-        self.bf16_attention = (self.kernel is not None and kind["qkv"] in ("bf16", "int8") and
-                               attn.head_dim % 16 == 0 and kernels.bf16_attention_available() and
-                               (kind["qkv"] == "bf16" or int8_fused_available()))
+        self.bf16_attention = (self.kernel is not None and attn.head_dim % 16 == 0 and
+                               (kind["qkv"] == "bf16" or (kind["qkv"] == "int8" and int8_fused_available())) and
+                               kernels.bf16_attention_available())
         self.attention_out_bf16 = kind["proj"] == "bf16"  # the projection casts its input to bf16 anyway
         self.norm1, self.norm2 = blk.norm1, blk.norm2
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
@@ -276,15 +276,14 @@ class _PackedBlock:
         H, hd = self.num_heads, self.head_dim
         h = self.norm1(x.reshape(B * N, C))
         if keep is None and self.kernel is not None and N <= kernels.MAX_TOKENS:
-            qkv = self.qkv(h)
+            qkv = self.qkv(h).view(B, N, 3, H, hd)
             bias = size_bias(size, torch.float32)
             bias = bias.view(B, N) if bias is not None else None
             if self.bf16_attention:  # (B, N, H, hd), bf16 where the projection reads bf16
-                o = self.kernel.attention_bf16(qkv.view(B, N, 3, H, hd), N, bias, self.attention_out_bf16)
+                o = self.kernel.attention_bf16(qkv, N, bias, self.attention_out_bf16)
             else:  # the fp32 kernel (a no-op cast in fp32 and int8)
                 qkv = qkv.float()
-                o = self.kernel.attention(qkv.view(B, N, 3, H, hd), N, bias)
-            qkv = qkv.view(B, N, 3, H, hd)
+                o = self.kernel.attention(qkv, N, bias)
             metric = qkv[:, :, 1].float().mean(dim=2) if r > 0 else None  # the keys, averaged over heads
             return self._mlp(self.proj.add(o.view(B * N, C), x.reshape(B * N, C)), B, N, C, size, metric, r,
                              num_protected)

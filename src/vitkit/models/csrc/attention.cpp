@@ -270,7 +270,8 @@ VITKIT_BF16 void attention_bf16_task(const at::BFloat16* q, const at::BFloat16* 
     }
   }
   vp.resize(np * D);
-  {  // rows j, j + 1 of V interleaved into bf16 pairs, 16 columns per permute; a missing last row is zeros
+  {  // rows j, j + 1 of V interleaved into bf16 pairs (row j low, row j + 1 high), 16 columns at a time; a missing
+     // last row is zeros
     for (int64_t j = 0; j < N; j += 2) {
       const uint16_t* r0 = reinterpret_cast<const uint16_t*>(v + j * ld_qkv);
       const uint16_t* r1 = j + 1 < N ? reinterpret_cast<const uint16_t*>(v + (j + 1) * ld_qkv) : nullptr;
