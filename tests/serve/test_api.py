@@ -248,3 +248,16 @@ def test_fast_serving_picks_its_precision_on_the_index_images(served, monkeypatc
 
     with pytest.raises(ConfigError, match="precision must be"):
         ServeConfig(checkpoint=str(ckpt), precision="fp16")
+
+
+def test_serve_runs_uvicorn_on_asyncio_and_h11_even_with_uvloop_installed(served, monkeypatch):
+    """uvicorn takes uvloop and httptools when they are installed; with them vitkit's server measured ~12% fewer
+    requests per second (docs/serve.md), so `serve` asks for asyncio and h11 by name."""
+    import uvicorn
+
+    from vitkit.serve import ServeConfig, serve
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    serve(ServeConfig(str(served[0])), port=8123)
+    assert seen["loop"] == "asyncio" and seen["http"] == "h11" and seen["port"] == 8123
