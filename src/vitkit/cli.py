@@ -116,6 +116,17 @@ def _kv(text: str):
         return k.strip(), v
 
 
+def _widths(text: str):
+    """W,W,... → a tuple of positive ints ('' → (): the default widths)."""
+    try:
+        out = tuple(int(w) for w in text.replace(" ", "").split(",") if w)
+    except ValueError:
+        out = None
+    if out is None or any(w < 1 for w in out):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive widths such as 32,64,128, got {text!r}")
+    return out
+
+
 # ---- the engine's flags, shared by train, pretrain and train-gen ---------------------------------------------
 _RESUME_HELP = ("continue a run from its last checkpoint, with the options it was started with; only --epochs, "
                 "--time-budget, --max-steps, --eval-every, --workers and --device may be given (a finished run "
@@ -271,6 +282,9 @@ def _add_train_args(p) -> None:
     a("--depth", type=int, default=None, help="number of blocks (default: planned)")
     a("--stem", choices=["patch", "conv"], default=None,
       help="patchify conv, or a convolutional stem of stride-2 3x3 convs (default: planned)")
+    a("--stem-channels", type=_widths, default=None, metavar="W,W,...",
+      help="conv stem widths, one per conv; widths beyond one per halving are stride-1 convs at full resolution "
+      "first, e.g. 32,64,128 for patch 4 ('' = one conv per halving; default: planned)")
     a("--drop-path", dest="drop_path_rate", type=float, default=None, help="stochastic depth rate")
     a("--patch-drop", dest="patch_drop_rate", type=float, default=None,
       help="PatchDropout: share of patch tokens dropped while training")

@@ -43,6 +43,29 @@ def test_an_architecture_model_arg_is_a_flag_unless_the_flag_is_given(saved):
     assert recipe_from_flags({"depth": 6}, None, {"depth": 2}).depth == 6
 
 
+def test_stem_channels_from_the_command_line_json_and_model_arg(tmp_path):
+    import argparse
+
+    from vitkit.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["train", "--stem-channels", "32,64,128"]).stem_channels == (32, 64, 128)
+    assert p.parse_args(["train", "--stem-channels", ""]).stem_channels == ()
+    assert p.parse_args(["train"]).stem_channels is None  # planned
+    for bad in ("a,b", "32,-1", "0"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["train", "--stem-channels", bad])
+    with pytest.raises(argparse.ArgumentTypeError, match="comma-separated positive widths"):
+        from vitkit.cli import _widths
+        _widths("32,x")
+    # a saved run's config.json holds a JSON list: the recipe reads it back as the tuple it was
+    (tmp_path / "config.json").write_text(json.dumps({"recipe": {"values": {"stem_channels": [32, 64, 128]}}}))
+    assert recipe_from_flags({}, tmp_path).stem_channels == (32, 64, 128)
+    assert recipe_from_flags({}, None, {"stem_channels": [8, 16]}).stem_channels == (8, 16)
+    with pytest.raises(ConfigError, match="stem_channels"):
+        Recipe(stem_channels=(32, 0))
+
+
 def test_bad_values_and_unknown_fields_are_one_line_errors(saved):
     with pytest.raises(ConfigError, match="lr"):
         recipe_from_flags({"lr": -1.0})

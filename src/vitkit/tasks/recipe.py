@@ -18,7 +18,7 @@ from ..errors import ConfigError
 
 # Model fields the recipe carries (ViTConfig names) and what they default to when neither flag nor plan sets them.
 MODEL_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "stem",
-                "global_pool", "class_token", "drop_path_rate", "patch_drop_rate")
+                "stem_channels", "global_pool", "class_token", "drop_path_rate", "patch_drop_rate")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Recipe:
     num_heads: Optional[int] = None
     mlp_ratio: Optional[float] = None
     stem: Optional[str] = None  # 'patch' | 'conv'
+    stem_channels: Optional[Tuple[int, ...]] = None  # conv stem widths; () = timm's tiers (ViTConfig.stem_channels)
     global_pool: Optional[str] = None
     class_token: Optional[bool] = None
     drop_path_rate: Optional[float] = None
@@ -67,6 +68,8 @@ class Recipe:
         from .. import validate as v
         from ..models.config import ViTConfig
 
+        if isinstance(self.stem_channels, list):  # from JSON (config.json, --recipe): the tuple it was
+            object.__setattr__(self, "stem_channels", tuple(self.stem_channels))
         if self.model is not None and not isinstance(self.model, str):
             raise ConfigError(f"model must be a registered model name, got {self.model!r}", field="model")
         ViTConfig.check_fields({k: getattr(self, k) for k in MODEL_FIELDS if getattr(self, k) is not None})
@@ -107,7 +110,7 @@ class Recipe:
 # What a field is when neither a flag nor the plan chose it (the planner normally chooses all of them).
 DEFAULTS = Recipe(
     img_size=None, patch_size=None, in_chans=None, embed_dim=None, depth=None, num_heads=None, mlp_ratio=None,
-    stem="patch", global_pool=None, class_token=None, drop_path_rate=0.0, patch_drop_rate=0.0,
+    stem="patch", stem_channels=(), global_pool=None, class_token=None, drop_path_rate=0.0, patch_drop_rate=0.0,
     epochs=None, time_budget=None, batch_size=128, lr=1e-3, min_lr=1e-5, weight_decay=0.05, warmup=0.05,
     clip_grad=1.0, ema_decay=0.0, layer_decay=None, precision="fp32", compile=False,
     augment="default", hflip=None, label_smoothing=0.1, mixup=0.0, cutmix=0.0, aug_ramp=False, progressive=1.0,
@@ -143,7 +146,8 @@ def saved_recipe(run) -> Dict[str, object]:
 
 
 # --model-arg keys that are the recipe's architecture choices (the planner's to make unless the user made them)
-ARCH_ARGS = ("img_size", "num_heads", "patch_size", "embed_dim", "depth", "stem", "in_chans", "mlp_ratio")
+ARCH_ARGS = ("img_size", "num_heads", "patch_size", "embed_dim", "depth", "stem", "stem_channels", "in_chans",
+             "mlp_ratio")
 
 
 def recipe_from_flags(flags: Mapping, recipe=None, model_args: Optional[Mapping] = None) -> Recipe:
