@@ -30,7 +30,7 @@ from vitkit.data.transforms import AugmentConfig, BatchTransform
 from vitkit.train.optim import build_optimizer, lr_at, set_lr
 
 BASE = dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0, stem="conv", patch_drop_rate=0.0, progressive=1.0,
-            rand_ops=0)
+            rand_ops=0, stem_channels=())
 VARIANTS = {  # name → what changes from BASE
     "base (conv stem, 128 wide, 6 deep)": {},
     "patchify stem instead of conv": dict(stem="patch"),
@@ -38,6 +38,8 @@ VARIANTS = {  # name → what changes from BASE
     "progressive resolution from 75%": dict(progressive=0.75),
     "batch RandAugment (2 ops), ramped": dict(rand_ops=2),
     "width 192 instead of 128": dict(embed_dim=192, num_heads=3),
+    "stem: a full-resolution conv first (32,64,128)": dict(stem_channels=(32, 64, 128)),
+    "stem: two full-resolution convs (32,32,64,128)": dict(stem_channels=(32, 32, 64, 128)),
 }
 
 
@@ -57,7 +59,8 @@ def train_one(v: dict, x_tr, y_tr, x_va, y_va, seconds: float, precision: str, b
     model = vitkit.create_model(img_size=side, patch_size=patch, in_chans=c, embed_dim=v["embed_dim"],
                                 depth=v["depth"], num_heads=v["num_heads"], mlp_ratio=v["mlp_ratio"],
                                 num_classes=int(y_tr.max()) + 1, global_pool="avg", class_token=False,
-                                stem=v["stem"], patch_drop_rate=v["patch_drop_rate"])
+                                stem=v["stem"], patch_drop_rate=v["patch_drop_rate"],
+                                stem_channels=v["stem_channels"])
     opt = build_optimizer(model, 2e-3, 0.05)
     bf16 = precision == "bf16"
     per_epoch = max(1, len(x_tr) // batch)
