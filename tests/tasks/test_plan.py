@@ -6,7 +6,7 @@ import pytest
 
 from vitkit.data.profile import DataProfile
 from vitkit.models import ViTConfig, count_flops
-from vitkit.tasks.plan import LADDER, epochs_needed, plan_recipe, token_layout
+from vitkit.tasks.plan import LADDER, epochs_needed, plan_recipe, stem_channels_for, token_layout
 from vitkit.tasks.recipe import DEFAULTS, Recipe, resolve
 
 from ._digits import color_folder
@@ -37,6 +37,34 @@ def test_token_layout_from_the_image_size():
     assert token_layout(8) == (8, 2, "conv")  # 4x4
     assert token_layout(64) == (64, 8, "conv")
     assert token_layout(100) == (96, 16, "conv")  # cut to a multiple of the patch
+
+
+def test_small_images_get_a_full_resolution_conv_before_the_stride_2_convs():
+    import torch
+
+    from vitkit import create_model
+
+    assert stem_channels_for(32, 4, "conv", 128) == (32, 64, 128)  # timm's tiers (64, 128) after a stride-1 conv
+    assert stem_channels_for(28, 4, "conv", 64) == (16, 32, 64)
+    assert stem_channels_for(64, 8, "conv", 128) == ()  # larger images: the tiers alone (its cost grows with area)
+    assert stem_channels_for(32, 4, "patch", 128) == ()
+    p = plan_recipe(_profile(), Recipe(), budget=3600, timer=FakeTimer(), precisions=("fp32",))
+    assert p.recipe.stem_channels == stem_channels_for(32, 4, "conv", p.recipe.embed_dim)
+    assert "full-resolution" in p.reasons["input"]
+    big = plan_recipe(_profile(side=96, n=5_000), Recipe(), budget=3600, timer=FakeTimer(), precisions=("fp32",))
+    assert big.recipe.stem_channels == () and "full-resolution" not in big.reasons["input"]
+    # the model it describes: a stride-1 conv keeps 32x32, the next two halve it to the 8x8 token grid
+    m = create_model(img_size=32, patch_size=4, embed_dim=p.recipe.embed_dim, depth=1, num_heads=p.recipe.num_heads,
+                     stem="conv", stem_channels=p.recipe.stem_channels, num_classes=10)
+    convs = [c for c in m.patch_embed.backbone.modules() if isinstance(c, torch.nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [1, 2, 2] and convs[0].out_channels == p.recipe.stem_channels[0]
+    assert m.patch_embed(torch.zeros(2, 3, 32, 32)).shape[1:3] == (8, 8)
+    # flags win: the user's widths, or () for timm's tiers; a user's width carries the planned stem with it
+    mine = plan_recipe(_profile(), Recipe(stem_channels=(16, 48, 96)), budget=3600, timer=FakeTimer())
+    assert mine.recipe.stem_channels == (16, 48, 96) and "full-resolution" not in mine.reasons["input"]
+    assert plan_recipe(_profile(), Recipe(stem_channels=()), budget=3600, timer=FakeTimer()).recipe.stem_channels == ()
+    wide = plan_recipe(_profile(), Recipe(embed_dim=256, depth=2, num_heads=4), budget=3600, timer=FakeTimer())
+    assert wide.recipe.stem_channels == (64, 128, 256)
 
 
 def test_more_budget_buys_a_bigger_model_and_smaller_data_a_smaller_one():
@@ -192,6 +220,9 @@ def test_train_cli_with_the_auto_recipe_on_a_tiny_folder_and_a_rerun_of_its_reci
     values, sources = cfg["recipe"]["values"], cfg["recipe"]["sources"]
     assert sources["epochs"] == "flag" and sources["embed_dim"] == "plan" and values["precision"] in ("fp32", "bf16")
     assert cfg["model"]["embed_dim"] == values["embed_dim"] and cfg["model"]["stem"] == values["stem"]
+    # small images: a full-resolution conv, then one stride-2 conv per halving of the patch
+    halvings = values["patch_size"].bit_length() - 1
+    assert cfg["model"]["stem_channels"] == values["stem_channels"] and len(values["stem_channels"]) == halvings + 1
     # a rerun from the folder repeats the recipe exactly (flags may still override a field)
     assert main(["train", "--data", data, "--recipe", str(tmp_path / "r" / "auto"), "--lr", "1e-3",
                  "--val-split", "0.25", "--runs-dir", str(tmp_path / "r"), "--name", "again", "--quiet"]) == 0

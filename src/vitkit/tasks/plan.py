@@ -8,6 +8,8 @@ The rules are about the data and the budget only (no data set is known by name):
 - resolution: the images' own size when small; larger images are brought down to what the budget affords;
 - tokens: an 8x8 grid or so (7x7 for 28-px digits, 4x4 for 8-px ones) through a convolutional stem whose
   stride-2 convolutions reach it (Xiao et al. 2021), a plain patchify conv where the patch is not a power of two;
+  small images (<= 32 px) get one more 3x3 conv at full resolution first, which sees every pixel's neighbours
+  before the first stride-2 conv skips half of them (CCT's tokenizer; measured here, docs/training.md);
 - model: from a ladder of widths and depths, the largest whose measured step time still buys the number of
   epochs this much data needs (`epochs_needed`), so time goes where it pays: a wider model or more passes;
 - precision: bf16 autocast where it measures faster than fp32 and a paired check on held-out images shows it
@@ -90,10 +92,30 @@ def resolution_for(profile: DataProfile, budget: Optional[float]) -> int:
     return int(min(native, cap))
 
 
-def _model_fields(rung: Tuple[int, int, int, float], img: int, patch: int, stem: str, in_chans: int) -> dict:
+FULL_RES_CONV_MAX_SIDE = 32  # a full-resolution stem conv costs ~area: measured paying at 32 px, not above
+
+
+def stem_channels_for(img: int, patch: int, stem: str, embed_dim: int) -> Tuple[int, ...]:
+    """The conv stem's widths: timm's tiers (one stride-2 conv per halving, `()`), plus a leading stride-1 conv of
+    half the first tier's width where the images are small (<= 32 px). 32 px, patch 4, width 128 → (32, 64, 128)."""
+    if stem != "conv" or img > FULL_RES_CONV_MAX_SIDE or patch < 2:
+        return ()
+    from ..models.vit import conv_stem_channels
+
+    tiers = conv_stem_channels(patch, embed_dim)
+    return (max(16, tiers[0] // 2), *tiers)
+
+
+def _model_fields(rung: Tuple[int, int, int, float], img: int, patch: int, stem: str, in_chans: int,
+                  stem_channels: Optional[Tuple[int, ...]] = None, user_arch: Optional[dict] = None) -> dict:
+    """The model fields of a ladder rung with the user's architecture fields on top; `stem_channels` the user's
+    (None: planned for the final width)."""
     d, depth, heads, mlp = rung
-    return dict(img_size=img, patch_size=patch, in_chans=in_chans, embed_dim=d, depth=depth, num_heads=heads,
-                mlp_ratio=mlp, stem=stem, global_pool="avg", class_token=False)
+    out = {**dict(img_size=img, patch_size=patch, in_chans=in_chans, embed_dim=d, depth=depth, num_heads=heads,
+                  mlp_ratio=mlp, stem=stem, global_pool="avg", class_token=False), **(user_arch or {})}
+    out["stem_channels"] = (stem_channels_for(img, patch, stem, out["embed_dim"]) if stem_channels is None
+                            else tuple(stem_channels))
+    return out
 
 
 def augmentation_for(epochs: float, profile: DataProfile) -> Dict[str, object]:
@@ -165,7 +187,9 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
     why["input"] = (f"{img}x{img} px ({'native size' if img >= min(profile.native_size) - patch else 'budget cap'})"
                     f", {'grey (1 channel)' if in_chans == 1 else 'colour'}, {grid}x{grid} tokens through a "
                     f"{'convolutional stem (stride-2 3x3 convs)' if stem == 'conv' else 'patchify conv'} of "
-                    f"patch {patch}")
+                    f"patch {patch}"
+                    + (", after a full-resolution 3x3 conv (small images)"
+                       if user.stem_channels is None and stem_channels_for(img, patch, stem, 64) else ""))
     need = epochs_needed(profile.num_train)
     fixed_arch = user.model is not None
     # the model rung and precision: measured, unless the schedule is in epochs (then by data size alone, in fp32)
@@ -176,7 +200,7 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
         left = budget - spent
         prec_pick = None
         for i, rung in enumerate(LADDER):
-            fields = {**_model_fields(rung, img, patch, stem, in_chans), **user_arch}
+            fields = _model_fields(rung, img, patch, stem, in_chans, user.stem_channels, user_arch)
             if prec_pick is None:  # the precisions compared on the first rung; the rest measured in the winner
                 prec_pick, _ = _measure_precision(plan, timer, fields, precisions)
             t = timer(fields, prec_pick)
@@ -195,19 +219,19 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
                         f"in the budget ({epochs:.0f} at {batch / sec:.0f} img/s)"
                         if fits else f"width {LADDER[i][0]}, depth {LADDER[i][1]}: the smallest; even it gets only "
                         f"{epochs:.1f} of the {need:.0f} epochs this data needs (a longer --time-budget would pay)")
-        r.update(_model_fields(LADDER[i], img, patch, stem, in_chans))
+        r.update(_model_fields(LADDER[i], img, patch, stem, in_chans, user.stem_channels, user_arch))
         r["precision"] = prec
         plan.measurements["planned_epochs"] = round(epochs, 1)
         if compile_timer is not None and user.compile is None and left >= COMPILE_MIN_BUDGET:
-            epochs = _plan_compile(plan, r, compile_timer, {**_model_fields(LADDER[i], img, patch, stem, in_chans),
-                                                            **user_arch}, prec, sec, left, batch, profile.num_train,
-                                   epochs)
+            epochs = _plan_compile(plan, r, compile_timer, _model_fields(LADDER[i], img, patch, stem, in_chans,
+                                                                         user.stem_channels, user_arch),
+                                   prec, sec, left, batch, profile.num_train, epochs)
     else:
         i = _rung_for_data(profile.num_train)
-        fields = fixed_fields if fixed_arch else {**_model_fields(LADDER[i], img, patch, stem, in_chans),
-                                                  **user_arch}
+        fields = fixed_fields if fixed_arch else _model_fields(LADDER[i], img, patch, stem, in_chans,
+                                                               user.stem_channels, user_arch)
         if not fixed_arch:
-            r.update(_model_fields(LADDER[i], img, patch, stem, in_chans))
+            r.update(_model_fields(LADDER[i], img, patch, stem, in_chans, user.stem_channels, user_arch))
             why["model"] = (f"width {LADDER[i][0]}, depth {LADDER[i][1]}: sized for {profile.num_train:,} "
                             "training images (no time budget to measure against)")
         r["precision"] = "fp32"
