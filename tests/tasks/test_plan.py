@@ -94,6 +94,29 @@ def test_precision_is_the_fastest_measured():
     assert slow_bf16.reasons["precision"].startswith("fp32: the fastest measured (fp32 ")
 
 
+class WidthTimer(FakeTimer):
+    """bf16 slower than fp32 on narrow models (its casts cost more than small matmuls save), faster on wide ones."""
+
+    def __call__(self, fields, precision):
+        self.bf16 = 0.8 if fields["embed_dim"] < 96 else 2.0
+        return super().__call__(fields, precision)
+
+
+def test_with_an_hour_each_rung_gets_its_own_fastest_precision():
+    timer = WidthTimer(gflops_per_s=60.0)
+    p = plan_recipe(_profile(), Recipe(), budget=3600, timer=timer, precisions=("fp32", "bf16"))
+    assert p.recipe.embed_dim >= 96 and p.recipe.precision == "bf16"  # in fp32 (the first rung's pick) it would not fit
+    chosen = {prec for d, depth, prec in timer.calls if (d, depth) == (p.recipe.embed_dim, p.recipe.depth)}
+    assert chosen == {"fp32", "bf16"}
+    secs = p.measurements["precision_seconds"]  # the chosen rung's, which the bf16 check is sized on
+    assert secs["bf16"] < secs["fp32"] and p.reasons["precision"].startswith("bf16: the fastest measured")
+    assert any(k.startswith("64x4/fp32") for k in p.measurements["step_seconds"])
+    # a short budget: the first rung's winner is timed on the rest (planning stays a few seconds)
+    timer = WidthTimer(gflops_per_s=60.0)
+    short = plan_recipe(_profile(), Recipe(), budget=1200, timer=timer, precisions=("fp32", "bf16"))
+    assert short.recipe.precision == "fp32" and {c[2] for c in timer.calls if c[0] != 64} == {"fp32"}
+
+
 def test_the_data_decides_channels_flips_and_test_time_flips():
     digits = plan_recipe(_profile(side=28, grey=True, asym=0.65), Recipe(), budget=600, timer=FakeTimer())
     photos = plan_recipe(_profile(side=32, asym=0.01), Recipe(), budget=600, timer=FakeTimer())

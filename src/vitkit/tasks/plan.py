@@ -12,7 +12,8 @@ The rules are about the data and the budget only (no data set is known by name):
   before the first stride-2 conv skips half of them (CCT's tokenizer; measured here, docs/training.md);
 - model: from a ladder of widths and depths, the largest whose measured step time still buys the number of
   epochs this much data needs (`epochs_needed`), so time goes where it pays: a wider model or more passes;
-- precision: bf16 autocast where it measures faster than fp32 and a paired check on held-out images shows it
+- precision: bf16 autocast where it measures faster than fp32 on the chosen model (each rung timed in both when
+  the budget is an hour-scale one) and a paired check on held-out images shows it
   trains as well (`vitkit.train.probe`), else fp32;
 - augmentation and regularisation: weak for short schedules, growing with the number of epochs the budget buys
   (flips only for mirror-symmetric data); label smoothing, EMA over the last ~5% of steps;
@@ -46,12 +47,17 @@ def _measure_precision(plan: "Plan", timer: "StepTimer", fields: dict, precision
     """Time a step of `fields` in each candidate precision; record the times and why the fastest is picked (bf16
     still has to pass the caller's check). Returns (the fastest, seconds per step of each)."""
     times = {prec: timer(fields, prec) for prec in precisions}
+    return _record_precision(plan, times), times
+
+
+def _record_precision(plan: "Plan", times: Dict[str, float]) -> str:
+    """Record the step time of each precision (of the model the plan trains) and why the fastest wins; returns it."""
     pick = min(times, key=times.get)
     plan.measurements["precision_seconds"] = {k: round(v, 4) for k, v in times.items()}
     shown = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in times.items())
     plan.reasons["precision"] = (f"{pick}: the only candidate on this hardware ({shown} per step)" if len(times) == 1
                                  else f"{pick}: the fastest measured ({shown} per step)")
-    return pick, times
+    return pick
 
 
 def epochs_needed(num_train: int) -> float:
@@ -198,19 +204,28 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
                                                                       "mlp_ratio", "global_pool", "class_token")}
     if budget is not None and timer is not None and not fixed_arch:
         left = budget - spent
-        prec_pick = None
+        # which precision is faster can change with the width (bf16 pays on large matmuls, its casts cost on small
+        # ones): with an hour-scale budget every rung is timed in each (seconds of planning); else in the first's
+        every_rung = left >= COMPILE_MIN_BUDGET
+        prec_pick, rung_times = None, []
         for i, rung in enumerate(LADDER):
             fields = _model_fields(rung, img, patch, stem, in_chans, user.stem_channels, user_arch)
-            if prec_pick is None:  # the precisions compared on the first rung; the rest measured in the winner
-                prec_pick, _ = _measure_precision(plan, timer, fields, precisions)
-            t = timer(fields, prec_pick)
-            options.append((i, prec_pick, t))
+            if prec_pick is None:
+                prec_pick, times = _measure_precision(plan, timer, fields, precisions)
+            else:
+                times = {p: timer(fields, p) for p in (precisions if every_rung else (prec_pick,))}
+            fastest = min(times, key=times.get)
+            t = times[fastest]
+            options.append((i, fastest, t))
+            rung_times.append(times)
             epochs = _epochs_in(left, t, batch, profile.num_train)
             if epochs < need / 2 or user_arch.keys() >= {"embed_dim", "depth"}:
                 break  # bigger rungs only get slower (or the user fixed the size): stop measuring
         fits = [o for o in options if _epochs_in(left, o[2], batch, profile.num_train) >= need]
         pick = max(fits, key=lambda o: o[0]) if fits else options[0]
         i, prec, sec = pick
+        if len(rung_times[i]) > 1:  # the precision verdict (and the bf16 check's cost) is the chosen rung's
+            _record_precision(plan, rung_times[i])
         epochs = _epochs_in(left, sec, batch, profile.num_train)
         plan.measurements["step_seconds"] = {f"{LADDER[o[0]][0]}x{LADDER[o[0]][1]}/{o[1]}": round(o[2], 4)
                                              for o in options}
