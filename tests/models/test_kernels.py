@@ -165,3 +165,17 @@ def test_reduced_precision_uses_bf16_attention_where_it_can(kernel, monkeypatch,
     got_off = off(x)
     assert not any(b.bf16_attention for packed in off._packed.values() for b in packed)
     assert ((got_off - plain).norm() / plain.norm()).item() <= tol
+
+
+def test_a_reload_checks_the_bf16_attention_afresh(kernel, monkeypatch):
+    """A failed bf16 self-check turns the bf16 attention off for the loaded kernel only: cache_clear() and a new
+    cpu_attention() check it again, so a stale mark never outlives the module it was about."""
+    monkeypatch.delenv("VITKIT_NO_BF16_ATTENTION", raising=False)
+    kernels._bf16_off.append(True)  # as a failed check leaves it
+    assert not kernels.bf16_attention_available()
+    kernels.cpu_attention.cache_clear()
+    try:
+        assert kernels.cpu_attention() is not None
+        assert kernels.bf16_attention_available() == kernel.has_bf16()
+    finally:
+        kernels.cpu_attention.cache_clear()
