@@ -101,10 +101,15 @@ def resolution_for(profile: DataProfile, budget: Optional[float]) -> int:
 FULL_RES_CONV_MAX_SIDE = 32  # a full-resolution stem conv costs ~area: measured paying at 32 px, not above
 
 
+def _full_res_conv(img: int, patch: int, stem: str) -> bool:
+    """Whether the planned conv stem starts with a stride-1 conv at full resolution: small images only."""
+    return stem == "conv" and img <= FULL_RES_CONV_MAX_SIDE and patch >= 2
+
+
 def stem_channels_for(img: int, patch: int, stem: str, embed_dim: int) -> Tuple[int, ...]:
     """The conv stem's widths: timm's tiers (one stride-2 conv per halving, `()`), plus a leading stride-1 conv of
     half the first tier's width where the images are small (<= 32 px). 32 px, patch 4, width 128 → (32, 64, 128)."""
-    if stem != "conv" or img > FULL_RES_CONV_MAX_SIDE or patch < 2:
+    if not _full_res_conv(img, patch, stem):
         return ()
     from ..models.vit import conv_stem_channels
 
@@ -195,11 +200,11 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
                     f"{'convolutional stem (stride-2 3x3 convs)' if stem == 'conv' else 'patchify conv'} of "
                     f"patch {patch}"
                     + (", after a full-resolution 3x3 conv (small images)"
-                       if user.stem_channels is None and stem_channels_for(img, patch, stem, 64) else ""))
+                       if user.stem_channels is None and _full_res_conv(img, patch, stem) else ""))
     need = epochs_needed(profile.num_train)
     fixed_arch = user.model is not None
     # the model rung and precision: measured, unless the schedule is in epochs (then by data size alone, in fp32)
-    options = []  # (rung index, precision, seconds per step)
+    options = []  # (rung index, its fastest precision, its seconds per step, seconds per step of each precision)
     user_arch = {k: v for k, v in user.set_fields().items() if k in ("embed_dim", "depth", "num_heads",
                                                                       "mlp_ratio", "global_pool", "class_token")}
     if budget is not None and timer is not None and not fixed_arch:
@@ -207,7 +212,7 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
         # which precision is faster can change with the width (bf16 pays on large matmuls, its casts cost on small
         # ones): with an hour-scale budget every rung is timed in each (seconds of planning); else in the first's
         every_rung = left >= COMPILE_MIN_BUDGET
-        prec_pick, rung_times = None, []
+        prec_pick = None
         for i, rung in enumerate(LADDER):
             fields = _model_fields(rung, img, patch, stem, in_chans, user.stem_channels, user_arch)
             if prec_pick is None:
@@ -216,16 +221,15 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
                 times = {p: timer(fields, p) for p in (precisions if every_rung else (prec_pick,))}
             fastest = min(times, key=times.get)
             t = times[fastest]
-            options.append((i, fastest, t))
-            rung_times.append(times)
+            options.append((i, fastest, t, times))
             epochs = _epochs_in(left, t, batch, profile.num_train)
             if epochs < need / 2 or user_arch.keys() >= {"embed_dim", "depth"}:
                 break  # bigger rungs only get slower (or the user fixed the size): stop measuring
         fits = [o for o in options if _epochs_in(left, o[2], batch, profile.num_train) >= need]
         pick = max(fits, key=lambda o: o[0]) if fits else options[0]
-        i, prec, sec = pick
-        if len(rung_times[i]) > 1:  # the precision verdict (and the bf16 check's cost) is the chosen rung's
-            _record_precision(plan, rung_times[i])
+        i, prec, sec, times = pick
+        if len(times) > 1:  # the precision verdict (and the bf16 check's cost) is the chosen rung's
+            _record_precision(plan, times)
         epochs = _epochs_in(left, sec, batch, profile.num_train)
         plan.measurements["step_seconds"] = {f"{LADDER[o[0]][0]}x{LADDER[o[0]][1]}/{o[1]}": round(o[2], 4)
                                              for o in options}
