@@ -98,7 +98,12 @@ def test_page_in_a_real_browser(chromium, server, served, tmp_path):
             assert page.evaluate("document.getElementById('overlay').naturalWidth") == 224
             grid = page.locator("#neighbours li img")
             sync_api.expect(grid).to_have_count(8)
-            page.wait_for_function("[...document.querySelectorAll('#neighbours img')].every(i => i.naturalWidth > 0)")
+            # polled from here: wait_for_function's in-page polling evals its string, which the page's CSP
+            # (script-src 'self') refuses whenever the first check is not already true (a flaky EvalError)
+            deadline = time.monotonic() + 30
+            while not page.evaluate("[...document.querySelectorAll('#neighbours img')].every(i => i.naturalWidth > 0)"):
+                assert time.monotonic() < deadline, "the neighbour thumbnails did not load within 30 s"
+                page.wait_for_timeout(100)
             sync_api.expect(page.locator("#neighbours li").first).to_contain_text("#1")
             page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
             if os.environ.get("VITKIT_SCREENSHOT"):
