@@ -261,8 +261,10 @@ def test_calibrated_int8_fixes_outliers_and_keeps_noisy_linears_out_of_int8(capl
     err_cal = agreement(cal8.forward_features(x), want, logits=False)["rel"]
     assert 1e-4 < err_cal <= TOLERANCES["int8"].rel and err_cal < err_plain / 4, (err_cal, err_plain)
     rec = fast_mod.precision_record(cal8)
-    assert rec["precision"] == "int8" and rec["int8"]["kept"] == {"0.fc2": cal8.int8_plan.layers[0]["fc2"]}
-    assert rec["int8"]["smoothing_alpha"] == 0.5 and rec["int8"]["calibration_images"] == 32
+    assert rec["precision"] == "int8" and rec["precision_int8"]["kept"] == {"0.fc2": cal8.int8_plan.layers[0]["fc2"]}
+    assert rec["precision_int8"]["smoothing_alpha"] == 0.5 and rec["precision_int8"]["calibration_images"] == 32
+    # every key is a precision key: manifests compare a model's identity with the precision record set aside
+    assert all(k.startswith("precision") for k in rec), rec
     # the caller's model is untouched (the smoothing went into optimize's private copy)
     assert m.blocks[0].norm1.weight[3] == 50.0
 

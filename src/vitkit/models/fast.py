@@ -507,13 +507,14 @@ class OptimizedViT(nn.Module):
 
 
 def precision_record(model) -> dict:
-    """What a report or manifest records of the precision a (possibly optimized) model ran in: {"precision": ...}
-    and, where `auto` chose it, {"precision_choice": what it measured}."""
+    """What a report or manifest records of the precision a (possibly optimized) model ran in: {"precision": ...},
+    where `auto` chose it {"precision_choice": what it measured}, and for int8 {"precision_int8": its plan}. Every
+    key starts with "precision", so a reader can set the whole record aside to compare the rest of a model's identity."""
     out = {"precision": getattr(model, "precision", "fp32") if isinstance(model, OptimizedViT) else "fp32"}
     if isinstance(model, OptimizedViT) and model.choice is not None:
         out["precision_choice"] = model.choice.to_dict()
     if out["precision"] == "int8" and model.int8_plan is not None:
-        out["int8"] = model.int8_plan.to_dict()
+        out["precision_int8"] = model.int8_plan.to_dict()
     return out
 
 
