@@ -232,6 +232,37 @@ def test_time_budget_lays_the_schedule_over_the_clock(tmp_path, every, step_s, e
     assert next(r for r in rows if r["step"] >= steps / 3)["lr"] > 0.5e-2 and rows[-1]["lr"] < 1e-4
 
 
+def test_a_re_plan_carries_the_cosine_on_when_the_machine_speeds_up(tmp_path, monkeypatch):
+    """Steps get 4x faster after 24 of them: the budget's re-plans add steps, and the lr goes on down from where it
+    stood to the floor at the new end; stretching the cosine over the new total would raise it again mid-run."""
+    vitkit.io.register_model_type("tiny_ae", AEConfig, TinyAE)
+    now, done, lrs = [0.0], [0], []
+    batches = [torch.randn(4, 1, 28, 28) for _ in range(8)]
+
+    def loss_fn(m, x):
+        done[0] += 1
+        now[0] += 1.0 if done[0] <= 24 else 0.25
+        return nn.functional.mse_loss(m(x), x), {}
+
+    def eval_fn(m):
+        now[0] += 0.5
+        return {"val_loss": 1.0}
+
+    real_set_lr = vitkit.train.engine.set_lr
+    monkeypatch.setattr(vitkit.train.engine, "set_lr", lambda opt, lr: (lrs.append(lr), real_set_lr(opt, lr)))
+    cfg = _tc(tmp_path, "speedup", epochs=1000, time_budget=100.0, batch_size=4, lr=1e-2, min_lr=1e-5,
+              best_metric="", eval_every=1)
+    trainer = Trainer(TinyAE(), lambda epoch, rank, world: batches, cfg, loss_fn, eval_fn)
+    trainer.clock = lambda: now[0]
+    s = trainer.fit()
+    warmup, (s0, p0) = trainer.plan["warmup"], trainer.plan["anchor"]
+    assert s["steps"] > 100 and 0 < p0 < 1 and s0 > warmup  # re-planned mid-cosine for the faster steps
+    after = lrs[warmup:]
+    assert all(b <= a + 1e-12 for a, b in zip(after, after[1:])), max(b - a for a, b in zip(after, after[1:]))
+    assert lrs[-1] == pytest.approx(lr_at(s["steps"] - 1, s["steps"], warmup, 1e-2, 1e-5, (s0, p0)))
+    assert lrs[-1] < 1e-4  # at the floor by the new end
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_precision_and_accumulation_train(tmp_path, precision):
     s = train_classifier(_task(max_train=128, max_val=50),

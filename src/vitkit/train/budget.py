@@ -2,13 +2,16 @@
 
 The engine times its steps (at unit `step_cost`: progressive resizing makes late steps dearer), then lays the
 schedule over the steps that fit: `plan["total"]` (and, the first time, its warm-up) after the first steps, again
-after every epoch at the machine's current speed. The plan is saved in `last.state.pt`, so a resumed run keeps it.
+after every epoch at the machine's current speed, the cosine going on from where it stands (`plan["anchor"]`). The
+plan is saved in `last.state.pt`, so a resumed run keeps it.
 """
 from __future__ import annotations
 
 import logging
 import math
 from typing import Callable, List
+
+from .optim import cosine_progress
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +77,15 @@ def replan(plan: dict, *, step: int, seconds: float, sec_per_step: float, per_st
            steps_per_epoch: int, step_cost: Callable[[float], float], warmup_steps: Callable[[int], int]) -> None:
     """Set `plan`'s total steps so that the steps from `step` on fit in `seconds`; the first time, its warm-up too
     (`warmup_steps(total)`), unless it is a resumed run's, which is past its warm-up."""
-    total = fit_steps(step, max(0.0, seconds), sec_per_step, per_step_extra, step_cost)
+    total = max(fit_steps(step, max(0.0, seconds), sec_per_step, per_step_extra, step_cost), step + 1)
     if not plan.get("planned"):
         if not plan.pop("keep_warmup", False):
             plan["warmup"] = warmup_steps(total)
         plan["planned"] = True
-    plan["total"] = max(total, step + 1)
+    elif total != plan["total"] and step > plan["warmup"]:
+        # past warm-up, a new total goes on from where the cosine stands (stretching it would raise the lr again)
+        plan["anchor"] = [step, cosine_progress(step, plan["total"], plan["warmup"], plan.get("anchor"))]
+    plan["total"] = total
     plan["epochs"] = round(plan["total"] / steps_per_epoch, 2)
 
 
@@ -87,4 +93,5 @@ def replan_resumed(plan: dict, *, step: int, elapsed: float, seconds: float) -> 
     """A resumed run given a new budget: its total from the speed of the run so far, to be planned again once this
     process has timed its own steps; it keeps its warm-up (it is past it)."""
     per_step = elapsed / max(1, step)
+    plan.pop("anchor", None)  # the new budget's cosine is laid from this step over the new total, as --epochs does
     plan.update(total=step + max(1, int((seconds - elapsed) / max(per_step, 1e-9))), planned=False, keep_warmup=True)

@@ -294,6 +294,7 @@ class Trainer:
                 raise ConfigError(f"--epochs {c.epochs} is too few: {done} already; give more")
             self.plan.update(total=total, planned=True)
             self.plan.pop("epochs", None)
+            self.plan.pop("anchor", None)
             self.finished = False
         if self.finished:
             raise ConfigError(f"run {str(path)!r} has finished already ({self.epoch} epochs, {self.step} steps); to "
@@ -434,7 +435,7 @@ class Trainer:
                 for p, mask in self._inert:
                     if p.grad is not None:
                         p.grad.mul_(mask)
-                lr = lr_at(self.step, self.plan["total"], self.plan["warmup"], c.lr, c.min_lr)
+                lr = lr_at(self.step, self.plan["total"], self.plan["warmup"], c.lr, c.min_lr, self.plan.get("anchor"))
                 set_lr(self.optimizer, lr)
                 if c.clip_grad:
                     self.scaler.unscale_(self.optimizer)

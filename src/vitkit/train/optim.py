@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -87,13 +87,25 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def lr_at(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
-    """Linear warm-up from ~0 to base_lr over `warmup` steps, then cosine down to min_lr at `total`."""
+def cosine_progress(step: int, total: int, warmup: int, anchor: Optional[Sequence[float]] = None) -> float:
+    """How far `step` is along the cosine: 0 at the end of warm-up, 1 at `total`. With `anchor` = (step0,
+    progress0), set where a time budget moved `total` mid-run, from progress0 at step0 straight on to 1 at the new
+    total, so the learning rate stays continuous and never rises again when the machine speeds up."""
+    if anchor is not None and step >= anchor[0]:
+        s0, p0 = int(anchor[0]), float(anchor[1])
+        return min(1.0, p0 + (1.0 - p0) * (step - s0) / max(1, total - s0))
+    return min(1.0, max(0, step - warmup) / max(1, total - warmup))
+
+
+def lr_at(step: int, total: int, warmup: int, base_lr: float, min_lr: float,
+          anchor: Optional[Sequence[float]] = None) -> float:
+    """Linear warm-up from ~0 to base_lr over `warmup` steps, then cosine down to min_lr at `total` (continued from
+    `anchor` after a re-plan: `cosine_progress`)."""
     if step < warmup:
         return base_lr * (step + 1) / warmup
     if total <= warmup:
         return base_lr
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    t = cosine_progress(step, total, warmup, anchor)
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * t))
 
 
