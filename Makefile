@@ -41,7 +41,7 @@ mutate: $(STAMP)
 		for (k in s) printf " %10d", c[m, k]; print "" } }' | sort
 
 demo: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/vitkit train --data mnist5k --name demo --overwrite
+	$(BIN)/vitkit train --data mnist5k --name demo --overwrite
 	$(BIN)/vitkit eval runs/demo --data mnist5k
 
 bench: $(STAMP)

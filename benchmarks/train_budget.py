@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from common import ROOT, machine
 
-import vitkit  # noqa: F401  (sets OMP_WAIT_POLICY before torch spins up its threads)
+import vitkit  # noqa: F401  (chooses how OpenMP threads wait before torch loads them)
 from vitkit.train import parse_duration
 
 

@@ -141,3 +141,13 @@ def test_train_precision_benchmark_quick(capsys):
     assert [r["precision"] for r in out["runs"]] == ["fp32", "bf16"]
     assert all(0 <= r["top1"] <= 100 and r["steps"] > 0 for r in out["runs"])
     assert _last_line(capsys).startswith("ratio bf16/fp32 training steps/s")
+
+
+@pytest.mark.slow
+def test_omp_wait_quick(capsys):
+    import omp_wait
+
+    out = omp_wait.main(["--quick"])
+    assert [r["policy"] for r in out["rows"]] == list(omp_wait.POLICIES) and not any(r["compile"] for r in out["rows"])
+    assert all(r["img_s"] > 0 for r in out["rows"]) and set(out["ratios"]) == {"eager"}
+    assert _last_line(capsys).startswith("ratio vitkit default (spin 3000) / passive: eager ")
