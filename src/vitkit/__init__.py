@@ -2,13 +2,14 @@
 import os as _os
 
 # How PyTorch's OpenMP threads wait between parallel regions. A training step runs hundreds of small kernels; with
-# passive waiting every one pays a sleep and a wake-up, with a short spin (GOMP_SPINCOUNT 3,000 pause loops, ~0.1 ms)
-# the threads are still awake for the next one: on 2 idle cores, the 64x4 CIFAR model's step +8% eager and +57%
-# compiled (760 → 1,180 img/s, docs/speed.md), and no slower than passive with both cores busy with other work.
-# Long spins (libgomp's default 300,000, or OMP_WAIT_POLICY=ACTIVE) steal the cores of a busy machine: a step up to
-# 30x slower and erratic, which also misleads the planner's step measurements. Read when torch loads OpenMP, so it
-# applies only if vitkit is imported before torch; set OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to choose
-# otherwise (KMP_BLOCKTIME is the same setting for Intel's OpenMP, in milliseconds).
+# passive waiting every one pays a sleep and a wake-up, with a short spin (GOMP_SPINCOUNT 3,000: some 30 us by
+# libgomp's reckoning of 100,000 spins a millisecond) the threads are still awake for the next one. On 2 idle
+# cores the 64x4 CIFAR model's training step: +8% eager, +57% compiled (760 → 1,180 img/s; docs/speed.md), and no
+# slower than passive with both cores busy with other work. Long spins (libgomp's default 300,000, or
+# OMP_WAIT_POLICY=ACTIVE) steal the cores of a busy machine: a step up to 30x slower and erratic, which also
+# misleads the planner's step measurements. Read when torch loads OpenMP, so it applies only if vitkit is imported
+# before torch; set OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to choose otherwise (GOMP_SPINCOUNT wins where both
+# are set; KMP_BLOCKTIME is the same setting for Intel's OpenMP, in milliseconds).
 if "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ.setdefault("GOMP_SPINCOUNT", "3000")
     _os.environ.setdefault("KMP_BLOCKTIME", "1")
