@@ -3,9 +3,9 @@ import os as _os
 
 # How PyTorch's OpenMP threads wait between parallel regions. A training step runs hundreds of small kernels; with
 # passive waiting every one pays a sleep and a wake-up, with a short spin (GOMP_SPINCOUNT 3,000: some 30 us by
-# libgomp's reckoning of 100,000 spins a millisecond) the threads are still awake for the next one. On 2 idle
-# cores the 64x4 CIFAR model's training step: +8% eager, +57% compiled (760 → 1,180 img/s; docs/speed.md), and no
-# slower than passive with both cores busy with other work. Long spins (libgomp's default 300,000, or
+# libgomp's reckoning of 100,000 spins a millisecond) the threads are still awake for the next one. The 64x4
+# CIFAR model's training step on 2 cores: 1.14x eager and 1.30x compiled when idle, 1.42x with both cores busy
+# with other work (benchmarks/omp_wait.py; docs/speed.md). Long spins (libgomp's default 300,000, or
 # OMP_WAIT_POLICY=ACTIVE) steal the cores of a busy machine: a step up to 30x slower and erratic, which also
 # misleads the planner's step measurements. Read when torch loads OpenMP, so it applies only if vitkit is imported
 # before torch; set OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to choose otherwise (GOMP_SPINCOUNT wins where both
