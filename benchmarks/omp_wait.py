@@ -33,26 +33,18 @@ POLICIES = {
 DEFAULT, BASE = "spin 3000 (vitkit)", "passive"
 
 _CHILD = r"""
-import json, statistics, sys, time
+import json, sys
 import torch
 sys.path.insert(0, {src!r})
 import vitkit
+from vitkit.tasks.plan import stem_channels_for
+from vitkit.train.probe import step_seconds
 torch.manual_seed(0)
 m = vitkit.create_model(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0, stem="conv",
-                        stem_channels=(16, 32, 64), global_pool="avg", class_token=False, num_classes=10)
-fwd = torch.compile(m) if {compile} else m
-opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-x, y = torch.randn({batch}, 3, 32, 32), torch.randint(0, 10, ({batch},))
-def step():
-    t = time.perf_counter()
-    loss = torch.nn.functional.cross_entropy(fwd(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return time.perf_counter() - t
-for _ in range(3):
-    step()
-print(json.dumps({{"img_s": {batch} / statistics.median(step() for _ in range({steps}))}}))
+                        stem_channels=stem_channels_for(32, 4, "conv", 64), global_pool="avg", class_token=False,
+                        num_classes=10)
+sec = step_seconds(m, ({batch}, 3, 32, 32), 10, steps={steps}, warmup=3, compile={compile})
+print(json.dumps({{"img_s": {batch} / sec}}))
 """
 
 _BUSY = "import time\nwhile True:\n    sum(i * i for i in range(10000))\n"
