@@ -65,6 +65,8 @@ def test_small_images_get_a_full_resolution_conv_before_the_stride_2_convs():
     assert plan_recipe(_profile(), Recipe(stem_channels=()), budget=3600, timer=FakeTimer()).recipe.stem_channels == ()
     wide = plan_recipe(_profile(), Recipe(embed_dim=256, depth=2, num_heads=4), budget=3600, timer=FakeTimer())
     assert wide.recipe.stem_channels == (64, 128, 256)
+    # the reason names the model the user sized, not the ladder rung it was measured in place of
+    assert wide.reasons["model"].startswith("width 256, depth 2, 4 heads (your flags): ")
 
 
 def test_more_budget_buys_a_bigger_model_and_smaller_data_a_smaller_one():

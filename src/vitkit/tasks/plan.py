@@ -233,12 +233,16 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
         epochs = _epochs_in(left, sec, batch, profile.num_train)
         plan.measurements["step_seconds"] = {f"{LADDER[o[0]][0]}x{LADDER[o[0]][1]}/{o[1]}": round(o[2], 4)
                                              for o in options}
-        why["model"] = (f"width {LADDER[i][0]}, depth {LADDER[i][1]}, {LADDER[i][2]} heads: the largest of the "
-                        f"{len(options)} measured that gets >= {need:.0f} epochs of {profile.num_train:,} images "
-                        f"in the budget ({epochs:.0f} at {batch / sec:.0f} img/s)"
-                        if fits else f"width {LADDER[i][0]}, depth {LADDER[i][1]}: the smallest; even it gets only "
-                        f"{epochs:.1f} of the {need:.0f} epochs this data needs (a longer --time-budget would pay)")
         r.update(_model_fields(LADDER[i], img, patch, stem, in_chans, user.stem_channels, user_arch))
+        size = f"width {r['embed_dim']}, depth {r['depth']}, {r['num_heads']} heads"
+        if user_arch.keys() >= {"embed_dim", "depth"}:  # the user sized it: say what it buys, nothing was chosen
+            why["model"] = (f"{size} (your flags): {epochs:.0f} epochs of {profile.num_train:,} images in the budget "
+                            f"at {batch / sec:.0f} img/s, against the ~{need:.0f} this data needs")
+        else:
+            why["model"] = (f"{size}: the largest of the {len(options)} measured that gets >= {need:.0f} epochs of "
+                            f"{profile.num_train:,} images in the budget ({epochs:.0f} at {batch / sec:.0f} img/s)"
+                            if fits else f"{size}: the smallest; even it gets only {epochs:.1f} of the {need:.0f} "
+                            "epochs this data needs (a longer --time-budget would pay)")
         r["precision"] = prec
         plan.measurements["planned_epochs"] = round(epochs, 1)
         if compile_timer is not None and user.compile is None and left >= COMPILE_MIN_BUDGET:
