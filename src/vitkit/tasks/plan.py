@@ -207,6 +207,7 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
     options = []  # (rung index, its fastest precision, its seconds per step, seconds per step of each precision)
     user_arch = {k: v for k, v in user.set_fields().items() if k in ("embed_dim", "depth", "num_heads",
                                                                       "mlp_ratio", "global_pool", "class_token")}
+    user_sized = user_arch.keys() >= {"embed_dim", "depth"}  # the user fixed the size: one candidate, nothing chosen
     if budget is not None and timer is not None and not fixed_arch:
         left = budget - spent
         # which precision is faster can change with the width (bf16 pays on large matmuls, its casts cost on small
@@ -223,7 +224,7 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
             t = times[fastest]
             options.append((i, fastest, t, times))
             epochs = _epochs_in(left, t, batch, profile.num_train)
-            if epochs < need / 2 or user_arch.keys() >= {"embed_dim", "depth"}:
+            if epochs < need / 2 or user_sized:
                 break  # bigger rungs only get slower (or the user fixed the size): stop measuring
         fits = [o for o in options if _epochs_in(left, o[2], batch, profile.num_train) >= need]
         pick = max(fits, key=lambda o: o[0]) if fits else options[0]
@@ -235,7 +236,7 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
                                              for o in options}
         r.update(_model_fields(LADDER[i], img, patch, stem, in_chans, user.stem_channels, user_arch))
         size = f"width {r['embed_dim']}, depth {r['depth']}, {r['num_heads']} heads"
-        if user_arch.keys() >= {"embed_dim", "depth"}:  # the user sized it: say what it buys, nothing was chosen
+        if user_sized:  # say what the user's model buys
             why["model"] = (f"{size} (your flags): {epochs:.0f} epochs of {profile.num_train:,} images in the budget "
                             f"at {batch / sec:.0f} img/s, against the ~{need:.0f} this data needs")
         else:
