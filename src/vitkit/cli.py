@@ -296,6 +296,9 @@ def _add_train_args(p) -> None:
       help="grow the augmentation strength over the first half of the schedule")
     a("--tta", dest="tta_flip", action=argparse.BooleanOptionalAction, default=None,
       help="evaluate on each image and its mirror image, averaged")
+    a("--tta-shift", dest="tta_shift", type=int, default=None, metavar="PX",
+      help="evaluate also on each image shifted PX pixels left, right, up and down, averaged (0 = off; "
+      "default: planned, about 1/16 of the side)")
     a("--recipe", default=None, metavar="RUN", help="rerun a run's resolved recipe (its folder or config.json); "
       "flags still override")
     _add_engine_args(p, time_budget="wall-clock time for the whole command (90s, 10m, 1h): scan, plan, train, "

@@ -60,6 +60,26 @@ def _batches(client, task="classify"):
     return val.get("count", 0.0), val.get("sum", 0.0)
 
 
+def test_classify_averages_the_test_time_views_the_checkpoint_records(served, tmp_path):
+    """A run that planned 2-px shifted views: the API scores them as `vitkit predict` does, not the image alone."""
+    import vitkit
+    from vitkit.tasks.classify import predict
+
+    ckpt, _, files, _, _ = served
+    model = vitkit.load(ckpt)
+    shifted = tmp_path / "shifted.safetensors"
+    vitkit.save(model, shifted, class_names=list(model.pretrained_cfg["class_names"]),
+                pretrained_cfg={**model.pretrained_cfg, "tta_shift": 2})
+    cli, plain = predict(shifted, files[:3], topk=5), predict(ckpt, files[:3], topk=5)
+    with make_client(checkpoint=str(shifted)) as c:
+        wait_ready(c)
+        for f, want, alone in zip(files[:3], cli, plain):
+            r = c.post("/v1/classify", content=f.read_bytes(), headers=PNG)
+            assert r.status_code == 200, r.text
+            _same_prediction(r.json(), want)
+            assert not _close([t["prob"] for t in r.json()["topk"]], [t["prob"] for t in alone["topk"]])
+
+
 def test_explain_equals_vitkit_explain(client, served, tmp_path, capsys):
     ckpt, _, files, _, _ = served
     assert main(["explain", str(ckpt), str(files[0]), "--out", str(tmp_path)]) == 0

@@ -11,6 +11,7 @@ import vitkit
 import vitkit.data
 from vitkit.cli import main
 from vitkit.models.tome import apply_tome
+from vitkit.tasks.classify import classify_logits, tta_of
 
 from ._digits import color_folder
 
@@ -217,9 +218,10 @@ def test_fast_and_tome_flags(trained, tmp_path, capsys):
     _, val, _ = vitkit.data.build_datasets("mnist5k", augment="none", max_val=100, mean=model.pretrained_cfg["mean"],
                                            std=model.pretrained_cfg["std"])
     x, y = next(iter(vitkit.data.make_loader(val, 100, train=False)))
+    views = tta_of(model.pretrained_cfg)  # the test-time views the run planned and eval averages
     with torch.no_grad():
-        plain = model(x)
-        merged = apply_tome(model, 2)(x)
+        plain = classify_logits(model, x, *views)
+        merged = classify_logits(apply_tome(model, 2), x, *views)
     loss, top1 = F.cross_entropy(merged, y).item(), 100.0 * (merged.argmax(1) == y).float().mean().item()
     assert res["val_loss"] == pytest.approx(loss, abs=2e-5), (res["val_loss"], loss)
     assert abs(res["top1"] - top1) <= 1.0 + 1e-6, (res["top1"], top1)  # one borderline digit may tip

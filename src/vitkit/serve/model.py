@@ -67,7 +67,7 @@ class Service:
     def load(self) -> None:
         """Load weights, index and preprocessing, then warm up; `ready` turns True at the end."""
         from ..models.fast import optimize
-        from ..tasks.classify import load_classifier
+        from ..tasks.classify import load_classifier, tta_of
         from ..data import eval_transform
         from ..data.inputs import preprocessing
         from ..models import Preprocessing
@@ -81,6 +81,7 @@ class Service:
         self.device = resolve_device(cfg.device)
         self.model, self.names = load_classifier(cfg.checkpoint, self.device)
         self.pcfg = preprocessing(self.model)
+        self.tta = tta_of(self.pcfg, repr(str(cfg.checkpoint)))  # the test-time views `vitkit predict` averages
         self.transform = eval_transform(Preprocessing.from_dict(self.pcfg))
         self.pixels, self.scaling = _split_scaling(self.transform)
         self.channels = self.model.config.in_chans
@@ -201,7 +202,7 @@ class Service:
         hook = self.cfg.extra.get("before_batch")
         if hook:
             hook("classify", len(xs))
-        logits = classify_logits(self.fast, self.inputs(xs), bool(self.pcfg.get("tta_flip")))
+        logits = classify_logits(self.fast, self.inputs(xs), *self.tta)
         check_finite_outputs(logits, "the served checkpoint", [f"request {i}" for i in range(len(xs))])
         return list(logits.softmax(-1).cpu().numpy())
 

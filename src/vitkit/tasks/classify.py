@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,7 @@ class ClassifierConfig(DataOptions):
     aug_ramp: bool = False  # augmentation strength grows over the schedule
     progressive: float = 1.0  # progressive resizing: start at this fraction of the resolution
     tta_flip: bool = False  # evaluate on the image and its mirror image, averaged
+    tta_shift: int = 0  # also on the image shifted this many pixels up, down, left and right, averaged (0 = off)
 
     def __post_init__(self) -> None:
         """Each field checked on its own (a one-line ConfigError naming it), the model options included."""
@@ -71,6 +72,7 @@ class ClassifierConfig(DataOptions):
         v.number(self.cutmix, "cutmix", lo=0)
         v.integer(self.eval_batch_size, "eval_batch_size", lo=1)
         v.number(self.progressive, "progressive", lo=0, hi=1, lo_open=True)
+        v.integer(self.tta_shift, "tta_shift", lo=0)
         v.flag(self.hflip, "hflip", optional=True)
         for k in ("aug_ramp", "tta_flip"):
             v.flag(getattr(self, k), k)
@@ -80,7 +82,8 @@ class ClassifierConfig(DataOptions):
 
 
 # Recipe fields that live in ClassifierConfig and TrainConfig (the rest are model fields)
-_TASK_FIELDS = ("label_smoothing", "mixup", "cutmix", "augment", "hflip", "aug_ramp", "progressive", "tta_flip")
+_TASK_FIELDS = ("label_smoothing", "mixup", "cutmix", "augment", "hflip", "aug_ramp", "progressive", "tta_flip",
+                "tta_shift")
 _TRAIN_FIELDS = ("epochs", "time_budget", "batch_size", "lr", "min_lr", "weight_decay", "warmup", "clip_grad",
                  "ema_decay", "layer_decay", "precision", "compile")
 
@@ -178,12 +181,12 @@ def classification_loss(label_smoothing: float = 0.0) -> Callable:
 
 @torch.no_grad()
 def evaluate(model, dataset, *, batch_size: int = 500, device=None, full: bool = False,
-             tta_flip: bool = False, dist_info: Optional[DistInfo] = None) -> dict:
+             tta_flip: bool = False, tta_shift: int = 0, dist_info: Optional[DistInfo] = None) -> dict:
     """val_loss, top1, top5 (in %) of `model` on `dataset`; with `full`, also per-class accuracy and the confusion
-    matrix (rows = true class, columns = predicted). `tta_flip`: scores from the average of the class
-    probabilities of each image and its mirror image. `dist_info` (a torchrun group): each process evaluates its
-    slice of every batch and the counts are summed, so every process returns what one process would (the loss to
-    float rounding)."""
+    matrix (rows = true class, columns = predicted). `tta_flip`, `tta_shift`: scores from the average of the class
+    probabilities over each image's test-time views (`classify_logits`). `dist_info` (a torchrun group): each
+    process evaluates its slice of every batch and the counts are summed, so every process returns what one process
+    would (the loss to float rounding)."""
     k = model.num_classes
     conf = torch.zeros(k, k, dtype=torch.long)
     loss_sum, n, top5 = 0.0, 0, 0
@@ -191,7 +194,7 @@ def evaluate(model, dataset, *, batch_size: int = 500, device=None, full: bool =
     for x, y in eval_batches(model, dataset, batch_size, device, rank=rank, world=world):
         if len(y) == 0:  # a last batch smaller than the number of processes leaves some of them none
             continue
-        logits = classify_logits(model, x, tta_flip)
+        logits = classify_logits(model, x, tta_flip, tta_shift)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         pred = logits.argmax(-1)
         top5 += (logits.topk(min(5, k), -1).indices == y[:, None]).any(-1).sum().item()
@@ -209,20 +212,54 @@ def evaluate(model, dataset, *, batch_size: int = 500, device=None, full: bool =
     return out
 
 
-def classify_logits(model, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
-    """Logits (B, K) in fp32; with `tta_flip`, log of the mean class probabilities of x and its mirror image."""
-    logits = model(x).float()
-    if tta_flip:
-        probs = (logits.softmax(-1) + model(x.flip(-1)).float().softmax(-1)) / 2
-        logits = probs.clamp(min=1e-12).log()
-    return logits
+def classify_logits(model, x: torch.Tensor, tta_flip: bool = False, tta_shift: int = 0) -> torch.Tensor:
+    """Logits (B, K) in fp32. With test-time views, the log of the mean class probabilities over them: the image,
+    its mirror image (`tta_flip`), and the image shifted `tta_shift` pixels left, right, up and down (reflection
+    at the border; each mirrored too with `tta_flip`), the translations the training augmentation taught it."""
+    n = tta_view_count(tta_flip, tta_shift)
+    if n == 1:
+        return model(x).float()
+    probs = sum(model(v).float().softmax(-1) for v in _test_views(x, tta_flip, tta_shift)) / n
+    return probs.clamp(min=1e-12).log()
 
 
-def _pretrained_cfg(info, model, tta_flip: bool = False) -> dict:
+def _test_views(x: torch.Tensor, flip: bool, shift: int):
+    """The views one at a time (a batch of large images times ten would not fit twice over)."""
+    for d in ((0, 0),) + (((1, 0), (-1, 0), (0, 1), (0, -1)) if shift else ()):
+        v = shift_image(x, *d, shift) if d != (0, 0) else x
+        yield v
+        if flip:
+            yield v.flip(-1)
+
+
+def tta_view_count(tta_flip: bool = False, tta_shift: int = 0) -> int:
+    """How many forward passes `classify_logits` makes per image."""
+    return (5 if tta_shift else 1) * (2 if tta_flip else 1)
+
+
+def shift_image(x: torch.Tensor, dx: int, dy: int, pixels: int) -> torch.Tensor:
+    """`x` (B, C, H, W) moved `pixels` * (dx, dy) (content right/down for positive), the border reflected."""
+    p = min(pixels, x.shape[-1] - 1, x.shape[-2] - 1)  # reflection needs the pad below the side
+    h, w = x.shape[-2:]
+    xp = F.pad(x, (p, p, p, p), mode="reflect")
+    return xp[..., p - dy * p:p - dy * p + h, p - dx * p:p - dx * p + w]
+
+
+def tta_of(extra: dict, where: str = "the checkpoint") -> Tuple[bool, int]:
+    """The test-time views a classifier records (`pretrained_cfg`): (flip, shift in pixels)."""
+    shift = extra.get("tta_shift", 0)
+    if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
+        raise CheckpointError(f"{where} records tta_shift {shift!r}, not a pixel count >= 0; the checkpoint is "
+                              "damaged: re-save it with vitkit.save")
+    return bool(extra.get("tta_flip")), shift
+
+
+def _pretrained_cfg(info, model, tta_flip: bool = False, tta_shift: int = 0) -> dict:
     """What a trained classifier records: the data's normalisation and class names, bicubic, no crop."""
     return dataclasses.replace(Preprocessing.default(model.config), mean=tuple(info.mean), std=tuple(info.std),
                                class_names=tuple(info.class_names),
-                               extra={"dataset": info.spec, "tta_flip": bool(tta_flip)}).to_dict()
+                               extra={"dataset": info.spec, "tta_flip": bool(tta_flip),
+                                      "tta_shift": int(tta_shift)}).to_dict()
 
 
 def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, recipe: Optional[Recipe] = None,
@@ -306,7 +343,7 @@ def _train(task: ClassifierConfig, train_cfg: TrainConfig, recipe: Optional[Reci
     if model.config.in_chans != info.in_chans:
         raise ConfigError(f"the model takes {model.config.in_chans} channels but the data was built with "
                           f"{info.in_chans}")
-    model.pretrained_cfg = _pretrained_cfg(info, model, task.tta_flip)
+    model.pretrained_cfg = _pretrained_cfg(info, model, task.tta_flip, task.tta_shift)
     mixup = MixUp(info.num_classes, task.mixup, task.cutmix, smoothing=task.label_smoothing,
                   ramp=0.5 if task.aug_ramp else 0.0) if (task.mixup or task.cutmix) else None
     if src.held_out_is_test and train_cfg.best_metric == "top1":
@@ -318,11 +355,12 @@ def _train(task: ClassifierConfig, train_cfg: TrainConfig, recipe: Optional[Reci
                 "recipe": {"values": final.to_dict(), "sources": sources,
                            "reasons": planned.reasons if planned is not None else {},
                            "measurements": planned.measurements if planned is not None else {}},
-                "profile": profile.to_dict()}
+                "profile": profile.to_dict(), "eval_views": tta_view_count(task.tta_flip, task.tta_shift)}
     last_eval: Dict[str, dict] = {}
 
     def eval_fn(m):
-        ev = evaluate(m, val, batch_size=task.eval_batch_size, full=True, tta_flip=task.tta_flip)
+        ev = evaluate(m, val, batch_size=task.eval_batch_size, full=True, tta_flip=task.tta_flip,
+                      tta_shift=task.tta_shift)
         last_eval["ev"] = ev
         return {k: ev[k] for k in ("val_loss", "top1", "top5")}
 
@@ -345,12 +383,13 @@ def _train(task: ClassifierConfig, train_cfg: TrainConfig, recipe: Optional[Reci
 
 def _report_seconds(planned: Optional[Plan], final: Recipe, n_val: int) -> float:
     """Seconds the final report needs after training: plots and files, plus an fp32 evaluation of the best
-    checkpoint when training evaluated in another precision (a forward is ~1/3 of a training step)."""
+    checkpoint when training evaluated in another precision (a forward is ~1/3 of a training step, times the
+    test-time views)."""
     secs = 3.0
     times = (planned.measurements.get("precision_seconds") or {}) if planned is not None else {}
     if final.precision != "fp32" and times:
         per_img = times.get("fp32", 2.5 * min(times.values())) / max(1, final.batch_size or 128)
-        secs += n_val * per_img / 3
+        secs += n_val * per_img / 3 * tta_view_count(bool(final.tta_flip), final.tta_shift or 0)
     return secs
 
 
@@ -545,7 +584,8 @@ def _final_report(trainer, val, info, task: ClassifierConfig, last: Optional[dic
         ev = last  # the same weights, already evaluated as `vitkit eval` would (fp32)
     else:
         best = load(run / "best.safetensors").to(trainer.device)
-        ev = evaluate(best, val, batch_size=task.eval_batch_size, full=True, tta_flip=task.tta_flip)
+        ev = evaluate(best, val, batch_size=task.eval_batch_size, full=True, tta_flip=task.tta_flip,
+                      tta_shift=task.tta_shift)
     plot_learning_curves(trainer.history, run / "curves.png")
     plot_confusion(ev["confusion"], info.class_names, run / "confusion.png", title=f"{run.name}: top-1 "
                    f"{ev['top1']:.2f}%")
@@ -703,7 +743,8 @@ def evaluate_checkpoint(path, data: Optional[str] = None, *, out_dir=None, batch
     lut = match_classes(info.class_names, names, named=bool(pre.class_names), class_map=class_map,
                         data=repr(info.spec))
     val = _relabel(val, lut)
-    ev = evaluate(model, val, batch_size=batch_size, device=dev, full=True, tta_flip=bool(pre.extra.get("tta_flip")),
+    flip, shift = tta_of(pre.extra, repr(str(path)))
+    ev = evaluate(model, val, batch_size=batch_size, device=dev, full=True, tta_flip=flip, tta_shift=shift,
                   dist_info=dist_info)
     present = sorted(set(lut))  # the checkpoint's classes the data holds
     out = Path(out_dir) if out_dir else (p if p.is_dir() else p.parent)
@@ -740,6 +781,7 @@ def predict(checkpoint, paths: Sequence, *, topk: int = 5, batch_size: int = 64,
     dev = resolve_device(device)
     model, names = load_classifier(checkpoint, dev, fast=fast, tome=tome, precision=precision)
     pre, c = Preprocessing.of(model), model.config
+    views = tta_of(pre.extra, repr(str(checkpoint)))
     tf = eval_transform(pre, c.img_size)
     files = collect_images(paths)
     k = max(1, min(topk, len(names)))
@@ -757,7 +799,7 @@ def predict(checkpoint, paths: Sequence, *, topk: int = 5, batch_size: int = 64,
                 results[j] = {"path": str(files[j]), "error": str(e)}
         if not xs:
             continue
-        logits = classify_logits(model, torch.stack(xs).to(dev), bool(pre.extra.get("tta_flip")))
+        logits = classify_logits(model, torch.stack(xs).to(dev), *views)
         check_finite_outputs(logits, str(checkpoint), [files[j] for j in ok])
         p, idx = logits.softmax(-1).topk(k, -1)
         for j, pr, ix in zip(ok, p.tolist(), idx.tolist()):

@@ -62,6 +62,7 @@ class Recipe:
     aug_ramp: Optional[bool] = None  # batch-level augmentation strength grows over the schedule
     progressive: Optional[float] = None  # start at this fraction of img_size, reach it for the last part; 1 = off
     tta_flip: Optional[bool] = None  # average the logits of the image and its mirror image at evaluation
+    tta_shift: Optional[int] = None  # ... and of the image shifted this many pixels each way (0 = off)
 
     def __post_init__(self) -> None:
         """Every set field checked on its own (type and range): a one-line ConfigError naming it."""
@@ -83,6 +84,7 @@ class Recipe:
         v.number(self.layer_decay, "layer_decay", lo=0, hi=1, lo_open=True, optional=True)
         v.number(self.label_smoothing, "label_smoothing", lo=0, hi=1, hi_open=True, optional=True)
         v.number(self.progressive, "progressive", lo=0, hi=1, lo_open=True, optional=True)
+        v.integer(self.tta_shift, "tta_shift", lo=0, optional=True)
         v.choice(self.precision, "precision", ("fp32", "bf16", "fp16"), optional=True)
         v.choice(self.augment, "augment", ("none", "light", "default", "strong"), optional=True)
         for k in ("compile", "hflip", "aug_ramp", "tta_flip"):
@@ -114,7 +116,7 @@ DEFAULTS = Recipe(
     epochs=None, time_budget=None, batch_size=128, lr=1e-3, min_lr=1e-5, weight_decay=0.05, warmup=0.05,
     clip_grad=1.0, ema_decay=0.0, layer_decay=None, precision="fp32", compile=False,
     augment="default", hflip=None, label_smoothing=0.1, mixup=0.0, cutmix=0.0, aug_ramp=False, progressive=1.0,
-    tta_flip=False,
+    tta_flip=False, tta_shift=0,
 )
 
 

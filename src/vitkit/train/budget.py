@@ -34,10 +34,11 @@ def current_speed(step_times: List[float]) -> float:
     return median(step_times[2:][-50:] or step_times)
 
 
-def guess_eval_secs(step_times: List[float], num_val: int, images_per_step: int) -> float:
-    """Before the first evaluation: forward-only ≈ a third of a training step per image, plus a save."""
+def guess_eval_secs(step_times: List[float], num_val: int, images_per_step: int, views: int = 1) -> float:
+    """Before the first evaluation: forward-only ≈ a third of a training step per image and test-time view, plus
+    a save."""
     per_img = median(step_times) / max(1, images_per_step)
-    return num_val * per_img / 3 + 0.5
+    return num_val * views * per_img / 3 + 0.5
 
 
 def eval_every_for(eval_secs: float, epoch_secs: float) -> int:

@@ -546,9 +546,10 @@ class Trainer:
         return step / max(1, self.plan.get("total") or 1)
 
     def _guess_eval_secs(self, step_times: List[float]) -> float:
-        """Before the first evaluation: forward-only ≈ a third of a training step per image, plus a save."""
+        """Before the first evaluation: forward-only ≈ a third of a training step per image and view, plus a save."""
         n_val = self.resolved.get("data", {}).get("num_val", 0) if isinstance(self.resolved.get("data"), dict) else 0
-        return budget.guess_eval_secs(step_times, n_val, self.cfg.batch_size * self.cfg.accum_steps)
+        views = int(self.resolved.get("eval_views", 1) or 1)  # a classifier's test-time views
+        return budget.guess_eval_secs(step_times, n_val, self.cfg.batch_size * self.cfg.accum_steps, views)
 
     def _check_finite(self, loss: torch.Tensor) -> float:
         val = loss.detach().float()
