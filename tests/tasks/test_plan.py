@@ -217,6 +217,7 @@ def test_a_budget_covers_the_whole_command_scan_and_report_included(tmp_path, mo
     plans around all of it and ends — final report included — inside its 60-s budget, having used most of it."""
     import vitkit.data as vdata
     import vitkit.tasks.classify as classify
+    import vitkit.train.probe as probe
     from vitkit.train import Trainer, TrainConfig
 
     now = [0.0]
@@ -242,6 +243,11 @@ def test_a_budget_covers_the_whole_command_scan_and_report_included(tmp_path, mo
     monkeypatch.setattr(vdata, "open_data", slow_open)
     monkeypatch.setattr(classify, "evaluate", slow_eval)
     monkeypatch.setattr(classify, "classification_loss", slow_loss)
+    # the planner's step timer too: its choices (precision, and with it the bf16 check's steps) must not follow
+    # how fast or busy this machine is
+    slow = FakeTimer(gflops_per_s=1.0, bf16_speedup=0.5)  # the smallest model, fp32: a few real seconds of steps
+    monkeypatch.setattr(probe, "step_seconds", lambda net, *a, precision="fp32", **k: slow(net.config.to_dict(),
+                                                                                             precision))
     data = _folder(tmp_path / "d")
     task = classify.ClassifierConfig(data=data, val_split=0.25)
     s = classify.train_classifier(task, TrainConfig(name="b", runs_dir=str(tmp_path), time_budget=60.0, quiet=True))
