@@ -127,6 +127,18 @@ def _widths(text: str):
     return out
 
 
+def _zooms(text: str):
+    """Z,Z,... → a tuple of zoom factors in (1, 2] ('' → (): none)."""
+    try:
+        out = tuple(float(z) for z in text.replace(" ", "").split(",") if z)
+    except ValueError:
+        out = None
+    if out is None or any(not 1.0 < z <= 2.0 for z in out):
+        raise argparse.ArgumentTypeError(f"expected comma-separated zoom factors above 1 and at most 2 such as "
+                                         f"1.1,1.2, got {text!r}")
+    return out
+
+
 # ---- the engine's flags, shared by train, pretrain and train-gen ---------------------------------------------
 _RESUME_HELP = ("continue a run from its last checkpoint, with the options it was started with; only --epochs, "
                 "--time-budget, --max-steps, --eval-every, --workers and --device may be given (a finished run "
@@ -298,7 +310,10 @@ def _add_train_args(p) -> None:
       help="evaluate on each image and its mirror image, averaged")
     a("--tta-shift", dest="tta_shift", type=int, default=None, metavar="PX",
       help="evaluate also on each image shifted PX pixels left, right, up and down, averaged (0 = off; "
-      "default: planned, about 1/16 of the side)")
+      "default: off)")
+    a("--tta-zoom", dest="tta_zoom", type=_zooms, default=None, metavar="Z,Z,...",
+      help="evaluate also on each image's centre enlarged by these factors, averaged, e.g. 1.1,1.2 ('' = off; "
+      "default: planned)")
     a("--recipe", default=None, metavar="RUN", help="rerun a run's resolved recipe (its folder or config.json); "
       "flags still override")
     _add_engine_args(p, time_budget="wall-clock time for the whole command (90s, 10m, 1h): scan, plan, train, "

@@ -131,29 +131,26 @@ def test_the_data_decides_channels_flips_and_test_time_flips():
     assert longer.recipe.img_size == 128
 
 
-def test_test_time_shifts_follow_the_resolution_and_the_training_translations():
-    """1/16 of the side (2 px at 28 and 32, 4 at 64, 8 at 128), within the training translations (1/8); none where
-    training does not translate; a flag decides over the plan."""
+def test_test_time_views_are_planned_with_the_augmentation_and_yield_to_flags():
+    """The image and its centre enlarged 1.1x and 1.2x (each mirrored for mirror-symmetric data); none besides the
+    image where training does not augment; flags decide over the plan."""
     photos = plan_recipe(_profile(side=32, asym=0.01), Recipe(), budget=600, timer=FakeTimer())
     digits = plan_recipe(_profile(side=28, grey=True, asym=0.65), Recipe(), budget=600, timer=FakeTimer())
-    assert photos.recipe.tta_shift == 2 and digits.recipe.tta_shift == 2
-    assert "mirror image and 2-px shifts each way (10 views)" in photos.reasons["evaluate"]
-    assert "2-px shifts each way (5 views)" in digits.reasons["evaluate"] and "mirror" not in digits.reasons["evaluate"]
-    big = plan_recipe(_profile(n=5_000, side=400), Recipe(), budget=600, timer=FakeTimer())
-    longer = plan_recipe(_profile(n=5_000, side=400), Recipe(), budget=2 * 3600, timer=FakeTimer())
-    assert (big.recipe.img_size, big.recipe.tta_shift) == (64, 4)
-    assert (longer.recipe.img_size, longer.recipe.tta_shift) == (128, 8)
+    assert photos.recipe.tta_zoom == digits.recipe.tta_zoom == (1.1, 1.2)
+    assert photos.recipe.tta_shift == digits.recipe.tta_shift == 0
+    assert "mirror image and its centre enlarged 1.1x, 1.2x (6 views)" in photos.reasons["evaluate"]
+    assert "centre enlarged 1.1x, 1.2x (3 views)" in digits.reasons["evaluate"]
+    assert "mirror" not in digits.reasons["evaluate"]
     still = plan_recipe(_profile(side=32, asym=0.01), Recipe(augment="none"), budget=600, timer=FakeTimer())
-    assert still.recipe.tta_shift == 0 and "shift" not in still.reasons["evaluate"]
+    assert still.recipe.tta_zoom == () and "enlarged" not in still.reasons["evaluate"]
     named = plan_recipe(_profile(side=32), Recipe(model="vit_tiny_patch16_224"), budget=None, timer=FakeTimer(),
                         fixed_fields={"img_size": 224})
-    assert named.recipe.tta_shift == 14
+    assert named.recipe.tta_zoom == (1.1, 1.2)
     tuned = plan_recipe(_profile(side=32, asym=0.01), Recipe(), budget=None, timer=FakeTimer(),
                         init={"patch_size": 16, "img_size": 224, "depth": 12})
-    assert tuned.recipe.tta_shift == tuned.recipe.img_size // 16 and "shifts" in tuned.reasons["evaluate"]
-    final, sources = resolve(Recipe(tta_shift=0), photos.recipe)
-    assert final.tta_shift == 0 and sources["tta_shift"] == "flag"
-
+    assert tuned.recipe.tta_zoom == (1.1, 1.2) and "enlarged" in tuned.reasons["evaluate"]
+    final, sources = resolve(Recipe(tta_zoom=(), tta_shift=2), photos.recipe)
+    assert final.tta_zoom == () and final.tta_shift == 2 and sources["tta_zoom"] == sources["tta_shift"] == "flag"
 
 def test_augmentation_grows_with_the_epochs_the_budget_buys():
     timer = FakeTimer(gflops_per_s=20.0)
@@ -279,8 +276,9 @@ def test_train_cli_with_the_auto_recipe_on_a_tiny_folder_and_a_rerun_of_its_reci
     from vitkit.io.checkpoint import read_pretrained_cfg
 
     pcfg = read_pretrained_cfg(tmp_path / "r" / "auto" / "best.safetensors")
-    assert values["tta_shift"] == pcfg["tta_shift"] == 1 and pcfg["tta_flip"] == values["tta_flip"]
-    assert cfg["eval_views"] == (10 if values["tta_flip"] else 5)  # what the budget counts per evaluated image
+    assert values["tta_zoom"] == pcfg["tta_zoom"] == [1.1, 1.2] and pcfg["tta_flip"] == values["tta_flip"]
+    assert values["tta_shift"] == pcfg["tta_shift"] == 0
+    assert cfg["eval_views"] == (6 if values["tta_flip"] else 3)  # what the budget counts per evaluated image
     # small images: a full-resolution conv, then one stride-2 conv per halving of the patch
     halvings = values["patch_size"].bit_length() - 1
     assert cfg["model"]["stem_channels"] == values["stem_channels"] and len(values["stem_channels"]) == halvings + 1

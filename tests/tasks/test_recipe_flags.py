@@ -73,3 +73,23 @@ def test_bad_values_and_unknown_fields_are_one_line_errors(saved):
         recipe_from_flags({"learning_rate": 0.1})
     with pytest.raises(ConfigError, match="--recipe"):
         recipe_from_flags({}, saved / "missing")
+
+
+def test_tta_zoom_from_the_command_line_and_json(tmp_path):
+    import argparse
+
+    from vitkit.cli import _zooms, build_parser
+
+    p = build_parser()
+    assert p.parse_args(["train", "--tta-zoom", "1.1,1.2"]).tta_zoom == (1.1, 1.2)
+    assert p.parse_args(["train", "--tta-zoom", ""]).tta_zoom == ()
+    assert p.parse_args(["train"]).tta_zoom is None  # planned
+    for bad in ("x", "0.9", "1.0", "2.5"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["train", "--tta-zoom", bad])
+    with pytest.raises(argparse.ArgumentTypeError, match="zoom factors above 1 and at most 2"):
+        _zooms("1.1,0.5")
+    (tmp_path / "config.json").write_text(json.dumps({"recipe": {"values": {"tta_zoom": [1.1, 1.2]}}}))
+    assert recipe_from_flags({}, tmp_path).tta_zoom == (1.1, 1.2)  # a saved run's JSON list reads back as the tuple
+    with pytest.raises(ConfigError, match="tta_zoom must be a list of zoom factors above 1"):
+        Recipe(tta_zoom=[0.5])

@@ -30,7 +30,7 @@ from ..runtime import resolve_device
 from ..train import DistInfo, RunDir, Trainer, TrainConfig, claim_run, eval_batches, resume_configs, setup_distributed
 from ..train.distributed import all_gather_obj
 from .plan import DEFAULT_BUDGET, Plan, plan_recipe
-from .recipe import MODEL_FIELDS, Recipe, resolve
+from .recipe import MODEL_FIELDS, Recipe, resolve, zoom_factors
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class ClassifierConfig(DataOptions):
     progressive: float = 1.0  # progressive resizing: start at this fraction of the resolution
     tta_flip: bool = False  # evaluate on the image and its mirror image, averaged
     tta_shift: int = 0  # also on the image shifted this many pixels up, down, left and right, averaged (0 = off)
+    tta_zoom: Tuple[float, ...] = ()  # also on the image's centre enlarged by each of these factors, averaged
 
     def __post_init__(self) -> None:
         """Each field checked on its own (a one-line ConfigError naming it), the model options included."""
@@ -73,6 +74,7 @@ class ClassifierConfig(DataOptions):
         v.integer(self.eval_batch_size, "eval_batch_size", lo=1)
         v.number(self.progressive, "progressive", lo=0, hi=1, lo_open=True)
         v.integer(self.tta_shift, "tta_shift", lo=0)
+        object.__setattr__(self, "tta_zoom", zoom_factors(self.tta_zoom))
         v.flag(self.hflip, "hflip", optional=True)
         for k in ("aug_ramp", "tta_flip"):
             v.flag(getattr(self, k), k)
@@ -83,7 +85,7 @@ class ClassifierConfig(DataOptions):
 
 # Recipe fields that live in ClassifierConfig and TrainConfig (the rest are model fields)
 _TASK_FIELDS = ("label_smoothing", "mixup", "cutmix", "augment", "hflip", "aug_ramp", "progressive", "tta_flip",
-                "tta_shift")
+                "tta_shift", "tta_zoom")
 _TRAIN_FIELDS = ("epochs", "time_budget", "batch_size", "lr", "min_lr", "weight_decay", "warmup", "clip_grad",
                  "ema_decay", "layer_decay", "precision", "compile")
 
@@ -181,9 +183,10 @@ def classification_loss(label_smoothing: float = 0.0) -> Callable:
 
 @torch.no_grad()
 def evaluate(model, dataset, *, batch_size: int = 500, device=None, full: bool = False,
-             tta_flip: bool = False, tta_shift: int = 0, dist_info: Optional[DistInfo] = None) -> dict:
+             tta_flip: bool = False, tta_shift: int = 0, tta_zoom: Sequence[float] = (),
+             dist_info: Optional[DistInfo] = None) -> dict:
     """val_loss, top1, top5 (in %) of `model` on `dataset`; with `full`, also per-class accuracy and the confusion
-    matrix (rows = true class, columns = predicted). `tta_flip`, `tta_shift`: scores from the average of the class
+    matrix (rows = true class, columns = predicted). `tta_flip`, `tta_shift`, `tta_zoom`: scores from the average of the class
     probabilities over each image's test-time views (`classify_logits`). `dist_info` (a torchrun group): each
     process evaluates its slice of every batch and the counts are summed, so every process returns what one process
     would (the loss to float rounding)."""
@@ -194,7 +197,7 @@ def evaluate(model, dataset, *, batch_size: int = 500, device=None, full: bool =
     for x, y in eval_batches(model, dataset, batch_size, device, rank=rank, world=world):
         if len(y) == 0:  # a last batch smaller than the number of processes leaves some of them none
             continue
-        logits = classify_logits(model, x, tta_flip, tta_shift)
+        logits = classify_logits(model, x, tta_flip, tta_shift, tta_zoom)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         pred = logits.argmax(-1)
         top5 += (logits.topk(min(5, k), -1).indices == y[:, None]).any(-1).sum().item()
@@ -212,29 +215,33 @@ def evaluate(model, dataset, *, batch_size: int = 500, device=None, full: bool =
     return out
 
 
-def classify_logits(model, x: torch.Tensor, tta_flip: bool = False, tta_shift: int = 0) -> torch.Tensor:
-    """Logits (B, K) in fp32. With test-time views, the log of the mean class probabilities over them: the image,
-    its mirror image (`tta_flip`), and the image shifted `tta_shift` pixels left, right, up and down (reflection
-    at the border; each mirrored too with `tta_flip`), the translations the training augmentation taught it."""
-    n = tta_view_count(tta_flip, tta_shift)
+def classify_logits(model, x: torch.Tensor, tta_flip: bool = False, tta_shift: int = 0,
+                    tta_zoom: Sequence[float] = ()) -> torch.Tensor:
+    """Logits (B, K) in fp32. With test-time views, the log of the mean class probabilities over them: the image;
+    its centre enlarged by each factor of `tta_zoom` (multi-scale testing: the classic centre crops); the image
+    shifted `tta_shift` pixels left, right, up and down (reflection at the border); and with `tta_flip` the mirror
+    image of each."""
+    n = tta_view_count(tta_flip, tta_shift, tta_zoom)
     if n == 1:
         return model(x).float()
-    probs = sum(model(v).float().softmax(-1) for v in _test_views(x, tta_flip, tta_shift)) / n
+    probs = sum(model(v).float().softmax(-1) for v in _test_views(x, tta_flip, tta_shift, tta_zoom)) / n
     return probs.clamp(min=1e-12).log()
 
 
-def _test_views(x: torch.Tensor, flip: bool, shift: int):
+def _test_views(x: torch.Tensor, flip: bool, shift: int, zoom: Sequence[float] = ()):
     """The views one at a time (a batch of large images times ten would not fit twice over)."""
-    for d in ((0, 0),) + (((1, 0), (-1, 0), (0, 1), (0, -1)) if shift else ()):
-        v = shift_image(x, *d, shift) if d != (0, 0) else x
+    moves = ((1, 0), (-1, 0), (0, 1), (0, -1)) if shift else ()
+    for v in [lambda: x] + [lambda z=z: zoom_image(x, z) for z in zoom] + \
+             [lambda d=d: shift_image(x, *d, shift) for d in moves]:
+        v = v()
         yield v
         if flip:
             yield v.flip(-1)
 
 
-def tta_view_count(tta_flip: bool = False, tta_shift: int = 0) -> int:
+def tta_view_count(tta_flip: bool = False, tta_shift: int = 0, tta_zoom: Sequence[float] = ()) -> int:
     """How many forward passes `classify_logits` makes per image."""
-    return (5 if tta_shift else 1) * (2 if tta_flip else 1)
+    return (1 + len(tta_zoom) + (4 if tta_shift else 0)) * (2 if tta_flip else 1)
 
 
 def shift_image(x: torch.Tensor, dx: int, dy: int, pixels: int) -> torch.Tensor:
@@ -245,21 +252,34 @@ def shift_image(x: torch.Tensor, dx: int, dy: int, pixels: int) -> torch.Tensor:
     return xp[..., p - dy * p:p - dy * p + h, p - dx * p:p - dx * p + w]
 
 
-def tta_of(extra: dict, where: str = "the checkpoint") -> Tuple[bool, int]:
-    """The test-time views a classifier records (`pretrained_cfg`): (flip, shift in pixels)."""
-    shift = extra.get("tta_shift", 0)
+def zoom_image(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """The centre 1/`factor` of `x` (B, C, H, W) enlarged back to H x W (bilinear)."""
+    theta = torch.tensor([[1 / factor, 0.0, 0.0], [0.0, 1 / factor, 0.0]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def tta_of(extra: dict, where: str = "the checkpoint") -> Tuple[bool, int, Tuple[float, ...]]:
+    """The test-time views a classifier records (`pretrained_cfg`): (flip, shift in pixels, zoom factors)."""
+    shift, zoom = extra.get("tta_shift", 0), extra.get("tta_zoom", [])
     if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
         raise CheckpointError(f"{where} records tta_shift {shift!r}, not a pixel count >= 0; the checkpoint is "
                               "damaged: re-save it with vitkit.save")
-    return bool(extra.get("tta_flip")), shift
+    try:
+        zoom = zoom_factors(zoom)
+    except ConfigError:
+        raise CheckpointError(f"{where} records tta_zoom {zoom!r}, not a list of factors in (1, 2]; the checkpoint "
+                              "is damaged: re-save it with vitkit.save") from None
+    return bool(extra.get("tta_flip")), shift, zoom
 
 
-def _pretrained_cfg(info, model, tta_flip: bool = False, tta_shift: int = 0) -> dict:
+def _pretrained_cfg(info, model, tta_flip: bool = False, tta_shift: int = 0,
+                    tta_zoom: Sequence[float] = ()) -> dict:
     """What a trained classifier records: the data's normalisation and class names, bicubic, no crop."""
     return dataclasses.replace(Preprocessing.default(model.config), mean=tuple(info.mean), std=tuple(info.std),
                                class_names=tuple(info.class_names),
                                extra={"dataset": info.spec, "tta_flip": bool(tta_flip),
-                                      "tta_shift": int(tta_shift)}).to_dict()
+                                      "tta_shift": int(tta_shift), "tta_zoom": list(tta_zoom)}).to_dict()
 
 
 def train_classifier(task: ClassifierConfig, train_cfg: TrainConfig, *, recipe: Optional[Recipe] = None,
@@ -343,7 +363,7 @@ def _train(task: ClassifierConfig, train_cfg: TrainConfig, recipe: Optional[Reci
     if model.config.in_chans != info.in_chans:
         raise ConfigError(f"the model takes {model.config.in_chans} channels but the data was built with "
                           f"{info.in_chans}")
-    model.pretrained_cfg = _pretrained_cfg(info, model, task.tta_flip, task.tta_shift)
+    model.pretrained_cfg = _pretrained_cfg(info, model, task.tta_flip, task.tta_shift, task.tta_zoom)
     mixup = MixUp(info.num_classes, task.mixup, task.cutmix, smoothing=task.label_smoothing,
                   ramp=0.5 if task.aug_ramp else 0.0) if (task.mixup or task.cutmix) else None
     if src.held_out_is_test and train_cfg.best_metric == "top1":
@@ -355,12 +375,12 @@ def _train(task: ClassifierConfig, train_cfg: TrainConfig, recipe: Optional[Reci
                 "recipe": {"values": final.to_dict(), "sources": sources,
                            "reasons": planned.reasons if planned is not None else {},
                            "measurements": planned.measurements if planned is not None else {}},
-                "profile": profile.to_dict(), "eval_views": tta_view_count(task.tta_flip, task.tta_shift)}
+                "profile": profile.to_dict(), "eval_views": tta_view_count(task.tta_flip, task.tta_shift, task.tta_zoom)}
     last_eval: Dict[str, dict] = {}
 
     def eval_fn(m):
         ev = evaluate(m, val, batch_size=task.eval_batch_size, full=True, tta_flip=task.tta_flip,
-                      tta_shift=task.tta_shift)
+                      tta_shift=task.tta_shift, tta_zoom=task.tta_zoom)
         last_eval["ev"] = ev
         return {k: ev[k] for k in ("val_loss", "top1", "top5")}
 
@@ -389,7 +409,8 @@ def _report_seconds(planned: Optional[Plan], final: Recipe, n_val: int) -> float
     times = (planned.measurements.get("precision_seconds") or {}) if planned is not None else {}
     if final.precision != "fp32" and times:
         per_img = times.get("fp32", 2.5 * min(times.values())) / max(1, final.batch_size or 128)
-        secs += n_val * per_img / 3 * tta_view_count(bool(final.tta_flip), final.tta_shift or 0)
+        secs += n_val * per_img / 3 * tta_view_count(bool(final.tta_flip), final.tta_shift or 0,
+                                                      final.tta_zoom or ())
     return secs
 
 
@@ -585,7 +606,7 @@ def _final_report(trainer, val, info, task: ClassifierConfig, last: Optional[dic
     else:
         best = load(run / "best.safetensors").to(trainer.device)
         ev = evaluate(best, val, batch_size=task.eval_batch_size, full=True, tta_flip=task.tta_flip,
-                      tta_shift=task.tta_shift)
+                      tta_shift=task.tta_shift, tta_zoom=task.tta_zoom)
     plot_learning_curves(trainer.history, run / "curves.png")
     plot_confusion(ev["confusion"], info.class_names, run / "confusion.png", title=f"{run.name}: top-1 "
                    f"{ev['top1']:.2f}%")
@@ -743,9 +764,9 @@ def evaluate_checkpoint(path, data: Optional[str] = None, *, out_dir=None, batch
     lut = match_classes(info.class_names, names, named=bool(pre.class_names), class_map=class_map,
                         data=repr(info.spec))
     val = _relabel(val, lut)
-    flip, shift = tta_of(pre.extra, repr(str(path)))
+    flip, shift, zoom = tta_of(pre.extra, repr(str(path)))
     ev = evaluate(model, val, batch_size=batch_size, device=dev, full=True, tta_flip=flip, tta_shift=shift,
-                  dist_info=dist_info)
+                  tta_zoom=zoom, dist_info=dist_info)
     present = sorted(set(lut))  # the checkpoint's classes the data holds
     out = Path(out_dir) if out_dir else (p if p.is_dir() else p.parent)
     out.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,7 @@ class Recipe:
     progressive: Optional[float] = None  # start at this fraction of img_size, reach it for the last part; 1 = off
     tta_flip: Optional[bool] = None  # average the logits of the image and its mirror image at evaluation
     tta_shift: Optional[int] = None  # ... and of the image shifted this many pixels each way (0 = off)
+    tta_zoom: Optional[Tuple[float, ...]] = None  # ... and of its centre enlarged by each factor (() = off)
 
     def __post_init__(self) -> None:
         """Every set field checked on its own (type and range): a one-line ConfigError naming it."""
@@ -71,6 +72,8 @@ class Recipe:
 
         if isinstance(self.stem_channels, list):  # from JSON (config.json, --recipe): the tuple it was
             object.__setattr__(self, "stem_channels", tuple(self.stem_channels))
+        if self.tta_zoom is not None:
+            object.__setattr__(self, "tta_zoom", zoom_factors(self.tta_zoom))
         if self.model is not None and not isinstance(self.model, str):
             raise ConfigError(f"model must be a registered model name, got {self.model!r}", field="model")
         ViTConfig.check_fields({k: getattr(self, k) for k in MODEL_FIELDS if getattr(self, k) is not None})
@@ -109,6 +112,15 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
+def zoom_factors(value, field: str = "tta_zoom") -> Tuple[float, ...]:
+    """`value` (a list or tuple of factors, each in (1, 2]) as a tuple; a one-line ConfigError otherwise."""
+    if isinstance(value, (list, tuple)) and all(isinstance(z, (int, float)) and not isinstance(z, bool)
+                                                and 1.0 < z <= 2.0 for z in value):
+        return tuple(float(z) for z in value)
+    raise ConfigError(f"{field} must be a list of zoom factors above 1 and at most 2 (e.g. 1.1,1.2), got {value!r}",
+                      field=field)
+
+
 # What a field is when neither a flag nor the plan chose it (the planner normally chooses all of them).
 DEFAULTS = Recipe(
     img_size=None, patch_size=None, in_chans=None, embed_dim=None, depth=None, num_heads=None, mlp_ratio=None,
@@ -116,7 +128,7 @@ DEFAULTS = Recipe(
     epochs=None, time_budget=None, batch_size=128, lr=1e-3, min_lr=1e-5, weight_decay=0.05, warmup=0.05,
     clip_grad=1.0, ema_decay=0.0, layer_decay=None, precision="fp32", compile=False,
     augment="default", hflip=None, label_smoothing=0.1, mixup=0.0, cutmix=0.0, aug_ramp=False, progressive=1.0,
-    tta_flip=False, tta_shift=0,
+    tta_flip=False, tta_shift=0, tta_zoom=(),
 )
 
 
