@@ -186,10 +186,10 @@ def evaluate(model, dataset, *, batch_size: int = 500, device=None, full: bool =
              tta_flip: bool = False, tta_shift: int = 0, tta_zoom: Sequence[float] = (),
              dist_info: Optional[DistInfo] = None) -> dict:
     """val_loss, top1, top5 (in %) of `model` on `dataset`; with `full`, also per-class accuracy and the confusion
-    matrix (rows = true class, columns = predicted). `tta_flip`, `tta_shift`, `tta_zoom`: scores from the average of the class
-    probabilities over each image's test-time views (`classify_logits`). `dist_info` (a torchrun group): each
-    process evaluates its slice of every batch and the counts are summed, so every process returns what one process
-    would (the loss to float rounding)."""
+    matrix (rows = true class, columns = predicted). `tta_flip`, `tta_shift`, `tta_zoom`: scores from the average
+    of the class probabilities over each image's test-time views (`classify_logits`). `dist_info` (a torchrun
+    group): each process evaluates its slice of every batch and the counts are summed, so every process returns
+    what one process would (the loss to float rounding)."""
     k = model.num_classes
     conf = torch.zeros(k, k, dtype=torch.long)
     loss_sum, n, top5 = 0.0, 0, 0
@@ -375,7 +375,8 @@ def _train(task: ClassifierConfig, train_cfg: TrainConfig, recipe: Optional[Reci
                 "recipe": {"values": final.to_dict(), "sources": sources,
                            "reasons": planned.reasons if planned is not None else {},
                            "measurements": planned.measurements if planned is not None else {}},
-                "profile": profile.to_dict(), "eval_views": tta_view_count(task.tta_flip, task.tta_shift, task.tta_zoom)}
+                "profile": profile.to_dict(),
+                "eval_views": tta_view_count(task.tta_flip, task.tta_shift, task.tta_zoom)}
     last_eval: Dict[str, dict] = {}
 
     def eval_fn(m):
