@@ -129,14 +129,13 @@ def _widths(text: str):
 
 def _zooms(text: str):
     """Z,Z,... → a tuple of zoom factors in (1, 2] ('' → (): none)."""
+    from .tasks.recipe import zoom_factors
+
     try:
-        out = tuple(float(z) for z in text.replace(" ", "").split(",") if z)
-    except ValueError:
-        out = None
-    if out is None or any(not 1.0 < z <= 2.0 for z in out):
+        return zoom_factors(tuple(float(z) for z in text.replace(" ", "").split(",") if z))
+    except (ValueError, ConfigError):
         raise argparse.ArgumentTypeError(f"expected comma-separated zoom factors above 1 and at most 2 such as "
-                                         f"1.1,1.2, got {text!r}")
-    return out
+                                         f"1.1,1.2, got {text!r}") from None
 
 
 # ---- the engine's flags, shared by train, pretrain and train-gen ---------------------------------------------

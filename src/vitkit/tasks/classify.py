@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from ..runtime import resolve_device
 from ..train import DistInfo, RunDir, Trainer, TrainConfig, claim_run, eval_batches, resume_configs, setup_distributed
 from ..train.distributed import all_gather_obj
 from .plan import DEFAULT_BUDGET, Plan, plan_recipe
-from .recipe import MODEL_FIELDS, Recipe, resolve, zoom_factors
+from .recipe import MODEL_FIELDS, Recipe, resolve, tta_view_count, zoom_factors
 
 log = logging.getLogger(__name__)
 
@@ -231,17 +232,10 @@ def classify_logits(model, x: torch.Tensor, tta_flip: bool = False, tta_shift: i
 def _test_views(x: torch.Tensor, flip: bool, shift: int, zoom: Sequence[float] = ()):
     """The views one at a time (a batch of large images times ten would not fit twice over)."""
     moves = ((1, 0), (-1, 0), (0, 1), (0, -1)) if shift else ()
-    for v in [lambda: x] + [lambda z=z: zoom_image(x, z) for z in zoom] + \
-             [lambda d=d: shift_image(x, *d, shift) for d in moves]:
-        v = v()
+    for v in itertools.chain([x], (zoom_image(x, z) for z in zoom), (shift_image(x, *d, shift) for d in moves)):
         yield v
         if flip:
             yield v.flip(-1)
-
-
-def tta_view_count(tta_flip: bool = False, tta_shift: int = 0, tta_zoom: Sequence[float] = ()) -> int:
-    """How many forward passes `classify_logits` makes per image."""
-    return (1 + len(tta_zoom) + (4 if tta_shift else 0)) * (2 if tta_flip else 1)
 
 
 def shift_image(x: torch.Tensor, dx: int, dy: int, pixels: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..data.profile import DataProfile
-from .recipe import Recipe
+from .recipe import Recipe, tta_view_count
 
 # (embed_dim, depth, num_heads, mlp_ratio), cheapest first. MLP ratio 2 for the small ones: on small data the
 # narrower MLP trains as well per epoch and runs faster (CCT/ViT-Lite recipes; measured here, README).
@@ -300,8 +300,8 @@ def _views(flip: bool, shift: int, zoom: Tuple[float, ...] = ()) -> str:
     parts = (["its mirror image"] if flip else []) + \
         ([f"its centre enlarged {', '.join(f'{z:g}x' for z in zoom)}"] if zoom else []) + \
         ([f"{shift}-px shifts each way"] if shift else [])
-    n = (1 + len(zoom) + (4 if shift else 0)) * (2 if flip else 1)
-    return f"averaged over the image, {' and '.join(parts)} ({n} views) " if parts else ""
+    return f"averaged over the image, {' and '.join(parts)} ({tta_view_count(flip, shift, zoom)} views) " \
+        if parts else ""
 
 
 def _plan_training(profile, plan, r, epochs, batch, held_out_is_test, augment_flag: Optional[str] = None) -> Plan:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
 
@@ -119,6 +119,11 @@ def zoom_factors(value, field: str = "tta_zoom") -> Tuple[float, ...]:
         return tuple(float(z) for z in value)
     raise ConfigError(f"{field} must be a list of zoom factors above 1 and at most 2 (e.g. 1.1,1.2), got {value!r}",
                       field=field)
+
+
+def tta_view_count(tta_flip: bool = False, tta_shift: int = 0, tta_zoom: Sequence[float] = ()) -> int:
+    """How many forward passes a classifier's test-time views make per image (`classify_logits`)."""
+    return (1 + len(tta_zoom) + (4 if tta_shift else 0)) * (2 if tta_flip else 1)
 
 
 # What a field is when neither a flag nor the plan chose it (the planner normally chooses all of them).
