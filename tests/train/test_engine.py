@@ -194,9 +194,11 @@ def test_engine_trains_another_model_type_with_its_own_loss(tmp_path):
 
 
 @pytest.mark.parametrize("every,step_s,eval_s,steps,epochs,seconds,evals", [
-    # the plan: (budget - the final evaluation) / (a step + an evaluation spread over an epoch's 8 steps) steps:
-    (1, 1.0, 3.0, 70, 9, 97.0, 9),    # (100 - 3) / (1 + 3/8) = 70.5; it ends at 70 x 1 s + 9 evaluations x 3 s
-    (1, 1.0, 12.0, 35, 5, 95.0, 5),   # evaluations far slower than the first guess: re-planned after the first one
+    # the plan: (budget - the final evaluation with its 1.2x margin) / (a step + an evaluation spread over an epoch's
+    # 8 steps) steps:
+    (1, 1.0, 3.0, 70, 9, 97.0, 9),    # (100 - 3.6) / (1 + 3/8) = 70.1; it ends at 70 x 1 s + 9 evaluations x 3 s
+    (1, 1.0, 12.0, 34, 5, 94.0, 5),   # evaluations far slower than the first guess: re-planned after the first one,
+                                      # (100 - 14.4) / (1 + 12/8) = 34.2
     # the default under a budget: after epoch 1 (8 s + 3 s), every ceil(3 / (0.03 x 8)) = 13 epochs, so only the
     # final one is left: first 8 + (100 - 11 - 3) / (1 + 3/13/8) = 91 steps, then re-planned each epoch as the
     # evaluations that no longer fall in the schedule hand their time back: 93 x 1 s + 2 evaluations x 3 s
@@ -230,6 +232,33 @@ def test_time_budget_lays_the_schedule_over_the_clock(tmp_path, every, step_s, e
     assert sum(r["val_loss"] != "" for r in rows) == evals and rows[0]["val_loss"] == 1
     # the cosine was laid over the budget: still high a third of the way in, at the floor by the end
     assert next(r for r in rows if r["step"] >= steps / 3)["lr"] > 0.5e-2 and rows[-1]["lr"] < 1e-4
+
+
+def test_the_final_evaluation_fits_when_the_machine_slows_down(tmp_path):
+    """Steps and evaluations get 2x slower after epoch 2: the last evaluation measured (epoch 1's, 3 s) no longer
+    says what the final one costs (6 s). The budget scales it by the steps' slow-down (and its margin), so the
+    command still ends inside the budget; keeping only the 3 s measured ran 2 s past it."""
+    vitkit.io.register_model_type("tiny_ae", AEConfig, TinyAE)
+    now, done = [0.0], [0]
+    batches = [torch.randn(4, 1, 28, 28) for _ in range(8)]
+    slow = lambda: 2.0 if done[0] > 16 else 1.0  # noqa: E731
+
+    def loss_fn(m, x):
+        done[0] += 1
+        now[0] += slow()
+        return nn.functional.mse_loss(m(x), x), {}
+
+    def eval_fn(m):
+        now[0] += 3.0 * slow()
+        return {"val_loss": 1.0}
+
+    cfg = _tc(tmp_path, "slowdown", epochs=1000, time_budget=100.0, batch_size=4, lr=1e-2, best_metric="")
+    trainer = Trainer(TinyAE(), lambda epoch, rank, world: batches, cfg, loss_fn, eval_fn)
+    trainer.clock = lambda: now[0]
+    s = trainer.fit()
+    rows = read_metrics(tmp_path / "slowdown" / "metrics.csv")
+    assert rows[-1]["eval_seconds"] == 6.0 and sum(r["val_loss"] != "" for r in rows) == 2  # epoch 1 and the end
+    assert s["train_seconds"] <= 100.0 and 100.0 - s["train_seconds"] < 8 * 2.0 + 6.0 * 1.2 * 2
 
 
 def test_a_re_plan_carries_the_cosine_on_when_the_machine_speeds_up(tmp_path, monkeypatch):

@@ -109,6 +109,7 @@ class Trainer:
         self.time_spent, self.reserve = float(time_spent), float(reserve)
         self.step_cost = step_cost or (lambda progress: 1.0)
         self._save_secs = 0.0  # the last checkpoint's cost: the budget keeps room for one per epoch
+        self._eval_scale = budget.FINAL_EVAL_MARGIN  # the last evaluation's seconds → what the final one may take
         self._data_pos: Optional[dict] = None  # where in an epoch a mid-epoch checkpoint was taken (see _save_mid)
 
     # ---- set-up ---------------------------------------------------------------------------------------------
@@ -328,9 +329,11 @@ class Trainer:
 
     def _replan(self, sec_per_step: float, eval_secs: float) -> None:
         """Set the total step count so that training, the evaluations, the checkpoints and the caller's reserve fit
-        in the budget. `sec_per_step` is the current cost of a step at unit `step_cost`."""
+        in the budget. `sec_per_step` is the current cost of a step at unit `step_cost`; `eval_secs` the last
+        evaluation's (or a guess)."""
         c = self.cfg
-        left = c.time_budget - self._spent() - self.reserve - eval_secs  # keep one evaluation for the final one
+        # keep room for the final evaluation (with a margin, more if the steps have slowed since it was measured)
+        left = c.time_budget - self._spent() - self.reserve - eval_secs * self._eval_scale
         per_step_extra = (eval_secs / self._eval_every() + self._save_secs) / self.steps_per_epoch
         budget.replan(self.plan, step=self.step, seconds=left, sec_per_step=sec_per_step,
                       per_step_extra=per_step_extra, steps_per_epoch=self.steps_per_epoch, step_cost=self.step_cost,
@@ -391,6 +394,7 @@ class Trainer:
         c = self.cfg
         budgeted = c.time_budget is not None
         eval_secs = next((r["eval_seconds"] for r in reversed(self.history) if "eval_seconds" in r), 0.0)
+        eval_speed = None  # seconds per step when the last evaluation was measured (unknown after a resume)
         self._bar = None
         if self.dist.is_main and not c.quiet:
             from tqdm.auto import tqdm
@@ -476,6 +480,7 @@ class Trainer:
                 t_ev = self.clock()
                 row.update(self._evaluate())
                 eval_secs = row["eval_seconds"] = self.clock() - t_ev
+                eval_speed = budget.current_speed(step_times) if step_times else None
                 if budgeted and c.eval_every is None and "eval_every" not in self.plan:
                     # saved in the plan, so a resumed run keeps the cadence
                     self.plan["eval_every"] = budget.eval_every_for(eval_secs, train_secs)
@@ -483,8 +488,9 @@ class Trainer:
             self._end_epoch(row, final, evaluated=evaluate)  # a checkpoint every epoch, evaluated or not
             self._save_secs = self.clock() - t_save
             if budgeted and not final and step_times:
-                self._replan(budget.current_speed(step_times),
-                             eval_secs if self.history else self._guess_eval_secs(step_times))
+                speed = budget.current_speed(step_times)
+                self._eval_scale = budget.final_eval_scale(speed, eval_speed)
+                self._replan(speed, eval_secs if self.history else self._guess_eval_secs(step_times))
                 self.plan = broadcast_obj(self.plan, self.dist)
                 if self._bar is not None:
                     self._bar.total = self.plan["total"]
@@ -533,7 +539,8 @@ class Trainer:
         if self.dist.is_main:
             if not self.plan.get("planned") and len(step_times) >= budget.FIRST_STEPS:
                 self._replan(budget.first_speed(step_times), eval_secs or self._guess_eval_secs(step_times))
-            stop = self._spent() + (eval_secs or self._guess_eval_secs(step_times)) + self._save_secs + self.reserve \
+            final_eval = (eval_secs or self._guess_eval_secs(step_times)) * self._eval_scale
+            stop = self._spent() + final_eval + self._save_secs + self.reserve \
                 >= c.time_budget
         if self.dist.world > 1:
             self.plan, stop = broadcast_obj((self.plan, stop), self.dist)
