@@ -152,6 +152,22 @@ def test_test_time_views_are_planned_with_the_augmentation_and_yield_to_flags():
     final, sources = resolve(Recipe(tta_zoom=(), tta_shift=2), photos.recipe)
     assert final.tta_zoom == () and final.tta_shift == 2 and sources["tta_zoom"] == sources["tta_shift"] == "flag"
 
+def test_a_reason_says_which_of_its_choices_a_flag_overrode():
+    """The plan's words stay (what it would have chosen), followed by the value each flag put in their place; reasons
+    no flag touched are unchanged."""
+    p = plan_recipe(_profile(side=32, asym=0.01), Recipe(), budget=600, timer=FakeTimer())
+    before = dict(p.reasons)
+    user = Recipe(lr=1e-4, ema_decay=0.0, tta_zoom=(), tta_shift=2, hflip=False)
+    final, sources = resolve(user, p.recipe)
+    p.note_flags(final, sources)
+    assert p.reasons["optimiser"] == before["optimiser"] + " — overridden by your flags: lr 0.0001, ema_decay 0"
+    assert p.reasons["augment"] == before["augment"] + " — overridden by your flags: hflip off"
+    assert p.reasons["evaluate"].endswith("overridden by your flags: tta_shift 2, tta_zoom none")
+    assert all(p.reasons[k] == before[k] for k in before if k not in ("optimiser", "augment", "evaluate"))
+    untouched = plan_recipe(_profile(side=32, asym=0.01), Recipe(), budget=600, timer=FakeTimer())
+    untouched.note_flags(*resolve(Recipe(), untouched.recipe))
+    assert untouched.reasons == before
+
 def test_augmentation_grows_with_the_epochs_the_budget_buys():
     timer = FakeTimer(gflops_per_s=20.0)
     levels = [plan_recipe(_profile(n=n), Recipe(batch_size=128), budget=3600, timer=timer)

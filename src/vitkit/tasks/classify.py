@@ -328,6 +328,8 @@ def _train(task: ClassifierConfig, train_cfg: TrainConfig, recipe: Optional[Reci
         planned = _plan(task, user, profile, src, budget, clock() - started, dev, pretrained)
     phases["plan"], t = clock() - t, clock()
     final, sources = resolve(user, planned.recipe if planned is not None else None)
+    if planned is not None:
+        planned.note_flags(final, sources)
     if budget is not None and final.time_budget is None:
         final, sources["time_budget"] = final.replace(time_budget=budget), "default"
     task, train_cfg = _apply(final, task, train_cfg)

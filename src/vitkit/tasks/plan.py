@@ -79,6 +79,34 @@ class Plan:
     def lines(self) -> List[str]:
         return [f"{k}: {v}" for k, v in self.reasons.items()]
 
+    def note_flags(self, final: Recipe, sources: Dict[str, str]) -> None:
+        """Each reason whose decision a flag overrode says so, with the value used; the plan's own words stay (what
+        it would have chosen and why)."""
+        for key, names in REASON_FIELDS.items():
+            flagged = [n for n in names if sources.get(n) == "flag"]
+            if key in self.reasons and flagged:
+                self.reasons[key] += " — overridden by your flags: " + ", ".join(
+                    f"{n} {_shown(getattr(final, n))}" for n in flagged)
+
+
+# the recipe fields behind each reason the plan gives that a flag can override (the model and precision reasons
+# already measure what the flags fixed)
+REASON_FIELDS: Dict[str, Tuple[str, ...]] = {
+    "compile": ("compile",),
+    "optimiser": ("lr", "min_lr", "weight_decay", "warmup", "clip_grad", "ema_decay", "layer_decay", "drop_path_rate"),
+    "augment": ("augment", "hflip", "label_smoothing", "mixup", "cutmix", "aug_ramp"),
+    "evaluate": ("tta_flip", "tta_shift", "tta_zoom"),
+}
+
+
+def _shown(v) -> str:
+    """A recipe value as a flag would take it: 1e-4, on/off, 1.1,1.2 ('none' for an empty list)."""
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, (tuple, list)):
+        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) or "none"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
 
 def token_layout(side: int) -> Tuple[int, int, str]:
     """(img_size, patch_size, stem) for images of `side` pixels: about 8 tokens a side; a conv stem when the patch
