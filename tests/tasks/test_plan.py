@@ -67,6 +67,7 @@ def test_small_images_get_a_full_resolution_conv_before_the_stride_2_convs():
     assert wide.recipe.stem_channels == (64, 128, 256)
     # the reason names the model the user sized, not the ladder rung it was measured in place of
     assert wide.reasons["model"].startswith("width 256, depth 2, 4 heads (your flags): ")
+    assert list(wide.measurements["step_seconds"]) == ["256x2/fp32"]  # and so does the measurement's label
 
 
 def test_more_budget_buys_a_bigger_model_and_smaller_data_a_smaller_one():

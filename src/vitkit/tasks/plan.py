@@ -241,7 +241,7 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
         # which precision is faster can change with the width (bf16 pays on large matmuls, its casts cost on small
         # ones): with an hour-scale budget every rung is timed in each (seconds of planning); else in the first's
         every_rung = left >= COMPILE_MIN_BUDGET
-        prec_pick = None
+        prec_pick, labels = None, {}
         for i, rung in enumerate(LADDER):
             fields = _model_fields(rung, img, patch, stem, in_chans, user.stem_channels, user_arch)
             if prec_pick is None:
@@ -251,6 +251,7 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
             fastest = min(times, key=times.get)
             t = times[fastest]
             options.append((i, fastest, t, times))
+            labels[i] = f"{fields['embed_dim']}x{fields['depth']}"  # the rung's, or the user's size
             epochs = _epochs_in(left, t, batch, profile.num_train)
             if epochs < need / 2 or user_sized:
                 break  # bigger rungs only get slower (or the user fixed the size): stop measuring
@@ -260,8 +261,7 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
         if len(times) > 1:  # the precision verdict (and the bf16 check's cost) is the chosen rung's
             _record_precision(plan, times)
         epochs = _epochs_in(left, sec, batch, profile.num_train)
-        plan.measurements["step_seconds"] = {f"{LADDER[o[0]][0]}x{LADDER[o[0]][1]}/{o[1]}": round(o[2], 4)
-                                             for o in options}
+        plan.measurements["step_seconds"] = {f"{labels[o[0]]}/{o[1]}": round(o[2], 4) for o in options}
         r.update(_model_fields(LADDER[i], img, patch, stem, in_chans, user.stem_channels, user_arch))
         size = f"width {r['embed_dim']}, depth {r['depth']}, {r['num_heads']} heads"
         if user_sized:  # say what the user's model buys
