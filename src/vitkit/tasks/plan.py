@@ -10,8 +10,9 @@ The rules are about the data and the budget only (no data set is known by name):
   stride-2 convolutions reach it (Xiao et al. 2021), a plain patchify conv where the patch is not a power of two;
   small images (<= 32 px) get one more 3x3 conv at full resolution first, which sees every pixel's neighbours
   before the first stride-2 conv skips half of them (CCT's tokenizer; measured here, docs/training.md);
-- model: from a ladder of widths and depths, the largest whose measured step time still buys the number of
-  epochs this much data needs (`epochs_needed`), so time goes where it pays: a wider model or more passes;
+- model: from a ladder of widths and depths, the largest whose measured step time still buys 1.5x the number of
+  epochs this much data needs (`epochs_needed`, `LADDER_EPOCHS`), so time goes where it pays: a wider model or
+  more passes (measured side by side: more passes of a smaller model win until then);
 - precision: bf16 autocast where it measures faster than fp32 on the chosen model (each rung timed in both when
   the budget is an hour-scale one) and a paired check on held-out images shows it
   trains as well (`vitkit.train.probe`), else fp32;
@@ -37,6 +38,10 @@ LADDER: List[Tuple[int, int, int, float]] = [
     (64, 4, 2, 2.0), (96, 6, 3, 2.0), (128, 6, 4, 2.0), (192, 6, 3, 2.0), (192, 9, 3, 2.0),
     (256, 8, 4, 2.0), (384, 8, 6, 2.0), (384, 12, 6, 4.0),
 ]
+# A bigger rung is taken only where it still gets this multiple of `epochs_needed`: side by side on 45,000 CIFAR-10
+# images for an hour, the model of ~65 passes beat each bigger one that got 38-45 (1.2-1.5x the ~31 needed) by
+# 0.8-1.5 points (docs/training.md), so more passes of the smaller model pay up to about 1.5x the need.
+LADDER_EPOCHS = 1.5
 FIXED_SCHEDULE_PRECISION = ("fp32: a fixed --epochs schedule, so the same seed gives the same numbers twice; "
                             "bf16 is planned against a --time-budget (or set --precision bf16)")
 DEFAULT_BUDGET = 270.0  # seconds, when neither --epochs nor --time-budget is given (the demo's 4.5 minutes)
@@ -61,9 +66,9 @@ def _record_precision(plan: "Plan", times: Dict[str, float]) -> str:
 
 
 def epochs_needed(num_train: int) -> float:
-    """How many passes over the training set a ViT needs before a bigger model beats more epochs of a smaller
-    one: more for small data sets, which a ViT has to see many times (DeiT/CCT small-data recipes run 300+ epochs
-    on 50k images; measured here at budgets of minutes to an hour, see the README)."""
+    """How many passes over the training set a ViT needs: more for small data sets, which a ViT has to see many
+    times (DeiT/CCT small-data recipes run 300+ epochs on 50k images; measured here at budgets of minutes to an
+    hour, see the README). Augmentation grows from it; a bigger model needs LADDER_EPOCHS times it."""
     return float(min(150.0, max(15.0, 30.0 * (50_000 / max(1, num_train)) ** 0.35)))
 
 
@@ -230,6 +235,7 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
                     + (", after a full-resolution 3x3 conv (small images)"
                        if user.stem_channels is None and _full_res_conv(img, patch, stem) else ""))
     need = epochs_needed(profile.num_train)
+    grow = LADDER_EPOCHS * need  # a bigger rung only where it still gets this many passes
     fixed_arch = user.model is not None
     # the model rung and precision: measured, unless the schedule is in epochs (then by data size alone, in fp32)
     options = []  # (rung index, its fastest precision, its seconds per step, seconds per step of each precision)
@@ -253,9 +259,9 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
             options.append((i, fastest, t, times))
             labels[i] = f"{fields['embed_dim']}x{fields['depth']}"  # the rung's, or the user's size
             epochs = _epochs_in(left, t, batch, profile.num_train)
-            if epochs < need / 2 or user_sized:
+            if epochs < grow / 2 or user_sized:
                 break  # bigger rungs only get slower (or the user fixed the size): stop measuring
-        fits = [o for o in options if _epochs_in(left, o[2], batch, profile.num_train) >= need]
+        fits = [o for o in options if _epochs_in(left, o[2], batch, profile.num_train) >= grow]
         pick = max(fits, key=lambda o: o[0]) if fits else options[0]
         i, prec, sec, times = pick
         if len(times) > 1:  # the precision verdict (and the bf16 check's cost) is the chosen rung's
@@ -268,10 +274,12 @@ def plan_recipe(profile: DataProfile, user: Recipe, *, budget: Optional[float], 
             why["model"] = (f"{size} (your flags): {epochs:.0f} epochs of {profile.num_train:,} images in the budget "
                             f"at {batch / sec:.0f} img/s, against the ~{need:.0f} this data needs")
         else:
-            why["model"] = (f"{size}: the largest of the {len(options)} measured that gets >= {need:.0f} epochs of "
-                            f"{profile.num_train:,} images in the budget ({epochs:.0f} at {batch / sec:.0f} img/s)"
-                            if fits else f"{size}: the smallest; even it gets only {epochs:.1f} of the {need:.0f} "
-                            "epochs this data needs (a longer --time-budget would pay)")
+            why["model"] = (f"{size}: the largest of the {len(options)} measured that gets >= {grow:.0f} epochs of "
+                            f"{profile.num_train:,} images in the budget ({epochs:.0f} at {batch / sec:.0f} img/s; "
+                            f"{LADDER_EPOCHS:g}x the ~{need:.0f} this data needs)"
+                            if fits else f"{size}: the smallest; it gets {epochs:.1f} epochs"
+                            + (f", under the ~{need:.0f} this data needs (a longer --time-budget would pay)"
+                               if epochs < need else f" (a bigger model would need >= {grow:.0f})"))
         r["precision"] = prec
         plan.measurements["planned_epochs"] = round(epochs, 1)
         if compile_timer is not None and user.compile is None and left >= COMPILE_MIN_BUDGET:
