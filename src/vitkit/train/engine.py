@@ -475,12 +475,13 @@ class Trainer:
             row.update({"lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1),
                         "img_per_s": n_img / max(1e-9, train_secs), "seconds": train_secs})
             evaluate = final or self.epoch % self._eval_every() == 0
+            speed = budget.current_speed(step_times) if step_times else None  # seconds per step now
             self._gather()  # under sharding, rank 0's copy gets the weights to evaluate and save
             if evaluate:
                 t_ev = self.clock()
                 row.update(self._evaluate())
                 eval_secs = row["eval_seconds"] = self.clock() - t_ev
-                eval_speed = budget.current_speed(step_times) if step_times else None
+                eval_speed = speed
                 if budgeted and c.eval_every is None and "eval_every" not in self.plan:
                     # saved in the plan, so a resumed run keeps the cadence
                     self.plan["eval_every"] = budget.eval_every_for(eval_secs, train_secs)
@@ -488,7 +489,6 @@ class Trainer:
             self._end_epoch(row, final, evaluated=evaluate)  # a checkpoint every epoch, evaluated or not
             self._save_secs = self.clock() - t_save
             if budgeted and not final and step_times:
-                speed = budget.current_speed(step_times)
                 self._eval_scale = budget.final_eval_scale(speed, eval_speed)
                 self._replan(speed, eval_secs if self.history else self._guess_eval_secs(step_times))
                 self.plan = broadcast_obj(self.plan, self.dist)
