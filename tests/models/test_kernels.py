@@ -99,6 +99,24 @@ def test_the_kernel_can_be_switched_off(monkeypatch):
         kernels.cpu_attention.cache_clear()
 
 
+# ---- the int8 path's dynamic quantisation --------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 31, 33, 1000, 197 * 384 + 5])  # vector tails of 8, 16 and 32 values
+@pytest.mark.parametrize("scale,shift", [(1.0, 0.0), (3.0, 1.0), (0.01, -2.0), (100.0, 50.0)])
+def test_quantize_u8_equals_pytorchs_dynamic_quantisation(kernel, n, scale, shift):
+    """Same scale, zero point and every value as quantize_per_tensor_dynamic (quint8): the vector narrowing rounds
+    half to even and saturates as PyTorch does, for all-positive, all-negative and mixed ranges."""
+    import warnings
+
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * scale + shift
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ref = torch.quantize_per_tensor_dynamic(x, torch.quint8, False)
+    q, s, zp = kernel.quantize_u8(x)
+    assert q.dtype == torch.uint8 and q.shape == x.shape
+    assert s == pytest.approx(ref.q_scale(), rel=1e-6) and zp == ref.q_zero_point()
+    assert torch.equal(q, ref.int_repr())
+
+
 # ---- bf16 attention (AVX-512 BF16 dot products), for the bf16 fast path ------------------------------------------
 # Inputs are bf16 (exact in both); the kernel rounds the softmax probabilities to bf16 for E V (8 significant bits)
 # and, with out_bf16, the output too: errors stay within 2^-8 (fp32 out) or 2^-7 (bf16 out) of the largest output.

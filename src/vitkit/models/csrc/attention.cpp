@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
@@ -130,55 +131,90 @@ torch::Tensor attention(const torch::Tensor& qkv, int64_t nq, const c10::optiona
   return out;
 }
 
+// ---- the int8 path's dynamic per-tensor uint8 quantisation --------------------------------------------------------
+namespace {
+
+using MinMax = std::pair<float, float>;
+
+// (min, max) of p[0:n] folded into acc
+inline MinMax min_max(const float* p, int64_t n, MinMax acc) {
+  constexpr int64_t W = Vec::size();
+  Vec lo(acc.first), hi(acc.second);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    Vec v = Vec::loadu(p + i);
+    lo = at::vec::minimum(lo, v);
+    hi = at::vec::maximum(hi, v);
+  }
+  float l[W], h[W];
+  lo.store(l);
+  hi.store(h);
+  for (int64_t k = 0; k < W; ++k) acc = MinMax(std::min(acc.first, l[k]), std::max(acc.second, h[k]));
+  for (; i < n; ++i) acc = MinMax(std::min(acc.first, p[i]), std::max(acc.second, p[i]));
+  return acc;
+}
+
+inline MinMax merge(MinMax a, MinMax b) { return MinMax(std::min(a.first, b.first), std::max(a.second, b.second)); }
+
+// as PyTorch's choose_qparams (quint8, no reduced range): the range [min(x, 0), max(x, 0)] over 256 levels, a float32
+// scale, the zero point rounded and clamped into [0, 255]
+inline std::pair<float, int64_t> qparams(MinMax mm) {
+  float scale = (static_cast<double>(mm.second) - mm.first) / 255.0;
+  if (scale == 0.0f || !std::isfinite(1.0f / scale)) scale = 0.1f;
+  double zp_real = 0.0 - mm.first / static_cast<double>(scale);
+  return {scale, static_cast<int64_t>(std::nearbyint(std::min(255.0, std::max(0.0, zp_real))))};
+}
+
+// o[0:n] = clamp(nearbyint(p * inv) + zp, 0, 255)
+inline void narrow_u8(const float* p, int64_t n, float inv, int64_t zp, uint8_t* o) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  // round to nearest even (the default rounding mode, as nearbyint), add the zero point, then narrow with unsigned
+  // saturation: 16 values per step with no scalar stores (those made this pass 3x slower than the min/max one)
+  const __m512 finv = _mm512_set1_ps(inv);
+  const __m512i izp = _mm512_set1_epi32(static_cast<int>(zp)), izero = _mm512_setzero_si512();
+  for (; i + 16 <= n; i += 16) {
+    __m512i r = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p + i), finv)), izp);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), _mm512_cvtusepi32_epi8(_mm512_max_epi32(r, izero)));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  // 32 values per step: int32 -> int16 -> uint8 with saturation (packs work per 128-bit lane: permute back)
+  const __m256 finv = _mm256_set1_ps(inv);
+  const __m256i izp = _mm256_set1_epi32(static_cast<int>(zp)), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  auto q8 = [&](const float* s) {
+    return _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(s), finv)), izp);
+  };
+  for (; i + 32 <= n; i += 32) {
+    __m256i a = _mm256_packs_epi32(q8(p + i), q8(p + i + 8)), c = _mm256_packs_epi32(q8(p + i + 16), q8(p + i + 24));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i),
+                        _mm256_permutevar8x32_epi32(_mm256_packus_epi16(a, c), order));
+  }
+#endif
+  for (; i < n; ++i) o[i] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, std::nearbyint(p[i] * inv) + zp)));
+}
+
+}  // namespace
+
 // x (fp32, any shape) -> (uint8 values, scale, zero point): PyTorch's dynamic per-tensor quantisation
-// (`quantize_per_tensor_dynamic(x, quint8, reduce_range=False)`: the range [min(x, 0), max(x, 0)] over 256 levels)
-// in two passes over x (one min/max, one quantise) writing plain uint8, where PyTorch takes four (min, max, quantise
-// and the `int_repr` copy). The int8 path of vitkit.optimize quantises every linear's input this way.
+// (`quantize_per_tensor_dynamic(x, quint8, reduce_range=False)`) in two passes over x (one min/max, one quantise)
+// writing plain uint8, where PyTorch takes four (min, max, quantise and the `int_repr` copy). The int8 path of
+// vitkit.optimize quantises every linear's input this way.
 std::tuple<torch::Tensor, double, int64_t> quantize_u8(const torch::Tensor& x_) {
   TORCH_CHECK(x_.scalar_type() == at::kFloat && x_.device().is_cpu(), "quantize_u8: expected a float32 CPU tensor");
   auto x = x_.contiguous();
   const float* p = x.data_ptr<float>();
   const int64_t n = x.numel();
-  constexpr int64_t W = Vec::size();
-  using Pair = std::pair<float, float>;
-  Pair mm = at::parallel_reduce(
-      0, n, 1 << 15, Pair(0.0f, 0.0f),
-      [&](int64_t b, int64_t e, Pair acc) {
-        Vec lo(acc.first), hi(acc.second);
-        int64_t i = b;
-        for (; i + W <= e; i += W) {
-          Vec v = Vec::loadu(p + i);
-          lo = at::vec::minimum(lo, v);
-          hi = at::vec::maximum(hi, v);
-        }
-        float l[W], h[W];
-        lo.store(l);
-        hi.store(h);
-        for (int64_t k = 0; k < W; ++k) acc = Pair(std::min(acc.first, l[k]), std::max(acc.second, h[k]));
-        for (; i < e; ++i) acc = Pair(std::min(acc.first, p[i]), std::max(acc.second, p[i]));
-        return acc;
-      },
-      [](Pair a, Pair b) { return Pair(std::min(a.first, b.first), std::max(a.second, b.second)); });
-  // as PyTorch's choose_qparams (quint8, no reduced range): float32 scale, zero point clamped into [0, 255]
-  float scale = (static_cast<double>(mm.second) - mm.first) / 255.0;
-  if (scale == 0.0f || !std::isfinite(1.0f / scale)) scale = 0.1f;
-  double zp_real = 0.0 - mm.first / static_cast<double>(scale);
-  int64_t zp = static_cast<int64_t>(std::nearbyint(std::min(255.0, std::max(0.0, zp_real))));
+  MinMax mm = at::parallel_reduce(
+      0, n, 1 << 15, MinMax(0.0f, 0.0f), [&](int64_t b, int64_t e, MinMax acc) { return min_max(p + b, e - b, acc); },
+      merge);
+  auto [scale, zp] = qparams(mm);
   auto q = at::empty(x.sizes(), x.options().dtype(at::kByte));
   uint8_t* o = q.data_ptr<uint8_t>();
   const float inv = 1.0f / scale;
-  const Vec vinv(inv), vzp(static_cast<float>(zp)), vlo(0.0f), vhi(255.0f);
-  at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) {
-    float buf[W];
-    int64_t i = b;
-    for (; i + W <= e; i += W) {
-      at::vec::clamp(((Vec::loadu(p + i) * vinv).round() + vzp), vlo, vhi).store(buf);
-      for (int64_t k = 0; k < W; ++k) o[i + k] = static_cast<uint8_t>(buf[k]);
-    }
-    for (; i < e; ++i) o[i] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, std::nearbyint(p[i] * inv) + zp)));
-  });
+  at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) { narrow_u8(p + b, e - b, inv, zp, o + b); });
   return std::make_tuple(q, static_cast<double>(scale), zp);
 }
+
 
 
 // ---- bf16 attention (AVX-512 BF16 dot products) ----------------------------------------------------------------
