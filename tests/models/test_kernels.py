@@ -159,13 +159,17 @@ def test_bf16_kernel_refuses_bad_input(kernel):
         kernel.attention_bf16(torch.randn(2, 10, 3, 2, 16).bfloat16(), 0, None, True)
 
 
+@pytest.mark.parametrize("measured_faster", [True, False])
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_reduced_precision_uses_bf16_attention_where_it_can(kernel, monkeypatch, precision):
-    """precision="bf16" and "int8" run the bf16 attention where the CPU has it (the fp32 kernel elsewhere, or with
-    VITKIT_NO_BF16_ATTENTION=1), and either way stay within the precision's tolerance of the fp32 model."""
+def test_reduced_precision_uses_bf16_attention_where_it_can(kernel, monkeypatch, precision, measured_faster):
+    """precision="bf16" and "int8" run the bf16 attention where the CPU has it and it measured faster than the fp32
+    kernel (the fp32 kernel elsewhere, or with VITKIT_NO_BF16_ATTENTION=1), and either way stay within the
+    precision's tolerance of the fp32 model. The measurement is replaced here, so both outcomes run on any CPU."""
     from vitkit.models.fast import int8_fused_available
     from vitkit.models.precision import TOLERANCES
 
+    asked = []
+    monkeypatch.setattr(kernels, "_bf16_measured_faster", lambda *shape: asked.append(shape) or measured_faster)
     torch.manual_seed(0)
     m = create_model("vit_small_patch16_224", depth=2, img_size=64).eval()
     x = torch.randn(4, 3, 64, 64)
@@ -175,7 +179,9 @@ def test_reduced_precision_uses_bf16_attention_where_it_can(kernel, monkeypatch,
     got = fast(x)
     blocks = [b for packed in fast._packed.values() for b in packed]
     expect = kernels.bf16_attention_available() and (precision == "bf16" or int8_fused_available())
-    assert all(b.bf16_attention == expect for b in blocks)
+    assert all(b.bf16_attention == (expect and measured_faster) for b in blocks)
+    if expect:  # measured at the model's own sequence: 4 x 4 patches and the class token, 6 heads of 64
+        assert set(asked) == {(17, 6, 64)}
     tol = TOLERANCES[precision].rel
     assert ((got - plain).norm() / plain.norm()).item() <= tol
     monkeypatch.setenv("VITKIT_NO_BF16_ATTENTION", "1")
@@ -183,6 +189,21 @@ def test_reduced_precision_uses_bf16_attention_where_it_can(kernel, monkeypatch,
     got_off = off(x)
     assert not any(b.bf16_attention for packed in off._packed.values() for b in packed)
     assert ((got_off - plain).norm() / plain.norm()).item() <= tol
+
+
+def test_the_attention_kernels_speed_is_measured_once_per_shape(kernel, caplog):
+    """bf16_attention_faster times both kernels once per process and shape, logs the figures, and says no wherever
+    the bf16 kernel cannot run."""
+    if not kernels.bf16_attention_available():
+        assert kernels.bf16_attention_faster(17, 2, 32) is False
+        return
+    kernels._bf16_measured_faster.cache_clear()
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        first = kernels.bf16_attention_faster(17, 2, 32)
+        again = kernels.bf16_attention_faster(17, 2, 32)
+    assert first == again and isinstance(first, bool)
+    lines = [r.getMessage() for r in caplog.records if "attention at 17 tokens" in r.getMessage()]
+    assert len(lines) == 1 and ("bf16 kept" in lines[0]) == first
 
 
 def test_a_reload_checks_the_bf16_attention_afresh(kernel, monkeypatch):

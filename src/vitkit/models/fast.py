@@ -233,9 +233,11 @@ def _layer_scale(ls: nn.Module) -> Optional[torch.Tensor]:
 class _PackedBlock:
     """A pre-norm ViT block (`vit.Block`) on prepacked weights, with ToMe's merging and a prefix-only mode."""
 
-    def __init__(self, blk: Block, kernel=None, precision: str = "fp32", layers: Optional[dict] = None):
+    def __init__(self, blk: Block, kernel=None, precision: str = "fp32", layers: Optional[dict] = None,
+                 tokens: int = 197):
         """layers: per linear ("qkv", "proj", "fc1", "fc2") the precision it runs in where `precision` is "int8"
-        (a calibrated `Int8Plan` keeps some in bf16/fp32); all int8 without it."""
+        (a calibrated `Int8Plan` keeps some in bf16/fp32); all int8 without it. tokens: the sequence length at the
+        model's own image size (which attention kernel is faster is measured there)."""
         attn = blk.attn
         self.precision = precision
         kind = {k: (layers or {}).get(k, precision) if precision == "int8" else precision
@@ -244,10 +246,11 @@ class _PackedBlock:
         # vitkit's attention kernel (kernels.py) reads q, k, v in place from the qkv output: not with q/k norms
         self.kernel = kernel if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity) else None
         # a bf16 qkv output goes to the kernel's bf16 attention (bf16 dot products) where this CPU has AVX-512 BF16
-        # (an int8 qkv then writes bf16 straight from its matmul)
+        # and it measured faster than the fp32 kernel at the model's token count (an int8 qkv then writes bf16
+        # straight from its matmul)
         self.bf16_attention = (self.kernel is not None and attn.head_dim % 16 == 0 and
                                (kind["qkv"] == "bf16" or (kind["qkv"] == "int8" and int8_fused_available())) and
-                               kernels.bf16_attention_available())
+                               kernels.bf16_attention_faster(tokens, attn.num_heads, attn.head_dim))
         self.attention_out_bf16 = kind["proj"] == "bf16"  # the projection casts its input to bf16 anyway
         self.norm1, self.norm2 = blk.norm1, blk.norm2
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
@@ -359,7 +362,8 @@ class OptimizedViT(nn.Module):
         if self.backend == "onednn":
             if precision not in self._packed:
                 plan = self.int8_plan.layers if self.int8_plan is not None else [None] * len(self.model.blocks)
-                self._packed[precision] = [_PackedBlock(b, self._kernel, precision, layers)
+                tokens = self.model.patch_embed.num_patches + self.model.num_prefix_tokens
+                self._packed[precision] = [_PackedBlock(b, self._kernel, precision, layers, tokens)
                                            for b, layers in zip(self.model.blocks, plan)]
             self._blocks: List[_PackedBlock] = self._packed[precision]
         else:
