@@ -129,7 +129,8 @@ def test_auto_never_keeps_a_candidate_that_fails_its_check(model, confident, mon
     monkeypatch.setattr(prec, "_read_cache", lambda: _Times({"fp32": 1.0, "bf16": 0.5, "int8": 0.1}))
     monkeypatch.setattr(fast_mod, "candidates", prec.candidates)
     broken = fast_mod._Int8Linear.__call__
-    monkeypatch.setattr(fast_mod._Int8Linear, "__call__", lambda self, x: broken(self, x) * 1.5)
+    scaled = lambda y: y if isinstance(y, fast_mod._Quantized) else y * 1.5  # noqa: E731 - uint8 levels stay
+    monkeypatch.setattr(fast_mod._Int8Linear, "__call__", lambda self, x: scaled(broken(self, x)))
     monkeypatch.setattr(fast_mod._Int8Linear, "add", lambda self, x, other: other + broken(self, x) * 1.5)
     fast = vitkit.optimize(model, precision="auto", calibration=confident)
     assert fast.precision == "bf16", fast.choice
@@ -282,3 +283,75 @@ def test_calibrated_int8_on_real_weights_and_auto_calibrates(model, images, conf
         assert auto.int8_plan is not None and auto.int8_plan.images == len(confident)
     with pytest.raises(ConfigError, match="calibration must be a"):
         vitkit.optimize(model, precision="int8", calibration=images[0])
+
+
+# ---- static fc2 input (calibrated with at least STATIC_MIN_IMAGES images) -----------------------------------------
+def test_int8_linear_writes_uint8_over_a_static_range_and_saturates_beyond_it():
+    """fc1 with a static output range writes the uint8 levels of its GELU output over that range (what fc2 then
+    reads without quantising), values beyond the range saturating at 0 or 255, as fake quantisation computes them."""
+    if not fast_mod.int8_fused_available():
+        pytest.skip("no oneDNN fused int8 matmul in this build: int8 linears stay dynamic there")
+    from vitkit.models.quantize import static_qparams
+
+    torch.manual_seed(0)
+    fc1 = torch.nn.Linear(48, 96)
+    x = torch.randn(40, 48)
+    plain = fast_mod._Int8Linear(fc1.weight, fc1.bias, act=torch.nn.GELU())
+    with torch.inference_mode():
+        y = plain(x)  # the fp32 GELU output of the same int8 matmul
+        hi = float(y.quantile(0.9))  # a range that the top tenth of the values overshoots
+        s, zp = static_qparams(min(float(y.min()), 0.0), hi)
+        q = fast_mod._Int8Linear(fc1.weight, fc1.bias, act=torch.nn.GELU(), out_qparams=(s, zp))(x)
+    assert isinstance(q, fast_mod._Quantized) and q.values.dtype == torch.uint8 and (q.scale, q.zero_point) == (s, zp)
+    want = torch.clamp(torch.round(y / s) + zp, 0, 255)
+    assert (q.values.float() - want).abs().max() <= 1  # one level: the epilogue's own rounding
+    assert (q.values == 255).sum() >= (y > hi).sum() > 0  # the overshoot saturates
+    fc2 = torch.nn.Linear(96, 48)
+    lin2 = fast_mod._Int8Linear(fc2.weight, fc2.bias)
+    with torch.inference_mode():
+        out = lin2(q)  # reads the uint8 levels as they are
+        ref = ((q.values.float() - zp) * s) @ fc2.weight.t() + fc2.bias
+    assert ((out - ref).norm() / ref.norm()).item() <= 0.02  # only fc2's own weight rounding is left
+
+
+def test_calibration_fixes_fc2s_input_range_with_enough_images(model, images):
+    """With >= STATIC_MIN_IMAGES calibration images every int8 fc2 reads a static uint8 range that fc1 writes (the
+    plan records it), within int8's tolerance of fp32 and of the dynamic path; with fewer, fc2 stays dynamic."""
+    from vitkit.models import quantize
+
+    n = quantize.STATIC_MIN_IMAGES
+    cal, x = images[:n], images[n:]
+    static = vitkit.optimize(model, precision="int8", calibration=cal)
+    dynamic = vitkit.optimize(model, precision="int8", calibration=cal[:n - 1])
+    plan = static.int8_plan
+    assert plan.to_dict()["fc2_input"] == "static" and len(plan.fc2_ranges) == len(model.blocks)
+    assert dynamic.int8_plan.fc2_ranges is None and dynamic.int8_plan.to_dict()["fc2_input"] == "dynamic"
+    for rng, blk in zip(plan.fc2_ranges, static._blocks):
+        assert rng[0] <= 0.0 < rng[1]
+        if not fast_mod.int8_fused_available():
+            assert blk.fc1.out_qparams is None
+        elif blk.layers["fc1"] == blk.layers["fc2"] == "int8":
+            assert blk.fc1.out_qparams == quantize.static_qparams(*rng)
+    assert all(b.fc1.out_qparams is None for b in dynamic._blocks if hasattr(b.fc1, "out_qparams"))
+    want, _ = _plain(model, x)
+    got_s, got_d = static(x), dynamic(x)
+    assert agreement(got_s, want, logits=True)["rel"] <= TOLERANCES["int8"].rel
+    assert agreement(got_s, got_d, logits=True)["rel"] <= TOLERANCES["int8"].rel
+
+
+def test_layer_errors_measure_fc2_over_its_static_range():
+    """fc2's int8 error is measured with the range it will run with: a static range wider than a batch's own makes
+    coarser steps, and a larger measured error, than the batch's dynamic range."""
+    from vitkit.models import quantize
+
+    m = _outlier_model()
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    own = quantize.fc2_input_ranges(m, x)
+    wide = [(lo * 4, hi * 4) for lo, hi in own]
+    e_dyn = quantize.layer_errors(m, x)
+    e_own = quantize.layer_errors(m, x, fc2_ranges=own)
+    e_wide = quantize.layer_errors(m, x, fc2_ranges=wide)
+    for d, o, w in zip(e_dyn, e_own, e_wide):
+        assert o["fc2"] == pytest.approx(d["fc2"], rel=1e-4)  # its own range over all 8 images: the same steps
+        assert w["fc2"] > 2 * d["fc2"]
+        assert w["qkv"] == d["qkv"] and w["fc1"] == d["fc1"]  # only fc2 reads a static range

@@ -30,7 +30,7 @@ import hashlib
 import logging
 import sys
 import warnings
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -41,7 +41,7 @@ from . import kernels
 from .deit import VisionTransformerDistilled
 from .merging import merge_tokens, parse_r, size_bias
 from .precision import PRECISIONS, Choice, bf16_native, candidates, choose, shape_key, unavailable
-from .quantize import Int8Plan, calibrate
+from .quantize import Int8Plan, calibrate, static_qparams
 from .tome import apply_tome
 from .vit import Block, LayerScale, VisionTransformer, require_vit
 
@@ -131,10 +131,13 @@ class _Int8Linear:
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  scale: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None,
-                 out_dtype: torch.dtype = torch.float32):
+                 out_dtype: torch.dtype = torch.float32, out_qparams: Optional[Tuple[float, int]] = None):
         w, b = _folded(weight, bias, scale)
         w = w.float().contiguous()
         self.out_dtype = out_dtype  # bf16 for a qkv whose output goes to the bf16 attention (fused path only)
+        # (scale, zero point): write the output as uint8 over that static range (`_Quantized`, for the next int8
+        # linear: fc1 → fc2 with a calibrated range; fused path only)
+        self.out_qparams = out_qparams
         self.w_scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).contiguous()
         qw = torch.round(w / self.w_scale[:, None]).clamp(-127, 127).to(torch.int8)
         self.w_zp = torch.zeros(w.shape[0], dtype=torch.long)
@@ -142,6 +145,8 @@ class _Int8Linear:
         self.gelu = act.approximate if isinstance(act, nn.GELU) else None
         self.act = act if self.gelu is None and act is not None and not isinstance(act, nn.Identity) else None
         self.fused = int8_fused_available()
+        if not self.fused:
+            self.out_qparams = None
         if self.fused:
             self.weight = torch.ops.onednn.qlinear_prepack(qw, None)
         else:
@@ -151,9 +156,12 @@ class _Int8Linear:
                 self.weight = torch.ops.quantized.linear_prepack(q, self.bias)
 
     @staticmethod
-    def _quantize(x: torch.Tensor):
+    def _quantize(x):
         """x → (uint8 values, scale, zero point), from x's own range: PyTorch's dynamic per-tensor quantisation, in
-        vitkit's kernel where it is built (two passes over x instead of four)."""
+        vitkit's kernel where it is built (two passes over x instead of four). An x already quantised (`_Quantized`,
+        from the previous linear) passes through."""
+        if isinstance(x, _Quantized):
+            return x
         mod = kernels.cpu_attention()
         if mod is not None:
             return mod.quantize_u8(x.float())
@@ -169,6 +177,11 @@ class _Int8Linear:
             return self.act(y) if self.act is not None else y
         qx, s, zp = self._quantize(x)
         post, algo = ("gelu", self.gelu) if self.gelu is not None else ("none", "")
+        if self.out_qparams is not None and self.act is None:
+            o_s, o_zp = self.out_qparams
+            y = torch.ops.onednn.qlinear_pointwise(qx, s, zp, self.weight, self.w_scale, self.w_zp, self.bias, o_s,
+                                                   o_zp, torch.uint8, post, [], algo)
+            return _Quantized(y, o_s, o_zp)
         y = torch.ops.onednn.qlinear_pointwise(qx, s, zp, self.weight, self.w_scale, self.w_zp, self.bias, 1.0, 0,
                                                self.out_dtype, post, [], algo)
         return self.act(y) if self.act is not None else y
@@ -181,6 +194,13 @@ class _Int8Linear:
         return torch.ops.onednn.qlinear_pointwise.binary(qx, s, zp, self.weight, self.w_scale, self.w_zp,
                                                          other.contiguous(), self.bias, 1.0, 0, torch.float32, 1.0, 0,
                                                          "add", 1.0, "none", [], "")
+
+
+class _Quantized(NamedTuple):
+    """An activation already in uint8 (values, scale, zero point): an int8 linear's output for the next one."""
+    values: torch.Tensor
+    scale: float
+    zero_point: int
 
 
 def int8_fused_available() -> bool:
@@ -218,10 +238,12 @@ class _quantized_engine:
         torch.backends.quantized.engine = self.old
 
 
-def _linear(weight, bias=None, scale=None, act=None, precision: str = "fp32", int8_out=torch.float32):
-    """The packed linear of a precision ("fp32", "bf16", "int8"); int8_out: an int8 linear's output dtype."""
+def _linear(weight, bias=None, scale=None, act=None, precision: str = "fp32", int8_out=torch.float32,
+            out_qparams=None):
+    """The packed linear of a precision ("fp32", "bf16", "int8"); int8_out: an int8 linear's output dtype;
+    out_qparams: its static uint8 output range (see `_Int8Linear`)."""
     if precision == "int8":
-        return _Int8Linear(weight, bias, scale=scale, act=act, out_dtype=int8_out)
+        return _Int8Linear(weight, bias, scale=scale, act=act, out_dtype=int8_out, out_qparams=out_qparams)
     return _PackedLinear(weight, bias, scale=scale, act=act,
                          dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
 
@@ -234,10 +256,11 @@ class _PackedBlock:
     """A pre-norm ViT block (`vit.Block`) on prepacked weights, with ToMe's merging and a prefix-only mode."""
 
     def __init__(self, blk: Block, kernel=None, precision: str = "fp32", layers: Optional[dict] = None,
-                 tokens: int = 197):
+                 tokens: int = 197, fc2_range: Optional[Tuple[float, float]] = None):
         """layers: per linear ("qkv", "proj", "fc1", "fc2") the precision it runs in where `precision` is "int8"
         (a calibrated `Int8Plan` keeps some in bf16/fp32); all int8 without it. tokens: the sequence length at the
-        model's own image size (which attention kernel is faster is measured there)."""
+        model's own image size (which attention kernel is faster is measured there). fc2_range: fc2's calibrated
+        static input range: an int8 fc1 then writes uint8 for an int8 fc2 (`vitkit.models.quantize`)."""
         attn = blk.attn
         self.precision = precision
         kind = {k: (layers or {}).get(k, precision) if precision == "int8" else precision
@@ -260,7 +283,9 @@ class _PackedBlock:
                            int8_out=torch.bfloat16 if self.bf16_attention else torch.float32)
         self._qkv_linear, self._q_kv = attn.qkv, None  # (q, kv) split, made when a prefix-only call needs it
         self.proj = _linear(attn.proj.weight, attn.proj.bias, scale=_layer_scale(blk.ls1), precision=kind["proj"])
-        self.fc1 = _linear(blk.mlp.fc1.weight, blk.mlp.fc1.bias, act=blk.mlp.act, precision=kind["fc1"])
+        static = fc2_range is not None and kind["fc1"] == kind["fc2"] == "int8" and isinstance(blk.mlp.act, nn.GELU)
+        self.fc1 = _linear(blk.mlp.fc1.weight, blk.mlp.fc1.bias, act=blk.mlp.act, precision=kind["fc1"],
+                           out_qparams=static_qparams(*fc2_range) if static else None)
         self.fc2 = _linear(blk.mlp.fc2.weight, blk.mlp.fc2.bias, scale=_layer_scale(blk.ls2), precision=kind["fc2"])
 
     def _split_qkv(self) -> Tuple[_PackedLinear, _PackedLinear]:
@@ -361,10 +386,13 @@ class OptimizedViT(nn.Module):
         self.precision = precision
         if self.backend == "onednn":
             if precision not in self._packed:
-                plan = self.int8_plan.layers if self.int8_plan is not None else [None] * len(self.model.blocks)
+                depth = len(self.model.blocks)
+                plan = self.int8_plan.layers if self.int8_plan is not None else [None] * depth
+                ranges = (self.int8_plan.fc2_ranges if self.int8_plan is not None and precision == "int8" else None
+                          ) or [None] * depth
                 tokens = self.model.patch_embed.num_patches + self.model.num_prefix_tokens
-                self._packed[precision] = [_PackedBlock(b, self._kernel, precision, layers, tokens)
-                                           for b, layers in zip(self.model.blocks, plan)]
+                self._packed[precision] = [_PackedBlock(b, self._kernel, precision, layers, tokens, rng)
+                                           for b, layers, rng in zip(self.model.blocks, plan, ranges)]
             self._blocks: List[_PackedBlock] = self._packed[precision]
         else:
             self._blocks = []
@@ -559,8 +587,9 @@ def optimize(
     cannot run falls back to fp32 with a one-line warning.
     calibration: a batch of real images (B, C, H, W), preprocessed as the model expects (a few hundred is plenty):
     int8 (and auto's int8 candidate) is calibrated on it (`vitkit.models.quantize`: SmoothQuant folded into the
-    weights, linears with a large measured int8 error kept in bf16; `.int8_plan` says which). Without it, "int8"
-    quantises every linear as it is and "auto" calibrates on its first batch."""
+    weights, linears with a large measured int8 error kept in bf16; from 32 images on, fc2's input range fixed so
+    that fc1 writes uint8 for it; `.int8_plan` says which). Without it, "int8" quantises every linear as it is and
+    "auto" calibrates on its first batch."""
     require_vit(model, "optimize")
     model = copy.deepcopy(model)
     if tome_r:
