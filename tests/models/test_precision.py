@@ -355,3 +355,31 @@ def test_layer_errors_measure_fc2_over_its_static_range():
         assert o["fc2"] == pytest.approx(d["fc2"], rel=1e-4)  # its own range over all 8 images: the same steps
         assert w["fc2"] > 2 * d["fc2"]
         assert w["qkv"] == d["qkv"] and w["fc1"] == d["fc1"]  # only fc2 reads a static range
+
+
+@pytest.mark.parametrize("bf16_faster", [True, False])
+def test_linears_kept_out_of_int8_run_in_the_faster_higher_precision(monkeypatch, bf16_faster):
+    """A linear calibration keeps out of int8 runs in bf16 only where bf16 is native and measured faster than fp32
+    here (the measurement is replaced, so both outcomes run on any CPU); in fp32 otherwise."""
+    measured = []
+    monkeypatch.setattr(fast_mod, "bf16_native", lambda device: True)
+    monkeypatch.setattr(fast_mod, "_bf16_linear_faster", lambda *shape: measured.append(shape) or bf16_faster)
+    m = _outlier_model(fc2_outlier=True)
+    cal = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    fast = vitkit.optimize(m, precision="int8", calibration=cal)
+    want = "bf16" if bf16_faster else "fp32"
+    assert fast.int8_plan.layers[0]["fc2"] == want and fast._blocks[0].layers["fc2"] == want
+    tokens = m.patch_embed.num_patches + m.num_prefix_tokens
+    assert measured == [(4 * tokens, m.blocks[0].mlp.fc2.in_features, m.blocks[0].mlp.fc2.out_features)]
+    monkeypatch.setattr(fast_mod, "bf16_native", lambda device: False)
+    assert fast_mod.kept_precision(torch.device("cpu"), 8, 16, 16) == "fp32"  # no native bf16: never measured
+    assert len(measured) == 1
+
+
+def test_the_bf16_linear_measurement_is_made_once_per_shape(caplog):
+    fast_mod._bf16_linear_faster.cache_clear()
+    with caplog.at_level(logging.INFO, logger="vitkit.models.fast"):
+        first = fast_mod._bf16_linear_faster(24, 32, 16)
+        assert fast_mod._bf16_linear_faster(24, 32, 16) == first and isinstance(first, bool)
+    lines = [r.getMessage() for r in caplog.records if "at 24x32x16" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].endswith("bf16" if first else "fp32")

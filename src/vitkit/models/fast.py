@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import hashlib
 import logging
 import sys
+import time
 import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -248,6 +250,37 @@ def _linear(weight, bias=None, scale=None, act=None, precision: str = "fp32", in
                          dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
+def kept_precision(device: torch.device, rows: int, k: int, n: int) -> str:
+    """The precision of a linear that calibration keeps out of int8: bf16 where this CPU runs it natively and a
+    (rows x k) @ (k x n) bf16 matmul measured faster than fp32 (`_bf16_linear_faster`), else fp32 (exact, and
+    faster there: an Intel Xeon without AMX runs bf16 matmuls at ~0.55x of fp32, an AMD EPYC at ~2x)."""
+    return "bf16" if bf16_native(device) and _bf16_linear_faster(int(rows), int(k), int(n)) else "fp32"
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_linear_faster(rows: int, k: int, n: int) -> bool:
+    """Whether the prepacked bf16 linear beats the fp32 one at this shape here: measured once per process and shape
+    (interleaved, medians of 5; tens of ms)."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
+    try:
+        lins = {"fp32": _PackedLinear(w), "bf16": _PackedLinear(w, dtype=torch.bfloat16)}
+    except (RuntimeError, NotImplementedError):
+        return False
+    times: dict = {p: [] for p in lins}
+    with torch.inference_mode():
+        for rep in range(6):
+            for p, lin in lins.items():
+                t = time.perf_counter()
+                lin(x)
+                if rep:  # the first call of each is a warm-up
+                    times[p].append(time.perf_counter() - t)
+    med = {p: sorted(v)[len(v) // 2] for p, v in times.items()}
+    log.info("linears kept out of int8: fp32 %.2f ms, bf16 %.2f ms at %dx%dx%d; %s", 1e3 * med["fp32"],
+             1e3 * med["bf16"], rows, k, n, "bf16" if med["bf16"] < med["fp32"] else "fp32")
+    return med["bf16"] < med["fp32"]
+
+
 def _layer_scale(ls: nn.Module) -> Optional[torch.Tensor]:
     return ls.gamma if isinstance(ls, LayerScale) else None
 
@@ -401,9 +434,13 @@ class OptimizedViT(nn.Module):
     def calibrate_int8(self, images: torch.Tensor) -> Int8Plan:
         """Calibrate the int8 path on `images` (B, C, H, W), preprocessed: fold SmoothQuant's factors into this
         wrapper's copy of the model (exact in fp32) and keep the linears whose measured int8 error is too large in
-        bf16 (fp32 without native bf16); see `vitkit.models.quantize`. Repacks the weights."""
+        bf16 or fp32, whichever is faster here (`kept_precision`); see `vitkit.models.quantize`. Repacks the
+        weights."""
         device = next(self.model.parameters()).device
-        self.use_int8_plan(calibrate(self.model, images, fallback="bf16" if bf16_native(device) else "fp32"))
+        fc2 = self.model.blocks[0].mlp.fc2  # the linear calibration keeps most often (massive activations)
+        tokens = self.model.patch_embed.num_patches + self.model.num_prefix_tokens
+        fallback = kept_precision(device, 4 * tokens, fc2.in_features, fc2.out_features)
+        self.use_int8_plan(calibrate(self.model, images, fallback=fallback))
         log.info("vitkit.optimize: %s", self.int8_plan.summary())
         return self.int8_plan
 
