@@ -170,6 +170,12 @@ def test_choose_picks_the_fastest_that_agrees_and_caches_per_cpu(monkeypatch, tm
     calls.clear()
     assert not choose(run, ("fp32", "bf16"), key_b, logits=True, batch=8, reps=1).cached and len(calls) == 4
     assert set(json.loads(prec.cache_path().read_text())["entries"]) == {key, key_b}
+    # another version of the fast path's code: its own key, measured anew (old times never outlive the code)
+    monkeypatch.setattr(prec, "code_key", lambda: "0123456789")
+    key_c = prec.shape_key("sig", 8, torch.device("cpu"))
+    assert key_c not in (key, key_b) and "vitkit 0123456789" in key_c
+    calls.clear()
+    assert not choose(run, ("fp32", "bf16"), key_c, logits=True, batch=8, reps=1).cached and len(calls) == 4
 
 
 def test_agreement_rules():

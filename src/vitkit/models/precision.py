@@ -137,7 +137,22 @@ def cache_path() -> Path:
 
 def shape_key(signature: str, batch: int, device: torch.device) -> str:
     machine = cpu_key() if device.type == "cpu" else torch.cuda.get_device_name(device)
-    return f"{machine} | torch {torch.__version__} | {torch.get_num_threads()} threads | {signature} | batch {batch}"
+    return (f"{machine} | torch {torch.__version__} | vitkit {code_key()} | {torch.get_num_threads()} threads | "
+            f"{signature} | batch {batch}")
+
+
+@functools.lru_cache(maxsize=None)
+def code_key() -> str:
+    """A digest of the code that runs the candidates (the fast path, its quantisation and its C++ kernels): times
+    measured by another version of it are not reused."""
+    here = Path(__file__).parent
+    h = hashlib.sha1()
+    for name in ("fast.py", "quantize.py", "kernels.py", "csrc/attention.cpp"):
+        try:
+            h.update((here / name).read_bytes())
+        except OSError:
+            h.update(name.encode())
+    return h.hexdigest()[:10]
 
 
 def _read_cache() -> dict:
