@@ -343,6 +343,14 @@ def test_calibration_fixes_fc2s_input_range_with_enough_images(model, images):
     got_s, got_d = static(x), dynamic(x)
     assert agreement(got_s, want, logits=True)["rel"] <= TOLERANCES["int8"].rel
     assert agreement(got_s, got_d, logits=True)["rel"] <= TOLERANCES["int8"].rel
+    # another model's plan (other depth) is refused in one line, and the wrapper keeps its own
+    import copy
+
+    short = copy.deepcopy(plan)
+    short.fc2_ranges = short.fc2_ranges[:-1]
+    with pytest.raises(ConfigError, match="the int8 plan has .* blocks.*calibrate this model"):
+        static.use_int8_plan(short)
+    assert static.int8_plan is plan
 
 
 def test_layer_errors_measure_fc2_over_its_static_range():

@@ -447,8 +447,10 @@ class OptimizedViT(nn.Module):
     def use_int8_plan(self, plan: Int8Plan) -> None:
         """Run int8 with these per-linear precisions (`plan.layers`; e.g. edited to keep more linears out of int8)
         and repack. The smoothing is not applied here: `calibrate_int8` folds it into the model."""
-        if len(plan.layers) != len(self.model.blocks):
-            raise ConfigError(f"the int8 plan has {len(plan.layers)} blocks, the model {len(self.model.blocks)}")
+        if len(plan.layers) != len(self.model.blocks) or (plan.fc2_ranges is not None and
+                                                          len(plan.fc2_ranges) != len(self.model.blocks)):
+            raise ConfigError(f"the int8 plan has {len(plan.layers)} blocks, the model {len(self.model.blocks)}; "
+                              "calibrate this model (calibration=images) instead of reusing another's plan")
         self.int8_plan = plan
         self._packed = {}
         self._set_precision(self.precision)
