@@ -147,11 +147,10 @@ class _Int8Linear:
         self.gelu = act.approximate if isinstance(act, nn.GELU) else None
         self.act = act if self.gelu is None and act is not None and not isinstance(act, nn.Identity) else None
         self.fused = int8_fused_available()
-        if not self.fused:
-            self.out_qparams = None
         if self.fused:
             self.weight = torch.ops.onednn.qlinear_prepack(qw, None)
-        else:
+        else:  # fbgemm's dynamic linear writes fp32 only
+            self.out_qparams = None
             with warnings.catch_warnings(), _quantized_engine(int8_engine()):
                 warnings.simplefilter("ignore", UserWarning)
                 q = torch._make_per_channel_quantized_tensor(qw, self.w_scale.double(), self.w_zp, 0)
@@ -626,9 +625,9 @@ def optimize(
     cannot run falls back to fp32 with a one-line warning.
     calibration: a batch of real images (B, C, H, W), preprocessed as the model expects (a few hundred is plenty):
     int8 (and auto's int8 candidate) is calibrated on it (`vitkit.models.quantize`: SmoothQuant folded into the
-    weights, linears with a large measured int8 error kept in bf16; from 32 images on, fc2's input range fixed so
-    that fc1 writes uint8 for it; `.int8_plan` says which). Without it, "int8" quantises every linear as it is and
-    "auto" calibrates on its first batch."""
+    weights, linears with a large measured int8 error kept in bf16 or fp32, whichever is faster here; from 32
+    images on, fc2's input range fixed so that fc1 writes uint8 for it; `.int8_plan` says which). Without it,
+    "int8" quantises every linear as it is and "auto" calibrates on its first batch."""
     require_vit(model, "optimize")
     model = copy.deepcopy(model)
     if tome_r:
