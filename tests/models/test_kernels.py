@@ -218,3 +218,42 @@ def test_a_reload_checks_the_bf16_attention_afresh(kernel, monkeypatch):
         assert kernels.bf16_attention_available() == kernel.has_bf16()
     finally:
         kernels.cpu_attention.cache_clear()
+
+
+_AVX2_CHECK = r"""
+import warnings, torch, torch.nn.functional as F
+from vitkit.models import kernels
+assert torch.backends.cpu.get_cpu_capability() == "AVX2", torch.backends.cpu.get_cpu_capability()
+mod = kernels.cpu_attention()
+assert mod is not None and mod.__name__.endswith("avx2"), mod
+g = torch.Generator().manual_seed(0)
+for n in (1, 31, 32, 33, 197 * 384 + 5):  # the 32-value vector steps and their tails
+    x = torch.randn(n, generator=g) * 3 + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ref = torch.quantize_per_tensor_dynamic(x, torch.quint8, False)
+    q, s, zp = mod.quantize_u8(x)
+    assert zp == ref.q_zero_point() and torch.equal(q, ref.int_repr()), n
+qkv = torch.randn(2, 37, 3, 2, 16, generator=g)
+q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+want = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+assert (mod.attention(qkv, 37, None) - want).abs().max() <= 1e-5
+print("avx2 ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_avx2_build_of_the_kernel_quantises_and_attends_exactly(kernel, tmp_path):
+    """The AVX2 build (what an AVX2-only CPU gets; AVX-512 CPUs run it too) is compiled in a child process with
+    PyTorch's dispatch held at AVX2: its quantiser's 32-value steps and tails equal PyTorch's, its attention
+    sdpa's."""
+    import os
+    import subprocess
+    import sys
+
+    if "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX2")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    out = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0 and "avx2 ok" in out.stdout, out.stderr[-2000:]
