@@ -397,3 +397,26 @@ def test_the_bf16_linear_measurement_is_made_once_per_shape(caplog):
         assert fast_mod._bf16_linear_faster(24, 32, 16) == first and isinstance(first, bool)
     lines = [r.getMessage() for r in caplog.records if "at 24x32x16" in r.getMessage()]
     assert len(lines) == 1 and lines[0].endswith("bf16" if first else "fp32")
+
+
+def test_int8_calibrates_on_its_first_batch_when_asked(model, images, digits_model):
+    """calibration="first": int8 calibrates on the first batch it is given (what `vitkit eval/predict --precision
+    int8` do, as auto's candidate always did), once; a bad value is refused in one line."""
+    from vitkit.tasks.classify import load_classifier
+
+    fast = vitkit.optimize(model, precision="int8", calibration="first")
+    if fast.backend != "onednn" or fast.precision != "int8":
+        pytest.skip("int8 runs on the oneDNN path only (x86 PyTorch builds)")
+    assert fast.int8_plan is None
+    fast(images)
+    plan = fast.int8_plan
+    assert plan is not None and plan.images == len(images) and plan.fc2_ranges is not None  # 64 >= 32: static
+    fast(images[:8])
+    assert fast.int8_plan is plan  # once
+    clf, _ = load_classifier(digits_model, fast=True, precision="int8")
+    clf(images[:40])
+    assert clf.int8_plan is not None and clf.int8_plan.images == 40
+    assert fast_mod.precision_record(clf)["precision_int8"]["fc2_input"] == "static"
+    assert vitkit.optimize(model, precision="fp32", calibration="first")._calibrate_first is False
+    with pytest.raises(ConfigError, match="calibration must be a .* or 'first'"):
+        vitkit.optimize(model, precision="int8", calibration="last")

@@ -411,6 +411,7 @@ class OptimizedViT(nn.Module):
             precision = "fp32"
         self._packed: dict = {}  # precision → the oneDNN path's packed blocks
         self.int8_plan: Optional[Int8Plan] = None  # set by calibrate_int8: smoothing and per-linear precisions
+        self._calibrate_first = False  # int8: calibrate on the first batch (optimize(calibration="first"))
         self._set_precision(precision)
         self.training = False
 
@@ -521,6 +522,10 @@ class OptimizedViT(nn.Module):
     def _run(self, name: str, fn, x: torch.Tensor, measuring: bool = False) -> torch.Tensor:
         if self._auto is not None:
             self._decide(name, fn, x)
+        if self._calibrate_first:  # int8 with calibration="first": calibrated on this batch, as auto's candidate is
+            self._calibrate_first = False
+            if self.int8_plan is None:
+                self.calibrate_int8(x)
         if self.backend == "onednn":
             return self._onednn(name, x)
         fn = self._in_precision(fn)
@@ -610,7 +615,7 @@ def optimize(
     tune_allocator: bool = True,
     attention_kernel: bool = True,
     precision: str = "fp32",
-    calibration: Optional[torch.Tensor] = None,
+    calibration: Union[torch.Tensor, str, None] = None,
 ) -> OptimizedViT:
     """The fastest inference version of `model` (left untouched: the result holds a copy).
     backend: "auto" (oneDNN on an fp32 CPU model where available, else torch.compile), "onednn", "compile" or
@@ -627,13 +632,22 @@ def optimize(
     int8 (and auto's int8 candidate) is calibrated on it (`vitkit.models.quantize`: SmoothQuant folded into the
     weights, linears with a large measured int8 error kept in bf16 or fp32, whichever is faster here; from 32
     images on, fc2's input range fixed so that fc1 writes uint8 for it; `.int8_plan` says which). Without it,
-    "int8" quantises every linear as it is and "auto" calibrates on its first batch."""
+    "int8" quantises every linear as it is and "auto" calibrates on its first batch; calibration="first" calibrates
+    "int8" on its first batch too (what the CLI's --precision int8 does)."""
     require_vit(model, "optimize")
     model = copy.deepcopy(model)
     if tome_r:
         apply_tome(model, tome_r)
+    if isinstance(calibration, str):
+        if calibration != "first":
+            raise ConfigError(f"calibration must be a (B, C, H, W) tensor of images or 'first' (the first batch), "
+                              f"got {calibration!r}")
+        calibration, first = None, True
+    else:
+        first = False
     fast = OptimizedViT(model, backend=backend, pad_batches=pad_batches, attention_kernel=attention_kernel,
                         precision=precision)
+    fast._calibrate_first = first and fast.precision == "int8" and fast.backend == "onednn"
     if tune_allocator and fast.backend != "eager" and next(model.parameters()).device.type == "cpu":
         tune_malloc()
     if calibration is not None and fast.backend == "onednn" and (fast.precision == "int8" or (

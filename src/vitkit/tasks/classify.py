@@ -638,7 +638,7 @@ def load_classifier(path, device="cpu", fast: bool = False, tome: int = 0, preci
         from ..models.fast import optimize
 
         model = optimize(model, tome_r=tome, backend="auto" if fast else "eager",
-                         precision=precision if fast else "fp32")
+                         precision=precision if fast else "fp32", calibration="first")
     return model, list(names)
 
 
