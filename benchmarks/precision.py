@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 import vitkit  # noqa: E402
 from vitkit.models import create_model, get_config  # noqa: E402
-from vitkit.models.fast import compile_frozen, int8_fused_available, kept_precision, tune_malloc  # noqa: E402
+from vitkit.models.fast import compile_frozen, int8_fused_available, kept_precision_for, tune_malloc  # noqa: E402
 from vitkit.models.precision import bf16_native  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -96,9 +96,7 @@ def int8_mixed(model, cal: torch.Tensor, keep_fc2: float):
     fast = vitkit.optimize(model, precision="int8", calibration=cal)
     plan = copy.deepcopy(fast.int8_plan)
     depth = len(plan.layers)
-    fc2 = model.blocks[0].mlp.fc2
-    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-    kept = kept_precision(torch.device("cpu"), 4 * tokens, fc2.in_features, fc2.out_features)
+    kept = kept_precision_for(model)
     for i in {round(j * depth / max(1, round(keep_fc2 * depth))) for j in range(round(keep_fc2 * depth))}:
         plan.layers[min(i, depth - 1)]["fc2"] = kept
     fast.use_int8_plan(plan)

@@ -30,7 +30,6 @@ import functools
 import hashlib
 import logging
 import sys
-import time
 import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -42,7 +41,7 @@ from ..errors import ConfigError
 from . import kernels
 from .deit import VisionTransformerDistilled
 from .merging import merge_tokens, parse_r, size_bias
-from .precision import PRECISIONS, Choice, bf16_native, candidates, choose, shape_key, unavailable
+from .precision import PRECISIONS, Choice, bf16_native, candidates, choose, medians_in_turns, shape_key, unavailable
 from .quantize import Int8Plan, calibrate, static_qparams
 from .tome import apply_tome
 from .vit import Block, LayerScale, VisionTransformer, require_vit
@@ -256,6 +255,18 @@ def kept_precision(device: torch.device, rows: int, k: int, n: int) -> str:
     return "bf16" if bf16_native(device) and _bf16_linear_faster(int(rows), int(k), int(n)) else "fp32"
 
 
+def kept_precision_for(model: nn.Module) -> str:
+    """`kept_precision` measured at a ViT's own fc2 (the linear calibration keeps most often: massive activations)
+    on four images' tokens."""
+    fc2 = model.blocks[0].mlp.fc2
+    return kept_precision(next(model.parameters()).device, 4 * own_tokens(model), fc2.in_features, fc2.out_features)
+
+
+def own_tokens(model: nn.Module) -> int:
+    """The sequence length of a ViT at its own image size: the patches and the prefix tokens."""
+    return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
 @functools.lru_cache(maxsize=None)
 def _bf16_linear_faster(rows: int, k: int, n: int) -> bool:
     """Whether the prepacked bf16 linear beats the fp32 one at this shape here: measured once per process and shape
@@ -266,15 +277,8 @@ def _bf16_linear_faster(rows: int, k: int, n: int) -> bool:
         lins = {"fp32": _PackedLinear(w), "bf16": _PackedLinear(w, dtype=torch.bfloat16)}
     except (RuntimeError, NotImplementedError):
         return False
-    times: dict = {p: [] for p in lins}
     with torch.inference_mode():
-        for rep in range(6):
-            for p, lin in lins.items():
-                t = time.perf_counter()
-                lin(x)
-                if rep:  # the first call of each is a warm-up
-                    times[p].append(time.perf_counter() - t)
-    med = {p: sorted(v)[len(v) // 2] for p, v in times.items()}
+        med = medians_in_turns({p: functools.partial(lin, x) for p, lin in lins.items()}, reps=5, warmup=1)
     log.info("linears kept out of int8: fp32 %.2f ms, bf16 %.2f ms at %dx%dx%d; %s", 1e3 * med["fp32"],
              1e3 * med["bf16"], rows, k, n, "bf16" if med["bf16"] < med["fp32"] else "fp32")
     return med["bf16"] < med["fp32"]
@@ -423,7 +427,7 @@ class OptimizedViT(nn.Module):
                 plan = self.int8_plan.layers if self.int8_plan is not None else [None] * depth
                 ranges = (self.int8_plan.fc2_ranges if self.int8_plan is not None and precision == "int8" else None
                           ) or [None] * depth
-                tokens = self.model.patch_embed.num_patches + self.model.num_prefix_tokens
+                tokens = own_tokens(self.model)
                 self._packed[precision] = [_PackedBlock(b, self._kernel, precision, layers, tokens, rng)
                                            for b, layers, rng in zip(self.model.blocks, plan, ranges)]
             self._blocks: List[_PackedBlock] = self._packed[precision]
@@ -436,11 +440,7 @@ class OptimizedViT(nn.Module):
         wrapper's copy of the model (exact in fp32) and keep the linears whose measured int8 error is too large in
         bf16 or fp32, whichever is faster here (`kept_precision`); see `vitkit.models.quantize`. Repacks the
         weights."""
-        device = next(self.model.parameters()).device
-        fc2 = self.model.blocks[0].mlp.fc2  # the linear calibration keeps most often (massive activations)
-        tokens = self.model.patch_embed.num_patches + self.model.num_prefix_tokens
-        fallback = kept_precision(device, 4 * tokens, fc2.in_features, fc2.out_features)
-        self.use_int8_plan(calibrate(self.model, images, fallback=fallback))
+        self.use_int8_plan(calibrate(self.model, images, fallback=kept_precision_for(self.model)))
         log.info("vitkit.optimize: %s", self.int8_plan.summary())
         return self.int8_plan
 

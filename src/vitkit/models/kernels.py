@@ -13,10 +13,11 @@ import functools
 import logging
 import os
 import platform
-import time
 from pathlib import Path
 import torch
 import torch.nn.functional as F
+
+from .precision import medians_in_turns
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +133,8 @@ def _bf16_measured_faster(tokens: int, heads: int, head_dim: int) -> bool:
     qkv16 = qkv.bfloat16()
     runs = {"fp32": lambda: mod.attention(qkv, tokens, None), "bf16": lambda: mod.attention_bf16(qkv16, tokens, None,
                                                                                                  True)}
-    times: dict = {k: [] for k in runs}
     with torch.inference_mode():
-        for _ in range(2):  # warm-up
-            for f in runs.values():
-                f()
-        for _ in range(7):
-            for k, f in runs.items():
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        med = medians_in_turns(runs, reps=7, warmup=2)
     log.info("attention at %d tokens, %d heads of %d: fp32 %.3f ms, bf16 %.3f ms per pair of images; %s kept",
              tokens, heads, head_dim, 1e3 * med["fp32"], 1e3 * med["bf16"],
              "bf16" if med["bf16"] < med["fp32"] else "fp32")

@@ -177,6 +177,21 @@ def _write_cache(key: str, seconds: Dict[str, float]) -> None:
         log.info("could not write the precision cache %s (%s)", path, e)
 
 
+def medians_in_turns(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 0) -> Dict[str, float]:
+    """Each callable's median seconds over `reps` calls, the callables called in turns (after `warmup` untimed
+    turns), so that a machine speeding up or slowing down mid-measurement favours none of them."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: Dict[str, list] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 # ---- the choice -------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Choice:
@@ -217,13 +232,7 @@ def choose(run: Callable[[str], torch.Tensor], names: Sequence[str], key: str, l
     if hit:
         seconds = {p: float(cached[p]) for p in names}
     else:
-        times = {p: [] for p in names}
-        for _ in range(reps):
-            for p in names:
-                t = time.perf_counter()
-                run(p)
-                times[p].append(time.perf_counter() - t)
-        seconds = {p: statistics.median(v) for p, v in times.items()}
+        seconds = medians_in_turns({p: functools.partial(run, p) for p in names}, reps)
         _write_cache(key, seconds)
     stats = {p: agreement(outs[p], ref, logits) for p in names if p != "fp32"}
     rejected = {}
