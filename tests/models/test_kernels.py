@@ -159,17 +159,23 @@ def test_bf16_kernel_refuses_bad_input(kernel):
         kernel.attention_bf16(torch.randn(2, 10, 3, 2, 16).bfloat16(), 0, None, True)
 
 
-@pytest.mark.parametrize("measured_faster", [True, False])
+@pytest.mark.parametrize("measured", kernels.ATTENTIONS)
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_reduced_precision_uses_bf16_attention_where_it_can(kernel, monkeypatch, precision, measured_faster):
-    """precision="bf16" and "int8" run the bf16 attention where the CPU has it and it measured faster than the fp32
-    kernel (the fp32 kernel elsewhere, or with VITKIT_NO_BF16_ATTENTION=1), and either way stay within the
-    precision's tolerance of the fp32 model. The measurement is replaced here, so both outcomes run on any CPU."""
+def test_reduced_precision_runs_the_attention_that_measured_fastest(kernel, monkeypatch, precision, measured):
+    """precision="bf16" and "int8" run the attention `reduced_attention` measured fastest among those that run here
+    (vitkit's fp32 or bf16 kernel, PyTorch's bf16 flash attention; only the fp32 kernel with
+    VITKIT_NO_BF16_ATTENTION=1), and whichever runs stays within the precision's tolerance of the fp32 model. The
+    measurement is replaced here (by one that picks `measured` where it is a candidate), so every outcome runs on any
+    CPU that offers it."""
     from vitkit.models.fast import int8_fused_available
     from vitkit.models.precision import TOLERANCES
 
     asked = []
-    monkeypatch.setattr(kernels, "_bf16_measured_faster", lambda *shape: asked.append(shape) or measured_faster)
+
+    def fake(tokens, heads, head_dim, cands):
+        asked.append(((tokens, heads, head_dim), cands))
+        return measured if measured in cands else "fp32"
+    monkeypatch.setattr(kernels, "_measured_attention", fake)
     torch.manual_seed(0)
     m = create_model("vit_small_patch16_224", depth=2, img_size=64).eval()
     x = torch.randn(4, 3, 64, 64)
@@ -178,32 +184,54 @@ def test_reduced_precision_uses_bf16_attention_where_it_can(kernel, monkeypatch,
     fast = vitkit.optimize(m, precision=precision)
     got = fast(x)
     blocks = [b for packed in fast._packed.values() for b in packed]
-    expect = kernels.bf16_attention_available() and (precision == "bf16" or int8_fused_available())
-    assert all(b.bf16_attention == (expect and measured_faster) for b in blocks)
-    if expect:  # measured at the model's own sequence: 4 x 4 patches and the class token, 6 heads of 64
-        assert set(asked) == {(17, 6, 64)}
+    reduced = precision == "bf16" or int8_fused_available()
+    cands = ("fp32",) + (("bf16",) if kernels.bf16_attention_available() else ()) + (
+        ("sdpa-bf16",) if kernels.sdpa_bf16_available() else ())
+    expect = measured if reduced and measured in cands else "fp32"
+    assert all(b.attention == expect and b.bf16_attention == (expect != "fp32") for b in blocks)
+    if reduced and len(cands) > 1:  # measured at the model's own sequence: 4 x 4 patches and the class token
+        assert {a for a in asked} == {((17, 6, 64), cands)}
     tol = TOLERANCES[precision].rel
     assert ((got - plain).norm() / plain.norm()).item() <= tol
     monkeypatch.setenv("VITKIT_NO_BF16_ATTENTION", "1")
     off = vitkit.optimize(m, precision=precision)
     got_off = off(x)
-    assert not any(b.bf16_attention for packed in off._packed.values() for b in packed)
+    assert all(b.attention == "fp32" for packed in off._packed.values() for b in packed)
     assert ((got_off - plain).norm() / plain.norm()).item() <= tol
 
 
-def test_the_attention_kernels_speed_is_measured_once_per_shape(kernel, caplog):
-    """bf16_attention_faster times both kernels once per process and shape, logs the figures, and says no wherever
-    the bf16 kernel cannot run."""
-    if not kernels.bf16_attention_available():
-        assert kernels.bf16_attention_faster(17, 2, 32) is False
-        return
-    kernels._bf16_measured_faster.cache_clear()
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_sdpa_from_qkv_is_attention_in_the_kernels_layout(with_bias):
+    """`sdpa_from_qkv` reads q, k, v from a qkv output (B, N, 3, H, hd) and returns (B, N, H, hd), with ToMe's
+    key bias; exact in fp32, and in bf16 within 2^-7 of the largest output (bf16 inputs and probabilities)."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 37, 3, 3, 32, generator=g)
+    bias = torch.randn(2, 37, generator=g) if with_bias else None
+    want = _reference(qkv, 37, bias)
+    got = kernels.sdpa_from_qkv(qkv, bias)
+    assert got.shape == (2, 37, 3, 32) and (got - want).abs().max().item() <= 1e-5
+    got16 = kernels.sdpa_from_qkv(qkv.bfloat16(), bias)
+    want16 = _reference(qkv.bfloat16().float(), 37, bias)
+    assert got16.dtype == torch.bfloat16 and got16.reshape(2 * 37, 96).shape == (74, 96)
+    assert (got16.float() - want16).abs().max().item() <= want16.abs().max().item() * 2 ** -7
+
+
+def test_the_attention_choice_is_measured_once_per_shape(kernel, caplog):
+    """reduced_attention times the candidates once per process and shape, logs the figures, and says "fp32" without
+    measuring wherever no bf16 attention runs here."""
+    cands = ("fp32",) + (("bf16",) if kernels.bf16_attention_available() else ()) + (
+        ("sdpa-bf16",) if kernels.sdpa_bf16_available() else ())
+    kernels._measured_attention.cache_clear()
     with caplog.at_level(logging.INFO, logger=kernels.__name__):
-        first = kernels.bf16_attention_faster(17, 2, 32)
-        again = kernels.bf16_attention_faster(17, 2, 32)
-    assert first == again and isinstance(first, bool)
+        first = kernels.reduced_attention(17, 2, 32)
+        again = kernels.reduced_attention(17, 2, 32)
+    assert first == again and first in cands
     lines = [r.getMessage() for r in caplog.records if "attention at 17 tokens" in r.getMessage()]
-    assert len(lines) == 1 and ("bf16 kept" in lines[0]) == first
+    if len(cands) == 1:
+        assert first == "fp32" and not lines
+        return
+    assert len(lines) == 1 and lines[0].endswith(f"{first} kept")
+    assert all(f"{c} " in lines[0] for c in cands)
 
 
 def test_a_reload_checks_the_bf16_attention_afresh(kernel, monkeypatch):

@@ -304,12 +304,13 @@ class _PackedBlock:
         self.layers = kind
         # vitkit's attention kernel (kernels.py) reads q, k, v in place from the qkv output: not with q/k norms
         self.kernel = kernel if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity) else None
-        # a bf16 qkv output goes to the kernel's bf16 attention (bf16 dot products) where this CPU has AVX-512 BF16
-        # and it measured faster than the fp32 kernel at the model's token count (an int8 qkv then writes bf16
-        # straight from its matmul)
-        self.bf16_attention = (self.kernel is not None and attn.head_dim % 16 == 0 and
-                               (kind["qkv"] == "bf16" or (kind["qkv"] == "int8" and int8_fused_available())) and
-                               kernels.bf16_attention_faster(tokens, attn.num_heads, attn.head_dim))
+        # which attention a bf16 or int8 qkv output goes to is measured at the model's token count
+        # (`kernels.reduced_attention`: vitkit's fp32 or bf16 kernel, or PyTorch's bf16 flash attention); with a bf16
+        # one, the qkv matmul writes bf16 (an int8 one straight from its matmul)
+        reduced = kind["qkv"] == "bf16" or (kind["qkv"] == "int8" and int8_fused_available())
+        self.attention = (kernels.reduced_attention(tokens, attn.num_heads, attn.head_dim)
+                          if self.kernel is not None and reduced else "fp32")
+        self.bf16_attention = self.attention != "fp32"
         self.attention_out_bf16 = kind["proj"] == "bf16"  # the projection casts its input to bf16 anyway
         self.norm1, self.norm2 = blk.norm1, blk.norm2
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
@@ -343,13 +344,15 @@ class _PackedBlock:
             qkv = self.qkv(h).view(B, N, 3, H, hd)
             bias = size_bias(size, torch.float32)
             bias = bias.view(B, N) if bias is not None else None
-            if self.bf16_attention:  # (B, N, H, hd), bf16 where the projection reads bf16
+            if self.attention == "sdpa-bf16":  # (B, N, H, hd) in bf16
+                o = kernels.sdpa_from_qkv(qkv, bias)
+            elif self.attention == "bf16":  # (B, N, H, hd), bf16 where the projection reads bf16
                 o = self.kernel.attention_bf16(qkv, N, bias, self.attention_out_bf16)
             else:  # the fp32 kernel (a no-op cast in fp32 and int8)
                 qkv = qkv.float()
                 o = self.kernel.attention(qkv, N, bias)
             metric = qkv[:, :, 1].float().mean(dim=2) if r > 0 else None  # the keys, averaged over heads
-            return self._mlp(self.proj.add(o.view(B * N, C), x.reshape(B * N, C)), B, N, C, size, metric, r,
+            return self._mlp(self.proj.add(o.reshape(B * N, C), x.reshape(B * N, C)), B, N, C, size, metric, r,
                              num_protected)
         if keep is None:
             q, k, v = self.qkv(h).float().view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)

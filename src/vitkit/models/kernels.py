@@ -1,6 +1,7 @@
 """vitkit's own CPU kernels (`csrc/attention.cpp`), used by `vitkit.optimize`: exact attention for short sequences
-(fp32, and bf16 with bf16 dot products where the CPU has AVX-512 BF16, for the bf16 path), and the int8 path's
-dynamic uint8 quantisation of each linear's input (`quantize_u8`).
+(fp32, and bf16 with bf16 dot products where the CPU has AVX-512 BF16, for the bf16 path), the int8 path's
+dynamic uint8 quantisation of each linear's input (`quantize_u8`), and the measured choice of the bf16 and int8
+paths' attention among these kernels and PyTorch's bf16 flash attention (`reduced_attention`).
 
 It is compiled on first use with PyTorch's extension builder (a C++ compiler and ninja, as for torch.compile; ~30 s
 once, then loaded from PyTorch's extension cache in about a second). Wherever it cannot be built or fails its
@@ -14,6 +15,8 @@ import logging
 import os
 import platform
 from pathlib import Path
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -117,28 +120,57 @@ def bf16_attention_available() -> bool:
             os.environ.get("VITKIT_NO_BF16_ATTENTION", "") in ("", "0"))
 
 
-def bf16_attention_faster(tokens: int, heads: int, head_dim: int) -> bool:
-    """Whether the bf16 attention beats the fp32 one on this CPU at this shape, measured once per process and shape
-    (a few ms, interleaved, medians). AVX-512 BF16 dot products run at twice fp32's rate on some CPUs (an AMD EPYC:
-    ViT-S/16 int8 1.1x faster with them) and below it on others (an Intel Xeon without AMX: 0.6x at 197 tokens),
-    so having the instructions is not enough. False wherever the bf16 kernel cannot run."""
-    return bf16_attention_available() and _bf16_measured_faster(int(tokens), int(heads), int(head_dim))
+def sdpa_bf16_available() -> bool:
+    """Whether PyTorch's flash attention in bf16 is a candidate here: the CPU runs bf16 natively (AVX-512 BF16 or
+    AMX; its bf16 path multiplies through oneDNN's brgemm, on AMX's tiles where the CPU has them) and
+    VITKIT_NO_BF16_ATTENTION is not set."""
+    from .precision import bf16_native
+
+    return bf16_native(torch.device("cpu")) and os.environ.get("VITKIT_NO_BF16_ATTENTION", "") in ("", "0")
+
+
+ATTENTIONS = ("fp32", "bf16", "sdpa-bf16")
+
+
+def reduced_attention(tokens: int, heads: int, head_dim: int) -> str:
+    """The attention the bf16 and int8 paths run at this shape, of `ATTENTIONS`: "fp32" (vitkit's fp32 kernel), "bf16"
+    (the kernel's AVX-512 BF16 dot products) or "sdpa-bf16" (PyTorch's flash attention in bf16), the fastest of those
+    that run here, timed once per process and shape (a few ms, interleaved, medians). Which wins depends on the CPU,
+    not on having the instructions: at ViT-S/16's 197 tokens an AMD EPYC ran the bf16 kernel at ~1.7x the fp32 one,
+    an Intel Xeon without AMX at 0.6x, and a Xeon with AMX ran PyTorch's bf16 flash attention at 1.6x the fp32
+    kernel and the bf16 kernel at 0.65x. "fp32" wherever no bf16 attention can run."""
+    cands = ("fp32",) + (("bf16",) if bf16_attention_available() and head_dim % 16 == 0 else ()) + (
+        ("sdpa-bf16",) if sdpa_bf16_available() else ())
+    if len(cands) == 1:
+        return "fp32"
+    return _measured_attention(int(tokens), int(heads), int(head_dim), cands)
 
 
 @functools.lru_cache(maxsize=None)
-def _bf16_measured_faster(tokens: int, heads: int, head_dim: int) -> bool:
+def _measured_attention(tokens: int, heads: int, head_dim: int, cands: tuple) -> str:
     mod = cpu_attention()
     tokens = max(1, min(int(tokens), MAX_TOKENS))
     qkv = torch.randn(2, tokens, 3, heads, head_dim, generator=torch.Generator().manual_seed(0))
     qkv16 = qkv.bfloat16()
-    runs = {"fp32": lambda: mod.attention(qkv, tokens, None), "bf16": lambda: mod.attention_bf16(qkv16, tokens, None,
-                                                                                                 True)}
+    runs = {"fp32": lambda: mod.attention(qkv, tokens, None),
+            "bf16": lambda: mod.attention_bf16(qkv16, tokens, None, True),
+            "sdpa-bf16": lambda: sdpa_from_qkv(qkv16)}
     with torch.inference_mode():
-        med = medians_in_turns(runs, reps=7, warmup=2)
-    log.info("attention at %d tokens, %d heads of %d: fp32 %.3f ms, bf16 %.3f ms per pair of images; %s kept",
-             tokens, heads, head_dim, 1e3 * med["fp32"], 1e3 * med["bf16"],
-             "bf16" if med["bf16"] < med["fp32"] else "fp32")
-    return med["bf16"] < med["fp32"]
+        med = medians_in_turns({k: runs[k] for k in cands}, reps=7, warmup=2)
+    best = min(med, key=med.get)
+    log.info("attention at %d tokens, %d heads of %d: %s per pair of images; %s kept", tokens, heads, head_dim,
+             ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in med.items()), best)
+    return best
 
 
-__all__ = ["cpu_attention", "bf16_attention_available", "bf16_attention_faster", "MAX_TOKENS"]
+def sdpa_from_qkv(qkv: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of a qkv matmul's output (B, N, 3, H, hd) through PyTorch's `scaled_dot_product_attention`, as
+    (B, N, H, hd) (a view: the CPU flash kernel writes its output in that layout); bias (B, N): added to every
+    query's scores for that key (ToMe's log-size), kept in fp32 (in bf16 it would round sizes' logs: 4x the error)."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    mask = bias.float()[:, None, None, :] if bias is not None else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+
+__all__ = ["cpu_attention", "bf16_attention_available", "sdpa_bf16_available", "reduced_attention", "sdpa_from_qkv",
+           "ATTENTIONS", "MAX_TOKENS"]
