@@ -285,3 +285,118 @@ def test_the_avx2_build_of_the_kernel_quantises_and_attends_exactly(kernel, tmp_
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
     out = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True, text=True, timeout=280)
     assert out.returncode == 0 and "avx2 ok" in out.stdout, out.stderr[-2000:]
+
+
+# ---- bf16 linear on oneDNN's brgemm ukernel, for the bf16 fast path ----------------------------------------------
+# The product of bf16-rounded inputs is accumulated in fp32, so against the same product computed in fp32 it is
+# exact to fp32 rounding (1e-5 of the largest output here); a bf16 output adds its own rounding (2^-8 of the largest).
+def _brgemm(kernel):
+    if not kernel.bf16_linear_available():
+        pytest.skip("this CPU cannot pack bf16 for oneDNN's brgemm ukernel (no AVX-512 BF16 or AMX)")
+    return kernel
+
+
+@pytest.mark.parametrize("m,k,n", [(197, 384, 1152), (1, 64, 64), (5, 96, 128), (33, 384, 192), (64, 1536, 64)])
+@pytest.mark.parametrize("bf16_in", [False, True])
+def test_bf16_linear_matches_the_fp32_product_of_its_bf16_inputs(kernel, m, k, n, bf16_in):
+    kernel = _brgemm(kernel)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.1
+    b, res = torch.randn(n, generator=g), torch.randn(m, n, generator=g)
+    wp = kernel.pack_linear_bf16(w)
+    xin = x.bfloat16() if bf16_in else x
+    prod = x.bfloat16().float() @ w.bfloat16().float().t() + b
+    plain = kernel.linear_bf16(xin, wp, b, False, None, False)
+    assert plain.dtype == torch.float32 and plain.shape == (m, n)
+    assert (plain - prod).abs().max().item() <= 1e-5 * prod.abs().max().item()
+    added = kernel.linear_bf16(xin, wp, b, False, res, False)
+    assert (added - (prod + res)).abs().max().item() <= 1e-5 * (prod + res).abs().max().item()
+    gelu = kernel.linear_bf16(xin, wp, b, True, None, True)
+    want = F.gelu(prod)
+    assert gelu.dtype == torch.bfloat16
+    assert (gelu.float() - want).abs().max().item() <= 2 ** -8 * want.abs().max().item()
+    nobias = kernel.linear_bf16(xin, wp, None, False, None, False)
+    assert (nobias - (prod - b)).abs().max().item() <= 1e-5 * prod.abs().max().item()
+
+
+def test_bf16_linear_refuses_bad_input(kernel):
+    kernel = _brgemm(kernel)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        kernel.pack_linear_bf16(torch.randn(96, 64))
+    wp = kernel.pack_linear_bf16(torch.randn(64, 32))
+    with pytest.raises(RuntimeError, match="does not fit"):
+        kernel.linear_bf16(torch.randn(4, 48), wp, None, False, None, True)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        kernel.linear_bf16(torch.randn(4, 32), wp, torch.randn(63), False, None, True)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        kernel.linear_bf16(torch.randn(4, 32), wp, None, False, torch.randn(4, 65), False)
+
+
+@pytest.mark.parametrize("brgemm_faster", [True, False])
+def test_bf16_path_runs_the_linear_that_measured_faster(kernel, monkeypatch, brgemm_faster):
+    """precision="bf16" runs each linear on vitkit's brgemm linear or oneDNN's prepacked one, whichever
+    `_brgemm_faster` measured faster at the call's (power-of-two) row count, input dtype and epilogue; both stay
+    within bf16's tolerance of the fp32 model. The measurement is replaced here, so both outcomes run on any CPU
+    that has the brgemm linear."""
+    from vitkit.models import fast
+    from vitkit.models.precision import TOLERANCES
+
+    _brgemm(kernel)
+    asked = []
+    monkeypatch.setattr(fast, "_brgemm_faster", lambda *key: asked.append(key) or brgemm_faster)
+    calls = {"brgemm": 0, "onednn": 0}
+    for cls, name in ((fast._BrgemmLinear, "brgemm"), (fast._PackedLinear, "onednn")):
+        for meth in ("__call__", "add"):
+            orig = getattr(cls, meth)
+
+            def spy(self, *a, _orig=orig, _name=name):
+                if getattr(self, "dtype", torch.bfloat16) == torch.bfloat16:
+                    calls[_name] += 1
+                return _orig(self, *a)
+            monkeypatch.setattr(cls, meth, spy)
+    torch.manual_seed(0)
+    m = create_model("vit_small_patch16_224", depth=2, img_size=64).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        plain = m(x)
+    fast_model = vitkit.optimize(m, precision="bf16")
+    assert all(isinstance(getattr(b, k), fast._Bf16Linear) for b in fast_model._blocks
+               for k in ("qkv", "proj", "fc1", "fc2"))
+    got = fast_model(x)
+    assert ((got - plain).norm() / plain.norm()).item() <= TOLERANCES["bf16"].rel
+    used, unused = ("brgemm", "onednn") if brgemm_faster else ("onednn", "brgemm")
+    assert calls[used] > 0 and calls[unused] == 0
+    rows = 64  # 3 images x 17 tokens = 51 rows → the power of two above
+    keys = {(r, k_, n, g_, add) for r, k_, n, g_, add, _ in asked}
+    assert (rows, 384, 1152, False, False) in keys       # qkv (fp32 LayerNorm output)
+    assert (rows, 384, 1536, True, False) in keys        # fc1 with its GELU
+    assert any(k_ == 1536 and n == 384 and add for _, k_, n, _, add in keys)  # fc2 + residual
+
+
+def test_the_bf16_linear_choice_is_measured_once_per_shape(kernel, caplog):
+    from vitkit.models import fast
+
+    _brgemm(kernel)
+    fast._brgemm_faster.cache_clear()
+    with caplog.at_level(logging.INFO, logger=fast.__name__):
+        first = fast._brgemm_faster(32, 64, 128, True, False, False)
+        again = fast._brgemm_faster(32, 64, 128, True, False, False)
+    assert first == again and isinstance(first, bool)
+    lines = [r.getMessage() for r in caplog.records if "bf16 linear 32x64x128 + GELU" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].endswith("brgemm" if first else "oneDNN")
+
+
+def test_large_inputs_go_to_onednn_unmeasured(kernel, monkeypatch):
+    """Above BRGEMM_MAX_ROWS rows the bf16 linear runs oneDNN's prepacked matmul without measuring (the brgemm
+    linear is for small matrices), and at or below it asks the measurement."""
+    from vitkit.models import fast
+
+    _brgemm(kernel)
+    asked = []
+    monkeypatch.setattr(fast, "_brgemm_faster", lambda *key: asked.append(key) or True)
+    lin = fast._Bf16Linear(torch.randn(64, 32), torch.randn(64))
+    big, small = torch.randn(fast.BRGEMM_MAX_ROWS + 1, 32), torch.randn(fast.BRGEMM_MAX_ROWS, 32)
+    assert lin._pick(big, False) is lin.onednn and lin._pick(big, True) is lin.onednn and not asked
+    assert lin._pick(small, True) is lin.brgemm and asked == [(fast.BRGEMM_MAX_ROWS, 32, 64, False, True, False)]
+    y = lin.add(big, torch.zeros(big.shape[0], 64))
+    assert y.dtype == torch.float32 and y.shape == (fast.BRGEMM_MAX_ROWS + 1, 64)

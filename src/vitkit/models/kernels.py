@@ -1,7 +1,8 @@
 """vitkit's own CPU kernels (`csrc/attention.cpp`), used by `vitkit.optimize`: exact attention for short sequences
 (fp32, and bf16 with bf16 dot products where the CPU has AVX-512 BF16, for the bf16 path), the int8 path's
-dynamic uint8 quantisation of each linear's input (`quantize_u8`), and the measured choice of the bf16 and int8
-paths' attention among these kernels and PyTorch's bf16 flash attention (`reduced_attention`).
+dynamic uint8 quantisation of each linear's input (`quantize_u8`), the bf16 path's linear on oneDNN's brgemm
+ukernel with a fused epilogue (`pack_linear_bf16`, `linear_bf16`; see `fast._Bf16Linear`), and the measured choice
+of the bf16 and int8 paths' attention among these kernels and PyTorch's bf16 flash attention (`reduced_attention`).
 
 It is compiled on first use with PyTorch's extension builder (a C++ compiler and ninja, as for torch.compile; ~30 s
 once, then loaded from PyTorch's extension cache in about a second). Wherever it cannot be built or fails its

@@ -10,6 +10,7 @@
 // holds an N x N matrix). The GEMMs are MKL's sgemm_, which PyTorch's x86 builds export.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
 
@@ -402,6 +403,99 @@ torch::Tensor attention_bf16(const torch::Tensor& qkv, int64_t nq, const c10::op
   return out;
 }
 
+// ---- bf16 linear with a fused epilogue, on oneDNN's brgemm ukernel ------------------------------------------------
+// Why: PyTorch's prepacked oneDNN linear sets its primitive up afresh at every call (~20-30 us even for an 8 x 64
+// matrix), which at ViT-S/16's batch-1 shapes (197 x 384) is a large share of each matmul; and its bf16 output must
+// be added to the fp32 residual stream by a separate pass. Here the weight is packed once into oneDNN's VNNI
+// blocks of 64 output columns (`cpublas::pack`), and each (32-row, 64-column) output tile is one call of the brgemm
+// ukernel that PyTorch's own flash attention uses (AMX tiles where the CPU has them, AVX-512 BF16 otherwise), its
+// fp32 result finished in registers: + bias, exact (erf) GELU, + the fp32 residual, written as bf16 or fp32. An fp32
+// input is rounded to bf16 per row block inside the same call (the LayerNorm's output, no separate cast).
+bool bf16_linear_available() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+constexpr int64_t kLinN = 64;   // output columns per packed weight block (the most cpublas::pack takes)
+constexpr int64_t kLinM = 32;   // rows per tile
+
+// w (N, K) → bf16 (N / 64, K, 64), each block in oneDNN's VNNI layout for the brgemm ukernel
+at::Tensor pack_linear_bf16(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.size(0) % kLinN == 0 && w.size(1) % 2 == 0,
+              "pack_linear_bf16: the weight must be (N, K) with N a multiple of 64 and K even, got ", w.sizes());
+  TORCH_CHECK(bf16_linear_available(), "pack_linear_bf16: this CPU cannot pack bf16 for the brgemm ukernel");
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor wt = w.detach().t().contiguous().to(at::kBFloat16);  // (K, N), rows of N
+  at::Tensor out = at::empty({N / kLinN, K, kLinN}, wt.options());
+  for (int64_t nb = 0; nb < N / kLinN; ++nb)
+    at::native::cpublas::pack(K, kLinN, N, kLinN, at::kBFloat16, at::kBFloat16,
+                              wt.data_ptr<at::BFloat16>() + nb * kLinN, out[nb].data_ptr<at::BFloat16>());
+  return out;
+}
+
+// y = gelu?(x W^T + b) [+ residual]: x (M, K) fp32 or bf16, wp from pack_linear_bf16, bias fp32 (N) or None,
+// residual fp32 (M, N) or None; y bf16 (out_bf16) or fp32
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, const c10::optional<at::Tensor>& bias, bool gelu,
+                       const c10::optional<at::Tensor>& residual, bool out_bf16) {
+  using Vec = at::vec::Vectorized<float>;
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "linear_bf16: x must be a (M, K) float32 or bfloat16 matrix, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == kLinN && wp.scalar_type() == at::kBFloat16 && wp.size(1) == x.size(1),
+              "linear_bf16: the packed weight ", wp.sizes(), " does not fit x ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1), blocks = wp.size(0), N = blocks * kLinN;
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous()),
+              "linear_bf16: bias must be a contiguous float32 vector of ", N);
+  TORCH_CHECK(!residual.has_value() || (residual->scalar_type() == at::kFloat && residual->is_contiguous() &&
+                                        residual->size(0) == M && residual->size(1) == N),
+              "linear_bf16: residual must be a contiguous float32 (", M, ", ", N, ") matrix");
+  // an fp32 input is rounded to bf16 once, in parallel (the LayerNorm's output: no separate cast pass)
+  at::Tensor xb = x.scalar_type() == at::kBFloat16 ? x.contiguous() : x.contiguous().to(at::kBFloat16);
+  at::Tensor out = at::empty({M, N}, x.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+  if (M == 0) return out;
+  const at::BFloat16* X = xb.data_ptr<at::BFloat16>();
+  const at::BFloat16* W = wp.data_ptr<at::BFloat16>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const float* rp = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  float* of = out_bf16 ? nullptr : out.data_ptr<float>();
+  at::BFloat16* ob = out_bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
+  const int64_t row_blocks = (M + kLinM - 1) / kLinM;
+  at::parallel_for(0, row_blocks * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(kLinM * kLinN);
+    for (int64_t t = begin; t < end; ++t) {
+      // weight block outer: a thread's tasks share a (K x 64) weight block, kept in cache across the row blocks
+      const int64_t nb = t / row_blocks, mb = t % row_blocks;
+      const int64_t m0 = mb * kLinM, rows = std::min(kLinM, M - m0), n0 = nb * kLinN;
+      const at::BFloat16* A = X + m0 * K;
+      float* C = tile.data();
+      at::native::cpublas::brgemm(rows, kLinN, K, K, kLinN, kLinN, false, A, W + nb * K * kLinN, C);
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* c = C + i * kLinN;
+        const int64_t at_ = (m0 + i) * N + n0;
+        for (int64_t j = 0; j < kLinN; j += 2 * Vec::size()) {
+          Vec v0 = Vec::loadu(c + j), v1 = Vec::loadu(c + j + Vec::size());
+          if (bp) {
+            v0 = v0 + Vec::loadu(bp + n0 + j);
+            v1 = v1 + Vec::loadu(bp + n0 + j + Vec::size());
+          }
+          if (gelu) {  // x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, as nn.GELU()
+            v0 = v0 * (Vec(1.0f) + (v0 * Vec(static_cast<float>(M_SQRT1_2))).erf()) * Vec(0.5f);
+            v1 = v1 * (Vec(1.0f) + (v1 * Vec(static_cast<float>(M_SQRT1_2))).erf()) * Vec(0.5f);
+          }
+          if (rp) {
+            v0 = v0 + Vec::loadu(rp + at_ + j);
+            v1 = v1 + Vec::loadu(rp + at_ + j + Vec::size());
+          }
+          if (ob) {
+            at::vec::convert_float_bfloat16(v0, v1).store(ob + at_ + j);
+          } else {
+            v0.store(of + at_ + j);
+            v1.store(of + at_ + j + Vec::size());
+          }
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_u8", &quantize_u8, "dynamic per-tensor uint8 quantisation: (values, scale, zero point)");
   m.def("attention", &attention, "exact multi-head self-attention from a fused (B, N, 3, H, D) qkv buffer",
@@ -410,5 +504,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bf16", &attention_bf16, "attention_bf16(qkv, nq, key_bias=None, out_bf16=True): the same "
         "attention from a bf16 qkv buffer, with bf16 dot products",
         pybind11::arg("qkv"), pybind11::arg("nq"), pybind11::arg("key_bias") = pybind11::none(),
+        pybind11::arg("out_bf16") = true);
+  m.def("bf16_linear_available", &bf16_linear_available, "whether this CPU packs bf16 for oneDNN's brgemm ukernel");
+  m.def("pack_linear_bf16", &pack_linear_bf16, "a (N, K) weight packed for linear_bf16 (N a multiple of 64)");
+  m.def("linear_bf16", &linear_bf16, "linear_bf16(x, wp, bias=None, gelu=False, residual=None, out_bf16=True): "
+        "gelu?(x W^T + b) [+ residual] on the brgemm ukernel",
+        pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("gelu") = false, pybind11::arg("residual") = pybind11::none(),
         pybind11::arg("out_bf16") = true);
 }
