@@ -266,6 +266,13 @@ qkv = torch.randn(2, 37, 3, 2, 16, generator=g)
 q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 want = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 assert (mod.attention(qkv, 37, None) - want).abs().max() <= 1e-5
+if mod.bf16_linear_available():  # the bf16 linear's epilogue in 8-float vectors (GELU, residual, bf16 stores)
+    x, w, b, r = torch.randn(37, 96, generator=g), torch.randn(128, 96, generator=g) * 0.1, torch.randn(128), torch.randn(37, 128)
+    prod = x.bfloat16().float() @ w.bfloat16().float().t() + b
+    wp = mod.pack_linear_bf16(w)
+    assert (mod.linear_bf16(x, wp, b, False, r, False) - (prod + r)).abs().max() <= 1e-5 * (prod + r).abs().max()
+    want = F.gelu(prod)
+    assert (mod.linear_bf16(x, wp, b, True, None, True).float() - want).abs().max() <= 2 ** -8 * want.abs().max()
 print("avx2 ok")
 """
 
@@ -275,7 +282,7 @@ print("avx2 ok")
 def test_the_avx2_build_of_the_kernel_quantises_and_attends_exactly(kernel, tmp_path):
     """The AVX2 build (what an AVX2-only CPU gets; AVX-512 CPUs run it too) is compiled in a child process with
     PyTorch's dispatch held at AVX2: its quantiser's 32-value steps and tails equal PyTorch's, its attention
-    sdpa's."""
+    sdpa's, and (where the CPU packs bf16 for the brgemm ukernel) its bf16 linear the fp32 product."""
     import os
     import subprocess
     import sys
