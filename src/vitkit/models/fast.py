@@ -166,8 +166,8 @@ class _Bf16Linear:
     (`_BrgemmLinear`) measured faster at the call's size (`_brgemm_faster`, once per process per shape and
     power-of-two row count, up to `BRGEMM_MAX_ROWS`; oneDNN above). Which wins depends on the CPU, the shape and the
     epilogue: on an Intel Xeon with AMX at ViT-S/16's batch 1, the brgemm linear ran the projection and fc2 with
-    their residual adds 2.6-3x faster, and oneDNN fc1 with its GELU 1.5x faster. Holds both packed weights (twice
-    the bf16 weight memory) so that each batch size gets its faster one."""
+    their residual adds 2.6-3x faster, and oneDNN the wide matmuls of batch 32. Holds both packed weights (twice the
+    bf16 weight memory) so that each batch size gets its faster one."""
 
     def __init__(self, weight, bias=None, scale=None, act=None):
         self.onednn = _PackedLinear(weight, bias, scale=scale, act=act, dtype=torch.bfloat16)
