@@ -328,6 +328,16 @@ def test_bf16_linear_matches_the_fp32_product_of_its_bf16_inputs(kernel, m, k, n
     assert (nobias - (prod - b)).abs().max().item() <= 1e-5 * prod.abs().max().item()
 
 
+def test_bf16_linear_gelu_is_erf_gelu_to_a_few_ulp(kernel):
+    """The epilogue's GELU (A&S erf, fast exp and reciprocal) against nn.GELU value by value: an identity weight
+    passes each bf16 input through exactly, so the output is the GELU alone (|error| <= 2e-6 + 2e-6 |x| here)."""
+    kernel = _brgemm(kernel)
+    x = torch.linspace(-8, 8, 64 * 257).reshape(257, 64).bfloat16().float()
+    got = kernel.linear_bf16(x, kernel.pack_linear_bf16(torch.eye(64)), None, True, None, False)
+    want = F.gelu(x.double()).float()
+    assert ((got - want).abs() <= 2e-6 + 2e-6 * x.abs()).all(), (got - want).abs().max()
+
+
 def test_bf16_linear_refuses_bad_input(kernel):
     kernel = _brgemm(kernel)
     with pytest.raises(RuntimeError, match="multiple of 64"):
