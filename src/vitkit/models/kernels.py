@@ -138,7 +138,7 @@ def reduced_attention(tokens: int, heads: int, head_dim: int) -> str:
     (the kernel's AVX-512 BF16 dot products) or "sdpa-bf16" (PyTorch's flash attention in bf16), the fastest of those
     that run here, timed once per process and shape (a few ms, interleaved, medians). Which wins depends on the CPU,
     not on having the instructions: at ViT-S/16's 197 tokens an AMD EPYC ran the bf16 kernel at ~1.7x the fp32 one,
-    an Intel Xeon without AMX at 0.6x, and a Xeon with AMX ran PyTorch's bf16 flash attention at 1.6x the fp32
+    an Intel Xeon without AMX at 0.6x, and a Xeon with AMX ran PyTorch's bf16 flash attention at 1.5x the fp32
     kernel and the bf16 kernel at 0.65x. "fp32" wherever no bf16 attention can run."""
     cands = ("fp32",) + (("bf16",) if bf16_attention_available() and head_dim % 16 == 0 else ()) + (
         ("sdpa-bf16",) if sdpa_bf16_available() else ())
