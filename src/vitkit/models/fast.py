@@ -174,7 +174,6 @@ class _Bf16Linear:
         self.brgemm = _BrgemmLinear(weight, bias, scale=scale, act=act)
         self.n, self.k = weight.shape
         self.gelu = self.brgemm.gelu
-        self.dtype = torch.bfloat16
 
     def _pick(self, x: torch.Tensor, add: bool):
         rows = x.shape[0]
@@ -400,7 +399,6 @@ class _PackedBlock:
         reduced = kind["qkv"] == "bf16" or (kind["qkv"] == "int8" and int8_fused_available())
         self.attention = (kernels.reduced_attention(tokens, attn.num_heads, attn.head_dim)
                           if self.kernel is not None and reduced else "fp32")
-        self.bf16_attention = self.attention != "fp32"
         self.attention_out_bf16 = kind["proj"] == "bf16"  # the projection casts its input to bf16 anyway
         self.norm1, self.norm2 = blk.norm1, blk.norm2
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
@@ -414,6 +412,11 @@ class _PackedBlock:
         self.fc1 = _linear(blk.mlp.fc1.weight, blk.mlp.fc1.bias, act=blk.mlp.act, precision=kind["fc1"],
                            out_qparams=static_qparams(*fc2_range) if static else None)
         self.fc2 = _linear(blk.mlp.fc2.weight, blk.mlp.fc2.bias, scale=_layer_scale(blk.ls2), precision=kind["fc2"])
+
+    @property
+    def bf16_attention(self) -> bool:
+        """Whether attention reads a bf16 qkv output (the bf16 kernel or PyTorch's bf16 flash attention)."""
+        return self.attention != "fp32"
 
     def _split_qkv(self) -> Tuple[_PackedLinear, _PackedLinear]:
         if self._q_kv is None:

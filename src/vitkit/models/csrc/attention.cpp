@@ -410,7 +410,7 @@ torch::Tensor attention_bf16(const torch::Tensor& qkv, int64_t nq, const c10::op
 // blocks of 64 output columns (`cpublas::pack`), and each (32-row, 64-column) output tile is one call of the brgemm
 // ukernel that PyTorch's own flash attention uses (AMX tiles where the CPU has them, AVX-512 BF16 otherwise), its
 // fp32 result finished in registers: + bias, exact (erf) GELU, + the fp32 residual, written as bf16 or fp32. An fp32
-// input is rounded to bf16 per row block inside the same call (the LayerNorm's output, no separate cast).
+// input (the LayerNorm's output) is rounded to bf16 once at the start of the same call, not by a separate op.
 bool bf16_linear_available() { return at::native::cpublas::could_pack(at::kBFloat16); }
 
 constexpr int64_t kLinN = 64;   // output columns per packed weight block (the most cpublas::pack takes)
