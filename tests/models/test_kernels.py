@@ -322,14 +322,14 @@ def test_bf16_linear_matches_the_fp32_product_of_its_bf16_inputs(kernel, m, k, n
     want = F.gelu(prod)
     assert gelu.dtype == torch.bfloat16
     assert (gelu.float() - want).abs().max().item() <= 2 ** -8 * want.abs().max().item()
-    gelu32 = kernel.linear_bf16(xin, wp, b, True, None, False)  # the GELU's own error: erf to ~1e-7, exp to 20 ulp
+    gelu32 = kernel.linear_bf16(xin, wp, b, True, None, False)  # the GELU's own error: its rational erf, ~1e-6
     assert (gelu32 - want).abs().max().item() <= 1e-5 * want.abs().max().item()
     nobias = kernel.linear_bf16(xin, wp, None, False, None, False)
     assert (nobias - (prod - b)).abs().max().item() <= 1e-5 * prod.abs().max().item()
 
 
 def test_bf16_linear_gelu_is_erf_gelu_to_a_few_ulp(kernel):
-    """The epilogue's GELU (A&S erf, fast exp and reciprocal) against nn.GELU value by value: an identity weight
+    """The epilogue's GELU (a rational erf and a fast reciprocal) against nn.GELU value by value: an identity weight
     passes each bf16 input through exactly, so the output is the GELU alone (|error| <= 2e-6 + 2e-6 |x| here)."""
     kernel = _brgemm(kernel)
     x = torch.linspace(-8, 8, 64 * 257).reshape(257, 64).bfloat16().float()
