@@ -419,3 +419,28 @@ def test_large_inputs_go_to_onednn_unmeasured(kernel, monkeypatch):
     assert lin._pick(small, True) is lin.brgemm and asked == [(fast.BRGEMM_MAX_ROWS, 32, 64, False, True, False)]
     y = lin.add(big, torch.zeros(big.shape[0], 64))
     assert y.dtype == torch.float32 and y.shape == (fast.BRGEMM_MAX_ROWS + 1, 64)
+
+
+@pytest.mark.parametrize("m,k", [(197, 384), (5, 100), (3, 37), (64, 768)])
+def test_layer_norm_matches_torch(kernel, m, k):
+    """layer_norm (the bf16 and int8 paths' block norms) against F.layer_norm in float64: fp32 output to 2e-6 of
+    these O(1-10) values (ATen's own error here is ~1e-6), bf16 output to bf16's rounding (2^-8 relative), without
+    affine parameters too; row lengths with and without a vector tail."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g) * 3 + 1
+    w, b = torch.randn(k, generator=g), torch.randn(k, generator=g)
+    want = F.layer_norm(x.double(), (k,), w.double(), b.double(), 1e-6)
+    got = kernel.layer_norm(x, w, b, 1e-6, False)
+    assert got.dtype == torch.float32 and (got - want).abs().max().item() <= 2e-6 * want.abs().max().item()
+    got16 = kernel.layer_norm(x, w, b, 1e-6, True)
+    assert got16.dtype == torch.bfloat16
+    assert ((got16.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-6).all()
+    plain = kernel.layer_norm(x, None, None, 1e-5, False)
+    assert (plain - F.layer_norm(x.double(), (k,), eps=1e-5)).abs().max().item() <= 2e-6
+
+
+def test_layer_norm_refuses_bad_input(kernel):
+    with pytest.raises(RuntimeError, match="x must be a"):
+        kernel.layer_norm(torch.randn(2, 3, 4), None, None, 1e-6, False)
+    with pytest.raises(RuntimeError, match="weight and bias must be"):
+        kernel.layer_norm(torch.randn(2, 8), torch.randn(7), None, 1e-6, False)

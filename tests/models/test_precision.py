@@ -388,10 +388,13 @@ def test_linears_kept_out_of_int8_run_in_the_faster_higher_precision(monkeypatch
     want = "bf16" if bf16_faster else "fp32"
     assert fast.int8_plan.layers[0]["fc2"] == want and fast._blocks[0].layers["fc2"] == want
     tokens = m.patch_embed.num_patches + m.num_prefix_tokens
-    assert measured == [(4 * tokens, m.blocks[0].mlp.fc2.in_features, m.blocks[0].mlp.fc2.out_features)]
+    fc2 = (4 * tokens, m.blocks[0].mlp.fc2.in_features, m.blocks[0].mlp.fc2.out_features)
+    patches = (m.patch_embed.num_patches, m.patch_embed.proj.weight[0].numel(), m.embed_dim)  # `_PatchLinear`
+    assert set(measured) == {fc2, patches}  # (the real measurement is cached per shape: made once each)
+    n = len(measured)
     monkeypatch.setattr(fast_mod, "bf16_native", lambda device: False)
     assert fast_mod.kept_precision(torch.device("cpu"), 8, 16, 16) == "fp32"  # no native bf16: never measured
-    assert len(measured) == 1
+    assert len(measured) == n
 
 
 def test_the_bf16_linear_measurement_is_made_once_per_shape(caplog):
@@ -424,3 +427,79 @@ def test_int8_calibrates_on_its_first_batch_when_asked(model, images, digits_mod
     assert vitkit.optimize(model, precision="fp32", calibration="first")._calibrate_first is False
     with pytest.raises(ConfigError, match="calibration must be a .* or 'first'"):
         vitkit.optimize(model, precision="int8", calibration="last")
+
+
+def _spy(obj, name):
+    calls = []
+    real = getattr(obj, name)
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    return spy, calls
+
+
+def test_bf16_patch_embedding_is_the_convolution_in_bf16(model, images, monkeypatch):
+    """The bf16 path embeds patches by one bf16 matmul over the image's patches (`_PatchLinear`): the same tokens as
+    the model's convolution to bf16's precision, used by every forward; fp32 keeps the convolution. Where bf16 is
+    not native here it is forced (the emulated bf16 is slow but computes the same)."""
+    monkeypatch.setattr(fast_mod, "bf16_native", lambda device: True)
+    monkeypatch.setattr(prec, "bf16_native", lambda device: True)
+    fast = vitkit.optimize(model, precision="bf16")
+    patch = fast._patch["bf16"]
+    assert isinstance(patch, fast_mod._PatchLinear)
+    x = images[:4]
+    with torch.inference_mode():
+        want, got = model.patch_embed(x), patch(x)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert (got - want).norm() <= 2 ** -7 * want.norm()  # bf16 inputs and weights, fp32 sums
+    spy, calls = _spy(patch, "linear")
+    monkeypatch.setattr(patch, "linear", spy)
+    fast(x)
+    assert calls == [1]
+    assert vitkit.optimize(model, precision="fp32")._patch.get("fp32") is None
+    with pytest.raises(ConfigError, match="not a multiple of the patch size"):  # the model's own input check
+        fast(torch.randn(1, 1, 30, 30))
+
+
+def test_patch_embedding_keeps_the_convolution_where_it_is_not_plain():
+    """A conv stem or padded odd image sizes keep the model's own patch embedding."""
+    from vitkit.models import create_model
+
+    assert fast_mod._PatchLinear.fits(create_model("vit_mini_patch4_28").patch_embed)
+    assert not fast_mod._PatchLinear.fits(create_model("vit_mini_patch4_28", dynamic_img_pad=True).patch_embed)
+    assert not fast_mod._PatchLinear.fits(create_model("vit_mini_patch4_28", stem="conv").patch_embed)
+
+
+@pytest.mark.parametrize("kept", ["bf16", "fp32"])
+def test_int8_embeds_patches_in_bf16_only_where_bf16_measured_faster(monkeypatch, kept):
+    """The image's pixels are never quantised to int8: the int8 path embeds patches in bf16 where `kept_precision`
+    (bf16 native and measured faster than fp32 at that shape) says so, else by the model's fp32 convolution."""
+    shapes = []
+    monkeypatch.setattr(fast_mod, "bf16_native", lambda device: True)
+    monkeypatch.setattr(fast_mod, "kept_precision", lambda device, *shape: shapes.append(shape) or kept)
+    m = _outlier_model()
+    fast = vitkit.optimize(m, precision="int8")
+    assert isinstance(fast._patch["int8"], fast_mod._PatchLinear) == (kept == "bf16")
+    assert shapes == [(m.patch_embed.num_patches, 16, m.embed_dim)]
+    assert fast(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_reduced_precision_blocks_norm_on_the_kernel_in_the_dtype_their_linear_reads(model, images):
+    """bf16 and int8 blocks run their LayerNorms on vitkit's kernel, writing bf16 for a bf16 linear and fp32 for an
+    int8 one; fp32 keeps nn.LayerNorm (unchanged numerics)."""
+    from vitkit.models import kernels
+
+    if kernels.cpu_attention() is None:
+        pytest.skip("vitkit's kernel is off here")
+    plain = vitkit.optimize(model, precision="fp32")._blocks[0]
+    assert isinstance(plain.norm1, torch.nn.LayerNorm)
+    blk = fast_mod._PackedBlock(model.blocks[0], kernels.cpu_attention(), "int8", {"qkv": "bf16", "fc1": "int8"})
+    assert blk.norm1.out_bf16 and not blk.norm2.out_bf16
+    x = images[:2]
+    with torch.inference_mode():
+        t = model.embed(x).reshape(-1, model.embed_dim)
+        for ours, theirs in ((blk.norm1, model.blocks[0].norm1), (blk.norm2, model.blocks[0].norm2)):
+            want, got = theirs(t), ours(t)
+            assert got.dtype == (torch.bfloat16 if ours.out_bf16 else torch.float32)
+            assert (got.float() - want).abs().max() <= 2 ** -8 * want.abs().max()
