@@ -117,7 +117,7 @@ def test_quantize_u8_equals_pytorchs_dynamic_quantisation(kernel, n, scale, shif
     assert torch.equal(q, ref.int_repr())
 
 
-# ---- bf16 attention (AVX-512 BF16 dot products), for the bf16 fast path ------------------------------------------
+# ---- bf16 attention (AVX-512 BF16 dot products, or oneDNN's brgemm ukernel), for the bf16 fast path --------------
 # Inputs are bf16 (exact in both); the kernel rounds the softmax probabilities to bf16 for E V (8 significant bits)
 # and, with out_bf16, the output too: errors stay within 2^-8 (fp32 out) or 2^-7 (bf16 out) of the largest output.
 @pytest.mark.parametrize("shape,nq,with_bias", [
@@ -140,12 +140,13 @@ def test_bf16_kernel_matches_sdpa_or_says_it_cannot_run(kernel, shape, nq, with_
         return
     want = _reference(qkv.float(), nq, bias)
     peak = want.abs().max().item()
-    got32 = kernel.attention_bf16(qkv, nq, bias, False)
-    got16 = kernel.attention_bf16(qkv, nq, bias, True)
-    assert got32.dtype == torch.float32 and got16.dtype == torch.bfloat16
-    assert got32.shape == got16.shape == (B, nq, H, D) and got16.is_contiguous()
-    assert (got32 - want).abs().max().item() <= peak * 2 ** -8
-    assert (got16.float() - want).abs().max().item() <= peak * 2 ** -7
+    for brgemm in (False, True) if kernel.bf16_linear_available() else (False,):  # tiles, or the brgemm ukernel
+        got32 = kernel.attention_bf16(qkv, nq, bias, False, brgemm)
+        got16 = kernel.attention_bf16(qkv, nq, bias, True, brgemm)
+        assert got32.dtype == torch.float32 and got16.dtype == torch.bfloat16
+        assert got32.shape == got16.shape == (B, nq, H, D) and got16.is_contiguous()
+        assert (got32 - want).abs().max().item() <= peak * 2 ** -8, brgemm
+        assert (got16.float() - want).abs().max().item() <= peak * 2 ** -7, brgemm
 
 
 def test_bf16_kernel_refuses_bad_input(kernel):
@@ -159,12 +160,19 @@ def test_bf16_kernel_refuses_bad_input(kernel):
         kernel.attention_bf16(torch.randn(2, 10, 3, 2, 16).bfloat16(), 0, None, True)
 
 
+def _attention_candidates():
+    """What `reduced_attention` measures here (head dims that are multiples of 16)."""
+    bf16 = kernels.bf16_attention_available()
+    return ("fp32",) + (("bf16",) if bf16 else ()) + (("bf16-brgemm",) if bf16 and kernels.brgemm_attention_available()
+                                                      else ()) + (("sdpa-bf16",) if kernels.sdpa_bf16_available() else ())
+
+
 @pytest.mark.parametrize("measured", kernels.ATTENTIONS)
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_reduced_precision_runs_the_attention_that_measured_fastest(kernel, monkeypatch, precision, measured):
     """precision="bf16" and "int8" run the attention `reduced_attention` measured fastest among those that run here
-    (vitkit's fp32 or bf16 kernel, PyTorch's bf16 flash attention; only the fp32 kernel with
-    VITKIT_NO_BF16_ATTENTION=1), and whichever runs stays within the precision's tolerance of the fp32 model. The
+    (vitkit's fp32 or bf16 kernel, the latter on the brgemm ukernel too, PyTorch's bf16 flash attention; only the
+    fp32 kernel with VITKIT_NO_BF16_ATTENTION=1), and whichever runs stays within the precision's tolerance of the fp32 model. The
     measurement is replaced here (by one that picks `measured` where it is a candidate), so every outcome runs on any
     CPU that offers it."""
     from vitkit.models.fast import int8_fused_available
@@ -185,8 +193,7 @@ def test_reduced_precision_runs_the_attention_that_measured_fastest(kernel, monk
     got = fast(x)
     blocks = [b for packed in fast._packed.values() for b in packed]
     reduced = precision == "bf16" or int8_fused_available()
-    cands = ("fp32",) + (("bf16",) if kernels.bf16_attention_available() else ()) + (
-        ("sdpa-bf16",) if kernels.sdpa_bf16_available() else ())
+    cands = _attention_candidates()
     expect = measured if reduced and measured in cands else "fp32"
     assert all(b.attention == expect and b.bf16_attention == (expect != "fp32") for b in blocks)
     if reduced and len(cands) > 1:  # measured at the model's own sequence: 4 x 4 patches and the class token
@@ -219,8 +226,7 @@ def test_sdpa_from_qkv_is_attention_in_the_kernels_layout(with_bias):
 def test_the_attention_choice_is_measured_once_per_shape(kernel, caplog):
     """reduced_attention times the candidates once per process and shape, logs the figures, and says "fp32" without
     measuring wherever no bf16 attention runs here."""
-    cands = ("fp32",) + (("bf16",) if kernels.bf16_attention_available() else ()) + (
-        ("sdpa-bf16",) if kernels.sdpa_bf16_available() else ())
+    cands = _attention_candidates()
     kernels._measured_attention.cache_clear()
     with caplog.at_level(logging.INFO, logger=kernels.__name__):
         first = kernels.reduced_attention(17, 2, 32)

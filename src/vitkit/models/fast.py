@@ -461,8 +461,8 @@ class _PackedBlock:
             bias = bias.view(B, N) if bias is not None else None
             if self.attention == "sdpa-bf16":  # (B, N, H, hd) in bf16
                 o = kernels.sdpa_from_qkv(qkv, bias)
-            elif self.attention == "bf16":  # (B, N, H, hd), bf16 where the projection reads bf16
-                o = self.kernel.attention_bf16(qkv, N, bias, self.attention_out_bf16)
+            elif self.attention in ("bf16", "bf16-brgemm"):  # (B, N, H, hd), bf16 where the projection reads bf16
+                o = self.kernel.attention_bf16(qkv, N, bias, self.attention_out_bf16, self.attention == "bf16-brgemm")
             else:  # the fp32 kernel (a no-op cast in fp32 and int8)
                 qkv = qkv.float()
                 o = self.kernel.attention(qkv, N, bias)

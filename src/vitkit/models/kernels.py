@@ -80,6 +80,7 @@ def cpu_attention():
 
 def _self_check(mod) -> bool:
     _bf16_off.clear()  # a fresh load (after cpu_attention.cache_clear()) is checked afresh
+    _brgemm_off.clear()
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(2, 37, 3, 3, 16, generator=g)
     bias = torch.randn(2, 37, generator=g)
@@ -99,6 +100,12 @@ def _self_check(mod) -> bool:
         if not bool((got - want).abs().max() <= 2e-2):
             log.info("vitkit's bf16 attention failed its self-check here; bf16 models use the fp32 attention kernel")
             _bf16_off.append(True)
+        elif mod.bf16_linear_available():
+            with torch.inference_mode():
+                got = mod.attention_bf16(qkv, 37, bias, False, True)
+            if not bool((got - want).abs().max() <= 2e-2):
+                log.info("vitkit's brgemm bf16 attention failed its self-check here; it is not used")
+                _brgemm_off.append(True)
     x = torch.randn(3, 1000, generator=g) * 3 + 1
     import warnings
 
@@ -111,6 +118,7 @@ def _self_check(mod) -> bool:
 
 
 _bf16_off: list = []  # set when the bf16 attention failed its self-check
+_brgemm_off: list = []  # set when the bf16 attention on the brgemm ukernel failed its self-check
 
 
 def bf16_attention_available() -> bool:
@@ -130,17 +138,26 @@ def sdpa_bf16_available() -> bool:
     return bf16_native(torch.device("cpu")) and os.environ.get("VITKIT_NO_BF16_ATTENTION", "") in ("", "0")
 
 
-ATTENTIONS = ("fp32", "bf16", "sdpa-bf16")
+def brgemm_attention_available() -> bool:
+    """Whether the kernel's bf16 attention can multiply on oneDNN's brgemm ukernel here (AMX tiles where the CPU has
+    them): the bf16 attention runs, the CPU packs bf16 for the ukernel and that variant passed its self-check."""
+    return bf16_attention_available() and not _brgemm_off and bool(cpu_attention().bf16_linear_available())
+
+
+ATTENTIONS = ("fp32", "bf16", "bf16-brgemm", "sdpa-bf16")
 
 
 def reduced_attention(tokens: int, heads: int, head_dim: int) -> str:
     """The attention the bf16 and int8 paths run at this shape, of `ATTENTIONS`: "fp32" (vitkit's fp32 kernel), "bf16"
-    (the kernel's AVX-512 BF16 dot products) or "sdpa-bf16" (PyTorch's flash attention in bf16), the fastest of those
-    that run here, timed once per process and shape (a few ms, interleaved, medians). Which wins depends on the CPU,
-    not on having the instructions: at ViT-S/16's 197 tokens an AMD EPYC ran the bf16 kernel at ~1.7x the fp32 one,
-    an Intel Xeon without AMX at 0.6x, and a Xeon with AMX ran PyTorch's bf16 flash attention at 1.5x the fp32
-    kernel and the bf16 kernel at 0.65x. "fp32" wherever no bf16 attention can run."""
-    cands = ("fp32",) + (("bf16",) if bf16_attention_available() and head_dim % 16 == 0 else ()) + (
+    (the kernel's AVX-512 BF16 dot products), "bf16-brgemm" (the same kernel's products on oneDNN's brgemm ukernel,
+    its softmax in two passes) or "sdpa-bf16" (PyTorch's flash attention in bf16), the fastest of those that run
+    here, timed once per process and shape (a few ms, interleaved, medians). Which wins depends on the CPU, not on
+    having the instructions: at ViT-S/16's 197 tokens an AMD EPYC ran the bf16 kernel at ~1.7x the fp32 one, an
+    Intel Xeon without AMX at 0.6x, and a Xeon with AMX ran the brgemm variant at 1.27x PyTorch's bf16 flash
+    attention, 2x the fp32 kernel. "fp32" wherever no bf16 attention can run."""
+    bf16 = bf16_attention_available() and head_dim % 16 == 0
+    cands = ("fp32",) + (("bf16",) if bf16 else ()) + (
+        ("bf16-brgemm",) if bf16 and brgemm_attention_available() else ()) + (
         ("sdpa-bf16",) if sdpa_bf16_available() else ())
     if len(cands) == 1:
         return "fp32"
@@ -155,6 +172,7 @@ def _measured_attention(tokens: int, heads: int, head_dim: int, cands: tuple) ->
     qkv16 = qkv.bfloat16()
     runs = {"fp32": lambda: mod.attention(qkv, tokens, None),
             "bf16": lambda: mod.attention_bf16(qkv16, tokens, None, True),
+            "bf16-brgemm": lambda: mod.attention_bf16(qkv16, tokens, None, True, True),
             "sdpa-bf16": lambda: sdpa_from_qkv(qkv16)}
     with torch.inference_mode():
         med = medians_in_turns({k: runs[k] for k in cands}, reps=7, warmup=2)
@@ -173,5 +191,5 @@ def sdpa_from_qkv(qkv: torch.Tensor, bias: Optional[torch.Tensor] = None) -> tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
 
 
-__all__ = ["cpu_attention", "bf16_attention_available", "sdpa_bf16_available", "reduced_attention", "sdpa_from_qkv",
+__all__ = ["cpu_attention", "bf16_attention_available", "brgemm_attention_available", "sdpa_bf16_available", "reduced_attention", "sdpa_from_qkv",
            "ATTENTIONS", "MAX_TOKENS"]

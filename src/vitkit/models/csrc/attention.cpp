@@ -238,6 +238,25 @@ inline uint32_t pair_bits(const at::BFloat16* p) {  // two adjacent bf16 values 
 
 // S (R rows x 32 columns, row stride lds) = Q (R rows, row stride ldq, as D/2 bf16 pairs) K^T from Kp: packed
 // [D/2][ldk] pairs (VNNI layout), columns j0 .. j0 + 31.
+// exp(x) for x <= 0 (scores minus their row's max), AVX-512 in any build: 2^n e^r with |r| <= ln2 / 2, e^r by its
+// degree-6 Taylor polynomial (relative error ~1e-7, far under the bf16 rounding of the probabilities), clamped at
+// -87 (e^-87 ~ 1.6e-38 where it would underflow)
+VITKIT_BF16 inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: r = x - n ln 2 exactly
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
 template <int R>
 VITKIT_BF16 inline void qk_tile(const uint32_t* q, int64_t ldq, const uint32_t* kp, int64_t ldk, int64_t pairs,
                                 float* s, int64_t lds, __m512 scale) {
@@ -289,7 +308,7 @@ VITKIT_BF16 void attention_bf16_task(const at::BFloat16* q, const at::BFloat16* 
                                      int64_t ld_qkv, int64_t N, int64_t nq, int64_t D, float scale, const float* bias,
                                      void* out, int64_t ld_out, bool out_bf16, std::vector<uint32_t>& kp,
                                      std::vector<uint32_t>& vp, std::vector<uint32_t>& qp, std::vector<float>& S,
-                                     std::vector<uint32_t>& pb, std::vector<float>& o) {
+                                     std::vector<uint32_t>& pb, std::vector<float>& o, bool brgemm) {
   const int64_t dp = D / 2, n32 = (N + 31) / 32 * 32, np = (N + 1) / 2;
   // K^T and V in VNNI layout (pairs along the reduction), zero-padded; Q as pairs, rows contiguous
   kp.resize(dp * n32);
@@ -321,22 +340,52 @@ VITKIT_BF16 void attention_bf16_task(const at::BFloat16* q, const at::BFloat16* 
       }
     }
   }
-  qp.resize(nq * dp);
-  for (int64_t i = 0; i < nq; ++i) std::memcpy(qp.data() + i * dp, q + i * ld_qkv, D * sizeof(at::BFloat16));
+  if (!brgemm) {
+    qp.resize(nq * dp);
+    for (int64_t i = 0; i < nq; ++i) std::memcpy(qp.data() + i * dp, q + i * ld_qkv, D * sizeof(at::BFloat16));
+  }
   S.resize(nq * n32);
   const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t j0 = 0; j0 < n32; j0 += 32) {
-    int64_t i = 0;
-    for (; i + 8 <= nq; i += 8)
-      qk_tile<8>(qp.data() + i * dp, dp, kp.data() + j0, n32, dp, S.data() + i * n32 + j0, n32, vscale);
-    for (; i < nq; ++i) qk_tile<1>(qp.data() + i * dp, dp, kp.data() + j0, n32, dp, S.data() + i * n32 + j0, n32, vscale);
+  if (brgemm) {  // S = Q K^T on oneDNN's brgemm ukernel (AMX tiles where the CPU has them), Q read in place; scaled below
+    at::native::cpublas::brgemm(nq, n32, D, ld_qkv, n32, n32, false, q,
+                                reinterpret_cast<const at::BFloat16*>(kp.data()), S.data());
+  } else {
+    for (int64_t j0 = 0; j0 < n32; j0 += 32) {
+      int64_t i = 0;
+      for (; i + 8 <= nq; i += 8)
+        qk_tile<8>(qp.data() + i * dp, dp, kp.data() + j0, n32, dp, S.data() + i * n32 + j0, n32, vscale);
+      for (; i < nq; ++i)
+        qk_tile<1>(qp.data() + i * dp, dp, kp.data() + j0, n32, dp, S.data() + i * n32 + j0, n32, vscale);
+    }
   }
   // softmax rows in fp32 over whole vectors (the columns past N set to -inf: exp gives 0 there): e = exp(s + bias -
   // max), rounded to bf16 pairs; 1 / sum kept for the output rows
   const int64_t n16 = (N + 15) / 16 * 16, ldp = n32 / 2;
   pb.resize(nq * ldp);
   std::vector<float> inv(nq);
-  for (int64_t i = 0; i < nq; ++i) {
+  for (int64_t i = 0; i < nq && brgemm; ++i) {  // two passes over the unscaled scores: max, then exp → bf16 E
+    const float* row = S.data() + i * n32;
+    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < n16; j += 16) {
+      const __mmask16 m = j + 16 <= N ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (N - j)) - 1u);
+      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + j), vscale);
+      if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + j));
+      vmax = _mm512_mask_max_ps(vmax, m, vmax, x);
+    }
+    const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    uint16_t* prow = reinterpret_cast<uint16_t*>(pb.data() + i * ldp);
+    for (int64_t j = 0; j < n16; j += 16) {
+      const __mmask16 m = j + 16 <= N ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (N - j)) - 1u);
+      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + j), vscale);
+      if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + j));
+      const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(x, vmx)));
+      vsum = _mm512_add_ps(vsum, e);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + j), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    inv[i] = 1.0f / _mm512_reduce_add_ps(vsum);
+  }
+  for (int64_t i = 0; i < nq && !brgemm; ++i) {
     float* row = S.data() + i * n32;
     if (bias)
       for (int64_t j = 0; j + 16 <= N; j += 16) _mm512_storeu_ps(row + j, _mm512_add_ps(_mm512_loadu_ps(row + j),
@@ -350,9 +399,14 @@ VITKIT_BF16 void attention_bf16_task(const at::BFloat16* q, const at::BFloat16* 
   }
   // O = E V in fp32, then each row / its sum, written out
   o.resize(nq * D);
-  int64_t d0 = 0;
-  for (; d0 + 64 <= D; d0 += 64) pv_rows<4>(pb.data(), ldp, vp.data() + d0, D, np, o.data() + d0, D, nq);
-  for (; d0 + 16 <= D; d0 += 16) pv_rows<1>(pb.data(), ldp, vp.data() + d0, D, np, o.data() + d0, D, nq);
+  if (brgemm) {  // the reduction over keys padded to even (a zero key in V's last pair, exp 0 in E)
+    at::native::cpublas::brgemm(nq, D, 2 * np, 2 * ldp, D, D, false, reinterpret_cast<const at::BFloat16*>(pb.data()),
+                                reinterpret_cast<const at::BFloat16*>(vp.data()), o.data());
+  } else {
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) pv_rows<4>(pb.data(), ldp, vp.data() + d0, D, np, o.data() + d0, D, nq);
+    for (; d0 + 16 <= D; d0 += 16) pv_rows<1>(pb.data(), ldp, vp.data() + d0, D, np, o.data() + d0, D, nq);
+  }
   for (int64_t i = 0; i < nq; ++i) {
     const float* src = o.data() + i * D;
     const __m512 vinv = _mm512_set1_ps(inv[i]);
@@ -375,8 +429,10 @@ bool has_bf16() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_s
 // qkv: (B, N, 3, H, D) bfloat16, contiguous, D a multiple of 16; key_bias: optional (B, N). Returns (B, nq, H, D)
 // in bf16 (out_bf16) or fp32. Only where has_bf16().
 torch::Tensor attention_bf16(const torch::Tensor& qkv, int64_t nq, const c10::optional<torch::Tensor>& key_bias,
-                             bool out_bf16) {
+                             bool out_bf16, bool brgemm) {
   TORCH_CHECK(has_bf16(), "attention_bf16: this CPU has no AVX-512 BF16");
+  TORCH_CHECK(!brgemm || at::native::cpublas::could_pack(at::kBFloat16),
+              "attention_bf16: this CPU has no bf16 brgemm ukernel (brgemm=True)");
   TORCH_CHECK(qkv.dim() == 5 && qkv.size(2) == 3, "qkv must be (B, N, 3, H, D), got ", qkv.sizes());
   TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && qkv.device().is_cpu() && qkv.is_contiguous(),
               "qkv must be a contiguous bfloat16 CPU tensor");
@@ -397,8 +453,9 @@ torch::Tensor attention_bf16(const torch::Tensor& qkv, int64_t nq, const c10::op
       const int64_t b = i / H, h = i % H;
       const at::BFloat16* q = base + b * N * 3 * C + h * D;
       attention_bf16_task(q, q + C, q + 2 * C, 3 * C, N, nq, D, scale, bias ? bias + b * N : nullptr,
-                          obase + (b * nq * C + h * D) * esize, C, out_bf16, kp, vp, qp, S, pb, o);
+                          obase + (b * nq * C + h * D) * esize, C, out_bf16, kp, vp, qp, S, pb, o, brgemm);
     }
+    if (brgemm) at::native::cpublas::brgemm_release();
   });
   return out;
 }
@@ -606,10 +663,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention, "exact multi-head self-attention from a fused (B, N, 3, H, D) qkv buffer",
         pybind11::arg("qkv"), pybind11::arg("nq"), pybind11::arg("key_bias") = pybind11::none());
   m.def("has_bf16", &has_bf16, "whether this CPU runs attention_bf16 (AVX-512 BF16)");
-  m.def("attention_bf16", &attention_bf16, "attention_bf16(qkv, nq, key_bias=None, out_bf16=True): the same "
-        "attention from a bf16 qkv buffer, with bf16 dot products",
+  m.def("attention_bf16", &attention_bf16, "attention_bf16(qkv, nq, key_bias=None, out_bf16=True, brgemm=False): "
+        "the same attention from a bf16 qkv buffer, with bf16 dot products (AVX-512 BF16 tiles, or brgemm: oneDNN's "
+        "brgemm ukernel, AMX where the CPU has it)",
         pybind11::arg("qkv"), pybind11::arg("nq"), pybind11::arg("key_bias") = pybind11::none(),
-        pybind11::arg("out_bf16") = true);
+        pybind11::arg("out_bf16") = true, pybind11::arg("brgemm") = false);
   m.def("bf16_linear_available", &bf16_linear_available, "whether this CPU packs bf16 for oneDNN's brgemm ukernel");
   m.def("pack_linear_bf16", &pack_linear_bf16, "a (N, K) weight packed for linear_bf16 (N a multiple of 64)");
   m.def("layer_norm", &layer_norm, "layer_norm(x, weight, bias, eps, out_bf16): nn.LayerNorm over the rows of x, "
