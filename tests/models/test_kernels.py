@@ -360,7 +360,7 @@ def test_bf16_linear_refuses_bad_input(kernel):
 @pytest.mark.parametrize("brgemm_faster", [True, False])
 def test_bf16_path_runs_the_linear_that_measured_faster(kernel, monkeypatch, brgemm_faster):
     """precision="bf16" runs each linear on vitkit's brgemm linear or oneDNN's prepacked one, whichever
-    `_brgemm_faster` measured faster at the call's (power-of-two) row count, input dtype and epilogue; both stay
+    `_brgemm_faster` measured faster at the call's row count (rounded up to 32), input dtype and epilogue; both stay
     within bf16's tolerance of the fp32 model. The measurement is replaced here, so both outcomes run on any CPU
     that has the brgemm linear."""
     from vitkit.models import fast
@@ -391,7 +391,7 @@ def test_bf16_path_runs_the_linear_that_measured_faster(kernel, monkeypatch, brg
     assert ((got - plain).norm() / plain.norm()).item() <= TOLERANCES["bf16"].rel
     used, unused = ("brgemm", "onednn") if brgemm_faster else ("onednn", "brgemm")
     assert calls[used] > 0 and calls[unused] == 0
-    rows = 64  # 3 images x 17 tokens = 51 rows → the power of two above
+    rows = 64  # 3 images x 17 tokens = 51 rows → the multiple of 32 above
     keys = {(r, k_, n, g_, add) for r, k_, n, g_, add, _ in asked}
     assert (rows, 384, 1152, False, False) in keys       # qkv (fp32 LayerNorm output)
     assert (rows, 384, 1536, True, False) in keys        # fc1 with its GELU

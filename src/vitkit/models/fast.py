@@ -163,8 +163,8 @@ BRGEMM_MAX_ROWS = 2048
 
 class _Bf16Linear:
     """A bf16 linear that runs on whichever of oneDNN's prepacked matmul (`_PackedLinear`) and vitkit's brgemm linear
-    (`_BrgemmLinear`) measured faster at the call's size (`_brgemm_faster`, once per process per shape and
-    power-of-two row count, up to `BRGEMM_MAX_ROWS`; oneDNN above). Which wins depends on the CPU, the shape and the
+    (`_BrgemmLinear`) measured faster at the call's size (`_brgemm_faster`, once per process per shape and row count
+    rounded up to 32, up to `BRGEMM_MAX_ROWS`; oneDNN above). Which wins depends on the CPU, the shape and the
     epilogue: on an Intel Xeon with AMX at ViT-S/16's batch 1, the brgemm linear ran the projection and fc2 with
     their residual adds 2.6-3x faster, and oneDNN the wide matmuls of batch 32. Holds both packed weights (twice the
     bf16 weight memory) so that each batch size gets its faster one."""
@@ -174,14 +174,20 @@ class _Bf16Linear:
         self.brgemm = _BrgemmLinear(weight, bias, scale=scale, act=act)
         self.n, self.k = weight.shape
         self.gelu = self.brgemm.gelu
+        self._picks: dict = {}  # (rows, add, input dtype) → the linear that runs them
 
     def _pick(self, x: torch.Tensor, add: bool):
-        rows = x.shape[0]
-        if rows > BRGEMM_MAX_ROWS:
-            return self.onednn
-        bucket = 1 << max(0, (rows - 1).bit_length())
-        fast = _brgemm_faster(bucket, self.k, self.n, self.gelu, add, x.dtype == torch.bfloat16)
-        return self.brgemm if fast else self.onednn
+        key = (x.shape[0], add, x.dtype)
+        lin = self._picks.get(key)
+        if lin is None:
+            rows = x.shape[0]
+            if rows > BRGEMM_MAX_ROWS:
+                lin = self.onednn
+            else:  # rows rounded up to the kernel's 32-row tiles (197 tokens: 224)
+                fast = _brgemm_faster(-(-rows // 32) * 32, self.k, self.n, self.gelu, add, x.dtype == torch.bfloat16)
+                lin = self.brgemm if fast else self.onednn
+            self._picks[key] = lin
+        return lin
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._pick(x, False)(x)
