@@ -450,3 +450,97 @@ def test_layer_norm_refuses_bad_input(kernel):
         kernel.layer_norm(torch.randn(2, 3, 4), None, None, 1e-6, False)
     with pytest.raises(RuntimeError, match="weight and bias must be"):
         kernel.layer_norm(torch.randn(2, 8), torch.randn(7), None, 1e-6, False)
+
+
+# ---- int8 linear (uint8 x int8) on oneDNN's brgemm ukernel, for the int8 path --------------------------------------
+def _int8(kernel):
+    from vitkit.models import fast
+
+    if not kernel.int8_linear_available():
+        pytest.skip("this CPU cannot pack int8 for oneDNN's brgemm ukernel (no AVX-512 VNNI or AMX)")
+    if not fast.int8_fused_available():
+        pytest.skip("this PyTorch build has no oneDNN int8 matmul to compare with")
+    return fast
+
+
+@pytest.mark.parametrize("m,k,n,gelu,add,out_kind", [
+    (197, 384, 1152, False, False, 1),  # qkv → the bf16 attention
+    (197, 384, 384, False, True, 0),    # proj + the fp32 residual
+    (197, 384, 1536, True, False, 2),   # fc1 + GELU → uint8 over fc2's static range
+    (197, 1536, 384, False, True, 0),   # fc2 + residual
+    (5, 64, 128, True, False, 0),       # fewer rows than a tile
+    (33, 96, 64, False, False, 1),      # one row past a tile
+])
+def test_int8_linear_matches_onednns_int8_matmul(kernel, m, k, n, gelu, add, out_kind):
+    """linear_u8s8 computes what oneDNN's qlinear_pointwise does from the same uint8 input and int8 weight: fp32
+    outputs to 1e-5 of the largest (the order of the fp32 epilogue), bf16 to one bf16 rounding, uint8 within one
+    step (a value on a rounding boundary) on at most 1% of the outputs."""
+    fast = _int8(kernel)
+    g = torch.Generator().manual_seed(m + k + n)
+    w, b = torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g) * 2
+    lin = fast._Int8Linear(w, b, act=torch.nn.GELU() if gelu else None,
+                           out_dtype=torch.bfloat16 if out_kind == 1 else torch.float32,
+                           out_qparams=(0.05, 10) if out_kind == 2 else None)
+    assert lin.s8 is not None
+    qx, s, zp = lin._quantize(x)
+    other = torch.randn(m, n, generator=g) if add else None
+    with torch.inference_mode():
+        want, got = lin._onednn(qx, s, zp, other), lin._brgemm(qx, s, zp, other)
+    if out_kind == 2:
+        assert got.values.dtype == torch.uint8 and (got.scale, got.zero_point) == (want.scale, want.zero_point)
+        diff = (got.values.int() - want.values.int()).abs()
+        assert diff.max().item() <= 1 and (diff > 0).float().mean().item() <= 0.01
+        return
+    assert got.dtype == want.dtype == (torch.bfloat16 if out_kind == 1 else torch.float32) and got.shape == (m, n)
+    peak = want.float().abs().max().item()
+    tol = peak * 1e-5 if out_kind == 0 else peak * 2 ** -8
+    assert (got.float() - want.float()).abs().max().item() <= tol
+
+
+def test_int8_linear_refuses_bad_input(kernel):
+    _int8(kernel)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        kernel.pack_linear_s8(torch.zeros(96, 64, dtype=torch.int8))
+    wp = kernel.pack_linear_s8(torch.zeros(64, 32, dtype=torch.int8))
+    scale, colsum = torch.ones(64), torch.zeros(64, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="uint8 matrix"):
+        kernel.linear_u8s8(torch.zeros(4, 32), 1.0, 0, wp, scale, colsum, None, False, None, 0, 1.0, 0)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        kernel.linear_u8s8(torch.zeros(4, 48, dtype=torch.uint8), 1.0, 0, wp, scale, colsum, None, False, None, 0,
+                           1.0, 0)
+    with pytest.raises(RuntimeError, match="out_kind"):
+        kernel.linear_u8s8(torch.zeros(4, 32, dtype=torch.uint8), 1.0, 0, wp, scale, colsum, None, False, None, 3,
+                           1.0, 0)
+
+
+@pytest.mark.parametrize("brgemm_faster", [True, False])
+def test_int8_path_runs_the_linear_that_measured_faster(kernel, monkeypatch, brgemm_faster):
+    """precision="int8" runs each int8 linear on vitkit's brgemm kernel or oneDNN's int8 matmul, whichever
+    `_int8_brgemm_faster` measured faster at the call's row count (rounded up to 32), epilogue and output; both
+    stay within int8's tolerance of the fp32 model, and the other one is never called. The measurement is replaced
+    here, so both outcomes run on any CPU that has the kernel."""
+    from vitkit.models.precision import TOLERANCES
+
+    fast = _int8(kernel)
+    asked, calls = [], {"brgemm": 0, "onednn": 0}
+    monkeypatch.setattr(fast, "_int8_brgemm_faster", lambda *key: asked.append(key) or brgemm_faster)
+    for name in ("brgemm", "onednn"):
+        real = getattr(fast._Int8Linear, f"_{name}")
+
+        def spy(self, *a, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(self, *a)
+        monkeypatch.setattr(fast._Int8Linear, f"_{name}", spy)
+    torch.manual_seed(0)
+    m = create_model("vit_small_patch16_224", depth=2, img_size=64).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        plain = m(x)
+    got = vitkit.optimize(m, precision="int8")(x)
+    assert ((got - plain).norm() / plain.norm()).item() <= TOLERANCES["int8"].rel
+    used, unused = ("brgemm", "onednn") if brgemm_faster else ("onednn", "brgemm")
+    assert calls[used] > 0 and calls[unused] == 0
+    keys = {(r, k_, n, g_, add) for r, k_, n, g_, add, _ in asked}
+    assert (64, 384, 1152, False, False) in keys  # qkv: 3 images x 17 tokens = 51 rows → 64
+    assert (64, 384, 1536, True, False) in keys   # fc1 with its GELU

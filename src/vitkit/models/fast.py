@@ -220,8 +220,12 @@ class _Int8Linear:
     """y = x W^T + b [+ other | → GELU] with W in int8, symmetric per output channel, and x quantised to uint8 per
     call (dynamic, per tensor: its scale follows each batch, nothing to calibrate). oneDNN's int8 matmul
     (`onednn::qlinear_pointwise`: VNNI/AMX dot products, int32 accumulation) runs it with the bias, GELU and the
-    residual add fused, as the fp32 path does; fp32 in, fp32 out. Where that op is missing, PyTorch's
-    `quantized::linear_dynamic` (fbgemm) runs the matmul and the epilogue runs after it."""
+    residual add fused, as the fp32 path does; fp32 in, fp32 out. Where the CPU packs int8 for oneDNN's brgemm
+    ukernel, vitkit's `linear_u8s8` (the same arithmetic, the weight packed once, no per-call primitive setup: on an
+    Intel Xeon with AMX, ViT-S/16's int8 matmuls at batch 1 took 50-80% of oneDNN's time) runs the calls whose size
+    it measured faster at (`_int8_brgemm_faster`, as the bf16 path picks its linear), holding a second packed copy
+    of the int8 weight. Where oneDNN's fused op is missing, PyTorch's `quantized::linear_dynamic` (fbgemm) runs the
+    matmul and the epilogue runs after it."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  scale: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None,
@@ -239,8 +243,15 @@ class _Int8Linear:
         self.gelu = act.approximate if isinstance(act, nn.GELU) else None
         self.act = act if self.gelu is None and act is not None and not isinstance(act, nn.Identity) else None
         self.fused = int8_fused_available()
+        self.n, self.k = w.shape
+        self.s8 = None  # the int8 weight packed for the brgemm ukernel, where it runs this linear
+        self._picks: dict = {}  # (rows, add) → whether the brgemm linear runs them
         if self.fused:
             self.weight = torch.ops.onednn.qlinear_prepack(qw, None)
+            if brgemm_int8_available(self.n, self.k) and self.gelu in (None, "none"):
+                self.mod = kernels.cpu_attention()
+                self.s8 = self.mod.pack_linear_s8(qw.contiguous())
+                self.colsum = qw.sum(dim=1, dtype=torch.int32).contiguous()
         else:  # fbgemm's dynamic linear writes fp32 only
             self.out_qparams = None
             with warnings.catch_warnings(), _quantized_engine(int8_engine()):
@@ -269,8 +280,40 @@ class _Int8Linear:
             y = F.gelu(y, approximate=self.gelu) if self.gelu is not None else y
             return self.act(y) if self.act is not None else y
         qx, s, zp = self._quantize(x)
-        post, algo = ("gelu", self.gelu) if self.gelu is not None else ("none", "")
+        run = self._brgemm if self._on_brgemm(qx.shape[0], False) else self._onednn
+        return run(qx, s, zp, None)
+
+    def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """x W^T + b + other (the fp32 residual), the add fused into the matmul where oneDNN runs it."""
+        if not self.fused:
+            return torch.add(other, self(x))
+        qx, s, zp = self._quantize(x)
+        run = self._brgemm if self._on_brgemm(qx.shape[0], True) else self._onednn
+        return run(qx, s, zp, other.contiguous())
+
+    def _out_kind(self, add: bool) -> int:
+        """What a call writes: 0 fp32, 1 bf16 (for the bf16 attention), 2 uint8 over the static output range."""
+        if add:
+            return 0
         if self.out_qparams is not None and self.act is None:
+            return 2
+        return 1 if self.out_dtype == torch.bfloat16 else 0
+
+    def _on_brgemm(self, rows: int, add: bool) -> bool:
+        pick = self._picks.get((rows, add))
+        if pick is None:
+            pick = self.s8 is not None and rows <= BRGEMM_MAX_ROWS and _int8_brgemm_faster(
+                -(-rows // 32) * 32, self.k, self.n, self.gelu is not None, add, self._out_kind(add))
+            self._picks[(rows, add)] = pick
+        return pick
+
+    def _onednn(self, qx, s, zp, other):
+        post, algo = ("gelu", self.gelu) if self.gelu is not None else ("none", "")
+        if other is not None:
+            return torch.ops.onednn.qlinear_pointwise.binary(qx, s, zp, self.weight, self.w_scale, self.w_zp, other,
+                                                             self.bias, 1.0, 0, torch.float32, 1.0, 0, "add", 1.0,
+                                                             "none", [], "")
+        if self._out_kind(False) == 2:
             o_s, o_zp = self.out_qparams
             y = torch.ops.onednn.qlinear_pointwise(qx, s, zp, self.weight, self.w_scale, self.w_zp, self.bias, o_s,
                                                    o_zp, torch.uint8, post, [], algo)
@@ -279,14 +322,43 @@ class _Int8Linear:
                                                self.out_dtype, post, [], algo)
         return self.act(y) if self.act is not None else y
 
-    def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """x W^T + b + other (the fp32 residual), the add fused into the matmul where oneDNN runs it."""
-        if not self.fused:
-            return torch.add(other, self(x))
-        qx, s, zp = self._quantize(x)
-        return torch.ops.onednn.qlinear_pointwise.binary(qx, s, zp, self.weight, self.w_scale, self.w_zp,
-                                                         other.contiguous(), self.bias, 1.0, 0, torch.float32, 1.0, 0,
-                                                         "add", 1.0, "none", [], "")
+    def _brgemm(self, qx, s, zp, other):
+        kind = self._out_kind(other is not None)
+        o_s, o_zp = self.out_qparams if kind == 2 else (1.0, 0)
+        y = self.mod.linear_u8s8(qx, s, zp, self.s8, self.w_scale, self.colsum, self.bias,
+                                 self.gelu is not None and other is None, other, kind, o_s, o_zp)
+        if kind == 2:
+            return _Quantized(y, o_s, o_zp)
+        return self.act(y) if self.act is not None and other is None else y
+
+
+def brgemm_int8_available(n: int, k: int) -> bool:
+    """Whether vitkit's int8 brgemm linear runs a (k → n) linear here: the kernel is built, this CPU packs int8 for
+    oneDNN's brgemm ukernel (AVX-512 VNNI or AMX), n is a multiple of 64 and k of 4."""
+    mod = kernels.cpu_attention()
+    return mod is not None and n % 64 == 0 and k % 4 == 0 and bool(mod.int8_linear_available())
+
+
+@functools.lru_cache(maxsize=None)
+def _int8_brgemm_faster(rows: int, k: int, n: int, gelu: bool, add: bool, out_kind: int) -> bool:
+    """Whether the int8 brgemm linear beats oneDNN's int8 matmul for a (rows x k) input to n outputs here (with GELU /
+    the residual add / the output kind as given; the input's quantisation is the same for both and not timed):
+    interleaved, medians of 5; a few ms, once per process."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(n, k, generator=g) * 0.05, torch.randn(rows, k, generator=g)
+    lin = _Int8Linear(w, torch.zeros(n), act=nn.GELU() if gelu else None,
+                      out_dtype=torch.bfloat16 if out_kind == 1 else torch.float32,
+                      out_qparams=(0.05, 10) if out_kind == 2 else None)
+    qx, s, zp = lin._quantize(x)
+    other = torch.randn(rows, n, generator=g) if add else None
+    runs = {"oneDNN": functools.partial(lin._onednn, qx, s, zp, other),
+            "brgemm": functools.partial(lin._brgemm, qx, s, zp, other)}
+    with torch.inference_mode():
+        med = medians_in_turns(runs, reps=5, warmup=1)
+    log.info("int8 linear %dx%dx%d%s: oneDNN %.3f ms, brgemm %.3f ms; %s", rows, k, n,
+             " + GELU" if gelu else " + residual" if add else "", 1e3 * med["oneDNN"], 1e3 * med["brgemm"],
+             "brgemm" if med["brgemm"] < med["oneDNN"] else "oneDNN")
+    return med["brgemm"] < med["oneDNN"]
 
 
 class _Quantized(NamedTuple):

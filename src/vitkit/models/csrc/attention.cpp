@@ -588,6 +588,108 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, const c10::opt
   return out;
 }
 
+// ---- int8 linear (uint8 activations x int8 weights) on oneDNN's brgemm ukernel --------------------------------------
+// The same as the int8 path's oneDNN matmul (`onednn::qlinear_pointwise`): x quantised to uint8 per tensor (scale,
+// zero point), W to int8 symmetric per output channel, int32 accumulation, then in fp32 (acc - zp colsum(W)) s_x
+// s_w + b, GELU, + the fp32 residual, written as fp32, bf16 or uint8 over a static (scale, zero point). Why: oneDNN
+// sets its int8 primitive up at every call (~30 us), and at batch 1 the int8 matmuls are short (ViT-S/16: 197 rows);
+// here the weight is packed once and each (32-row, 64-column) tile is one ukernel call (AMX-INT8 where the CPU has
+// it, AVX-512 VNNI otherwise).
+bool int8_linear_available() { return at::native::cpublas::could_pack(at::kChar); }
+
+// qw (N, K) int8 → (N / 64, K, 64) in the ukernel's VNNI layout (4 consecutive k per 32-bit lane)
+at::Tensor pack_linear_s8(const at::Tensor& qw) {
+  TORCH_CHECK(qw.dim() == 2 && qw.scalar_type() == at::kChar && qw.size(0) % kLinN == 0 && qw.size(1) % 4 == 0,
+              "pack_linear_s8: the weight must be (N, K) int8 with N a multiple of 64 and K of 4, got ", qw.sizes(),
+              " ", qw.scalar_type());
+  TORCH_CHECK(int8_linear_available(), "pack_linear_s8: this CPU cannot pack int8 for the brgemm ukernel");
+  const int64_t N = qw.size(0), K = qw.size(1);
+  at::Tensor wt = qw.t().contiguous();  // (K, N)
+  at::Tensor out = at::empty({N / kLinN, K, kLinN}, wt.options());
+  for (int64_t nb = 0; nb < N / kLinN; ++nb)
+    at::native::cpublas::pack(K, kLinN, N, kLinN, at::kChar, at::kChar, wt.data_ptr<int8_t>() + nb * kLinN,
+                              out[nb].data_ptr<int8_t>());
+  return out;
+}
+
+// y = gelu?((xq - x_zp) W^T x_scale w_scale + b) [+ residual]: xq (M, K) uint8, wp from pack_linear_s8, w_scale
+// (N) fp32, colsum (N) int32 (each output channel's sum of int8 weights), bias fp32 (N) or None, residual fp32 (M, N)
+// or None; out: 0 fp32, 1 bf16, 2 uint8 over (o_scale, o_zp) rounded half to even and saturated, as oneDNN does
+at::Tensor linear_u8s8(const at::Tensor& xq, double x_scale, int64_t x_zp, const at::Tensor& wp,
+                       const at::Tensor& w_scale, const at::Tensor& colsum, const c10::optional<at::Tensor>& bias,
+                       bool gelu, const c10::optional<at::Tensor>& residual, int64_t out_kind, double o_scale,
+                       int64_t o_zp) {
+  using Vec = at::vec::Vectorized<float>;
+  TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kByte, "linear_u8s8: xq must be a (M, K) uint8 matrix, got ",
+              xq.sizes(), " ", xq.scalar_type());
+  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == kLinN && wp.scalar_type() == at::kChar && wp.size(1) == xq.size(1),
+              "linear_u8s8: the packed weight ", wp.sizes(), " does not fit xq ", xq.sizes());
+  const int64_t M = xq.size(0), K = xq.size(1), blocks = wp.size(0), N = blocks * kLinN;
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == N && w_scale.is_contiguous() &&
+              colsum.scalar_type() == at::kInt && colsum.numel() == N && colsum.is_contiguous(),
+              "linear_u8s8: w_scale (float32) and colsum (int32) must be contiguous vectors of ", N);
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous()),
+              "linear_u8s8: bias must be a contiguous float32 vector of ", N);
+  TORCH_CHECK(!residual.has_value() || (residual->scalar_type() == at::kFloat && residual->is_contiguous() &&
+                                        residual->size(0) == M && residual->size(1) == N),
+              "linear_u8s8: residual must be a contiguous float32 (", M, ", ", N, ") matrix");
+  TORCH_CHECK(out_kind >= 0 && out_kind <= 2, "linear_u8s8: out_kind must be 0 (fp32), 1 (bf16) or 2 (uint8)");
+  const at::Tensor x = xq.contiguous();
+  at::Tensor out = at::empty({M, N}, x.options().dtype(out_kind == 0 ? at::kFloat : out_kind == 1 ? at::kBFloat16
+                                                                                                 : at::kByte));
+  if (M == 0) return out;
+  const uint8_t* X = x.data_ptr<uint8_t>();
+  const int8_t* W = wp.data_ptr<int8_t>();
+  const float* ws = w_scale.data_ptr<float>();
+  const int32_t* cs = colsum.data_ptr<int32_t>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const float* rp = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  const float xs = static_cast<float>(x_scale), inv_o = static_cast<float>(1.0 / o_scale);
+  const float fzp = static_cast<float>(x_zp), ozp = static_cast<float>(o_zp);
+  const int64_t row_blocks = (M + kLinM - 1) / kLinM;
+  at::parallel_for(0, row_blocks * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> tile(kLinM * kLinN);
+    float scale[kLinN], shift[kLinN];  // per column: acc * scale + shift = (acc - zp colsum) s_x s_w + b
+    int64_t cur = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nb = t / row_blocks, mb = t % row_blocks;
+      const int64_t m0 = mb * kLinM, rows = std::min(kLinM, M - m0), n0 = nb * kLinN;
+      if (nb != cur) {
+        for (int64_t j = 0; j < kLinN; ++j) {
+          scale[j] = xs * ws[n0 + j];
+          shift[j] = (bp ? bp[n0 + j] : 0.0f) - fzp * static_cast<float>(cs[n0 + j]) * scale[j];
+        }
+        cur = nb;
+      }
+      int32_t* C = tile.data();
+      at::native::cpublas::brgemm(rows, kLinN, K, K, kLinN, kLinN, false, X + m0 * K, W + nb * K * kLinN, C);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int32_t* c = C + i * kLinN;
+        const int64_t at_ = (m0 + i) * N + n0;
+        float y[kLinN];
+        for (int64_t j = 0; j < kLinN; j += Vec::size()) {
+          const Vec acc = at::vec::convert<float>(at::vec::Vectorized<int32_t>::loadu(c + j));
+          Vec v = at::vec::fmadd(acc, Vec::loadu(scale + j), Vec::loadu(shift + j));
+          if (gelu) v = gelu_erf(v);
+          if (rp) v = v + Vec::loadu(rp + at_ + j);
+          v.store(y + j);
+        }
+        if (out_kind == 0) {
+          std::memcpy(out.data_ptr<float>() + at_, y, sizeof(y));
+        } else if (out_kind == 1) {
+          at::BFloat16* o = out.data_ptr<at::BFloat16>() + at_;
+          for (int64_t j = 0; j < kLinN; j += 2 * Vec::size())
+            at::vec::convert_float_bfloat16(Vec::loadu(y + j), Vec::loadu(y + j + Vec::size())).store(o + j);
+        } else {
+          narrow_u8(y, kLinN, inv_o, o_zp, out.data_ptr<uint8_t>() + at_);
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  return out;
+}
+
 // ---- LayerNorm that writes what the next linear reads ----------------------------------------------------------
 // nn.LayerNorm over the rows of x (M, K) fp32, mean and variance in two passes in fp32, written as bf16 for a bf16
 // linear (no separate rounding pass) or fp32. Why: ATen's layer_norm took ~65 us for ViT-S/16's 197 x 384 tokens on
@@ -670,6 +772,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("out_bf16") = true, pybind11::arg("brgemm") = false);
   m.def("bf16_linear_available", &bf16_linear_available, "whether this CPU packs bf16 for oneDNN's brgemm ukernel");
   m.def("pack_linear_bf16", &pack_linear_bf16, "a (N, K) weight packed for linear_bf16 (N a multiple of 64)");
+  m.def("int8_linear_available", &int8_linear_available, "whether this CPU packs int8 for oneDNN's brgemm ukernel");
+  m.def("pack_linear_s8", &pack_linear_s8, "a (N, K) int8 weight packed for linear_u8s8 (N a multiple of 64)");
+  m.def("linear_u8s8", &linear_u8s8, "linear_u8s8(xq, x_scale, x_zp, wp, w_scale, colsum, bias, gelu, residual, "
+        "out_kind, o_scale, o_zp): the int8 path's matmul on the brgemm ukernel");
   m.def("layer_norm", &layer_norm, "layer_norm(x, weight, bias, eps, out_bf16): nn.LayerNorm over the rows of x, "
         "written as bf16 or fp32");
   m.def("linear_bf16", &linear_bf16, "linear_bf16(x, wp, bias=None, gelu=False, residual=None, out_bf16=True): "
