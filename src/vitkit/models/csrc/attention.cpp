@@ -304,6 +304,24 @@ VITKIT_BF16 void pv_rows(const uint32_t* pb, int64_t ldp, const uint32_t* vp, in
   for (; r < rows; ++r) pv_tile<1, NV>(pb + r * ldp, ldp, vp, ldv, pairs, o + r * ldo, ldo);
 }
 
+// rows [0, rows) of o (fp32, rows of D) times their 1 / sum → output rows first.. (row stride ld_out), bf16 or fp32
+VITKIT_BF16 void write_rows(const float* o, const float* inv, int64_t rows, int64_t D, void* out, int64_t ld_out,
+                            bool out_bf16, int64_t first) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* src = o + i * D;
+    const __m512 vinv = _mm512_set1_ps(inv[i]);
+    if (out_bf16) {
+      uint16_t* dst = reinterpret_cast<uint16_t*>(static_cast<at::BFloat16*>(out) + (first + i) * ld_out);
+      for (int64_t d = 0; d < D; d += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + d), vinv)));
+    } else {
+      float* dst = static_cast<float*>(out) + (first + i) * ld_out;
+      for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(src + d), vinv));
+    }
+  }
+}
+
 VITKIT_BF16 void attention_bf16_task(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
                                      int64_t ld_qkv, int64_t N, int64_t nq, int64_t D, float scale, const float* bias,
                                      void* out, int64_t ld_out, bool out_bf16, std::vector<uint32_t>& kp,
@@ -326,13 +344,30 @@ VITKIT_BF16 void attention_bf16_task(const at::BFloat16* q, const at::BFloat16* 
     }
   }
   vp.resize(np * D);
-  {  // rows j, j + 1 of V interleaved into bf16 pairs (row j low, row j + 1 high), 16 columns at a time; a missing
-     // last row is zeros
+  {  // rows j, j + 1 of V interleaved into bf16 pairs (row j low, row j + 1 high), 32 or 16 columns at a time; a
+     // missing last row is zeros
+    __m512i lo_pairs, hi_pairs;  // u16 lanes (a0, b0, a1, b1, ...): a's and b's first 16, then their last 16
+    {
+      alignas(64) uint16_t lo[32], hi[32];
+      for (int l = 0; l < 16; ++l) {
+        lo[2 * l] = l, lo[2 * l + 1] = 32 + l;
+        hi[2 * l] = 16 + l, hi[2 * l + 1] = 48 + l;
+      }
+      lo_pairs = _mm512_load_si512(lo);
+      hi_pairs = _mm512_load_si512(hi);
+    }
     for (int64_t j = 0; j < N; j += 2) {
       const uint16_t* r0 = reinterpret_cast<const uint16_t*>(v + j * ld_qkv);
       const uint16_t* r1 = j + 1 < N ? reinterpret_cast<const uint16_t*>(v + (j + 1) * ld_qkv) : nullptr;
       uint32_t* dst = vp.data() + (j / 2) * D;
-      for (int64_t d = 0; d < D; d += 16) {
+      int64_t d = 0;
+      for (; d + 32 <= D; d += 32) {  // 32 columns: two 16-bit interleaves across the two rows
+        const __m512i a = _mm512_loadu_si512(r0 + d);
+        const __m512i b = r1 ? _mm512_loadu_si512(r1 + d) : _mm512_setzero_si512();
+        _mm512_storeu_si512(dst + d, _mm512_permutex2var_epi16(a, lo_pairs, b));
+        _mm512_storeu_si512(dst + d + 16, _mm512_permutex2var_epi16(a, hi_pairs, b));
+      }
+      for (; d < D; d += 16) {
         const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + d)));
         const __m512i b = r1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + d)))
                              : _mm512_setzero_si512();
@@ -344,48 +379,67 @@ VITKIT_BF16 void attention_bf16_task(const at::BFloat16* q, const at::BFloat16* 
     qp.resize(nq * dp);
     for (int64_t i = 0; i < nq; ++i) std::memcpy(qp.data() + i * dp, q + i * ld_qkv, D * sizeof(at::BFloat16));
   }
-  S.resize(nq * n32);
   const __m512 vscale = _mm512_set1_ps(scale);
-  if (brgemm) {  // S = Q K^T on oneDNN's brgemm ukernel (AMX tiles where the CPU has them), Q read in place; scaled below
-    at::native::cpublas::brgemm(nq, n32, D, ld_qkv, n32, n32, false, q,
-                                reinterpret_cast<const at::BFloat16*>(kp.data()), S.data());
-  } else {
-    for (int64_t j0 = 0; j0 < n32; j0 += 32) {
-      int64_t i = 0;
-      for (; i + 8 <= nq; i += 8)
-        qk_tile<8>(qp.data() + i * dp, dp, kp.data() + j0, n32, dp, S.data() + i * n32 + j0, n32, vscale);
-      for (; i < nq; ++i)
-        qk_tile<1>(qp.data() + i * dp, dp, kp.data() + j0, n32, dp, S.data() + i * n32 + j0, n32, vscale);
+  const int64_t n16 = (N + 15) / 16 * 16, ldp = n32 / 2;
+  if (brgemm) {
+    // On oneDNN's brgemm ukernel (AMX tiles where the CPU has them), 32 query rows at a time, Q read in place: a
+    // block's scores (32 x n32 fp32) and probabilities stay in L1 between the two products, where a whole head's
+    // would not (197 x 224 scores: 176 KB). Softmax in two passes over the unscaled scores: the max, then
+    // exp(scale s + bias - max) straight to bf16 E with its sum (keys past N masked to 0).
+    constexpr int64_t kQ = 32;
+    S.resize(kQ * n32);
+    pb.resize(kQ * ldp);
+    o.resize(kQ * D);
+    float inv[kQ];
+    for (int64_t i0 = 0; i0 < nq; i0 += kQ) {
+      const int64_t rows = std::min(kQ, nq - i0);
+      at::native::cpublas::brgemm(rows, n32, D, ld_qkv, n32, n32, false, q + i0 * ld_qkv,
+                                  reinterpret_cast<const at::BFloat16*>(kp.data()), S.data());
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* row = S.data() + i * n32;
+        __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        for (int64_t j = 0; j < n16; j += 16) {
+          const __mmask16 m = j + 16 <= N ? static_cast<__mmask16>(0xFFFF)
+                                          : static_cast<__mmask16>((1u << (N - j)) - 1u);
+          __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + j), vscale);
+          if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + j));
+          vmax = _mm512_mask_max_ps(vmax, m, vmax, x);
+        }
+        const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        __m512 vsum = _mm512_setzero_ps();
+        uint16_t* prow = reinterpret_cast<uint16_t*>(pb.data() + i * ldp);
+        for (int64_t j = 0; j < n16; j += 16) {
+          const __mmask16 m = j + 16 <= N ? static_cast<__mmask16>(0xFFFF)
+                                          : static_cast<__mmask16>((1u << (N - j)) - 1u);
+          __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + j), vscale);
+          if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + j));
+          const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(x, vmx)));
+          vsum = _mm512_add_ps(vsum, e);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + j), (__m256i)_mm512_cvtneps_pbh(e));
+        }
+        inv[i] = 1.0f / _mm512_reduce_add_ps(vsum);
+      }
+      // E V over the keys padded to even (a zero key in V's last pair, exp 0 in E)
+      at::native::cpublas::brgemm(rows, D, 2 * np, 2 * ldp, D, D, false,
+                                  reinterpret_cast<const at::BFloat16*>(pb.data()),
+                                  reinterpret_cast<const at::BFloat16*>(vp.data()), o.data());
+      write_rows(o.data(), inv, rows, D, out, ld_out, out_bf16, i0);
     }
+    return;
+  }
+  S.resize(nq * n32);
+  for (int64_t j0 = 0; j0 < n32; j0 += 32) {
+    int64_t i = 0;
+    for (; i + 8 <= nq; i += 8)
+      qk_tile<8>(qp.data() + i * dp, dp, kp.data() + j0, n32, dp, S.data() + i * n32 + j0, n32, vscale);
+    for (; i < nq; ++i)
+      qk_tile<1>(qp.data() + i * dp, dp, kp.data() + j0, n32, dp, S.data() + i * n32 + j0, n32, vscale);
   }
   // softmax rows in fp32 over whole vectors (the columns past N set to -inf: exp gives 0 there): e = exp(s + bias -
   // max), rounded to bf16 pairs; 1 / sum kept for the output rows
-  const int64_t n16 = (N + 15) / 16 * 16, ldp = n32 / 2;
   pb.resize(nq * ldp);
   std::vector<float> inv(nq);
-  for (int64_t i = 0; i < nq && brgemm; ++i) {  // two passes over the unscaled scores: max, then exp → bf16 E
-    const float* row = S.data() + i * n32;
-    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < n16; j += 16) {
-      const __mmask16 m = j + 16 <= N ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (N - j)) - 1u);
-      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + j), vscale);
-      if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + j));
-      vmax = _mm512_mask_max_ps(vmax, m, vmax, x);
-    }
-    const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-    __m512 vsum = _mm512_setzero_ps();
-    uint16_t* prow = reinterpret_cast<uint16_t*>(pb.data() + i * ldp);
-    for (int64_t j = 0; j < n16; j += 16) {
-      const __mmask16 m = j + 16 <= N ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (N - j)) - 1u);
-      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + j), vscale);
-      if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + j));
-      const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(x, vmx)));
-      vsum = _mm512_add_ps(vsum, e);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + j), (__m256i)_mm512_cvtneps_pbh(e));
-    }
-    inv[i] = 1.0f / _mm512_reduce_add_ps(vsum);
-  }
-  for (int64_t i = 0; i < nq && !brgemm; ++i) {
+  for (int64_t i = 0; i < nq; ++i) {
     float* row = S.data() + i * n32;
     if (bias)
       for (int64_t j = 0; j + 16 <= N; j += 16) _mm512_storeu_ps(row + j, _mm512_add_ps(_mm512_loadu_ps(row + j),
@@ -399,27 +453,10 @@ VITKIT_BF16 void attention_bf16_task(const at::BFloat16* q, const at::BFloat16* 
   }
   // O = E V in fp32, then each row / its sum, written out
   o.resize(nq * D);
-  if (brgemm) {  // the reduction over keys padded to even (a zero key in V's last pair, exp 0 in E)
-    at::native::cpublas::brgemm(nq, D, 2 * np, 2 * ldp, D, D, false, reinterpret_cast<const at::BFloat16*>(pb.data()),
-                                reinterpret_cast<const at::BFloat16*>(vp.data()), o.data());
-  } else {
-    int64_t d0 = 0;
-    for (; d0 + 64 <= D; d0 += 64) pv_rows<4>(pb.data(), ldp, vp.data() + d0, D, np, o.data() + d0, D, nq);
-    for (; d0 + 16 <= D; d0 += 16) pv_rows<1>(pb.data(), ldp, vp.data() + d0, D, np, o.data() + d0, D, nq);
-  }
-  for (int64_t i = 0; i < nq; ++i) {
-    const float* src = o.data() + i * D;
-    const __m512 vinv = _mm512_set1_ps(inv[i]);
-    if (out_bf16) {
-      uint16_t* dst = reinterpret_cast<uint16_t*>(static_cast<at::BFloat16*>(out) + i * ld_out);
-      for (int64_t d = 0; d < D; d += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + d), vinv)));
-    } else {
-      float* dst = static_cast<float*>(out) + i * ld_out;
-      for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(src + d), vinv));
-    }
-  }
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) pv_rows<4>(pb.data(), ldp, vp.data() + d0, D, np, o.data() + d0, D, nq);
+  for (; d0 + 16 <= D; d0 += 16) pv_rows<1>(pb.data(), ldp, vp.data() + d0, D, np, o.data() + d0, D, nq);
+  write_rows(o.data(), inv.data(), nq, D, out, ld_out, out_bf16, 0);
 }
 
 }  // namespace
