@@ -208,12 +208,17 @@ def _brgemm_faster(rows: int, k: int, n: int, gelu: bool, add: bool, bf16_input:
     lins = {"oneDNN": _PackedLinear(w, act=act, dtype=torch.bfloat16), "brgemm": _BrgemmLinear(w, act=act)}
     runs = {name: (functools.partial(lin.add, x, other) if add else functools.partial(lin, x))
             for name, lin in lins.items()}
+    return _brgemm_wins(runs, f"bf16 linear {rows}x{k}x{n}", gelu, add)
+
+
+def _brgemm_wins(runs: dict, what: str, gelu: bool, add: bool) -> bool:
+    """Times runs["oneDNN"] and runs["brgemm"] in turns (medians of 5), logs both and says whether brgemm won."""
     with torch.inference_mode():
         med = medians_in_turns(runs, reps=5, warmup=1)
-    log.info("bf16 linear %dx%dx%d%s: oneDNN %.3f ms, brgemm %.3f ms; %s", rows, k, n,
-             " + GELU" if gelu else " + residual" if add else "", 1e3 * med["oneDNN"], 1e3 * med["brgemm"],
-             "brgemm" if med["brgemm"] < med["oneDNN"] else "oneDNN")
-    return med["brgemm"] < med["oneDNN"]
+    won = med["brgemm"] < med["oneDNN"]
+    log.info("%s%s: oneDNN %.3f ms, brgemm %.3f ms; %s", what, " + GELU" if gelu else " + residual" if add else "",
+             1e3 * med["oneDNN"], 1e3 * med["brgemm"], "brgemm" if won else "oneDNN")
+    return won
 
 
 class _Int8Linear:
@@ -353,12 +358,7 @@ def _int8_brgemm_faster(rows: int, k: int, n: int, gelu: bool, add: bool, out_ki
     other = torch.randn(rows, n, generator=g) if add else None
     runs = {"oneDNN": functools.partial(lin._onednn, qx, s, zp, other),
             "brgemm": functools.partial(lin._brgemm, qx, s, zp, other)}
-    with torch.inference_mode():
-        med = medians_in_turns(runs, reps=5, warmup=1)
-    log.info("int8 linear %dx%dx%d%s: oneDNN %.3f ms, brgemm %.3f ms; %s", rows, k, n,
-             " + GELU" if gelu else " + residual" if add else "", 1e3 * med["oneDNN"], 1e3 * med["brgemm"],
-             "brgemm" if med["brgemm"] < med["oneDNN"] else "oneDNN")
-    return med["brgemm"] < med["oneDNN"]
+    return _brgemm_wins(runs, f"int8 linear {rows}x{k}x{n}", gelu, add)
 
 
 class _Quantized(NamedTuple):
