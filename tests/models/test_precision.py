@@ -429,16 +429,6 @@ def test_int8_calibrates_on_its_first_batch_when_asked(model, images, digits_mod
         vitkit.optimize(model, precision="int8", calibration="last")
 
 
-def _spy(obj, name):
-    calls = []
-    real = getattr(obj, name)
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-    return spy, calls
-
-
 def test_bf16_patch_embedding_is_the_convolution_in_bf16(model, images, monkeypatch):
     """The bf16 path embeds patches by one bf16 matmul over the image's patches (`_PatchLinear`), its weight split
     into two bf16 terms: on pixels that bf16 holds exactly the tokens are the convolution's to ~1e-5 (a bf16 weight

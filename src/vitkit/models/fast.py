@@ -180,13 +180,9 @@ class _Bf16Linear:
         key = (x.shape[0], add, x.dtype)
         lin = self._picks.get(key)
         if lin is None:
-            rows = x.shape[0]
-            if rows > BRGEMM_MAX_ROWS:
-                lin = self.onednn
-            else:  # rows rounded up to the kernel's 32-row tiles (197 tokens: 224)
-                fast = _brgemm_faster(-(-rows // 32) * 32, self.k, self.n, self.gelu, add, x.dtype == torch.bfloat16)
-                lin = self.brgemm if fast else self.onednn
-            self._picks[key] = lin
+            fast = _brgemm_measured_faster(x.shape[0], _brgemm_faster, self.k, self.n, self.gelu, add,
+                                           x.dtype == torch.bfloat16)
+            lin = self._picks[key] = self.brgemm if fast else self.onednn
         return lin
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,6 +190,13 @@ class _Bf16Linear:
 
     def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         return self._pick(x, True).add(x, other)
+
+
+def _brgemm_measured_faster(rows: int, faster, *shape) -> bool:
+    """Whether vitkit's brgemm kernel runs calls of `rows` rows (asked once per linear and row count): never above
+    `BRGEMM_MAX_ROWS`, else what `faster(rows rounded up to the kernel's 32-row tiles, *shape)` measured (197 tokens
+    are measured as 224 rows)."""
+    return rows <= BRGEMM_MAX_ROWS and faster(-(-rows // 32) * 32, *shape)
 
 
 @functools.lru_cache(maxsize=None)
@@ -307,9 +310,8 @@ class _Int8Linear:
     def _on_brgemm(self, rows: int, add: bool) -> bool:
         pick = self._picks.get((rows, add))
         if pick is None:
-            pick = self.s8 is not None and rows <= BRGEMM_MAX_ROWS and _int8_brgemm_faster(
-                -(-rows // 32) * 32, self.k, self.n, self.gelu is not None, add, self._out_kind(add))
-            self._picks[(rows, add)] = pick
+            pick = self._picks[(rows, add)] = self.s8 is not None and _brgemm_measured_faster(
+                rows, _int8_brgemm_faster, self.k, self.n, self.gelu is not None, add, self._out_kind(add))
         return pick
 
     def _onednn(self, qx, s, zp, other):
@@ -515,7 +517,8 @@ class _PackedBlock:
 
     @property
     def bf16_attention(self) -> bool:
-        """Whether attention reads a bf16 qkv output (the bf16 kernel or PyTorch's bf16 flash attention)."""
+        """Whether attention reads a bf16 qkv output (vitkit's bf16 kernel, on its tiles or the brgemm ukernel, or
+        PyTorch's bf16 flash attention)."""
         return self.attention != "fp32"
 
     def _split_qkv(self) -> Tuple[_PackedLinear, _PackedLinear]:

@@ -1,8 +1,10 @@
 """vitkit's own CPU kernels (`csrc/attention.cpp`), used by `vitkit.optimize`: exact attention for short sequences
 (fp32, and bf16 with bf16 dot products where the CPU has AVX-512 BF16, for the bf16 path), the int8 path's
-dynamic uint8 quantisation of each linear's input (`quantize_u8`), the bf16 path's linear on oneDNN's brgemm
-ukernel with a fused epilogue (`pack_linear_bf16`, `linear_bf16`; see `fast._Bf16Linear`), and the measured choice
-of the bf16 and int8 paths' attention among these kernels and PyTorch's bf16 flash attention (`reduced_attention`).
+dynamic uint8 quantisation of each linear's input (`quantize_u8`), the bf16 and int8 paths' linears on oneDNN's
+brgemm ukernel with a fused epilogue (`pack_linear_bf16`, `linear_bf16`, `pack_linear_s8`, `linear_u8s8`; see
+`fast._Bf16Linear`, `fast._Int8Linear`), their LayerNorm (`layer_norm`), and the measured choice of their attention
+among these kernels (the bf16 one on its own tiles or the brgemm ukernel) and PyTorch's bf16 flash attention
+(`reduced_attention`).
 
 It is compiled on first use with PyTorch's extension builder (a C++ compiler and ninja, as for torch.compile; ~30 s
 once, then loaded from PyTorch's extension cache in about a second). Wherever it cannot be built or fails its
@@ -153,8 +155,8 @@ def reduced_attention(tokens: int, heads: int, head_dim: int) -> str:
     its softmax in two passes) or "sdpa-bf16" (PyTorch's flash attention in bf16), the fastest of those that run
     here, timed once per process and shape (a few ms, interleaved, medians). Which wins depends on the CPU, not on
     having the instructions: at ViT-S/16's 197 tokens an AMD EPYC ran the bf16 kernel at ~1.7x the fp32 one, an
-    Intel Xeon without AMX at 0.6x, and a Xeon with AMX ran the brgemm variant at 1.27x PyTorch's bf16 flash
-    attention, 2x the fp32 kernel. "fp32" wherever no bf16 attention can run."""
+    Intel Xeon without AMX at 0.6x, and a Xeon with AMX ran the brgemm variant at 1.3x PyTorch's bf16 flash
+    attention (133 vs 176 us per ViT-S/16 image), 2.6x the fp32 kernel. "fp32" wherever no bf16 attention can run."""
     bf16 = bf16_attention_available() and head_dim % 16 == 0
     cands = ("fp32",) + (("bf16",) if bf16 else ()) + (
         ("bf16-brgemm",) if bf16 and brgemm_attention_available() else ()) + (
@@ -191,5 +193,5 @@ def sdpa_from_qkv(qkv: torch.Tensor, bias: Optional[torch.Tensor] = None) -> tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
 
 
-__all__ = ["cpu_attention", "bf16_attention_available", "brgemm_attention_available", "sdpa_bf16_available", "reduced_attention", "sdpa_from_qkv",
-           "ATTENTIONS", "MAX_TOKENS"]
+__all__ = ["cpu_attention", "bf16_attention_available", "brgemm_attention_available", "sdpa_bf16_available",
+           "reduced_attention", "sdpa_from_qkv", "ATTENTIONS", "MAX_TOKENS"]

@@ -236,8 +236,6 @@ inline uint32_t pair_bits(const at::BFloat16* p) {  // two adjacent bf16 values 
   return w;
 }
 
-// S (R rows x 32 columns, row stride lds) = Q (R rows, row stride ldq, as D/2 bf16 pairs) K^T from Kp: packed
-// [D/2][ldk] pairs (VNNI layout), columns j0 .. j0 + 31.
 // exp(x) for x <= 0 (scores minus their row's max), AVX-512 in any build: 2^n e^r with |r| <= ln2 / 2, e^r by its
 // degree-6 Taylor polynomial (relative error ~1e-7, far under the bf16 rounding of the probabilities), clamped at
 // -87 (e^-87 ~ 1.6e-38 where it would underflow)
@@ -257,6 +255,8 @@ VITKIT_BF16 inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// S (R rows x 32 columns, row stride lds) = Q (R rows, row stride ldq, as D/2 bf16 pairs) K^T from Kp: packed
+// [D/2][ldk] pairs (VNNI layout), columns j0 .. j0 + 31.
 template <int R>
 VITKIT_BF16 inline void qk_tile(const uint32_t* q, int64_t ldq, const uint32_t* kp, int64_t ldk, int64_t pairs,
                                 float* s, int64_t lds, __m512 scale) {
@@ -545,18 +545,24 @@ inline at::vec::Vectorized<float> gelu_erf(const at::vec::Vectorized<float>& x0)
   return at::vec::fmadd(half, erf, half);
 }
 
+// wt (K, N) contiguous, bf16 or int8 → (N / 64, K, 64): each block of 64 columns packed by `cpublas::pack` into the
+// brgemm ukernel's VNNI layout (pairs of k for bf16, fours for int8)
+at::Tensor pack_blocks(const at::Tensor& wt) {
+  const int64_t K = wt.size(0), N = wt.size(1), esize = wt.element_size();
+  at::Tensor out = at::empty({N / kLinN, K, kLinN}, wt.options());
+  const char* in = static_cast<const char*>(wt.data_ptr());
+  for (int64_t nb = 0; nb < N / kLinN; ++nb)
+    at::native::cpublas::pack(K, kLinN, N, kLinN, wt.scalar_type(), wt.scalar_type(), in + nb * kLinN * esize,
+                              out[nb].data_ptr());
+  return out;
+}
+
 // w (N, K) → bf16 (N / 64, K, 64), each block in oneDNN's VNNI layout for the brgemm ukernel
 at::Tensor pack_linear_bf16(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.size(0) % kLinN == 0 && w.size(1) % 2 == 0,
               "pack_linear_bf16: the weight must be (N, K) with N a multiple of 64 and K even, got ", w.sizes());
   TORCH_CHECK(bf16_linear_available(), "pack_linear_bf16: this CPU cannot pack bf16 for the brgemm ukernel");
-  const int64_t N = w.size(0), K = w.size(1);
-  at::Tensor wt = w.detach().t().contiguous().to(at::kBFloat16);  // (K, N), rows of N
-  at::Tensor out = at::empty({N / kLinN, K, kLinN}, wt.options());
-  for (int64_t nb = 0; nb < N / kLinN; ++nb)
-    at::native::cpublas::pack(K, kLinN, N, kLinN, at::kBFloat16, at::kBFloat16,
-                              wt.data_ptr<at::BFloat16>() + nb * kLinN, out[nb].data_ptr<at::BFloat16>());
-  return out;
+  return pack_blocks(w.detach().t().contiguous().to(at::kBFloat16));
 }
 
 // y = gelu?(x W^T + b) [+ residual]: x (M, K) fp32 or bf16, wp from pack_linear_bf16, bias fp32 (N) or None,
@@ -640,13 +646,7 @@ at::Tensor pack_linear_s8(const at::Tensor& qw) {
               "pack_linear_s8: the weight must be (N, K) int8 with N a multiple of 64 and K of 4, got ", qw.sizes(),
               " ", qw.scalar_type());
   TORCH_CHECK(int8_linear_available(), "pack_linear_s8: this CPU cannot pack int8 for the brgemm ukernel");
-  const int64_t N = qw.size(0), K = qw.size(1);
-  at::Tensor wt = qw.t().contiguous();  // (K, N)
-  at::Tensor out = at::empty({N / kLinN, K, kLinN}, wt.options());
-  for (int64_t nb = 0; nb < N / kLinN; ++nb)
-    at::native::cpublas::pack(K, kLinN, N, kLinN, at::kChar, at::kChar, wt.data_ptr<int8_t>() + nb * kLinN,
-                              out[nb].data_ptr<int8_t>());
-  return out;
+  return pack_blocks(qw.t().contiguous());
 }
 
 // y = gelu?((xq - x_zp) W^T x_scale w_scale + b) [+ residual]: xq (M, K) uint8, wp from pack_linear_s8, w_scale
