@@ -427,6 +427,32 @@ def test_large_inputs_go_to_onednn_unmeasured(kernel, monkeypatch):
     assert y.dtype == torch.float32 and y.shape == (fast.BRGEMM_MAX_ROWS + 1, 64)
 
 
+def test_bf16_linear_adds_a_residual_that_repeats_every_r_rows(kernel):
+    """A residual of R rows (R dividing M) is added to rows i with residual row i % R, as adding it repeated: the
+    patch embedding adds each image's position embedding this way."""
+    _brgemm(kernel)
+    torch.manual_seed(0)
+    w, b, x, pos = torch.randn(128, 96), torch.randn(128), torch.randn(3 * 10, 96), torch.randn(10, 128)
+    wp = kernel.pack_linear_bf16(w)
+    want = kernel.linear_bf16(x, wp, b, False, pos.repeat(3, 1), False)
+    assert torch.equal(kernel.linear_bf16(x, wp, b, False, pos, False), want)
+    with pytest.raises(RuntimeError, match="residual must be .* with R dividing 30"):
+        kernel.linear_bf16(x, wp, b, False, torch.randn(7, 128), False)
+
+
+@pytest.mark.parametrize("shape,patch", [((2, 3, 64, 48), 16), ((1, 1, 28, 28), 7), ((1, 3, 32, 32), 8)])
+def test_patch_cols_are_the_images_patches_in_bf16_twice(kernel, shape, patch):
+    """`patch_cols` is the strided view, bf16 cast and [x, x] repeat of `_PatchLinear` in one pass, bit for bit;
+    an image that is not a whole number of patches is refused with the sizes."""
+    x = torch.randn(*shape)
+    B, C, H, W = shape
+    want = x.reshape(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 1, 3, 5).to(torch.bfloat16)
+    want = want.reshape(-1, C * patch * patch).repeat(1, 2)
+    assert torch.equal(kernel.patch_cols(x, patch, patch), want)
+    with pytest.raises(RuntimeError, match="image size 30x32 is not a multiple of the patch size 16x16"):
+        kernel.patch_cols(torch.randn(1, 3, 30, 32), 16, 16)
+
+
 @pytest.mark.parametrize("m,k", [(197, 384), (5, 100), (3, 37), (64, 768)])
 def test_layer_norm_matches_torch(kernel, m, k):
     """layer_norm (the bf16 and int8 paths' block norms) against F.layer_norm in float64: fp32 output to 2e-6 of
@@ -544,3 +570,4 @@ def test_int8_path_runs_the_linear_that_measured_faster(kernel, monkeypatch, brg
     keys = {(r, k_, n, g_, add) for r, k_, n, g_, add, _ in asked}
     assert (64, 384, 1152, False, False) in keys  # qkv: 3 images x 17 tokens = 51 rows → 64
     assert (64, 384, 1536, True, False) in keys   # fc1 with its GELU
+

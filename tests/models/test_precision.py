@@ -448,9 +448,11 @@ def test_bf16_patch_embedding_is_the_convolution_in_bf16(model, images, monkeypa
     assert (got - want).norm() <= 2 ** -7 * want.norm()
     if patch.mod is not None:  # the brgemm linear writes fp32 tokens
         assert (got_exact - want_exact).norm() <= 1e-5 * want_exact.norm()
+    with torch.inference_mode():  # the first block's input: its prefix tokens and position embeddings as the model's
+        assert torch.equal(patch.tokens(x, fast.model), fast.model._pos_embed(patch(x)))
     calls = []
     real = fast_mod._PatchLinear.__call__
-    monkeypatch.setattr(fast_mod._PatchLinear, "__call__", lambda self, x: calls.append(1) or real(self, x))
+    monkeypatch.setattr(fast_mod._PatchLinear, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
     fast(x)
     assert calls == [1]
     assert vitkit.optimize(model, precision="fp32")._patch.get("fp32") is None

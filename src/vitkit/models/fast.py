@@ -44,6 +44,7 @@ from .merging import merge_tokens, parse_r, size_bias
 from .precision import PRECISIONS, Choice, bf16_native, candidates, choose, medians_in_turns, shape_key, unavailable
 from .quantize import Int8Plan, calibrate, static_qparams
 from .tome import apply_tome
+from .layers import resample_abs_pos_embed
 from .vit import Block, LayerScale, PatchEmbed, VisionTransformer, require_vit
 
 log = logging.getLogger(__name__)
@@ -177,11 +178,15 @@ class _Bf16Linear:
         self._picks: dict = {}  # (rows, add, input dtype) → the linear that runs them
 
     def _pick(self, x: torch.Tensor, add: bool):
-        key = (x.shape[0], add, x.dtype)
+        return self.pick(x.shape[0], add, x.dtype)
+
+    def pick(self, rows: int, add: bool, dtype: torch.dtype):
+        """The linear that runs a (rows x k) input of this dtype (with the residual add or not)."""
+        key = (rows, add, dtype)
         lin = self._picks.get(key)
         if lin is None:
-            fast = _brgemm_measured_faster(x.shape[0], _brgemm_faster, self.k, self.n, self.gelu, add,
-                                           x.dtype == torch.bfloat16)
+            fast = _brgemm_measured_faster(rows, _brgemm_faster, self.k, self.n, self.gelu, add,
+                                           dtype == torch.bfloat16)
             lin = self._picks[key] = self.brgemm if fast else self.onednn
         return lin
 
@@ -603,17 +608,34 @@ class _PatchLinear:
                 tuple(conv.kernel_size) == tuple(conv.stride) == tuple(pe.patch_size) and
                 tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W), H and W multiples of the patch size → patch tokens (B, H/p, W/p, D) in fp32."""
+    def __call__(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Images (B, C, H, W), H and W multiples of the patch size → patch tokens (B, H/p, W/p, D) in fp32;
+        pos: a (H/p W/p, D) fp32 position embedding added to each image's tokens (in the matmul's epilogue on
+        vitkit's kernel)."""
         B, C, H, W = x.shape
         ph, pw = self.patch
-        cols = x.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5).to(torch.bfloat16)
-        cols = cols.reshape(-1, C * ph * pw).repeat(1, 2)  # [x, x] for [W_hi; W_lo]
-        if self.mod is not None:
-            y = self.mod.linear_bf16(cols, self.weight, self.bias, False, None, False)
+        if self.mod is not None:  # im2col and [x, x] for [W_hi; W_lo] in one pass
+            y = self.mod.linear_bf16(self.mod.patch_cols(x, ph, pw), self.weight, self.bias, False, pos, False)
         else:
-            y = self.linear(cols).float()
+            cols = x.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5).to(torch.bfloat16)
+            y = self.linear(cols.reshape(-1, C * ph * pw).repeat(1, 2)).float()
+            y = y if pos is None else (y.view(B, -1, y.shape[-1]) + pos).view(-1, y.shape[-1])
         return y.view(B, H // ph, W // pw, -1)
+
+    def tokens(self, x: torch.Tensor, m: VisionTransformer) -> torch.Tensor:
+        """Images → m's first block input, as `m.embed` computes it with this patch embedding: the prefix (class,
+        register) tokens, then the patch tokens, each plus its position embedding."""
+        ph, pw = self.patch
+        grid = (x.shape[2] // ph, x.shape[3] // pw)
+        if m.no_embed_class:
+            return m.norm_pre(m.patch_drop(m._pos_embed(self(x))))
+        p = m.num_prefix_tokens
+        pos = resample_abs_pos_embed(m.pos_embed, grid, m.patch_embed.grid_size, p)[0]  # (p + patches, D)
+        y = self(x, pos[p:].contiguous()).flatten(1, 2)
+        prefix = [t for t in (m.cls_token, m.reg_token) if t is not None]
+        if prefix:
+            y = torch.cat([(torch.cat(prefix, dim=1) + pos[:p]).expand(x.shape[0], -1, -1), y], dim=1)
+        return m.norm_pre(m.patch_drop(m.pos_drop(y)))
 
 
 # the models whose forward is embed → blocks → norm → forward_head (the distilled head reads two prefix tokens)
@@ -765,7 +787,7 @@ class OptimizedViT(nn.Module):
             x = m.embed(x)
         else:  # as m.embed, with the bf16 patch embedding
             m.patch_embed.check_input(x)
-            x = m.norm_pre(m.patch_drop(m._pos_embed(patch(x))))
+            x = patch.tokens(x, m)
         rs = parse_r(len(self._blocks), m.tome_r or 0)
         size, last = None, len(self._blocks) - 1
         for i, (blk, r) in enumerate(zip(self._blocks, rs)):

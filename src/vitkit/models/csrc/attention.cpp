@@ -566,7 +566,8 @@ at::Tensor pack_linear_bf16(const at::Tensor& w) {
 }
 
 // y = gelu?(x W^T + b) [+ residual]: x (M, K) fp32 or bf16, wp from pack_linear_bf16, bias fp32 (N) or None,
-// residual fp32 (M, N) or None; y bf16 (out_bf16) or fp32
+// residual fp32 (R, N) or None, row i of y adding row i % R (R = M: the residual stream; R = the patches of one
+// image: the position embedding of a batch's patch tokens); y bf16 (out_bf16) or fp32
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, const c10::optional<at::Tensor>& bias, bool gelu,
                        const c10::optional<at::Tensor>& residual, bool out_bf16) {
   using Vec = at::vec::Vectorized<float>;
@@ -578,8 +579,10 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, const c10::opt
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous()),
               "linear_bf16: bias must be a contiguous float32 vector of ", N);
   TORCH_CHECK(!residual.has_value() || (residual->scalar_type() == at::kFloat && residual->is_contiguous() &&
-                                        residual->size(0) == M && residual->size(1) == N),
-              "linear_bf16: residual must be a contiguous float32 (", M, ", ", N, ") matrix");
+                                        residual->dim() == 2 && residual->size(0) > 0 && M % residual->size(0) == 0 &&
+                                        residual->size(1) == N),
+              "linear_bf16: residual must be a contiguous float32 (R, ", N, ") matrix with R dividing ", M);
+  const int64_t R = residual.has_value() ? residual->size(0) : M;  // row i adds residual row i % R
   // an fp32 input is rounded to bf16 once, in parallel (the LayerNorm's output: no separate cast pass)
   at::Tensor xb = x.scalar_type() == at::kBFloat16 ? x.contiguous() : x.contiguous().to(at::kBFloat16);
   at::Tensor out = at::empty({M, N}, x.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
@@ -603,6 +606,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, const c10::opt
       for (int64_t i = 0; i < rows; ++i) {
         const float* c = C + i * kLinN;
         const int64_t at_ = (m0 + i) * N + n0;
+        const float* res = rp ? rp + ((m0 + i) % R) * N + n0 : nullptr;
         for (int64_t j = 0; j < kLinN; j += 2 * Vec::size()) {
           Vec v0 = Vec::loadu(c + j), v1 = Vec::loadu(c + j + Vec::size());
           if (bp) {
@@ -613,9 +617,9 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, const c10::opt
             v0 = gelu_erf(v0);
             v1 = gelu_erf(v1);
           }
-          if (rp) {
-            v0 = v0 + Vec::loadu(rp + at_ + j);
-            v1 = v1 + Vec::loadu(rp + at_ + j + Vec::size());
+          if (res) {
+            v0 = v0 + Vec::loadu(res + j);
+            v1 = v1 + Vec::loadu(res + j + Vec::size());
           }
           if (ob) {
             at::vec::convert_float_bfloat16(v0, v1).store(ob + at_ + j);
@@ -797,6 +801,35 @@ at::Tensor layer_norm(const at::Tensor& x_, const c10::optional<at::Tensor>& wei
   return out;
 }
 
+// ---- patches as matrix rows (im2col) for the patch embedding's matmul ---------------------------------------------
+// images (B, C, H, W) fp32 → (B H/ph W/pw, 2 C ph pw) bf16: row r is patch r (row-major over each image's grid) as
+// its C ph pw pixels in the convolution weight's (c, i, j) order, rounded to bf16, then the same values again (for
+// the two-term weight [W_hi; W_lo] of `fast._PatchLinear`). One parallel pass, where the strided view, cast and
+// repeat took three (~120 us for a 224 x 224 image).
+at::Tensor patch_cols(const at::Tensor& x_, int64_t ph, int64_t pw) {
+  TORCH_CHECK(x_.dim() == 4 && x_.scalar_type() == at::kFloat, "patch_cols: images must be (B, C, H, W) float32, got ",
+              x_.sizes(), " ", x_.scalar_type());
+  TORCH_CHECK(ph > 0 && pw > 0 && x_.size(2) % ph == 0 && x_.size(3) % pw == 0, "patch_cols: image size ",
+              x_.size(2), "x", x_.size(3), " is not a multiple of the patch size ", ph, "x", pw);
+  const at::Tensor x = x_.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), gh = H / ph, gw = W / pw;
+  const int64_t K = C * ph * pw, rows = B * gh * gw;
+  at::Tensor out = at::empty({rows, 2 * K}, x.options().dtype(at::kBFloat16));
+  const float* X = x.data_ptr<float>();
+  at::BFloat16* O = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (gh * gw), p = r % (gh * gw), y0 = p / gw * ph, x0 = p % gw * pw;
+      at::BFloat16* dst = O + r * 2 * K;
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < ph; ++i)
+          at::vec::convert(X + ((b * C + c) * H + y0 + i) * W + x0, dst + (c * ph + i) * pw, pw);
+      std::memcpy(dst + K, dst, K * sizeof(at::BFloat16));
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_u8", &quantize_u8, "dynamic per-tensor uint8 quantisation: (values, scale, zero point)");
   m.def("attention", &attention, "exact multi-head self-attention from a fused (B, N, 3, H, D) qkv buffer",
@@ -820,4 +853,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("gelu") = false, pybind11::arg("residual") = pybind11::none(),
         pybind11::arg("out_bf16") = true);
+  m.def("patch_cols", &patch_cols, "patch_cols(images, ph, pw): the patches as bf16 rows, each twice (im2col)");
 }
