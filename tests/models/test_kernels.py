@@ -571,3 +571,94 @@ def test_int8_path_runs_the_linear_that_measured_faster(kernel, monkeypatch, brg
     assert (64, 384, 1152, False, False) in keys  # qkv: 3 images x 17 tokens = 51 rows → 64
     assert (64, 384, 1536, True, False) in keys   # fc1 with its GELU
 
+
+def _whole_block_model():
+    torch.manual_seed(0)
+    return create_model("vit_small_patch16_224", depth=3, img_size=64).eval()
+
+
+def _forward_both_ways(fast_model, x, monkeypatch):
+    """The model's outputs with its blocks in one call each and step by step, and how many blocks ran in one call."""
+    from vitkit.models import fast
+
+    calls = []
+    real = fast_model._blocks[0].kernel.block_forward
+
+    class Spy:  # the kernel module with block_forward counted
+        def __init__(self, mod):
+            self.mod = mod
+
+        def __getattr__(self, name):
+            return getattr(self.mod, name)
+
+        def block_forward(self, *a):
+            calls.append(1)
+            return real(*a)
+    for blk in fast_model._blocks:
+        blk.kernel = Spy(blk.kernel)
+    outs = []
+    for whole in (True, False):
+        monkeypatch.setattr(fast, "WHOLE_BLOCK", whole)
+        for blk in fast_model._blocks:
+            blk._wholes.clear()
+        outs.append(fast_model(x))
+    return outs[0], outs[1], len(calls)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "int8-calibrated", "int8-mixed"])
+def test_a_block_in_one_call_is_the_step_by_step_block_bit_for_bit(kernel, monkeypatch, precision):
+    """Where every linear of a block runs on the brgemm ukernel, the block runs as one kernel call
+    (`block_forward`: the same kernel calls without the Python between them), with the same outputs bit for bit:
+    bf16; int8 with dynamic inputs; calibrated int8 (fc1 writing uint8 for fc2); a calibrated plan that keeps some
+    linears in bf16. The last block (class token only) stays step by step; ToMe's merging too."""
+    from vitkit.models import fast
+
+    _brgemm(kernel)
+    if precision != "bf16":
+        _int8(kernel)
+    monkeypatch.setattr(fast, "_brgemm_faster", lambda *key: True)
+    monkeypatch.setattr(fast, "_int8_brgemm_faster", lambda *key: True)
+    m = _whole_block_model()
+    x = torch.randn(2, 3, 64, 64)
+    fast_model = vitkit.optimize(m, precision="bf16" if precision == "bf16" else "int8")
+    if precision in ("int8-calibrated", "int8-mixed"):
+        plan = fast_model.calibrate_int8(torch.randn(32, 3, 64, 64))
+        assert plan.fc2_ranges is not None  # fc1 writes uint8 over fc2's static input range
+        plan.layers = [{k: "int8" for k in blk} for blk in plan.layers]  # whatever the random weights' errors
+        if precision == "int8-mixed":
+            plan.layers[0]["fc2"], plan.layers[1]["qkv"], plan.layers[1]["fc1"] = "bf16", "bf16", "bf16"
+        fast_model.use_int8_plan(plan)
+    whole, steps, calls = _forward_both_ways(fast_model, x, monkeypatch)
+    assert torch.equal(whole, steps)
+    assert calls == len(fast_model._blocks) - 1  # every block but the last (prefix tokens only)
+    with torch.no_grad():
+        plain = m(x)
+    assert ((whole - plain).norm() / plain.norm()).item() < 0.1
+    m.tome_r = 2  # merging: step by step, as before
+    merged = vitkit.optimize(m, precision="bf16")
+    _, _, calls = _forward_both_ways(merged, x, monkeypatch)
+    assert calls == 0
+
+
+@pytest.mark.parametrize("one_call_faster", [True, False])
+def test_a_block_whose_linears_picked_onednn_runs_whichever_measured_faster(kernel, monkeypatch, one_call_faster):
+    """Where the step-by-step path picked oneDNN for some linear, the block in one call (all on brgemm) runs only if
+    `_whole_faster` measured it faster; the measurement is injected here, then run for real once."""
+    from vitkit.models import fast
+
+    _brgemm(kernel)
+    monkeypatch.setattr(fast, "_brgemm_faster", lambda *key: False)
+    asked = []
+    monkeypatch.setattr(fast._PackedBlock, "_whole_faster",
+                        lambda self, rows, tokens: asked.append((rows, tokens)) or one_call_faster)
+    fast_model = vitkit.optimize(_whole_block_model(), precision="bf16")
+    x = torch.randn(2, 3, 64, 64)
+    whole, steps, calls = _forward_both_ways(fast_model, x, monkeypatch)
+    assert asked == [(2 * 17, 17)] * (len(fast_model._blocks) - 1)
+    assert calls == (len(fast_model._blocks) - 1 if one_call_faster else 0)
+    assert ((whole - steps).norm() / steps.norm()).item() < 1e-2  # brgemm and oneDNN: both bf16 products
+    monkeypatch.undo()
+    blk = fast_model._blocks[0]
+    blk._wholes.clear()
+    monkeypatch.setattr(fast, "_brgemm_faster", lambda *key: False)
+    assert isinstance(blk._whole(34, 17), bool) and blk._wholes == {34: blk._whole(34, 17)}

@@ -40,11 +40,11 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from . import kernels
 from .deit import VisionTransformerDistilled
+from .layers import resample_abs_pos_embed
 from .merging import merge_tokens, parse_r, size_bias
 from .precision import PRECISIONS, Choice, bf16_native, candidates, choose, medians_in_turns, shape_key, unavailable
 from .quantize import Int8Plan, calibrate, static_qparams
 from .tome import apply_tome
-from .layers import resample_abs_pos_embed
 from .vit import Block, LayerScale, PatchEmbed, VisionTransformer, require_vit
 
 log = logging.getLogger(__name__)
@@ -484,6 +484,10 @@ def _layer_scale(ls: nn.Module) -> Optional[torch.Tensor]:
     return ls.gamma if isinstance(ls, LayerScale) else None
 
 
+# the bf16 and int8 blocks run as one kernel call where they can (`_PackedBlock._whole`); False: step by step
+WHOLE_BLOCK = True
+
+
 class _PackedBlock:
     """A pre-norm ViT block (`vit.Block`) on prepacked weights, with ToMe's merging and a prefix-only mode."""
 
@@ -519,12 +523,68 @@ class _PackedBlock:
         self.fc1 = _linear(blk.mlp.fc1.weight, blk.mlp.fc1.bias, act=blk.mlp.act, precision=kind["fc1"],
                            out_qparams=static_qparams(*fc2_range) if static else None)
         self.fc2 = _linear(blk.mlp.fc2.weight, blk.mlp.fc2.bias, scale=_layer_scale(blk.ls2), precision=kind["fc2"])
+        self._wholes: dict = {}  # rows → whether the block runs as one kernel call (`_whole`)
+        self._cpp: tuple = ()    # its linears for `block_forward`
 
     @property
     def bf16_attention(self) -> bool:
         """Whether attention reads a bf16 qkv output (vitkit's bf16 kernel, on its tiles or the brgemm ukernel, or
         PyTorch's bf16 flash attention)."""
         return self.attention != "fp32"
+
+    def _whole(self, rows: int, tokens: int) -> bool:
+        """Whether the whole block runs as one kernel call (`block_forward`: the same kernel calls as the step-by-step
+        path below, without the Python between them): with the bf16 attention, the kernel's LayerNorms and every
+        linear on the brgemm ukernel (bf16 or int8). Where the step-by-step path runs each linear on brgemm at this
+        row count anyway, always; where it picked oneDNN for some, whichever of the two measured faster here
+        (`_whole_faster`). Asked once per row count."""
+        whole = self._wholes.get(rows)
+        if whole is None:
+            whole = self._wholes[rows] = self._whole_fits(rows, tokens)
+        return whole
+
+    def _whole_fits(self, rows: int, tokens: int) -> bool:
+        if (not WHOLE_BLOCK or self.kernel is None or tokens > kernels.MAX_TOKENS or rows > BRGEMM_MAX_ROWS or
+                self.attention not in ("bf16", "bf16-brgemm") or
+                not isinstance(self.norm1, _LayerNorm) or not isinstance(self.norm2, _LayerNorm) or
+                not hasattr(self.kernel, "block_forward")):
+            return False
+        bf16 = torch.bfloat16
+        # each linear's input dtype (bf16 linears) as the step-by-step path feeds them
+        fc2_in = bf16 if self.layers["fc1"] == "bf16" else torch.float32
+        steps = ((self.qkv, False, bf16), (self.proj, True, bf16), (self.fc1, False, bf16), (self.fc2, True, fc2_in))
+        cpp, same = [], True
+        for lin, add, dtype in steps:
+            if isinstance(lin, _Bf16Linear) and lin.brgemm.act is None:
+                b = lin.brgemm
+                cpp.append(self.kernel.BlockLinear(False, b.weight, b.bias, None, None, b.gelu, 1))
+                same = same and lin.pick(rows, add, dtype) is b
+            elif isinstance(lin, _Int8Linear) and lin.s8 is not None and lin.act is None:
+                kind = lin._out_kind(False)
+                o_s, o_zp = lin.out_qparams if kind == 2 else (1.0, 0)
+                cpp.append(self.kernel.BlockLinear(True, lin.s8, lin.bias, lin.w_scale, lin.colsum,
+                                                   lin.gelu is not None, kind, o_s, o_zp))
+                same = same and lin._on_brgemm(rows, add)
+            else:
+                return False
+        self._cpp = tuple(cpp)
+        return same or self._whole_faster(rows, tokens)
+
+    def _whole_faster(self, rows: int, tokens: int) -> bool:
+        """Whether the block in one call (every linear on brgemm) beats the step-by-step path with its own picks
+        (oneDNN for some linears) on a (rows / tokens, tokens) input: interleaved, medians of 5, logged."""
+        x = torch.randn(rows // tokens, tokens, self.num_heads * self.head_dim,
+                        generator=torch.Generator().manual_seed(0))
+        whole = functools.partial(self.kernel.block_forward, x, self.norm1.weight, self.norm1.bias, self.norm1.eps,
+                                  self.norm2.weight, self.norm2.bias, self.norm2.eps, *self._cpp, self.num_heads,
+                                  self.attention == "bf16-brgemm")
+        self._wholes[rows] = False
+        with torch.inference_mode():
+            med = medians_in_turns({"steps": functools.partial(self, x), "whole": whole}, reps=5, warmup=1)
+        won = med["whole"] < med["steps"]
+        log.info("block at %d rows: step by step (some linears on oneDNN) %.3f ms, in one call (all on brgemm) "
+                 "%.3f ms; %s", rows, 1e3 * med["steps"], 1e3 * med["whole"], "one call" if won else "step by step")
+        return won
 
     def _split_qkv(self) -> Tuple[_PackedLinear, _PackedLinear]:
         if self._q_kv is None:
@@ -540,6 +600,10 @@ class _PackedBlock:
         `Block.forward_merging`). keep=k: outputs for the first k tokens only (they still attend to every token)."""
         B, N, C = x.shape
         H, hd = self.num_heads, self.head_dim
+        if keep is None and r == 0 and size is None and self._whole(B * N, N):
+            return self.kernel.block_forward(x.contiguous(), self.norm1.weight, self.norm1.bias, self.norm1.eps,
+                                             self.norm2.weight, self.norm2.bias, self.norm2.eps, *self._cpp, H,
+                                             self.attention == "bf16-brgemm"), None
         h = self.norm1(x.reshape(B * N, C))
         if keep is None and self.kernel is not None and N <= kernels.MAX_TOKENS:
             qkv = self.qkv(h).view(B, N, 3, H, hd)

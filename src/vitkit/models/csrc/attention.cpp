@@ -830,6 +830,68 @@ at::Tensor patch_cols(const at::Tensor& x_, int64_t ph, int64_t pw) {
   return out;
 }
 
+// ---- a whole pre-norm block in one call ---------------------------------------------------------------------------
+// x + proj(attention(qkv(LN1(x)))), then + fc2(GELU(fc1(LN2(.)))), each step the same kernel call as the Python
+// block makes (`fast._PackedBlock`), so the result is bit for bit the same. Why: at ViT-S/16's batch 1 the seven
+// calls per block are short (~40-290 us), and the Python between them (the picks, views, argument conversion, the
+// int8 inputs' quantisation calls), time in which the second core waits, cost 0.2-0.3 ms of bf16's ~14 ms forward
+// and 0.1-0.7 ms of int8's ~13 ms (an Intel Xeon with AMX, A/B in one process).
+struct BlockLinear {  // one linear on the brgemm ukernel: bf16 (linear_bf16) or int8 (linear_u8s8)
+  bool int8 = false;
+  at::Tensor weight;                  // pack_linear_bf16 or pack_linear_s8
+  c10::optional<at::Tensor> bias;     // fp32
+  at::Tensor w_scale, colsum;         // int8: per output channel
+  bool gelu = false;                  // exact GELU (never with a residual)
+  int64_t out_kind = 0;               // without a residual: 0 fp32, 1 bf16, 2 uint8 over (o_scale, o_zp) (int8)
+  double o_scale = 1.0;
+  int64_t o_zp = 0;
+};
+
+struct Activation {  // a linear's input: a float32 or bf16 matrix, or uint8 values with their scale and zero point
+  at::Tensor t;
+  bool quantized = false;
+  double scale = 1.0;
+  int64_t zp = 0;
+};
+
+Activation run_linear(const BlockLinear& L, const Activation& a, const c10::optional<at::Tensor>& residual) {
+  const bool add = residual.has_value();
+  const int64_t kind = add ? 0 : L.out_kind;
+  Activation y;
+  if (!L.int8) {
+    TORCH_CHECK(!a.quantized, "block: a bf16 linear cannot read a uint8 input");
+    y.t = linear_bf16(a.t, L.weight, L.bias, L.gelu && !add, residual, kind == 1);
+    return y;
+  }
+  at::Tensor xq = a.t;
+  double s = a.scale;
+  int64_t zp = a.zp;
+  if (!a.quantized) std::tie(xq, s, zp) = quantize_u8(a.t.scalar_type() == at::kFloat ? a.t : a.t.to(at::kFloat));
+  y.t = linear_u8s8(xq, s, zp, L.weight, L.w_scale, L.colsum, L.bias, L.gelu && !add, residual, kind, L.o_scale,
+                    L.o_zp);
+  if (kind == 2) y.quantized = true, y.scale = L.o_scale, y.zp = L.o_zp;
+  return y;
+}
+
+// x (B, N, C) fp32; norms' (weight, bias, eps); qkv writes bf16 (B, N, 3, H, C / H) for attention_bf16 (brgemm:
+// on the ukernel), whose output is bf16 where the projection is a bf16 linear, else fp32
+at::Tensor block_forward(const at::Tensor& x, const c10::optional<at::Tensor>& n1w, const c10::optional<at::Tensor>& n1b,
+                         double eps1, const c10::optional<at::Tensor>& n2w, const c10::optional<at::Tensor>& n2b,
+                         double eps2, const BlockLinear& qkv, const BlockLinear& proj, const BlockLinear& fc1,
+                         const BlockLinear& fc2, int64_t heads, bool brgemm) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat, "block_forward: x must be (B, N, C) float32, got ",
+              x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(qkv.out_kind == 1, "block_forward: the qkv linear must write bf16 for the bf16 attention");
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  at::Tensor x2 = x.contiguous().view({B * N, C});
+  Activation h{layer_norm(x2, n1w, n1b, eps1, !qkv.int8)};
+  at::Tensor q = run_linear(qkv, h, c10::nullopt).t.view({B, N, 3, heads, C / heads});
+  Activation o{attention_bf16(q, N, c10::nullopt, !proj.int8, brgemm).view({B * N, C})};
+  x2 = run_linear(proj, o, x2).t;
+  Activation a = run_linear(fc1, Activation{layer_norm(x2, n2w, n2b, eps2, !fc1.int8)}, c10::nullopt);
+  return run_linear(fc2, a, x2).t.view({B, N, C});
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_u8", &quantize_u8, "dynamic per-tensor uint8 quantisation: (values, scale, zero point)");
   m.def("attention", &attention, "exact multi-head self-attention from a fused (B, N, 3, H, D) qkv buffer",
@@ -854,4 +916,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("gelu") = false, pybind11::arg("residual") = pybind11::none(),
         pybind11::arg("out_bf16") = true);
   m.def("patch_cols", &patch_cols, "patch_cols(images, ph, pw): the patches as bf16 rows, each twice (im2col)");
+  pybind11::class_<BlockLinear>(m, "BlockLinear", "one linear of block_forward: bf16 or int8, on the brgemm ukernel")
+      .def(pybind11::init([](bool int8, at::Tensor weight, c10::optional<at::Tensor> bias, c10::optional<at::Tensor> w_scale,
+                             c10::optional<at::Tensor> colsum, bool gelu, int64_t out_kind, double o_scale,
+                             int64_t o_zp) {
+             TORCH_CHECK(!int8 || (w_scale.has_value() && colsum.has_value()),
+                         "BlockLinear: an int8 linear needs w_scale and colsum");
+             TORCH_CHECK(out_kind >= 0 && out_kind <= (int8 ? 2 : 1), "BlockLinear: out_kind out of range");
+             BlockLinear L;
+             L.int8 = int8, L.weight = weight, L.bias = bias, L.gelu = gelu, L.out_kind = out_kind;
+             if (int8) L.w_scale = *w_scale, L.colsum = *colsum;
+             L.o_scale = o_scale, L.o_zp = o_zp;
+             return L;
+           }),
+           pybind11::arg("int8"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("w_scale"),
+           pybind11::arg("colsum"), pybind11::arg("gelu"), pybind11::arg("out_kind"), pybind11::arg("o_scale") = 1.0,
+           pybind11::arg("o_zp") = 0);
+  m.def("block_forward", &block_forward, "block_forward(x, n1w, n1b, eps1, n2w, n2b, eps2, qkv, proj, fc1, fc2, heads, "
+        "brgemm): a pre-norm block (LN, qkv, bf16 attention, proj + x, LN, fc1 + GELU, fc2 + x) in one call");
 }
