@@ -662,3 +662,23 @@ def test_a_block_whose_linears_picked_onednn_runs_whichever_measured_faster(kern
     blk._wholes.clear()
     monkeypatch.setattr(fast, "_brgemm_faster", lambda *key: False)
     assert isinstance(blk._whole(34, 17), bool) and blk._wholes == {34: blk._whole(34, 17)}
+
+
+@pytest.mark.parametrize("attention", ["bf16", "bf16-brgemm"])
+def test_a_prefix_only_bf16_block_is_the_whole_blocks_prefix_bit_for_bit(kernel, monkeypatch, attention):
+    """With the bf16 attention kernels, a last block that outputs the class token only takes its query from the whole
+    qkv output (no split matmul, no fp32 attention): the logits are bit for bit those of all tokens then the head."""
+    from vitkit.models import fast
+
+    _brgemm(kernel)
+    if attention not in _attention_candidates():
+        pytest.skip(f"{attention} attention does not run here")
+    monkeypatch.setattr(kernels, "_measured_attention", lambda tokens, heads, head_dim, cands: attention)
+    monkeypatch.setattr(fast, "_brgemm_faster", lambda *key: True)
+    split = []
+    monkeypatch.setattr(fast._PackedBlock, "_split_qkv", lambda self: split.append(1))
+    fast_model = vitkit.optimize(_whole_block_model(), precision="bf16")
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        prefix_only, every_token = fast_model(x), fast_model.forward_head(fast_model.forward_features(x))
+    assert torch.equal(prefix_only, every_token) and not split

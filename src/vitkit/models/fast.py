@@ -605,20 +605,26 @@ class _PackedBlock:
                                              self.norm2.weight, self.norm2.bias, self.norm2.eps, *self._cpp, H,
                                              self.attention == "bf16-brgemm"), None
         h = self.norm1(x.reshape(B * N, C))
-        if keep is None and self.kernel is not None and N <= kernels.MAX_TOKENS:
+        # with a prefix-only output (keep) the bf16 attention kernels take the kept queries from the whole qkv
+        # output (its extra query rows cost little in bf16/int8; the fp32 path splits the matmul instead)
+        kernel_keep = keep is None or self.attention in ("bf16", "bf16-brgemm")
+        if kernel_keep and self.kernel is not None and N <= kernels.MAX_TOKENS:
+            nq = N if keep is None else keep
             qkv = self.qkv(h).view(B, N, 3, H, hd)
             bias = size_bias(size, torch.float32)
             bias = bias.view(B, N) if bias is not None else None
             if self.attention == "sdpa-bf16":  # (B, N, H, hd) in bf16
                 o = kernels.sdpa_from_qkv(qkv, bias)
-            elif self.attention in ("bf16", "bf16-brgemm"):  # (B, N, H, hd), bf16 where the projection reads bf16
-                o = self.kernel.attention_bf16(qkv, N, bias, self.attention_out_bf16, self.attention == "bf16-brgemm")
+            elif self.attention in ("bf16", "bf16-brgemm"):  # (B, nq, H, hd), bf16 where the projection reads bf16
+                o = self.kernel.attention_bf16(qkv, nq, bias, self.attention_out_bf16,
+                                               self.attention == "bf16-brgemm")
             else:  # the fp32 kernel (a no-op cast in fp32 and int8)
                 qkv = qkv.float()
                 o = self.kernel.attention(qkv, N, bias)
-            metric = qkv[:, :, 1].float().mean(dim=2) if r > 0 else None  # the keys, averaged over heads
-            return self._mlp(self.proj.add(o.reshape(B * N, C), x.reshape(B * N, C)), B, N, C, size, metric, r,
-                             num_protected)
+            # the keys, averaged over heads (ToMe's merging: not in a prefix-only block)
+            metric = qkv[:, :, 1].float().mean(dim=2) if r > 0 and keep is None else None
+            res = (x if keep is None else x[:, :keep]).reshape(B * nq, C)
+            return self._mlp(self.proj.add(o.reshape(B * nq, C), res), B, nq, C, size, metric, r, num_protected)
         if keep is None:
             q, k, v = self.qkv(h).float().view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
         else:  # keys and values for every token, queries for the kept ones only
