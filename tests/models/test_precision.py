@@ -3,6 +3,7 @@ vitkit.models.precision.TOLERANCES: bf16 relative error <= 0.03, int8 <= 0.08, t
 keeping a candidate that fails its agreement check, the timing cache keyed by CPU model, and the fallbacks."""
 import json
 import logging
+import sys
 
 import pytest
 import torch
@@ -280,10 +281,15 @@ def test_calibrated_int8_fixes_outliers_and_keeps_noisy_linears_out_of_int8(capl
     assert m.blocks[0].norm1.weight[3] == 50.0
 
 
-def test_calibrated_int8_on_real_weights_and_auto_calibrates(model, images, confident):
+def test_calibrated_int8_on_real_weights_and_auto_calibrates(model, images, confident, monkeypatch):
     """The digit model: calibrated int8 within int8's tolerance of fp32 (as test_each_precision...), and auto's int8
-    candidate is the calibrated one (calibrated on the images given, or on its first batch)."""
+    candidate is the calibrated one (calibrated on the images given, or on its first batch). Each calibration hands
+    its passes' freed memory back to the OS (`release_heap`)."""
+    released = []
+    real_release = fast_mod.release_heap
+    monkeypatch.setattr(fast_mod, "release_heap", lambda: released.append(1) or real_release())
     fast = vitkit.optimize(model, precision="int8", calibration=images[32:])
+    assert released == [1] and real_release() is sys.platform.startswith("linux")
     want, _ = _plain(model, images)
     stats = agreement(fast(images), want, logits=True)
     assert 1e-5 < stats["rel"] <= TOLERANCES["int8"].rel and stats["top1"] >= 60 / 64, stats

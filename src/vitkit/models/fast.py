@@ -72,6 +72,19 @@ def tune_malloc() -> bool:
     return ok
 
 
+def release_heap() -> bool:
+    """Hand the heap's free memory back to the OS (glibc's `malloc_trim`) after a one-off large computation: under
+    `tune_malloc` the heap is never trimmed by itself, so int8 calibration's batch-32 activations stayed resident
+    (ViT-B/16 on 32 images: +1.2 GB RSS on an Intel Xeon). Returns whether it ran (glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 # ---- the oneDNN backend -----------------------------------------------------------------------------------------
 def onednn_supported(model: nn.Module) -> Tuple[bool, str]:
     """Whether the "onednn" backend can run this model here, and if not, why."""
@@ -789,6 +802,7 @@ class OptimizedViT(nn.Module):
         bf16 or fp32, whichever is faster here (`kept_precision`); see `vitkit.models.quantize`. Repacks the
         weights."""
         self.use_int8_plan(calibrate(self.model, images, fallback=kept_precision_for(self.model)))
+        release_heap()  # the calibration passes' activations
         log.info("vitkit.optimize: %s", self.int8_plan.summary())
         return self.int8_plan
 
