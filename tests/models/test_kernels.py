@@ -427,6 +427,33 @@ def test_large_inputs_go_to_onednn_unmeasured(kernel, monkeypatch):
     assert y.dtype == torch.float32 and y.shape == (fast.BRGEMM_MAX_ROWS + 1, 64)
 
 
+def test_onednns_copy_of_a_weight_is_packed_only_when_a_call_runs_on_it(kernel, monkeypatch):
+    """The bf16 and int8 linears hold the brgemm kernel's packed weight; oneDNN's is packed (from the same weight, to
+    the same values) the first time a call is picked for oneDNN, so batch-1 use holds one reduced-precision copy."""
+    from vitkit.models import fast
+
+    _brgemm(kernel)
+    torch.manual_seed(0)
+    w, b, x = torch.randn(128, 64), torch.randn(128), torch.randn(40, 64)
+    lin = fast._Bf16Linear(w, b)
+    monkeypatch.setattr(fast, "_brgemm_faster", lambda *key: True)
+    lin(x)
+    assert lin._onednn is None
+    big = torch.randn(fast.BRGEMM_MAX_ROWS + 1, 64)
+    y = lin(big)
+    assert lin._onednn is not None and torch.equal(y, fast._PackedLinear(w, b, dtype=torch.bfloat16)(big))
+    if kernel.int8_linear_available() and fast.int8_fused_available():
+        monkeypatch.setattr(fast, "_int8_brgemm_faster", lambda *key: True)
+        q = fast._Int8Linear(w, b)
+        q(x)
+        assert q._weight is None
+        monkeypatch.setattr(fast, "_int8_brgemm_faster", lambda *key: False)
+        q2 = fast._Int8Linear(w, b)
+        eager = fast._Int8Linear(w, b)
+        assert eager.weight is not None  # packed now
+        assert torch.equal(q2(x), eager._onednn(*eager._quantize(x), None)) and q2._weight is not None
+
+
 def test_bf16_linear_adds_a_residual_that_repeats_every_r_rows(kernel):
     """A residual of R rows (R dividing M) is added to rows i with residual row i % R, as adding it repeated: the
     patch embedding adds each image's position embedding this way."""

@@ -180,15 +180,24 @@ class _Bf16Linear:
     (`_BrgemmLinear`) measured faster at the call's size (`_brgemm_faster`, once per process per shape and row count
     rounded up to 32, up to `BRGEMM_MAX_ROWS`; oneDNN above). Which wins depends on the CPU, the shape and the
     epilogue: on an Intel Xeon with AMX at ViT-S/16's batch 1, the brgemm linear ran the projection and fc2 with
-    their residual adds 2.6-3x faster, and oneDNN the wide matmuls of batch 32. Holds both packed weights (twice the
-    bf16 weight memory) so that each batch size gets its faster one."""
+    their residual adds 2.6-3x faster, and oneDNN the wide matmuls of batch 32. oneDNN's copy of the weight is packed
+    only once some call picks it (then both are held, so that each batch size gets its faster one)."""
 
     def __init__(self, weight, bias=None, scale=None, act=None):
-        self.onednn = _PackedLinear(weight, bias, scale=scale, act=act, dtype=torch.bfloat16)
+        self._source, self._onednn = (weight, bias, scale, act), None
         self.brgemm = _BrgemmLinear(weight, bias, scale=scale, act=act)
         self.n, self.k = weight.shape
         self.gelu = self.brgemm.gelu
         self._picks: dict = {}  # (rows, add, input dtype) → the linear that runs them
+
+    @property
+    def onednn(self) -> _PackedLinear:
+        """oneDNN's prepacked linear, packed from the model's weight when first picked: at small batches the brgemm
+        linear runs every call, and the second bf16 copy of the weight is never made."""
+        if self._onednn is None:
+            weight, bias, scale, act = self._source
+            self._onednn = _PackedLinear(weight, bias, scale=scale, act=act, dtype=torch.bfloat16)
+        return self._onednn
 
     def _pick(self, x: torch.Tensor, add: bool):
         return self.pick(x.shape[0], add, x.dtype)
@@ -249,21 +258,21 @@ class _Int8Linear:
     residual add fused, as the fp32 path does; fp32 in, fp32 out. Where the CPU packs int8 for oneDNN's brgemm
     ukernel, vitkit's `linear_u8s8` (the same arithmetic, the weight packed once, no per-call primitive setup: on an
     Intel Xeon with AMX, ViT-S/16's int8 matmuls at batch 1 took 50-80% of oneDNN's time) runs the calls whose size
-    it measured faster at (`_int8_brgemm_faster`, as the bf16 path picks its linear), holding a second packed copy
-    of the int8 weight. Where oneDNN's fused op is missing, PyTorch's `quantized::linear_dynamic` (fbgemm) runs the
+    it measured faster at (`_int8_brgemm_faster`, as the bf16 path picks its linear); oneDNN's copy of the int8
+    weight is then packed only when a call first needs it. Where oneDNN's fused op is missing, PyTorch's `quantized::linear_dynamic` (fbgemm) runs the
     matmul and the epilogue runs after it."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  scale: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None,
                  out_dtype: torch.dtype = torch.float32, out_qparams: Optional[Tuple[float, int]] = None):
+        self._source = (weight, bias, scale)
         w, b = _folded(weight, bias, scale)
         w = w.float().contiguous()
         self.out_dtype = out_dtype  # bf16 for a qkv whose output goes to the bf16 attention (fused path only)
         # (scale, zero point): write the output as uint8 over that static range (`_Quantized`, for the next int8
         # linear: fc1 → fc2 with a calibrated range; fused path only)
         self.out_qparams = out_qparams
-        self.w_scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).contiguous()
-        qw = torch.round(w / self.w_scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.w_scale, qw = self._quantized(w)
         self.w_zp = torch.zeros(w.shape[0], dtype=torch.long)
         self.bias = b.float().contiguous() if b is not None else None
         self.gelu = act.approximate if isinstance(act, nn.GELU) else None
@@ -273,17 +282,38 @@ class _Int8Linear:
         self.s8 = None  # the int8 weight packed for the brgemm ukernel, where it runs this linear
         self._picks: dict = {}  # (rows, add) → whether the brgemm linear runs them
         if self.fused:
-            self.weight = torch.ops.onednn.qlinear_prepack(qw, None)
+            self._weight = None  # oneDNN's prepacked weight (`weight`)
             if brgemm_int8_available(self.n, self.k) and self.gelu in (None, "none"):
                 self.mod = kernels.cpu_attention()
                 self.s8 = self.mod.pack_linear_s8(qw.contiguous())
                 self.colsum = qw.sum(dim=1, dtype=torch.int32).contiguous()
+            else:
+                self._weight = torch.ops.onednn.qlinear_prepack(qw, None)
         else:  # fbgemm's dynamic linear writes fp32 only
             self.out_qparams = None
             with warnings.catch_warnings(), _quantized_engine(int8_engine()):
                 warnings.simplefilter("ignore", UserWarning)
                 q = torch._make_per_channel_quantized_tensor(qw, self.w_scale.double(), self.w_zp, 0)
                 self.weight = torch.ops.quantized.linear_prepack(q, self.bias)
+
+    @staticmethod
+    def _quantized(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """fp32 W (N, K) → (per output channel scale, int8 W): symmetric, round to nearest."""
+        w_scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).contiguous()
+        return w_scale, torch.round(w / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
+
+    @property
+    def weight(self):
+        """oneDNN's prepacked int8 weight; beside the brgemm kernel's copy, packed (from the model's weight, the same
+        int8 values) only when some call first runs on oneDNN, so that batch-1 use holds one int8 copy."""
+        if self._weight is None:
+            w, _ = _folded(*self._source)
+            self._weight = torch.ops.onednn.qlinear_prepack(self._quantized(w.float().contiguous())[1], None)
+        return self._weight
+
+    @weight.setter
+    def weight(self, value):
+        self._weight = value
 
     @staticmethod
     def _quantize(x):
