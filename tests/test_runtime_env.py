@@ -22,7 +22,7 @@ def _env_after_import(**given) -> dict:
 
 
 @pytest.mark.parametrize("given,want", [
-    ({}, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "3000", "KMP_BLOCKTIME": "1"}),
+    ({}, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}),
     ({"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None, "KMP_BLOCKTIME": None}),
     ({"GOMP_SPINCOUNT": "50000"}, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "50000", "KMP_BLOCKTIME": "1"}),
 ])

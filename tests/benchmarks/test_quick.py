@@ -150,4 +150,4 @@ def test_omp_wait_quick(capsys):
     out = omp_wait.main(["--quick"])
     assert [r["policy"] for r in out["rows"]] == list(omp_wait.POLICIES) and not any(r["compile"] for r in out["rows"])
     assert all(r["img_s"] > 0 for r in out["rows"]) and set(out["ratios"]) == {"eager"}
-    assert _last_line(capsys).startswith("ratio vitkit default (spin 3000) / passive: eager ")
+    assert _last_line(capsys).startswith("ratio vitkit default (spin 10000) / passive: eager ")
