@@ -288,7 +288,7 @@ print("avx2 ok")
 def test_the_avx2_build_of_the_kernel_quantises_and_attends_exactly(kernel, tmp_path):
     """The AVX2 build (what an AVX2-only CPU gets; AVX-512 CPUs run it too) is compiled in a child process with
     PyTorch's dispatch held at AVX2: its quantiser's 32-value steps and tails equal PyTorch's, its attention
-    sdpa's, and (where the CPU packs bf16 for the brgemm ukernel) its bf16 linear the fp32 product."""
+    sdpa's, and (where the brgemm ukernel runs bf16) its bf16 linear the fp32 product."""
     import os
     import subprocess
     import sys
@@ -305,8 +305,25 @@ def test_the_avx2_build_of_the_kernel_quantises_and_attends_exactly(kernel, tmp_
 # exact to fp32 rounding (1e-5 of the largest output here); a bf16 output adds its own rounding (2^-8 of the largest).
 def _brgemm(kernel):
     if not kernel.bf16_linear_available():
-        pytest.skip("this CPU cannot pack bf16 for oneDNN's brgemm ukernel (no AVX-512 BF16 or AMX)")
+        pytest.skip("oneDNN's brgemm ukernel does not run bf16 on this CPU (no AVX-512 BF16 or AMX)")
     return kernel
+
+
+@pytest.mark.parametrize("dtype,v", [(torch.bfloat16, 2), (torch.int8, 4)])
+def test_vitkits_vnni_packing_is_the_ukernels_layout(kernel, dtype, v):
+    """Where PyTorch will not pack for the brgemm ukernel (no AMX: an AMD EPYC, say), vitkit packs the weights
+    itself (`pack_vnni`): each block of 64 columns as (K / v, 64, v), v consecutive k side by side. Checked against
+    that layout built by reshapes, and against what the linears pack (PyTorch's `cpublas::pack` where it packs)."""
+    k, n = 96, 192
+    wt = (torch.arange(k * n) % 251 - 125).reshape(k, n).to(dtype)
+    want = wt.reshape(k // v, v, n // 64, 64).permute(2, 0, 3, 1).reshape(n // 64, k, 64)
+    assert torch.equal(kernel.pack_vnni(wt), want)
+    if dtype == torch.bfloat16 and kernel.bf16_linear_available():
+        assert torch.equal(kernel.pack_linear_bf16(wt.t().float()), want)
+    if dtype == torch.int8 and kernel.int8_linear_available():
+        assert torch.equal(kernel.pack_linear_s8(wt.t().contiguous()), want)
+    with pytest.raises(RuntimeError, match="pack_vnni: wt must be"):
+        kernel.pack_vnni(torch.zeros(k, 96, dtype=dtype))
 
 
 @pytest.mark.parametrize("m,k,n", [(197, 384, 1152), (1, 64, 64), (5, 96, 128), (33, 384, 192), (64, 1536, 64)])
@@ -510,7 +527,7 @@ def _int8(kernel):
     from vitkit.models import fast
 
     if not kernel.int8_linear_available():
-        pytest.skip("this CPU cannot pack int8 for oneDNN's brgemm ukernel (no AVX-512 VNNI or AMX)")
+        pytest.skip("oneDNN's brgemm ukernel does not run int8 on this CPU (no AVX-512 VNNI or AMX)")
     if not fast.int8_fused_available():
         pytest.skip("this PyTorch build has no oneDNN int8 matmul to compare with")
     return fast

@@ -163,8 +163,9 @@ class _BrgemmLinear:
 
 
 def brgemm_linear_available(n: int, k: int) -> bool:
-    """Whether vitkit's brgemm bf16 linear runs a (k → n) linear here: the kernel is built, this CPU packs bf16 for
-    oneDNN's brgemm ukernel (AVX-512 BF16 or AMX), n is a multiple of 64 and k even."""
+    """Whether vitkit's brgemm bf16 linear runs a (k → n) linear here: the kernel is built, oneDNN's brgemm
+    ukernel runs bf16 on this CPU (AMX, or AVX-512 BF16: there vitkit packs the weights, PyTorch only packs for
+    AMX), n is a multiple of 64 and k even."""
     mod = kernels.cpu_attention()
     return mod is not None and n % 64 == 0 and k % 2 == 0 and bool(mod.bf16_linear_available())
 
@@ -255,8 +256,8 @@ class _Int8Linear:
     """y = x W^T + b [+ other | → GELU] with W in int8, symmetric per output channel, and x quantised to uint8 per
     call (dynamic, per tensor: its scale follows each batch, nothing to calibrate). oneDNN's int8 matmul
     (`onednn::qlinear_pointwise`: VNNI/AMX dot products, int32 accumulation) runs it with the bias, GELU and the
-    residual add fused, as the fp32 path does; fp32 in, fp32 out. Where the CPU packs int8 for oneDNN's brgemm
-    ukernel, vitkit's `linear_u8s8` (the same arithmetic, the weight packed once, no per-call primitive setup: on an
+    residual add fused, as the fp32 path does; fp32 in, fp32 out. Where oneDNN's brgemm ukernel runs int8 (AMX
+    or AVX-512 VNNI), vitkit's `linear_u8s8` (the same arithmetic, the weight packed once, no per-call primitive setup: on an
     Intel Xeon with AMX, ViT-S/16's int8 matmuls at batch 1 took 50-80% of oneDNN's time) runs the calls whose size
     it measured faster at (`_int8_brgemm_faster`, as the bf16 path picks its linear); oneDNN's copy of the int8
     weight is then packed only when a call first needs it. Where oneDNN's fused op is missing, PyTorch's `quantized::linear_dynamic` (fbgemm) runs the
@@ -388,8 +389,8 @@ class _Int8Linear:
 
 
 def brgemm_int8_available(n: int, k: int) -> bool:
-    """Whether vitkit's int8 brgemm linear runs a (k → n) linear here: the kernel is built, this CPU packs int8 for
-    oneDNN's brgemm ukernel (AVX-512 VNNI or AMX), n is a multiple of 64 and k of 4."""
+    """Whether vitkit's int8 brgemm linear runs a (k → n) linear here: the kernel is built, oneDNN's brgemm ukernel
+    runs uint8 x int8 on this CPU (AMX or AVX-512 VNNI), n is a multiple of 64 and k of 4."""
     mod = kernels.cpu_attention()
     return mod is not None and n % 64 == 0 and k % 4 == 0 and bool(mod.int8_linear_available())
 

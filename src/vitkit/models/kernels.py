@@ -142,7 +142,7 @@ def sdpa_bf16_available() -> bool:
 
 def brgemm_attention_available() -> bool:
     """Whether the kernel's bf16 attention can multiply on oneDNN's brgemm ukernel here (AMX tiles where the CPU has
-    them): the bf16 attention runs, the CPU packs bf16 for the ukernel and that variant passed its self-check."""
+    them): the bf16 attention runs, the ukernel runs bf16 here and that variant passed its self-check."""
     return bf16_attention_available() and not _brgemm_off and bool(cpu_attention().bf16_linear_available())
 
 

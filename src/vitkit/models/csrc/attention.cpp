@@ -463,13 +463,15 @@ VITKIT_BF16 void attention_bf16_task(const at::BFloat16* q, const at::BFloat16* 
 
 bool has_bf16() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
 
+bool bf16_linear_available();  // whether oneDNN's brgemm ukernel runs bf16 here (below)
+
 // qkv: (B, N, 3, H, D) bfloat16, contiguous, D a multiple of 16; key_bias: optional (B, N). Returns (B, nq, H, D)
 // in bf16 (out_bf16) or fp32. Only where has_bf16().
 torch::Tensor attention_bf16(const torch::Tensor& qkv, int64_t nq, const c10::optional<torch::Tensor>& key_bias,
                              bool out_bf16, bool brgemm) {
   TORCH_CHECK(has_bf16(), "attention_bf16: this CPU has no AVX-512 BF16");
-  TORCH_CHECK(!brgemm || at::native::cpublas::could_pack(at::kBFloat16),
-              "attention_bf16: this CPU has no bf16 brgemm ukernel (brgemm=True)");
+  TORCH_CHECK(!brgemm || bf16_linear_available(),
+              "attention_bf16: the brgemm ukernel does not run bf16 on this CPU (brgemm=True)");
   TORCH_CHECK(qkv.dim() == 5 && qkv.size(2) == 3, "qkv must be (B, N, 3, H, D), got ", qkv.sizes());
   TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && qkv.device().is_cpu() && qkv.is_contiguous(),
               "qkv must be a contiguous bfloat16 CPU tensor");
@@ -501,14 +503,94 @@ torch::Tensor attention_bf16(const torch::Tensor& qkv, int64_t nq, const c10::op
 // Why: PyTorch's prepacked oneDNN linear sets its primitive up afresh at every call (~20-30 us even for an 8 x 64
 // matrix), which at ViT-S/16's batch-1 shapes (197 x 384) is a large share of each matmul; and its bf16 output must
 // be added to the fp32 residual stream by a separate pass. Here the weight is packed once into oneDNN's VNNI
-// blocks of 64 output columns (`cpublas::pack`), and each (32-row, 64-column) output tile is one call of the brgemm
+// blocks of 64 output columns (`pack_blocks`), and each (32-row, 64-column) output tile is one call of the brgemm
 // ukernel that PyTorch's own flash attention uses (AMX tiles where the CPU has them, AVX-512 BF16 otherwise), its
 // fp32 result finished in registers: + bias, exact (erf) GELU, + the fp32 residual, written as bf16 or fp32. An fp32
 // input (the LayerNorm's output) is rounded to bf16 once at the start of the same call, not by a separate op.
-bool bf16_linear_available() { return at::native::cpublas::could_pack(at::kBFloat16); }
-
 constexpr int64_t kLinN = 64;   // output columns per packed weight block (the most cpublas::pack takes)
 constexpr int64_t kLinM = 32;   // rows per tile
+
+// A (K, 64) block of wt (row stride ld_in elements of esize bytes) → oneDNN's VNNI layout for the brgemm ukernel:
+// v consecutive k of each column side by side ((K / v, 64, v); v = 2 for bf16, 4 for int8), as `cpublas::pack`
+// writes it where PyTorch packs (AMX only).
+void pack_vnni(const char* in, int64_t K, int64_t ld_in, int64_t esize, int64_t v, char* out) {
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < kLinN; ++n)
+      std::memcpy(out + (((k / v) * kLinN + n) * v + k % v) * esize, in + (k * ld_in + n) * esize, esize);
+}
+
+// wt (K, N) contiguous, bf16 or int8 → (N / 64, K, 64): each block of 64 columns in the brgemm ukernel's VNNI layout
+// (pairs of k for bf16, fours for int8), by `cpublas::pack` where PyTorch packs for this CPU, else (or own) by
+// pack_vnni
+at::Tensor pack_blocks(const at::Tensor& wt, bool own = false) {
+  const int64_t K = wt.size(0), N = wt.size(1), esize = wt.element_size();
+  const bool native = !own && at::native::cpublas::could_pack(wt.scalar_type());
+  at::Tensor out = at::empty({N / kLinN, K, kLinN}, wt.options());
+  const char* in = static_cast<const char*>(wt.data_ptr());
+  for (int64_t nb = 0; nb < N / kLinN; ++nb) {
+    if (native)
+      at::native::cpublas::pack(K, kLinN, N, kLinN, wt.scalar_type(), wt.scalar_type(), in + nb * kLinN * esize,
+                                out[nb].data_ptr());
+    else
+      pack_vnni(in + nb * kLinN * esize, K, N, esize, wt.scalar_type() == at::kBFloat16 ? 2 : 4,
+                static_cast<char*>(out[nb].data_ptr()));
+  }
+  return out;
+}
+
+// Whether oneDNN's brgemm ukernel multiplies t (kBFloat16: bf16 x bf16 → fp32; kChar: uint8 x int8 → int32) here.
+// PyTorch packs weights for the ukernel only on AMX (`cpublas::could_pack`), but the ukernel itself runs bf16 on
+// AVX-512 BF16 and uint8 x int8 on AVX-512 VNNI (e.g. an AMD EPYC); there pack_blocks packs the weights itself.
+// Checked once by an exact 32 x 64 x 64 product of small integers, so a CPU or build where the call is refused
+// (oneDNN's ISA capped by ONEDNN_MAX_CPU_ISA, say) or wrong reports false and the callers keep oneDNN's matmul.
+bool brgemm_runs(at::ScalarType t) {
+  if (at::native::cpublas::could_pack(t)) return true;
+  if (t == at::kBFloat16 ? !has_bf16()
+                         : !(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")))
+    return false;
+  constexpr int64_t M = 32, K = 64;
+  const auto a_of = [](int64_t i, int64_t k) { return static_cast<int>((i * 7 + k * 3) % 11); };
+  const auto b_of = [](int64_t k, int64_t n) { return static_cast<int>((k * 5 + n * 3) % 7) - 3; };
+  try {
+    const bool bf = t == at::kBFloat16;
+    at::Tensor a = at::empty({M, K}, at::TensorOptions().dtype(bf ? at::kBFloat16 : at::kByte));
+    at::Tensor b = at::empty({K, kLinN}, at::TensorOptions().dtype(bf ? at::kBFloat16 : at::kChar));
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t k = 0; k < K; ++k) {
+        if (bf) a.data_ptr<at::BFloat16>()[i * K + k] = static_cast<float>(a_of(i, k));
+        else a.data_ptr<uint8_t>()[i * K + k] = static_cast<uint8_t>(a_of(i, k));
+      }
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < kLinN; ++n) {
+        if (bf) b.data_ptr<at::BFloat16>()[k * kLinN + n] = static_cast<float>(b_of(k, n));
+        else b.data_ptr<int8_t>()[k * kLinN + n] = static_cast<int8_t>(b_of(k, n));
+      }
+    const at::Tensor bp = pack_blocks(b);
+    std::vector<float> cf(M * kLinN);
+    std::vector<int32_t> ci(M * kLinN);
+    if (bf)
+      at::native::cpublas::brgemm(M, kLinN, K, K, kLinN, kLinN, false, a.data_ptr<at::BFloat16>(),
+                                  bp.data_ptr<at::BFloat16>(), cf.data());
+    else
+      at::native::cpublas::brgemm(M, kLinN, K, K, kLinN, kLinN, false, a.data_ptr<uint8_t>(), bp.data_ptr<int8_t>(),
+                                  ci.data());
+    at::native::cpublas::brgemm_release();
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t n = 0; n < kLinN; ++n) {
+        int want = 0;
+        for (int64_t k = 0; k < K; ++k) want += a_of(i, k) * b_of(k, n);
+        if ((bf ? static_cast<int>(cf[i * kLinN + n]) : ci[i * kLinN + n]) != want) return false;
+      }
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+bool bf16_linear_available() {
+  static const bool ok = brgemm_runs(at::kBFloat16);
+  return ok;
+}
 
 // 1 / x to ~23 bits: the hardware's reciprocal estimate and one Newton step (a division costs several times more)
 inline at::vec::Vectorized<float> reciprocal_fast(const at::vec::Vectorized<float>& x) {
@@ -545,23 +627,11 @@ inline at::vec::Vectorized<float> gelu_erf(const at::vec::Vectorized<float>& x0)
   return at::vec::fmadd(half, erf, half);
 }
 
-// wt (K, N) contiguous, bf16 or int8 → (N / 64, K, 64): each block of 64 columns packed by `cpublas::pack` into the
-// brgemm ukernel's VNNI layout (pairs of k for bf16, fours for int8)
-at::Tensor pack_blocks(const at::Tensor& wt) {
-  const int64_t K = wt.size(0), N = wt.size(1), esize = wt.element_size();
-  at::Tensor out = at::empty({N / kLinN, K, kLinN}, wt.options());
-  const char* in = static_cast<const char*>(wt.data_ptr());
-  for (int64_t nb = 0; nb < N / kLinN; ++nb)
-    at::native::cpublas::pack(K, kLinN, N, kLinN, wt.scalar_type(), wt.scalar_type(), in + nb * kLinN * esize,
-                              out[nb].data_ptr());
-  return out;
-}
-
 // w (N, K) → bf16 (N / 64, K, 64), each block in oneDNN's VNNI layout for the brgemm ukernel
 at::Tensor pack_linear_bf16(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.size(0) % kLinN == 0 && w.size(1) % 2 == 0,
               "pack_linear_bf16: the weight must be (N, K) with N a multiple of 64 and K even, got ", w.sizes());
-  TORCH_CHECK(bf16_linear_available(), "pack_linear_bf16: this CPU cannot pack bf16 for the brgemm ukernel");
+  TORCH_CHECK(bf16_linear_available(), "pack_linear_bf16: the brgemm ukernel does not run bf16 on this CPU");
   return pack_blocks(w.detach().t().contiguous().to(at::kBFloat16));
 }
 
@@ -642,14 +712,17 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, const c10::opt
 // sets its int8 primitive up at every call (~30 us), and at batch 1 the int8 matmuls are short (ViT-S/16: 197 rows);
 // here the weight is packed once and each (32-row, 64-column) tile is one ukernel call (AMX-INT8 where the CPU has
 // it, AVX-512 VNNI otherwise).
-bool int8_linear_available() { return at::native::cpublas::could_pack(at::kChar); }
+bool int8_linear_available() {
+  static const bool ok = brgemm_runs(at::kChar);
+  return ok;
+}
 
 // qw (N, K) int8 → (N / 64, K, 64) in the ukernel's VNNI layout (4 consecutive k per 32-bit lane)
 at::Tensor pack_linear_s8(const at::Tensor& qw) {
   TORCH_CHECK(qw.dim() == 2 && qw.scalar_type() == at::kChar && qw.size(0) % kLinN == 0 && qw.size(1) % 4 == 0,
               "pack_linear_s8: the weight must be (N, K) int8 with N a multiple of 64 and K of 4, got ", qw.sizes(),
               " ", qw.scalar_type());
-  TORCH_CHECK(int8_linear_available(), "pack_linear_s8: this CPU cannot pack int8 for the brgemm ukernel");
+  TORCH_CHECK(int8_linear_available(), "pack_linear_s8: the brgemm ukernel does not run int8 on this CPU");
   return pack_blocks(qw.t().contiguous());
 }
 
@@ -902,9 +975,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "brgemm ukernel, AMX where the CPU has it)",
         pybind11::arg("qkv"), pybind11::arg("nq"), pybind11::arg("key_bias") = pybind11::none(),
         pybind11::arg("out_bf16") = true, pybind11::arg("brgemm") = false);
-  m.def("bf16_linear_available", &bf16_linear_available, "whether this CPU packs bf16 for oneDNN's brgemm ukernel");
+  m.def("bf16_linear_available", &bf16_linear_available, "whether oneDNN's brgemm ukernel runs bf16 here");
+  m.def("pack_vnni", [](const at::Tensor& wt) {
+          TORCH_CHECK(wt.dim() == 2 && wt.size(1) % kLinN == 0 && wt.is_contiguous() &&
+                          (wt.scalar_type() == at::kBFloat16 || wt.scalar_type() == at::kChar) &&
+                          wt.size(0) % (wt.scalar_type() == at::kBFloat16 ? 2 : 4) == 0,
+                      "pack_vnni: wt must be a contiguous (K, N) bf16 or int8 matrix, N a multiple of 64, got ",
+                      wt.sizes(), " ", wt.scalar_type());
+          return pack_blocks(wt, true);
+        }, "pack_vnni(wt): (K, N) bf16/int8 → (N / 64, K, 64) in the brgemm ukernel's VNNI layout, packed by vitkit "
+        "(what PyTorch's cpublas::pack writes where it packs)");
   m.def("pack_linear_bf16", &pack_linear_bf16, "a (N, K) weight packed for linear_bf16 (N a multiple of 64)");
-  m.def("int8_linear_available", &int8_linear_available, "whether this CPU packs int8 for oneDNN's brgemm ukernel");
+  m.def("int8_linear_available", &int8_linear_available, "whether oneDNN's brgemm ukernel runs uint8 x int8 here");
   m.def("pack_linear_s8", &pack_linear_s8, "a (N, K) int8 weight packed for linear_u8s8 (N a multiple of 64)");
   m.def("linear_u8s8", &linear_u8s8, "linear_u8s8(xq, x_scale, x_zp, wp, w_scale, colsum, bias, gelu, residual, "
         "out_kind, o_scale, o_zp): the int8 path's matmul on the brgemm ukernel");
