@@ -4,6 +4,10 @@
     python benchmarks/gpu.py                      # skips (exit 0, says so) where there is no CUDA device
     python benchmarks/gpu.py --peak-tflops 989    # a card missing from PEAKS below
 
+Then inference through `vitkit.optimize` (torch.compile with freezing and CUDA graphs) in fp32, bf16 and `auto`
+at batch 1 and --infer-batch, against timm compiled fp32 and bf16 (`--no-optimize` skips it). The last line gives
+vitkit/timm for training and inference, then each optimize precision over timm compiled fp32.
+
 Training FLOPs are counted as 3x the forward (forward + backward), attention included, as in count_flops.
 """
 from __future__ import annotations
@@ -52,6 +56,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=0.0)
     p.add_argument("--no-timm", action="store_true")
+    p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
+                   help="also inference through vitkit.optimize (fp32, bf16, auto; CUDA graphs) at batch 1 and "
+                        "--infer-batch against timm compiled")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("SKIPPED: no CUDA device here; this benchmark needs a GPU (see benchmarks/RESULTS.md)")
@@ -107,10 +114,59 @@ def main(argv=None) -> int:
             mfu = f"{100 * tflops / peak:.1f}% MFU" if peak else "MFU n/a (unknown peak)"
             print(f"{kind:5s} {k:6s} batch {batch}: {batch / t:8.1f} img/s, {tflops:6.1f} TFLOP/s, {mfu}")
     print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    ratios = optimize_rows(a, dev) if a.optimize else {}
     if "timm" in libs:
         print("ratio vitkit/timm (img/s): " + ", ".join(
-            f"{kind} {results[(kind, 'vitkit')] / results[(kind, 'timm')]:.3f}" for kind in ("train", "infer")))
+            [f"{kind} {results[(kind, 'vitkit')] / results[(kind, 'timm')]:.3f}" for kind in ("train", "infer")] +
+            [f"{k} {v:.2f}" for k, v in ratios.items()]))
     return 0
+
+
+def optimize_rows(a, dev) -> dict:
+    """Inference through `vitkit.optimize` on the GPU (the compile backend: freezing and CUDA graphs) in fp32, bf16
+    and `auto`, against timm compiled fp32 (and bf16 autocast), fp32 weights, interleaved; img/s per batch size."""
+    import copy
+
+    import vitkit
+
+    out = {}
+    ref = create_model(a.model).to(dev).eval()
+    for batch in (1, a.infer_batch):
+        x = torch.randn(batch, 3, 224, 224, device=dev)
+        fns = {}
+        if not a.no_timm:
+            import timm
+            tm = timm.create_model(a.model, pretrained=False).to(dev).eval()
+            tm.load_state_dict(ref.state_dict())
+            tc = torch.compile(tm)
+
+            def timm_fp32(tc=tc, x=x):
+                with torch.inference_mode():
+                    return tc(x)
+
+            def timm_bf16(tc=tc, x=x):
+                with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    return tc(x)
+            fns["timm compiled fp32"], fns["timm compiled bf16"] = timm_fp32, timm_bf16
+        for prec in ("fp32", "bf16", "auto"):
+            om = vitkit.optimize(copy.deepcopy(ref), precision=prec)
+            fns[f"vitkit {prec}"] = (lambda om=om, x=x: om(x))
+        for f in fns.values():  # compile, capture the graphs, warm up (auto measures its candidates here)
+            for _ in range(3):
+                f()
+        steps = max(3, a.steps if batch > 1 else 10 * a.steps)
+        times = {k: [] for k in fns}
+        for _ in range(a.rounds):
+            for k, f in fns.items():
+                times[k].append(timed(f, steps))
+        base = batch / statistics.median(times["timm compiled fp32"]) if "timm compiled fp32" in times else None
+        for k, ts in times.items():
+            rate = batch / statistics.median(ts)
+            rel = f", {rate / base:.2f}x timm compiled fp32" if base else ""
+            print(f"infer {k:20s} batch {batch}: {rate:9.1f} img/s{rel}")
+            if base and k.startswith("vitkit") and k != "vitkit fp32":
+                out[f"{k.split()[1]} b{batch}"] = rate / base
+    return out
 
 
 if __name__ == "__main__":

@@ -170,3 +170,35 @@ def test_compile_backend_freezes_equals_eager_and_pads_short_batches(monkeypatch
     assert (fast(x[:3]) - plain[:3]).abs().max().item() <= 1e-4
     assert fast._sizes["forward"] == {4}
     assert (fast.embed_images(x) - feats).abs().max().item() <= 1e-4
+
+
+def test_a_gpu_model_compiles_with_cuda_graphs_and_copies_its_outputs_out(monkeypatch):
+    """On a GPU the compile backend asks inductor for CUDA graphs ("reduce-overhead"), starts a graph step per call
+    and copies each output out of the graph's pool (the next replay overwrites it); on the CPU it does neither.
+    No GPU here: torch.compile is replaced by a recorder, so this checks vitkit's side up to the device."""
+    modes, steps = [], []
+
+    def fake_compile(fn, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    buf = torch.zeros(2, 3)
+
+    def fn(x):  # like a graph's output: the same buffer every call
+        return buf.copy_(x)
+
+    run = fast_mod.compile_frozen(fn, cuda_graphs=True)
+    a = run(torch.ones(2, 3))
+    b = run(torch.full((2, 3), 2.0))
+    assert modes == ["reduce-overhead"] and len(steps) == 2
+    assert a.data_ptr() != buf.data_ptr() and torch.equal(a, torch.ones(2, 3)) and torch.equal(b, buf)
+    cpu = fast_mod.compile_frozen(fn)
+    assert modes[-1] is None and cpu(torch.ones(2, 3)).data_ptr() == buf.data_ptr() and len(steps) == 2
+    # the wrapper picks CUDA graphs by the input's device
+    seen = []
+    monkeypatch.setattr(fast_mod, "compile_frozen", lambda fn, cuda_graphs=False: seen.append(cuda_graphs) or fn)
+    m = vitkit.optimize(_model(), backend="compile")
+    m(torch.randn(2, 1, 28, 28))
+    assert seen == [False]

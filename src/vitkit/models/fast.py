@@ -10,7 +10,7 @@ Backends (`backend="auto"` picks the first that applies; measured in benchmarks/
   cannot be built). Outputs match eager to ~1e-6 (fp32; tests hold them to 1e-4). vit_small/16 at batch 32 on
   2 cores: 88% of the same-run fp32 matmul rate, 1.17x timm compiled with freezing (benchmarks/RESULTS.md).
 - "compile": torch.compile (inductor) with freezing: the weights become constants, linears prepacked, norms and
-  residual adds fused. For GPUs and CPUs without oneDNN. Static shapes: a batch smaller than one already compiled
+  residual adds fused. For GPUs (with CUDA graphs there: "reduce-overhead") and CPUs without oneDNN. Static shapes: a batch smaller than one already compiled
   is padded to that size and the result sliced, so a data set's last, short batch does not recompile.
   Compiling takes ~0.5-1 min per (model, batch size) on 2 cores.
 - "eager": the plain model under inference_mode (also what "compile" falls back to, loudly, if compiling fails).
@@ -933,7 +933,7 @@ class OptimizedViT(nn.Module):
             with torch.inference_mode():
                 return fn(x)
         if name not in self._fns:
-            self._fns[name] = compile_frozen(fn)
+            self._fns[name] = compile_frozen(fn, cuda_graphs=x.device.type == "cuda")
             self._sizes[name] = set()
         b = x.shape[0]
         sizes = self._sizes[name]
@@ -993,17 +993,23 @@ def precision_record(model) -> dict:
     return out
 
 
-def compile_frozen(fn):
+def compile_frozen(fn, cuda_graphs: bool = False):
     """`fn` (images → outputs) under torch.compile with inductor freezing, run in inference mode. Freezing must be
     on while Dynamo traces (at the first call): `options={"freezing": True}` reaches only inductor, which by then
-    sees the weights as graph inputs and freezes nothing."""
+    sees the weights as graph inputs and freezes nothing. cuda_graphs (a GPU model): inductor's "reduce-overhead"
+    mode replays each batch size's kernels as one CUDA graph, so batch-1 inference is not bound by kernel launches;
+    each call starts a new graph step and its outputs are copied out of the graph's memory pool, which the next
+    replay overwrites."""
     import torch._inductor.config as inductor_config
 
-    compiled = torch.compile(fn, dynamic=False)
+    compiled = torch.compile(fn, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), inductor_config.patch(freezing=True):
-            return compiled(x)
+            if not cuda_graphs:
+                return compiled(x)
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(x).clone()
     return run
 
 
