@@ -149,6 +149,25 @@ def test_auto_never_keeps_a_candidate_that_fails_its_check(model, confident, mon
     assert fast.precision == "fp32" and set(fast.choice.rejected) == {"bf16", "int8"}
 
 
+@pytest.mark.parametrize("pick", ["bf16", "fp32"])
+def test_autos_pick_other_than_int8_runs_on_the_models_own_weights(model, confident, images, monkeypatch, pick):
+    """auto calibrates its int8 candidate, which folds SmoothQuant into the weights (exact in fp32, not in bf16's
+    roundings); where it then picks bf16 or fp32, those weights are put back: its outputs are precision=<pick>'s,
+    bit for bit, and no int8 plan is recorded."""
+    times = {"fp32": 1.0, "bf16": 0.5 if pick == "bf16" else 2.0, "int8": 5.0}
+    monkeypatch.setattr(prec, "candidates", lambda device, backend: ("fp32", "bf16", "int8"))
+    monkeypatch.setattr(prec, "bf16_native", lambda device: True)
+    monkeypatch.setattr(prec, "_read_cache", lambda: _Times(times))
+    monkeypatch.setattr(fast_mod, "candidates", prec.candidates)
+    for calibration in (confident, None):  # images given, or auto's first batch
+        auto = vitkit.optimize(model, precision="auto", calibration=calibration)
+        got = auto(confident)
+        assert auto.precision == pick and auto.int8_plan is None and auto._unsmoothed is None, auto.choice
+        assert "precision_int8" not in fast_mod.precision_record(auto)
+        want = vitkit.optimize(model, precision=pick)
+        assert torch.equal(got, want(confident)) and torch.equal(auto(images), want(images))
+
+
 def test_choose_picks_the_fastest_that_agrees_and_caches_per_cpu(monkeypatch, tmp_path):
     calls = []
     outs = {"fp32": torch.tensor([[4.0, 1.0, 0.0]] * 8), "bf16": torch.tensor([[4.01, 1.0, 0.0]] * 8),
@@ -293,10 +312,15 @@ def test_calibrated_int8_on_real_weights_and_auto_calibrates(model, images, conf
     want, _ = _plain(model, images)
     stats = agreement(fast(images), want, logits=True)
     assert 1e-5 < stats["rel"] <= TOLERANCES["int8"].rel and stats["top1"] >= 60 / 64, stats
+    plans = []
+    real_calibrate = fast_mod.OptimizedViT.calibrate_int8
+    monkeypatch.setattr(fast_mod.OptimizedViT, "calibrate_int8",
+                        lambda self, x: plans.append(real_calibrate(self, x)) or plans[-1])
     auto = vitkit.optimize(model, precision="auto")
     auto(confident)
     if "int8" in prec.candidates(torch.device("cpu"), auto.backend):
-        assert auto.int8_plan is not None and auto.int8_plan.images == len(confident)
+        assert len(plans) == 1 and plans[0].images == len(confident)
+        assert (auto.int8_plan is plans[0]) == (auto.precision == "int8")
     with pytest.raises(ConfigError, match="calibration must be a"):
         vitkit.optimize(model, precision="int8", calibration=images[0])
 
