@@ -684,6 +684,29 @@ def test_a_block_in_one_call_is_the_step_by_step_block_bit_for_bit(kernel, monke
     assert calls == 0
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_vitkit_no_brgemm_keeps_every_matmul_on_onednns_ops(kernel, monkeypatch, precision):
+    """VITKIT_NO_BRGEMM=1: no linear is packed for the brgemm kernels, attention is not the brgemm variant, no block
+    runs in one call; the outputs stay within the precision's tolerance of the default path's."""
+    from vitkit.models import fast
+    from vitkit.models.precision import TOLERANCES
+
+    _brgemm(kernel)
+    x = torch.randn(2, 3, 64, 64)
+    default = vitkit.optimize(_whole_block_model(), precision=precision)(x)
+    monkeypatch.setenv("VITKIT_NO_BRGEMM", "1")
+    assert not kernels.brgemm_allowed() and not kernels.brgemm_attention_available()
+    assert not fast.brgemm_linear_available(384, 384) and not fast.brgemm_int8_available(384, 384)
+    fast_model = vitkit.optimize(_whole_block_model(), precision=precision)
+    got, _, calls = _forward_both_ways(fast_model, x, monkeypatch)
+    assert calls == 0
+    for blk in fast_model._blocks:
+        assert blk.attention != "bf16-brgemm"
+        for lin in (blk.qkv, blk.proj, blk.fc1, blk.fc2):
+            assert not isinstance(lin, fast._Bf16Linear) and getattr(lin, "s8", None) is None
+    assert ((got - default).norm() / default.norm()).item() <= TOLERANCES[precision].rel
+
+
 @pytest.mark.parametrize("one_call_faster", [True, False])
 def test_a_block_whose_linears_picked_onednn_runs_whichever_measured_faster(kernel, monkeypatch, one_call_faster):
     """Where the step-by-step path picked oneDNN for some linear, the block in one call (all on brgemm) runs only if

@@ -165,9 +165,10 @@ class _BrgemmLinear:
 def brgemm_linear_available(n: int, k: int) -> bool:
     """Whether vitkit's brgemm bf16 linear runs a (k → n) linear here: the kernel is built, oneDNN's brgemm
     ukernel runs bf16 on this CPU (AMX, or AVX-512 BF16: there vitkit packs the weights, PyTorch only packs for
-    AMX), n is a multiple of 64 and k even."""
+    AMX), n is a multiple of 64 and k even, and VITKIT_NO_BRGEMM is not set."""
     mod = kernels.cpu_attention()
-    return mod is not None and n % 64 == 0 and k % 2 == 0 and bool(mod.bf16_linear_available())
+    return (mod is not None and n % 64 == 0 and k % 2 == 0 and kernels.brgemm_allowed() and
+            bool(mod.bf16_linear_available()))
 
 
 # the brgemm linear is for small matrices, where oneDNN's per-call setup is a large share of each matmul; above this
@@ -390,9 +391,11 @@ class _Int8Linear:
 
 def brgemm_int8_available(n: int, k: int) -> bool:
     """Whether vitkit's int8 brgemm linear runs a (k → n) linear here: the kernel is built, oneDNN's brgemm ukernel
-    runs uint8 x int8 on this CPU (AMX or AVX-512 VNNI), n is a multiple of 64 and k of 4."""
+    runs uint8 x int8 on this CPU (AMX or AVX-512 VNNI), n is a multiple of 64 and k of 4, and VITKIT_NO_BRGEMM is
+    not set."""
     mod = kernels.cpu_attention()
-    return mod is not None and n % 64 == 0 and k % 4 == 0 and bool(mod.int8_linear_available())
+    return (mod is not None and n % 64 == 0 and k % 4 == 0 and kernels.brgemm_allowed() and
+            bool(mod.int8_linear_available()))
 
 
 @functools.lru_cache(maxsize=None)

@@ -140,10 +140,18 @@ def sdpa_bf16_available() -> bool:
     return bf16_native(torch.device("cpu")) and os.environ.get("VITKIT_NO_BF16_ATTENTION", "") in ("", "0")
 
 
+def brgemm_allowed() -> bool:
+    """False where VITKIT_NO_BRGEMM is set: every matmul that could run on vitkit's brgemm kernels (the bf16 and int8
+    linears, the brgemm attention, blocks in one call) stays on oneDNN's ops, e.g. to compare the two paths."""
+    return os.environ.get("VITKIT_NO_BRGEMM", "") in ("", "0")
+
+
 def brgemm_attention_available() -> bool:
     """Whether the kernel's bf16 attention can multiply on oneDNN's brgemm ukernel here (AMX tiles where the CPU has
-    them): the bf16 attention runs, the ukernel runs bf16 here and that variant passed its self-check."""
-    return bf16_attention_available() and not _brgemm_off and bool(cpu_attention().bf16_linear_available())
+    them): the bf16 attention runs, the ukernel runs bf16 here, that variant passed its self-check and
+    VITKIT_NO_BRGEMM is not set."""
+    return (bf16_attention_available() and not _brgemm_off and brgemm_allowed() and
+            bool(cpu_attention().bf16_linear_available()))
 
 
 ATTENTIONS = ("fp32", "bf16", "bf16-brgemm", "sdpa-bf16")
@@ -193,5 +201,6 @@ def sdpa_from_qkv(qkv: torch.Tensor, bias: Optional[torch.Tensor] = None) -> tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
 
 
-__all__ = ["cpu_attention", "bf16_attention_available", "brgemm_attention_available", "sdpa_bf16_available",
+__all__ = ["cpu_attention", "bf16_attention_available", "brgemm_allowed", "brgemm_attention_available",
+           "sdpa_bf16_available",
            "reduced_attention", "sdpa_from_qkv", "ATTENTIONS", "MAX_TOKENS"]
