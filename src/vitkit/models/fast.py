@@ -10,8 +10,9 @@ Backends (`backend="auto"` picks the first that applies; measured in benchmarks/
   cannot be built). Outputs match eager to ~1e-6 (fp32; tests hold them to 1e-4). vit_small/16 at batch 32 on
   2 cores: 88% of the same-run fp32 matmul rate, 1.17x timm compiled with freezing (benchmarks/RESULTS.md).
 - "compile": torch.compile (inductor) with freezing: the weights become constants, linears prepacked, norms and
-  residual adds fused. For GPUs (with CUDA graphs there: "reduce-overhead") and CPUs without oneDNN. Static shapes: a batch smaller than one already compiled
-  is padded to that size and the result sliced, so a data set's last, short batch does not recompile.
+  residual adds fused. For GPUs (with CUDA graphs there: "reduce-overhead") and CPUs without oneDNN. Static
+  shapes: a batch smaller than one already compiled is padded to that size and the result sliced, so a data set's
+  last, short batch does not recompile.
   Compiling takes ~0.5-1 min per (model, batch size) on 2 cores.
 - "eager": the plain model under inference_mode (also what "compile" falls back to, loudly, if compiling fails).
 
@@ -258,11 +259,11 @@ class _Int8Linear:
     call (dynamic, per tensor: its scale follows each batch, nothing to calibrate). oneDNN's int8 matmul
     (`onednn::qlinear_pointwise`: VNNI/AMX dot products, int32 accumulation) runs it with the bias, GELU and the
     residual add fused, as the fp32 path does; fp32 in, fp32 out. Where oneDNN's brgemm ukernel runs int8 (AMX
-    or AVX-512 VNNI), vitkit's `linear_u8s8` (the same arithmetic, the weight packed once, no per-call primitive setup: on an
-    Intel Xeon with AMX, ViT-S/16's int8 matmuls at batch 1 took 50-80% of oneDNN's time) runs the calls whose size
-    it measured faster at (`_int8_brgemm_faster`, as the bf16 path picks its linear); oneDNN's copy of the int8
-    weight is then packed only when a call first needs it. Where oneDNN's fused op is missing, PyTorch's `quantized::linear_dynamic` (fbgemm) runs the
-    matmul and the epilogue runs after it."""
+    or AVX-512 VNNI), vitkit's `linear_u8s8` (the same arithmetic, the weight packed once, no per-call primitive
+    setup: on an Intel Xeon with AMX, ViT-S/16's int8 matmuls at batch 1 took 50-80% of oneDNN's time) runs the
+    calls whose size it measured faster at (`_int8_brgemm_faster`, as the bf16 path picks its linear); oneDNN's copy
+    of the int8 weight is then packed only when a call first needs it. Where oneDNN's fused op is missing,
+    PyTorch's `quantized::linear_dynamic` (fbgemm) runs the matmul and the epilogue runs after it."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  scale: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None,
@@ -622,16 +623,20 @@ class _PackedBlock:
         (oneDNN for some linears) on a (rows / tokens, tokens) input: interleaved, medians of 5, logged."""
         x = torch.randn(rows // tokens, tokens, self.num_heads * self.head_dim,
                         generator=torch.Generator().manual_seed(0))
-        whole = functools.partial(self.kernel.block_forward, x, self.norm1.weight, self.norm1.bias, self.norm1.eps,
-                                  self.norm2.weight, self.norm2.bias, self.norm2.eps, *self._cpp, self.num_heads,
-                                  self.attention == "bf16-brgemm")
         self._wholes[rows] = False
         with torch.inference_mode():
-            med = medians_in_turns({"steps": functools.partial(self, x), "whole": whole}, reps=5, warmup=1)
+            med = medians_in_turns({"steps": functools.partial(self, x), "whole": functools.partial(self._one_call, x)},
+                                   reps=5, warmup=1)
         won = med["whole"] < med["steps"]
         log.info("block at %d rows: step by step (some linears on oneDNN) %.3f ms, in one call (all on brgemm) "
                  "%.3f ms; %s", rows, 1e3 * med["steps"], 1e3 * med["whole"], "one call" if won else "step by step")
         return won
+
+    def _one_call(self, x: torch.Tensor) -> torch.Tensor:
+        """The block on x (B, N, C) as one kernel call (`block_forward`, with the linears `_whole_fits` set up)."""
+        return self.kernel.block_forward(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, self.norm2.weight,
+                                         self.norm2.bias, self.norm2.eps, *self._cpp, self.num_heads,
+                                         self.attention == "bf16-brgemm")
 
     def _split_qkv(self) -> Tuple[_PackedLinear, _PackedLinear]:
         if self._q_kv is None:
@@ -648,9 +653,7 @@ class _PackedBlock:
         B, N, C = x.shape
         H, hd = self.num_heads, self.head_dim
         if keep is None and r == 0 and size is None and self._whole(B * N, N):
-            return self.kernel.block_forward(x.contiguous(), self.norm1.weight, self.norm1.bias, self.norm1.eps,
-                                             self.norm2.weight, self.norm2.bias, self.norm2.eps, *self._cpp, H,
-                                             self.attention == "bf16-brgemm"), None
+            return self._one_call(x.contiguous()), None
         h = self.norm1(x.reshape(B * N, C))
         # with a prefix-only output (keep) a bf16 qkv's bf16 attention takes the kept queries from the whole qkv
         # output (the extra query rows cost little in bf16). fp32 and int8 split the matmul instead: in int8 the
@@ -799,7 +802,6 @@ class OptimizedViT(nn.Module):
         self._patch: dict = {}  # precision → its bf16 patch embedding (`_PatchLinear`), or None: the model's conv
         self.int8_plan: Optional[Int8Plan] = None  # set by calibrate_int8: smoothing and per-linear precisions
         self._calibrate_first = False  # int8: calibrate on the first batch (optimize(calibration="first"))
-        self._deciding = False  # auto is measuring its candidates
         self._unsmoothed: Optional[dict] = None  # auto: the weights before its int8 candidate's smoothing
         self._set_precision(precision)
         self.training = False
@@ -839,7 +841,7 @@ class OptimizedViT(nn.Module):
         wrapper's copy of the model (exact in fp32) and keep the linears whose measured int8 error is too large in
         bf16 or fp32, whichever is faster here (`kept_precision`); see `vitkit.models.quantize`. Repacks the
         weights. As auto's int8 candidate, the weights from before the smoothing are kept until auto has picked."""
-        if (self._auto is not None or self._deciding) and self._unsmoothed is None:
+        if self._auto is not None and self._unsmoothed is None:
             self._unsmoothed = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.use_int8_plan(calibrate(self.model, images, fallback=kept_precision_for(self.model)))
         release_heap()  # the calibration passes' activations
@@ -860,14 +862,7 @@ class OptimizedViT(nn.Module):
     def _decide(self, name: str, fn, x: torch.Tensor) -> None:
         """precision="auto", at the first call: measure the candidates on this batch, keep the fastest that agrees
         with fp32 (`vitkit.models.precision`), drop the others' packed weights."""
-        names, self._auto = self._auto, None
-        self._deciding = True
-        try:
-            self._measure(name, fn, x, names)
-        finally:
-            self._deciding = False
-
-    def _measure(self, name: str, fn, x: torch.Tensor, names: Tuple[str, ...]) -> None:
+        names = self._auto
         cfg = getattr(self.model, "config", None)
         digest = hashlib.sha1(repr(cfg).encode()).hexdigest()[:12]
         sig = (f"{type(self.model).__name__} {digest} {tuple(x.shape[1:])} {self.backend} {name} "
@@ -876,6 +871,7 @@ class OptimizedViT(nn.Module):
 
         if "int8" in names and self.int8_plan is None:  # no calibration images given: the first batch is
             self.calibrate_int8(x)
+        self._auto = None  # from here on, the candidates' runs below are plain calls
 
         def run(p: str) -> torch.Tensor:
             self._set_precision(p)
