@@ -549,39 +549,22 @@ bool brgemm_runs(at::ScalarType t) {
                          : !(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")))
     return false;
   constexpr int64_t M = 32, K = 64;
-  const auto a_of = [](int64_t i, int64_t k) { return static_cast<int>((i * 7 + k * 3) % 11); };
-  const auto b_of = [](int64_t k, int64_t n) { return static_cast<int>((k * 5 + n * 3) % 7) - 3; };
   try {
     const bool bf = t == at::kBFloat16;
-    at::Tensor a = at::empty({M, K}, at::TensorOptions().dtype(bf ? at::kBFloat16 : at::kByte));
-    at::Tensor b = at::empty({K, kLinN}, at::TensorOptions().dtype(bf ? at::kBFloat16 : at::kChar));
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t k = 0; k < K; ++k) {
-        if (bf) a.data_ptr<at::BFloat16>()[i * K + k] = static_cast<float>(a_of(i, k));
-        else a.data_ptr<uint8_t>()[i * K + k] = static_cast<uint8_t>(a_of(i, k));
-      }
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t n = 0; n < kLinN; ++n) {
-        if (bf) b.data_ptr<at::BFloat16>()[k * kLinN + n] = static_cast<float>(b_of(k, n));
-        else b.data_ptr<int8_t>()[k * kLinN + n] = static_cast<int8_t>(b_of(k, n));
-      }
-    const at::Tensor bp = pack_blocks(b);
-    std::vector<float> cf(M * kLinN);
-    std::vector<int32_t> ci(M * kLinN);
+    const auto i64 = at::TensorOptions().dtype(at::kLong);
+    const at::Tensor ai = (at::arange(M, i64).unsqueeze(1) * 7 + at::arange(K, i64) * 3) % 11;          // 0 .. 10
+    const at::Tensor bi = (at::arange(K, i64).unsqueeze(1) * 5 + at::arange(kLinN, i64) * 3) % 7 - 3;  // -3 .. 3
+    const at::Tensor a = ai.to(bf ? at::kBFloat16 : at::kByte);
+    const at::Tensor bp = pack_blocks(bi.to(bf ? at::kBFloat16 : at::kChar));
+    at::Tensor c = at::empty({M, kLinN}, i64.dtype(bf ? at::kFloat : at::kInt));
     if (bf)
       at::native::cpublas::brgemm(M, kLinN, K, K, kLinN, kLinN, false, a.data_ptr<at::BFloat16>(),
-                                  bp.data_ptr<at::BFloat16>(), cf.data());
+                                  bp.data_ptr<at::BFloat16>(), c.data_ptr<float>());
     else
       at::native::cpublas::brgemm(M, kLinN, K, K, kLinN, kLinN, false, a.data_ptr<uint8_t>(), bp.data_ptr<int8_t>(),
-                                  ci.data());
+                                  c.data_ptr<int32_t>());
     at::native::cpublas::brgemm_release();
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t n = 0; n < kLinN; ++n) {
-        int want = 0;
-        for (int64_t k = 0; k < K; ++k) want += a_of(i, k) * b_of(k, n);
-        if ((bf ? static_cast<int>(cf[i * kLinN + n]) : ci[i * kLinN + n]) != want) return false;
-      }
-    return true;
+    return at::equal(c.to(at::kLong), at::mm(ai, bi));  // exact: the sums are small integers
   } catch (const std::exception&) {
     return false;
   }
@@ -948,10 +931,11 @@ Activation run_linear(const BlockLinear& L, const Activation& a, const c10::opti
 
 // x (B, N, C) fp32; norms' (weight, bias, eps); qkv writes bf16 (B, N, 3, H, C / H) for attention_bf16 (brgemm:
 // on the ukernel), whose output is bf16 where the projection is a bf16 linear, else fp32
-at::Tensor block_forward(const at::Tensor& x, const c10::optional<at::Tensor>& n1w, const c10::optional<at::Tensor>& n1b,
-                         double eps1, const c10::optional<at::Tensor>& n2w, const c10::optional<at::Tensor>& n2b,
-                         double eps2, const BlockLinear& qkv, const BlockLinear& proj, const BlockLinear& fc1,
-                         const BlockLinear& fc2, int64_t heads, bool brgemm) {
+at::Tensor block_forward(const at::Tensor& x, const c10::optional<at::Tensor>& n1w,
+                         const c10::optional<at::Tensor>& n1b, double eps1, const c10::optional<at::Tensor>& n2w,
+                         const c10::optional<at::Tensor>& n2b, double eps2, const BlockLinear& qkv,
+                         const BlockLinear& proj, const BlockLinear& fc1, const BlockLinear& fc2, int64_t heads,
+                         bool brgemm) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat, "block_forward: x must be (B, N, C) float32, got ",
               x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(qkv.out_kind == 1, "block_forward: the qkv linear must write bf16 for the bf16 attention");
@@ -999,9 +983,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("out_bf16") = true);
   m.def("patch_cols", &patch_cols, "patch_cols(images, ph, pw): the patches as bf16 rows, each twice (im2col)");
   pybind11::class_<BlockLinear>(m, "BlockLinear", "one linear of block_forward: bf16 or int8, on the brgemm ukernel")
-      .def(pybind11::init([](bool int8, at::Tensor weight, c10::optional<at::Tensor> bias, c10::optional<at::Tensor> w_scale,
-                             c10::optional<at::Tensor> colsum, bool gelu, int64_t out_kind, double o_scale,
-                             int64_t o_zp) {
+      .def(pybind11::init([](bool int8, at::Tensor weight, c10::optional<at::Tensor> bias,
+                             c10::optional<at::Tensor> w_scale, c10::optional<at::Tensor> colsum, bool gelu,
+                             int64_t out_kind, double o_scale, int64_t o_zp) {
              TORCH_CHECK(!int8 || (w_scale.has_value() && colsum.has_value()),
                          "BlockLinear: an int8 linear needs w_scale and colsum");
              TORCH_CHECK(out_kind >= 0 && out_kind <= (int8 ? 2 : 1), "BlockLinear: out_kind out of range");
